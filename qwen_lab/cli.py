@@ -1,0 +1,146 @@
+"""The ``qwen-lab`` command: the seed's program, in Python.
+
+    qwen-lab generate --model Qwen/Qwen2.5-1.5B-Instruct --prompt "Hello"
+    qwen-lab template --model qwen-lab/tiny-chat --messages chat.json
+    qwen-lab download --model Qwen/Qwen2.5-1.5B-Instruct
+
+``generate`` writes the reply, and only the reply, to stdout; ``--stats``
+adds one JSON line on stderr. Errors are one line on stderr and exit code 1
+(``--debug`` shows the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from .errors import QwenLabError
+from .hub import EMBEDDED_MODEL_ID
+
+DEFAULT_SYSTEM = None  # None: the template's own default (Qwen's "You are Qwen, created by Alibaba Cloud...")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qwen-lab", description="Chat-model generation from a model's own files.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_arg(sp):
+        sp.add_argument("--model", default=EMBEDDED_MODEL_ID,
+                        help=f"Hub repo id or local directory (default: the embedded {EMBEDDED_MODEL_ID})")
+        sp.add_argument("--revision", default=None, help="branch, tag or commit on the Hub")
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    g = sub.add_parser("generate", help="stream a reply to stdout")
+    model_arg(g)
+    g.add_argument("--prompt", required=True, help="the user message (or the whole prompt with --raw)")
+    g.add_argument("--system", default=DEFAULT_SYSTEM, help="system prompt (default: the template's own)")
+    g.add_argument("--cpu", action="store_true", help="run on the CPU even if CUDA is available")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--temperature", type=float, help="0 means greedy (default: generation_config.json)")
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--repeat-penalty", type=float, help="repetition penalty (1 = off)")
+    g.add_argument("--repeat-last-n", type=int, help="penalise only the last N tokens (default: all)")
+    g.add_argument("--seed", type=int, default=299792458, help="sampling seed (default as in Candle's example)")
+    g.add_argument("--max-new-tokens", type=int, default=512)
+    g.add_argument("--eos-token", action="append", metavar="TOKEN",
+                   help="stop on this token; repeatable; replaces the EOS list of generation_config.json")
+    g.add_argument("--ignore-eos", action="store_true", help="never stop on EOS: run to --max-new-tokens")
+    g.add_argument("--show-special", action="store_true", help="print special tokens such as <|im_end|>")
+    g.add_argument("--raw", action="store_true", help="send --prompt as is, without the chat template")
+    g.add_argument("--stats", action="store_true", help="one JSON line of figures on stderr at the end")
+
+    t = sub.add_parser("template", help="print the rendered prompt for a conversation")
+    model_arg(t)
+    t.add_argument("--messages", required=True, type=Path, help="JSON file: a list of {role, content}")
+    t.add_argument("--tools", type=Path, help="JSON file: a list of tool schemas")
+    t.add_argument("--no-generation-prompt", action="store_true", help="do not append the assistant header")
+
+    d = sub.add_parser("download", help="fetch a model's files and print the local directory")
+    model_arg(d)
+    return p
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise QwenLabError(f"cannot read {what} file {path}: {e.strerror}") from e
+    except ValueError as e:
+        raise QwenLabError(f"{what} file {path} is not valid JSON: {e}") from e
+
+
+def cmd_template(args) -> None:
+    from .chat_template import ChatTemplate
+    from .hub import resolve
+    messages = _read_json(args.messages, "messages")
+    tools = _read_json(args.tools, "tools") if args.tools else None
+    template = ChatTemplate.from_files(resolve(args.model, args.revision))
+    sys.stdout.write(template.render(messages, add_generation_prompt=not args.no_generation_prompt, tools=tools))
+
+
+def cmd_download(args) -> None:
+    from .hub import resolve
+    print(resolve(args.model, args.revision).root)
+
+
+def cmd_generate(args) -> None:
+    from .generation import ChatModel
+    chat = ChatModel.load(args.model, dtype=args.dtype, device="cpu" if args.cpu else None, revision=args.revision)
+    overrides = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                     repetition_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed,
+                     max_new_tokens=args.max_new_tokens)
+    if args.temperature is not None and args.temperature > 0:
+        overrides["do_sample"] = True
+    if args.eos_token:
+        ids = []
+        for token in args.eos_token:
+            token_id = chat.tokenizer.token_to_id(token)
+            if token_id is None:
+                raise QwenLabError(f"--eos-token {token!r} is not a token of {chat.name}'s vocabulary")
+            ids.append(token_id)
+        overrides["eos_token_id"] = ids
+    if args.ignore_eos:
+        overrides["eos_token_id"] = []
+    if args.raw:
+        prompt = args.prompt
+    else:
+        prompt = ([{"role": "system", "content": args.system}] if args.system is not None else [])
+        prompt.append({"role": "user", "content": args.prompt})
+
+    cancel = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())  # Ctrl-C stops after the current token
+    try:
+        stream = chat.stream(prompt, cancel=cancel, skip_special_tokens=not args.show_special, **overrides)
+        for delta in stream:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        result = stream.result
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    sys.stdout.write("\n")
+    if args.stats:
+        print(json.dumps(result.stats()), file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = {"generate": cmd_generate, "template": cmd_template, "download": cmd_download}[args.command]
+    try:
+        command(args)
+    except (QwenLabError, ValueError) as e:
+        if args.debug:
+            raise
+        print(f"qwen-lab: error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `qwen-lab generate ... | head` closed the pipe: not an error
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,374 @@
+"""Step 4 — generate: prompt ids -> next-token logits -> a choice -> repeat, until EOS.
+
+The loop, as in gpt-fast and Candle's ``TextGeneration``:
+
+1. **prefill** — run the whole prompt once, filling the KV cache; only the
+   last position's logits are needed;
+2. **decode** — feed one token at a time at its position; the cache supplies
+   the keys and values of everything before it;
+3. after each token: **stop** on any id of the EOS list (from
+   ``generation_config.json``: Qwen2.5 lists both ``<|im_end|>`` and
+   ``<|endoftext|>``), on ``max_new_tokens``, on a stop string, or when a
+   ``threading.Event`` is set.
+
+>>> chat = ChatModel.load("qwen-lab/tiny-chat")
+>>> result = chat.generate([{"role": "user", "content": "What is 2 plus 3?"}], do_sample=False)
+>>> result.finish_reason
+'eos'
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from .chat_template import ChatTemplate
+from .errors import ContextTooLongError, QwenLabError
+from .hub import ModelFiles, resolve
+from .load import load_model, read_config
+from .tokenizer import Tokenizer
+
+FINISH_REASONS = ("eos", "length", "stop", "cancelled")
+
+
+@dataclass
+class GenerationConfig:
+    """How to pick tokens and when to stop. ``from_files`` reads ``generation_config.json``.
+
+    ``repeat_last_n=None`` penalises every earlier token (transformers);
+    a number penalises only the last N (the seed's Candle code, default 64).
+    """
+
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    repeat_last_n: int | None = None
+    eos_token_id: list[int] = field(default_factory=list)
+    stop_strings: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.eos_token_id, int):
+            self.eos_token_id = [self.eos_token_id]
+        self.eos_token_id = [int(i) for i in (self.eos_token_id or [])]
+        if isinstance(self.stop_strings, str):
+            self.stop_strings = [self.stop_strings]
+        checks = [(self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
+                  (self.temperature >= 0, "temperature must be >= 0 (0 means greedy)"),
+                  (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+                  (self.top_k >= 0, "top_k must be >= 0 (0 turns it off)"),
+                  (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 turns it off)"),
+                  (self.repeat_last_n is None or self.repeat_last_n >= 0, "repeat_last_n must be >= 0")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def greedy(self) -> bool:
+        """Greedy when sampling is off, or when temperature 0 asks for the single best token."""
+        return not self.do_sample or self.temperature == 0
+
+    def replace(self, **overrides) -> "GenerationConfig":
+        """A copy with some fields changed; ``None`` values leave a field as it is."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GenerationConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known and v is not None})
+
+    @classmethod
+    def from_files(cls, files: ModelFiles) -> "GenerationConfig":
+        """``generation_config.json``; without one, greedy with ``config.json``'s eos_token_id."""
+        data = {}
+        if files.generation_config is not None:
+            try:
+                data = json.loads(Path(files.generation_config).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise QwenLabError(f"cannot read {files.generation_config}: {e}; download the model again") from e
+        if data.get("eos_token_id") is None:
+            data["eos_token_id"] = read_config(files.config).get("eos_token_id")
+        return cls.from_dict(data)
+
+
+# ---------------------------------------------------------------- logits processing
+# Each function takes float32 logits of shape (vocab,) and returns new ones.
+
+def apply_repetition_penalty(logits: torch.Tensor, previous: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make tokens already seen less likely: positive logits / penalty, negative * penalty."""
+    if penalty == 1.0 or previous.numel() == 0:
+        return logits
+    ids = previous.unique()
+    seen = logits[ids]
+    logits = logits.clone()
+    logits[ids] = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return logits
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits (ties with the k-th kept too); 0 keeps all."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k).values[-1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probabilities add up to more than p (nucleus)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits)  # ascending: the tail comes first
+    cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    drop = cumulative <= 1 - p
+    drop[-1] = False  # the most likely token always stays
+    return logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+
+
+def process_logits(logits: torch.Tensor, previous: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+    """repetition penalty -> temperature -> top-k -> top-p, in transformers' order."""
+    logits = logits.float()
+    recent = previous if config.repeat_last_n is None else previous[len(previous) - config.repeat_last_n:]
+    logits = apply_repetition_penalty(logits, recent, config.repetition_penalty)
+    if config.greedy:
+        return logits
+    logits = logits / config.temperature
+    logits = apply_top_k(logits, config.top_k)
+    return apply_top_p(logits, config.top_p)
+
+
+def next_token(logits: torch.Tensor, previous: torch.Tensor, config: GenerationConfig,
+               generator: torch.Generator | None) -> int:
+    """Choose one token id: the argmax when greedy, else a sample from the processed distribution."""
+    logits = process_logits(logits, previous, config)
+    if config.greedy:
+        return int(logits.argmax())
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+# ---------------------------------------------------------------- the loop
+
+@dataclass
+class GenerationResult:
+    """What one generation produced, and why it stopped."""
+
+    text: str
+    token_ids: list[int]           # generated ids, the EOS id included when it ended the reply
+    finish_reason: str             # eos | length | stop | cancelled
+    prompt_tokens: int
+    generated_tokens: int
+    ttft_s: float                  # start -> first new token (prefill included)
+    decode_tokens_per_s: float     # tokens after the first, per second
+    prefill_tokens_per_s: float
+    total_s: float
+
+    def stats(self) -> dict:
+        keys = ("prompt_tokens", "generated_tokens", "ttft_s", "decode_tokens_per_s", "prefill_tokens_per_s",
+                "finish_reason")
+        d = asdict(self)
+        return {k: round(d[k], 4) if isinstance(d[k], float) else d[k] for k in keys}
+
+
+class GenerationStream:
+    """Iterate for text deltas; ``.result`` holds the ``GenerationResult`` once done.
+
+    >>> # for delta in chat.stream(messages): print(delta, end="")
+    """
+
+    def __init__(self, steps: Iterator[str]) -> None:
+        self._steps = steps
+        self._result: GenerationResult | None = None
+
+    def __iter__(self) -> "GenerationStream":
+        return self
+
+    def __next__(self) -> str:
+        if self._result is not None:
+            raise StopIteration
+        try:
+            return next(self._steps)
+        except StopIteration as done:
+            self._result = done.value
+            raise
+
+    @property
+    def result(self) -> GenerationResult:
+        """The final result; reading it runs the generation to its end if needed."""
+        for _ in self:
+            pass
+        return self._result
+
+
+@torch.inference_mode()
+def _forward(model, ids: list[int], caches, start: int) -> torch.Tensor:
+    device = model.lm_head.weight.device
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+    return model(x, caches, start, last_only=True)[0, -1]
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters of ``text`` might be the start of a stop string."""
+    longest = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:n]):
+                longest = n
+                break
+    return longest
+
+
+def generate_stream(model, tokenizer: Tokenizer, prompt_ids: list[int], config: GenerationConfig, *,
+                    cancel: threading.Event | None = None, use_cache: bool = True,
+                    skip_special_tokens: bool = True) -> GenerationStream:
+    """Generate from ``prompt_ids``, yielding text deltas that are whole characters.
+
+    ``use_cache=False`` re-runs the whole sequence for every token: the same
+    tokens, much slower; it exists to show what the KV cache saves.
+    """
+    context = model.config.max_position_embeddings
+    if not prompt_ids:
+        raise QwenLabError("the prompt is empty: give at least one token")
+    if len(prompt_ids) >= context:
+        raise ContextTooLongError(f"the prompt has {len(prompt_ids)} tokens but the model's context holds "
+                                  f"{context}: shorten the conversation or start a new one")
+    return GenerationStream(_steps(model, tokenizer, list(prompt_ids), config, cancel, use_cache,
+                                   skip_special_tokens, context))
+
+
+def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special, context):
+    budget = min(config.max_new_tokens, context - len(prompt_ids))
+    generator = None
+    if not config.greedy:
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(config.seed if config.seed is not None else torch.seed())
+    eos, stops = set(config.eos_token_id), config.stop_strings
+    decoder = tokenizer.stream(skip_special_tokens=skip_special)
+    caches = model.new_caches(1, len(prompt_ids) + budget) if use_cache else None
+    tokens = torch.tensor(prompt_ids, dtype=torch.long)
+    history = torch.empty(len(prompt_ids) + budget, dtype=torch.long)
+    history[:len(prompt_ids)] = tokens
+    n = len(prompt_ids)
+    new_ids: list[int] = []
+    text, emitted, reason = "", 0, "length"
+    t0 = time.perf_counter()
+    t_first = t0
+
+    logits = _forward(model, prompt_ids, caches, 0)  # prefill
+    while True:
+        token = next_token(logits.cpu(), history[:n], config, generator)
+        new_ids.append(token)
+        history[n] = token
+        n += 1
+        if len(new_ids) == 1:
+            t_first = time.perf_counter()
+        if token in eos:
+            text += decoder.push(token) if not skip_special else ""
+            reason = "eos"
+            break
+        text += decoder.push(token)
+        hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+        if hit >= 0:
+            text, reason = text[:hit], "stop"
+            break
+        safe = len(text) - _held_back(text, stops)
+        if safe > emitted:
+            yield text[emitted:safe]
+            emitted = safe
+        if len(new_ids) >= budget:
+            reason = "length"
+            break
+        if cancel is not None and cancel.is_set():
+            reason = "cancelled"
+            break
+        if use_cache:
+            logits = _forward(model, [token], caches, n - 1)
+        else:
+            logits = _forward(model, history[:n].tolist(), None, 0)
+    if reason != "stop":
+        text += decoder.flush()
+    if len(text) > emitted:
+        yield text[emitted:]
+    t_end = time.perf_counter()
+    ttft = t_first - t0
+    decode_time = t_end - t_first
+    return GenerationResult(
+        text=text, token_ids=new_ids, finish_reason=reason, prompt_tokens=len(prompt_ids),
+        generated_tokens=len(new_ids), ttft_s=ttft,
+        decode_tokens_per_s=(len(new_ids) - 1) / decode_time if len(new_ids) > 1 and decode_time > 0 else 0.0,
+        prefill_tokens_per_s=len(prompt_ids) / ttft if ttft > 0 else 0.0, total_s=t_end - t0)
+
+
+# ---------------------------------------------------------------- everything wired together
+
+class ChatModel:
+    """Model, tokenizer, chat template and generation config of one model, loaded once.
+
+    >>> chat = ChatModel.load("qwen-lab/tiny-chat")
+    >>> chat.prompt_ids([{"role": "user", "content": "Hi"}])[-3:] == chat.tokenizer.encode("<|im_start|>assistant\\n")
+    True
+    """
+
+    def __init__(self, files: ModelFiles, model, tokenizer: Tokenizer, template: ChatTemplate | None,
+                 generation_config: GenerationConfig) -> None:
+        self.files, self.model, self.tokenizer = files, model, tokenizer
+        self.template, self.generation_config = template, generation_config
+        self.lock = threading.Lock()  # one generation at a time: panels may share the model
+
+    @classmethod
+    def load(cls, model: str = "qwen-lab/tiny-chat", *, dtype: str | torch.dtype = "auto",
+             device: str | torch.device | None = None, revision: str | None = None, **hub_options) -> "ChatModel":
+        files = resolve(model, revision, **hub_options)
+        tokenizer = Tokenizer.from_files(files)
+        template = ChatTemplate.from_files(files, required=False)  # None for a base model: raw prompts only
+        return cls(files, load_model(files, dtype, device), tokenizer, template, GenerationConfig.from_files(files))
+
+    @property
+    def name(self) -> str:
+        return self.files.model_id
+
+    @property
+    def context_length(self) -> int:
+        return self.model.config.max_position_embeddings
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+        if self.template is None:
+            raise QwenLabError(f"{self.name} has no chat template: send a raw prompt instead")
+        return self.template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+
+    def prompt_ids(self, messages: list[dict], add_generation_prompt: bool = True,
+                   tools: list[dict] | None = None) -> list[int]:
+        return self.tokenizer.encode(self.render(messages, add_generation_prompt, tools))
+
+    def stream(self, prompt: list[dict] | str | list[int], *, cancel: threading.Event | None = None,
+               add_generation_prompt: bool = True, use_cache: bool = True, skip_special_tokens: bool = True,
+               **overrides) -> GenerationStream:
+        """Stream a reply to ``prompt``: messages (templated), a raw string, or ids.
+
+        ``overrides`` change fields of the generation config for this call only,
+        e.g. ``temperature=0`` or ``eos_token_id=[...]``.
+        """
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        elif prompt and isinstance(prompt[0], dict):
+            ids = self.prompt_ids(prompt, add_generation_prompt)
+        else:
+            ids = list(prompt)
+        config = self.generation_config.replace(**overrides)
+        return generate_stream(self.model, self.tokenizer, ids, config, cancel=cancel, use_cache=use_cache,
+                               skip_special_tokens=skip_special_tokens)
+
+    def generate(self, prompt, *, on_text: Callable[[str], None] | None = None, **kwargs) -> GenerationResult:
+        """Like ``stream`` but returns the ``GenerationResult``; ``on_text`` receives each delta."""
+        stream = self.stream(prompt, **kwargs)
+        for delta in stream:
+            if on_text is not None:
+                on_text(delta)
+        return stream.result
+

@@ -1,0 +1,189 @@
+"""Step 2 — load: config.json -> architecture -> weights, without wasting memory.
+
+1. ``config.json``'s ``architectures`` picks the implementation from
+   ``ARCHITECTURES`` (the seed: "look at ``architectures`` to choose the model").
+2. The model is built on PyTorch's *meta* device: shapes only, no memory, no
+   random initialisation that the checkpoint would overwrite anyway.
+3. Each tensor of the ``.safetensors`` files is a view on a memory map of the
+   file: nothing is read until it is used, and when the file's dtype is the one
+   asked for, no byte is copied at all.
+
+>>> from qwen_lab.hub import resolve
+>>> model = load_model(resolve("qwen-lab/tiny-chat"))
+>>> type(model).__name__
+'Qwen2ForCausalLM'
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, UnsupportedArchitectureError
+from .hub import ModelFiles
+from .model import Qwen2Config, Qwen2ForCausalLM, RotaryEmbedding
+
+#: architecture name in config.json -> (config class, model class)
+ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
+    "Qwen2ForCausalLM": (Qwen2Config, Qwen2ForCausalLM),
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# safetensors dtype tags -> torch dtypes (the ones a language model checkpoint uses)
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def read_config(path: str | Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}; download the model again") from e
+
+
+def architecture_of(config: dict) -> str:
+    """The supported architecture ``config.json`` names, or a clear error."""
+    names = config.get("architectures") or []
+    for name in names:
+        if name in ARCHITECTURES:
+            return name
+    supported = ", ".join(sorted(ARCHITECTURES))
+    shown = ", ".join(names) if names else "no architecture"
+    raise UnsupportedArchitectureError(f"config.json names {shown}; qwen_lab supports {supported}")
+
+
+def build_model(config: dict, device: str | torch.device = "meta") -> nn.Module:
+    """The model ``config`` describes, on ``device`` (``meta``: shapes only, no memory)."""
+    config_cls, model_cls = ARCHITECTURES[architecture_of(config)]
+    with torch.device(device):
+        return model_cls(config_cls.from_dict(config))
+
+
+def choose_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on CUDA, f32 on CPU, as the seed's Candle code does."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a ``.safetensors`` file, as views on a memory map.
+
+    The format: 8 bytes little-endian header length N, N bytes of JSON
+    ``{name: {dtype, shape, data_offsets: [begin, end]}}``, then the raw data.
+    The map is copy-on-write, so a tensor can even be modified in place
+    without touching the file.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            if size < 8:
+                raise CheckpointError(f"{path} is truncated ({size} bytes): download it again")
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8 or n > 100_000_000:
+                raise CheckpointError(f"{path} is truncated or not a safetensors file "
+                                      f"(header of {n} bytes in a {size}-byte file): download it again")
+            header = json.loads(f.read(n))
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} has a corrupt header ({e}): download it again") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a corrupt header (not a JSON object): download it again")
+    header.pop("__metadata__", None)
+    tensors, data_start = {}, 8 + n
+    for name, info in header.items():
+        try:
+            dtype = _ST_DTYPES[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: entry {name!r} is corrupt or of an unsupported dtype ({e})") from e
+        count = 1
+        for d in shape:
+            count *= d
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if end - begin != count * itemsize or begin < 0:
+            raise CheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape}: file is corrupt")
+        if data_start + end > size:
+            raise CheckpointError(f"{path} is truncated: tensor {name!r} ends at byte {data_start + end} "
+                                  f"of a {size}-byte file; download it again")
+        if count == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        elif (data_start + begin) % itemsize:  # unaligned data: torch cannot view it, so copy
+            raw = bytes(mm[data_start + begin:data_start + end])
+            tensors[name] = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
+        else:
+            tensors[name] = torch.frombuffer(mm, dtype=dtype, count=count, offset=data_start + begin).reshape(shape)
+    return tensors
+
+
+def load_weights(model: nn.Module, files: list[Path], dtype: torch.dtype, device: torch.device) -> None:
+    """Put the checkpoint's tensors into a meta-device ``model``, checking names and shapes.
+
+    Tied weights (``lm_head`` sharing ``embed_tokens``) are one parameter in
+    the model; a checkpoint may or may not also store ``lm_head.weight``.
+    """
+    expected = dict(model.named_parameters())  # tied parameters appear once
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(read_safetensors(f))
+    where = files[0].parent if files else "the checkpoint"
+    for name in expected:
+        if name not in tensors:
+            raise CheckpointError(f"{where}: tensor {name!r} is missing from the weights; "
+                                  f"is the checkpoint complete and made for this config.json?")
+    for name, t in tensors.items():
+        if name not in expected and not (tied and name == "lm_head.weight"):
+            raise CheckpointError(f"{where}: unexpected tensor {name!r} in the weights; "
+                                  f"does config.json describe this checkpoint?")
+        if name in expected and tuple(t.shape) != tuple(expected[name].shape):
+            raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, "
+                                  f"config.json implies {tuple(expected[name].shape)}")
+    for name in expected:
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        # .to() is a no-op (no copy) when dtype and device already match the file.
+        module._parameters[attr] = nn.Parameter(tensors.pop(name).to(device=device, dtype=dtype),
+                                                requires_grad=False)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    # Buffers are not in the checkpoint: rebuild them on the real device.
+    rotary = model.model.rotary_emb
+    with torch.device(device):
+        model.model.rotary_emb = RotaryEmbedding(rotary.inv_freq.shape[0] * 2, model.config.rope_theta)
+
+
+def load_model(files: ModelFiles, dtype: str | torch.dtype = "auto",
+               device: str | torch.device | None = None) -> nn.Module:
+    """Build the architecture ``config.json`` names and fill it from the safetensors files.
+
+    ``dtype``: ``auto`` (bf16 on CUDA, f32 on CPU), or float32 / bfloat16 / float16.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    config = read_config(files.config)
+    model = build_model(config, "meta")
+    load_weights(model, files.weights, choose_dtype(dtype, device), device)
+    return model.eval()
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters, each tied matrix counted once (works on the meta device too)."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,117 @@
+"""Step 2, second half — the tokenizer: text <-> ids with ``tokenizers``, plus streaming.
+
+Qwen2's tokenizer is byte-level BPE: a Chinese character or an emoji is 3 or 4
+UTF-8 bytes and may be split over two tokens. Decoding the first token alone
+gives U+FFFD (the replacement character). ``StreamDecoder`` therefore emits
+text only once it forms whole characters, like Candle's ``TokenOutputStream``.
+
+>>> from qwen_lab.hub import resolve
+>>> tok = Tokenizer.from_files(resolve("qwen-lab/tiny-chat"))
+>>> tok.decode(tok.encode("hello 你好"))
+'hello 你好'
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+from .errors import CheckpointError
+from .hub import ModelFiles
+
+
+def _token_text(value) -> str | None:
+    """tokenizer_config.json writes a special token as a string or as {"content": ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class Tokenizer:
+    """A ``tokenizers.Tokenizer`` plus what ``tokenizer_config.json`` says about it."""
+
+    SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+    def __init__(self, backend: _HFTokenizer, tokenizer_config: dict | None = None) -> None:
+        self.backend = backend
+        self.config = tokenizer_config or {}
+        #: e.g. {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None, ...}
+        self.special_tokens = {k: _token_text(self.config.get(k)) for k in self.SPECIAL_KEYS}
+        self.special_ids = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+
+    @classmethod
+    def from_files(cls, files: ModelFiles) -> "Tokenizer":
+        try:
+            backend = _HFTokenizer.from_file(str(files.tokenizer))
+        except Exception as e:  # tokenizers raises a bare Exception on a bad file
+            raise CheckpointError(f"cannot read {files.tokenizer}: {e}; download the model again") from e
+        try:
+            config = json.loads(Path(files.tokenizer_config).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read {files.tokenizer_config}: {e}; download the model again") from e
+        return cls(backend, config)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of ``text``; special-token strings in it become their single ids.
+
+        No BOS is added: Qwen2 uses none (``add_bos_token`` is false).
+        """
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    def tokens(self, ids: list[int]) -> list[str]:
+        """Each id as the readable text it stands for (special tokens verbatim)."""
+        return [self.decode([i]) for i in ids]
+
+    def stream(self, skip_special_tokens: bool = True) -> "StreamDecoder":
+        return StreamDecoder(self, skip_special_tokens)
+
+
+class StreamDecoder:
+    """Turns ids, one at a time, into text deltas that are always whole characters.
+
+    >>> from qwen_lab.hub import resolve
+    >>> tok = Tokenizer.from_files(resolve("qwen-lab/tiny-chat"))
+    >>> dec = tok.stream()
+    >>> "".join(dec.push(i) for i in tok.encode("早安 🌞")) + dec.flush()
+    '早安 🌞'
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+        self.tokenizer, self.skip = tokenizer, skip_special_tokens
+        self.ids: list[int] = []
+        self.start = 0  # first id not yet turned into emitted text
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the new complete text (possibly "")."""
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids[self.start:], skip_special_tokens=self.skip)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return ""
+        # Byte-level BPE decodes each token to its own bytes, so the pending
+        # window's text is exactly what the full text gained.
+        self.start = len(self.ids)
+        return text
+
+    def flush(self) -> str:
+        """Whatever is left at the end, even if it is not valid UTF-8."""
+        text = self.tokenizer.decode(self.ids[self.start:], skip_special_tokens=self.skip)
+        self.start = len(self.ids)
+        return text
+
+    @property
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)

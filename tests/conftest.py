@@ -1,0 +1,52 @@
+"""Fixtures: tiny Qwen2 checkpoints made on the fly, and the reference files of the real models."""
+import json
+from pathlib import Path
+
+import pytest
+
+from qwen_lab.tiny import build_random, save_checkpoint, tiny_config, train_tokenizer
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+if not REFERENCE.is_dir():  # a checkout with shared/ inside it
+    REFERENCE = Path(__file__).resolve().parents[1] / "shared" / "reference"
+
+SAMPLE_TEXTS = [
+    "Hello! How are you today? I am a small model.",
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "你好，世界！今天天氣很好。 🌞 emoji and 中文 stream fine.",
+    "def add(a, b):\n    return a + b\n",
+    "<tools> {\"name\": \"get_weather\"} </tools> & <b>bold</b>",
+] * 4
+
+
+def qwen_template() -> str:
+    return json.loads((REFERENCE / "qwen2.5-1.5b-instruct" / "tokenizer_config.json").read_text())["chat_template"]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return train_tokenizer(SAMPLE_TEXTS, 400)
+
+
+def make_checkpoint(directory, tokenizer, *, tie=True, shards=1, seed=0, dtype=None, **sizes):
+    import torch
+    config = tiny_config(tokenizer.get_vocab_size(), tie=tie, **sizes)
+    model = build_random(config, seed=seed, std=0.1)
+    return save_checkpoint(model, directory, tokenizer=tokenizer, chat_template=qwen_template(), shards=shards,
+                           dtype=dtype or torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tokenizer):
+    """A tied, single-file, float32 checkpoint."""
+    return make_checkpoint(tmp_path_factory.mktemp("tiny"), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def untied_dir(tmp_path_factory, tokenizer):
+    return make_checkpoint(tmp_path_factory.mktemp("untied"), tokenizer, tie=False, seed=1)
+
+
+@pytest.fixture(scope="session")
+def sharded_dir(tmp_path_factory, tokenizer):
+    return make_checkpoint(tmp_path_factory.mktemp("sharded"), tokenizer, shards=3, seed=2)

@@ -1,0 +1,157 @@
+"""Generation: config, logits processors against transformers', stopping, streaming, cancelling."""
+import threading
+
+import pytest
+import torch
+
+from conftest import REFERENCE
+from qwen_lab.errors import ContextTooLongError
+from qwen_lab.generation import (ChatModel, GenerationConfig, apply_repetition_penalty, apply_top_k, apply_top_p,
+                                 generate_stream, process_logits)
+from qwen_lab.hub import ModelFiles, resolve
+
+
+@pytest.fixture(scope="module")
+def chat(tiny_dir):
+    return ChatModel.load(str(tiny_dir), dtype="float32", device="cpu")
+
+
+def test_config_from_the_real_generation_config():
+    d = REFERENCE / "qwen2.5-1.5b-instruct"
+    files = ModelFiles(root=d, config=d / "config.json", tokenizer=d / "none", tokenizer_config=d / "none",
+                       generation_config=d / "generation_config.json", chat_template=None)
+    config = GenerationConfig.from_files(files)
+    assert config.eos_token_id == [151645, 151643]
+    assert (config.do_sample, config.temperature, config.top_p, config.top_k, config.repetition_penalty) == \
+        (True, 0.7, 0.8, 20, 1.1)
+    assert not config.greedy
+    assert config.replace(temperature=0).greedy
+    assert config.replace(top_k=None).top_k == 20  # None leaves a field alone
+
+
+def test_config_without_generation_config_falls_back_to_config_json():
+    d = REFERENCE / "qwen2.5-0.5b-instruct"
+    files = ModelFiles(root=d, config=d / "config.json", tokenizer=d, tokenizer_config=d, generation_config=None,
+                       chat_template=None)
+    config = GenerationConfig.from_files(files)
+    assert config.eos_token_id == [151645] and config.greedy
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1),
+                                 dict(max_new_tokens=0), dict(repetition_penalty=0)])
+def test_bad_config_values(bad):
+    with pytest.raises(ValueError):
+        GenerationConfig(**bad)
+
+
+def random_logits(seed=0, vocab=300):
+    return torch.randn(vocab, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_processors_match_transformers():
+    tf = pytest.importorskip("transformers")
+    previous = torch.tensor([5, 17, 17, 42, 299, 0])
+    for seed in range(5):
+        logits = random_logits(seed)
+        ref = tf.RepetitionPenaltyLogitsProcessor(1.3)(previous[None], logits[None].clone())[0]
+        torch.testing.assert_close(apply_repetition_penalty(logits, previous, 1.3), ref)
+        ref = tf.TopKLogitsWarper(20)(previous[None], logits[None].clone())[0]
+        assert torch.equal(apply_top_k(logits, 20), ref)
+        for p in (0.1, 0.5, 0.8, 0.95):
+            ref = tf.TopPLogitsWarper(p)(previous[None], logits[None].clone())[0]
+            assert torch.equal(apply_top_p(logits, p), ref)
+        # the whole chain, in transformers' order
+        config = GenerationConfig(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.1)
+        chain = tf.LogitsProcessorList([tf.RepetitionPenaltyLogitsProcessor(1.1), tf.TemperatureLogitsWarper(0.7),
+                                        tf.TopKLogitsWarper(20), tf.TopPLogitsWarper(0.8)])
+        torch.testing.assert_close(process_logits(logits, previous, config), chain(previous[None], logits[None])[0])
+
+
+def test_repeat_last_n_penalises_only_the_window():
+    logits = torch.ones(10)
+    config = GenerationConfig(repetition_penalty=2.0, repeat_last_n=2)
+    out = process_logits(logits, torch.tensor([1, 2, 3]), config)
+    assert out.tolist() == [1, 1, 0.5, 0.5, 1, 1, 1, 1, 1, 1]  # 1 fell out of the window
+
+
+def test_greedy_ignores_sampling_settings(chat):
+    ids = chat.tokenizer.encode("Hello! How")
+    a = chat.generate(ids, do_sample=False, max_new_tokens=12)
+    b = chat.generate(ids, do_sample=True, temperature=0, top_k=3, seed=1, max_new_tokens=12)
+    assert a.token_ids == b.token_ids
+
+
+def test_seed_reproduces_a_sampled_run(chat):
+    ids = chat.tokenizer.encode("The capital")
+    runs = [chat.generate(ids, do_sample=True, temperature=1.5, top_k=0, top_p=1.0, seed=s, max_new_tokens=20,
+                          eos_token_id=[]).token_ids for s in (11, 11, 12)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_stops_on_any_eos_id_and_says_why(chat):
+    ids = chat.tokenizer.encode("Hello")
+    free = chat.generate(ids, do_sample=False, max_new_tokens=20, eos_token_id=[])
+    assert free.finish_reason == "length" and free.generated_tokens == 20
+    target = free.token_ids[6]
+    first = free.token_ids.index(target)
+    stopped = chat.generate(ids, do_sample=False, max_new_tokens=20, eos_token_id=[99999, target])
+    assert stopped.finish_reason == "eos"
+    assert stopped.token_ids == free.token_ids[:first + 1]  # the EOS id is reported, like transformers
+
+
+def test_stop_string_cuts_the_text_and_streams_nothing_past_it(chat):
+    ids = chat.tokenizer.encode("Hello")
+    free = chat.generate(ids, do_sample=False, max_new_tokens=30, eos_token_id=[])
+    stop = free.text[8:11]
+    stream = chat.stream(ids, do_sample=False, max_new_tokens=30, eos_token_id=[], stop_strings=[stop])
+    deltas = list(stream)
+    result = stream.result
+    assert result.finish_reason == "stop"
+    assert result.text == free.text[:free.text.find(stop)]
+    assert "".join(deltas) == result.text
+
+
+def test_streamed_deltas_add_up_to_the_text(chat):
+    stream = chat.stream([{"role": "user", "content": "你好 🌞"}], do_sample=True, seed=3, max_new_tokens=40)
+    deltas = list(stream)
+    assert "".join(deltas) == stream.result.text
+    assert stream.result.text == chat.tokenizer.decode(stream.result.token_ids, skip_special_tokens=True)
+    # (random weights may emit invalid UTF-8 byte runs; whole-character streaming is tested in test_tokenizer)
+
+
+def test_cancel_stops_between_tokens_and_keeps_the_partial_reply(chat):
+    cancel = threading.Event()
+    stream = chat.stream(chat.tokenizer.encode("Hello"), cancel=cancel, do_sample=False, max_new_tokens=200,
+                         eos_token_id=[])
+    received = []
+    for delta in stream:
+        received.append(delta)
+        if len(received) == 3:
+            cancel.set()
+    result = stream.result
+    assert result.finish_reason == "cancelled"
+    assert result.generated_tokens < 10
+    assert "".join(received) == result.text
+
+
+def test_context_limit(chat):
+    limit = chat.context_length
+    with pytest.raises(ContextTooLongError, match=f"has {limit} tokens but the model's context holds {limit}"):
+        chat.generate([5] * limit)
+    near = chat.generate([5] * (limit - 3), do_sample=False, max_new_tokens=50, eos_token_id=[])
+    assert near.finish_reason == "length" and near.generated_tokens == 3
+
+
+def test_stats(chat):
+    result = chat.generate([{"role": "user", "content": "Hi"}], do_sample=False, max_new_tokens=8, eos_token_id=[])
+    stats = result.stats()
+    assert set(stats) >= {"prompt_tokens", "generated_tokens", "ttft_s", "decode_tokens_per_s", "finish_reason"}
+    assert stats["prompt_tokens"] == len(chat.prompt_ids([{"role": "user", "content": "Hi"}]))
+    assert stats["generated_tokens"] == 8 and stats["ttft_s"] > 0 and stats["decode_tokens_per_s"] > 0
+
+
+def test_chat_model_wires_template_and_generation_config(chat):
+    assert chat.generation_config.eos_token_id == [chat.tokenizer.token_to_id("<|im_end|>"),
+                                                   chat.tokenizer.token_to_id("<|endoftext|>")]
+    assert chat.render([{"role": "user", "content": "Hi"}]).endswith("<|im_start|>assistant\n")
+    assert not chat.render([{"role": "user", "content": "Hi"}], add_generation_prompt=False).endswith("assistant\n")
