@@ -1,0 +1,365 @@
+"""A chat panel for notebooks (ipywidgets 8): streams, stops, regenerates, never loses the history.
+
+>>> # in a notebook cell:
+>>> # from qwen_lab.panel import ChatPanel
+>>> # ChatPanel.load("qwen-lab/tiny-chat")        # the cell returns at once; chat below
+
+Design:
+
+* generation runs in a worker thread, so the kernel stays responsive and the
+  Stop button is heard; the worker sets a ``threading.Event`` and generation
+  stops before the next token;
+* the transcript is redrawn at most every ``refresh_s`` seconds while a
+  reply streams (each redraw is one message to the browser);
+* the model's text is untrusted: it is HTML-escaped first, then a small
+  Markdown subset (code blocks, inline code, bold, italics, lists) is turned
+  into tags this module writes itself — nothing the model writes becomes a tag;
+* one ``ChatModel`` may serve several panels: ``ChatPanel.load`` caches it, and
+  its lock lets one reply be generated at a time.
+"""
+from __future__ import annotations
+
+import html
+import json
+import re
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import ipywidgets as w
+
+from .errors import QwenLabError
+from .generation import ChatModel
+
+CONTEXT_WARNING = 0.8  # share of the context window after which the panel warns
+
+_loaded: dict[tuple, ChatModel] = {}
+
+
+# ---------------------------------------------------------------- safe Markdown
+
+def render_markdown(text: str) -> str:
+    """A Markdown subset as HTML, safe for untrusted text: everything is escaped first.
+
+    >>> render_markdown("**hi** <script>alert(1)</script>")
+    '<p><b>hi</b> &lt;script&gt;alert(1)&lt;/script&gt;</p>'
+    """
+    out, paragraph, items = [], [], []
+    lines = text.split("\n")
+
+    def flush():
+        if paragraph:
+            out.append("<p>" + "<br>".join(_inline(line) for line in paragraph) + "</p>")
+            paragraph.clear()
+        if items:
+            out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in items) + "</ul>")
+            items.clear()
+
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.strip().startswith("```"):
+            flush()
+            lang = line.strip()[3:].strip()
+            code, i = [], i + 1
+            while i < len(lines) and not lines[i].strip().startswith("```"):
+                code.append(lines[i])
+                i += 1
+            label = f' data-lang="{html.escape(lang, quote=True)}"' if lang else ""
+            out.append(f"<pre class='ql-code'{label}><code>{html.escape(chr(10).join(code))}</code></pre>")
+        elif re.match(r"^\s*[-*] ", line):
+            if paragraph:
+                flush()
+            items.append(re.sub(r"^\s*[-*] ", "", line))
+        elif not line.strip():
+            flush()
+        else:
+            if items:
+                flush()
+            paragraph.append(line)
+        i += 1
+    flush()
+    return "".join(out)
+
+
+def _inline(text: str) -> str:
+    parts = re.split(r"(`[^`]+`)", text)
+    rendered = []
+    for part in parts:
+        if len(part) > 1 and part.startswith("`") and part.endswith("`"):
+            rendered.append(f"<code>{html.escape(part[1:-1])}</code>")
+        else:
+            s = html.escape(part)
+            s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
+            s = re.sub(r"(?<![*\w])\*(?!\s)(.+?)(?<!\s)\*(?!\w)", r"<i>\1</i>", s)
+            rendered.append(s)
+    return "".join(rendered)
+
+
+# ---------------------------------------------------------------- the panel
+
+_STYLE = """<style>
+.ql-chat {font-family: var(--jp-content-font-family, sans-serif); font-size: 14px; max-height: 420px;
+          overflow-y: auto; padding: 4px;}
+.ql-msg {margin: 6px 0; padding: 6px 10px; border-radius: 8px; white-space: normal;}
+.ql-user {background: #e8f0fe; margin-left: 15%;}
+.ql-assistant {background: #f4f4f4; margin-right: 15%;}
+.ql-msg p {margin: 0 0 4px 0;}
+.ql-code {background: #272822; color: #f8f8f2; padding: 6px; border-radius: 4px; overflow-x: auto;}
+.ql-meta {color: #777; font-size: 11px;}
+.ql-note {color: #a15c00; font-size: 12px;}
+.ql-error {color: #b00020; font-size: 12px;}
+</style>"""
+
+
+class ChatPanel:
+    """Chat with a model inside a notebook. Display it by leaving it last in a cell.
+
+    ``messages`` is the conversation (system prompt excluded); ``replies``
+    holds each assistant reply's statistics, aligned with the assistant messages.
+    """
+
+    def __init__(self, chat: ChatModel, *, system_prompt: str | None = None, refresh_s: float = 0.1) -> None:
+        self.chat, self.refresh_s = chat, refresh_s
+        self.messages: list[dict] = []
+        self.replies: list[dict] = []        # per assistant message: stats and flags
+        self.note = ""                        # warning shown under the transcript
+        self._worker: threading.Thread | None = None
+        self._cancel = threading.Event()
+        self._partial: str | None = None      # the reply being streamed
+
+        g = chat.generation_config
+        default_system = system_prompt if system_prompt is not None else _template_default_system(chat)
+        self.title = w.HTML(f"<b>{html.escape(chat.name)}</b> · context {chat.context_length:,} tokens")
+        self.system = w.Textarea(value=default_system, description="System", layout=w.Layout(width="98%"),
+                                 rows=2)
+        slider = dict(continuous_update=False, style={"description_width": "initial"},
+                      layout=w.Layout(width="230px"))
+        self.temperature = w.FloatSlider(value=g.temperature if g.do_sample else 0.0, min=0.0, max=2.0, step=0.05,
+                                         description="temperature", **slider)
+        self.top_p = w.FloatSlider(value=g.top_p, min=0.05, max=1.0, step=0.05, description="top-p", **slider)
+        self.top_k = w.IntSlider(value=g.top_k, min=0, max=200, description="top-k", **slider)
+        self.max_new_tokens = w.IntSlider(value=min(g.max_new_tokens, 512), min=1,
+                                          max=min(4096, chat.context_length), description="max new tokens",
+                                          **slider)
+        self.repetition_penalty = w.FloatSlider(value=g.repetition_penalty, min=1.0, max=2.0, step=0.01,
+                                                description="repetition penalty", **slider)
+        self.seed = w.IntText(value=g.seed if g.seed is not None else 0, description="seed",
+                              layout=w.Layout(width="160px"))
+        self.transcript = w.HTML(layout=w.Layout(width="98%"))
+        self.status = w.HTML()
+        self.input = w.Text(placeholder="Type a message and press Enter", layout=w.Layout(width="60%"))
+        self.send_button = w.Button(description="Send", button_style="primary", icon="paper-plane")
+        self.stop_button = w.Button(description="Stop", button_style="warning", icon="stop", disabled=True)
+        self.regenerate_button = w.Button(description="Regenerate", icon="redo")
+        self.undo_button = w.Button(description="Undo", icon="undo")
+        self.clear_button = w.Button(description="New chat", icon="trash")
+        self.export_button = w.Button(description="Export", icon="download")
+        self.export_box = w.Textarea(layout=w.Layout(width="98%", display="none"), rows=6)
+
+        self.send_button.on_click(lambda _: self.send())
+        with warnings.catch_warnings():  # the submit event is the one that means "Enter", not "focus left"
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.input.on_submit(lambda _: self.send())
+        self.stop_button.on_click(lambda _: self.stop())
+        self.regenerate_button.on_click(lambda _: self.regenerate())
+        self.undo_button.on_click(lambda _: self.undo())
+        self.clear_button.on_click(lambda _: self.clear())
+        self.export_button.on_click(lambda _: self._show_export())
+
+        controls = w.HBox([self.temperature, self.top_p, self.top_k], layout=w.Layout(flex_flow="row wrap"))
+        controls2 = w.HBox([self.max_new_tokens, self.repetition_penalty, self.seed],
+                           layout=w.Layout(flex_flow="row wrap"))
+        buttons = w.HBox([self.input, self.send_button, self.stop_button])
+        actions = w.HBox([self.regenerate_button, self.undo_button, self.clear_button, self.export_button])
+        settings = w.Accordion(children=[w.VBox([self.system, controls, controls2])], selected_index=None)
+        settings.set_title(0, "Settings")
+        self.widget = w.VBox([self.title, settings, self.transcript, self.status, buttons, actions,
+                              self.export_box])
+        self.widget.add_class("qwen-lab-chat-panel")
+        self._redraw()
+
+    @classmethod
+    def load(cls, model: str = "qwen-lab/tiny-chat", *, dtype: str = "auto", device: str | None = None,
+             **kwargs) -> "ChatPanel":
+        """A panel on ``model``; several panels of the same model share one load."""
+        key = (model, dtype, device)
+        if key not in _loaded:
+            _loaded[key] = ChatModel.load(model, dtype=dtype, device=device)
+        return cls(_loaded[key], **kwargs)
+
+    def _ipython_display_(self):
+        from IPython.display import display
+        display(self.widget)
+
+    # ---------------------------------------------------------------- actions
+
+    @property
+    def busy(self) -> bool:
+        return self._worker is not None and self._worker.is_alive()
+
+    def send(self, text: str | None = None) -> None:
+        """Send ``text`` (default: the input box) as the next user message."""
+        text = self.input.value if text is None else text
+        if not text.strip() or self.busy:
+            return
+        self.input.value = ""
+        self.messages.append({"role": "user", "content": text})
+        if not self._start():
+            self.messages.pop()        # refused (context full): nothing lost, the text goes back
+            self.input.value = text
+
+    def stop(self) -> None:
+        """Stop the reply before its next token; the partial reply is kept and marked."""
+        self._cancel.set()
+
+    def regenerate(self) -> None:
+        """Replace the last reply with a new one (a new seed when sampling)."""
+        if self.busy or not self.messages or self.messages[-1]["role"] != "assistant":
+            return
+        removed = self.messages.pop(), self.replies.pop()
+        if self.temperature.value > 0:
+            self.seed.value += 1
+        if not self._start():
+            self.messages.append(removed[0])
+            self.replies.append(removed[1])
+            self._redraw()
+
+    def undo(self) -> None:
+        """Remove the last exchange; the user's text returns to the input box."""
+        if self.busy or not self.messages:
+            return
+        if self.messages[-1]["role"] == "assistant":
+            self.messages.pop()
+            self.replies.pop()
+        if self.messages and self.messages[-1]["role"] == "user":
+            self.input.value = self.messages.pop()["content"]
+        self.note = ""
+        self._redraw()
+
+    def clear(self) -> None:
+        """Start a new chat (settings are kept)."""
+        if self.busy:
+            return
+        self.messages.clear()
+        self.replies.clear()
+        self.note = ""
+        self.export_box.layout.display = "none"
+        self._redraw()
+
+    def export(self, path: str | Path | None = None) -> str:
+        """The conversation as JSON messages (system prompt first); also written to ``path`` if given."""
+        data = json.dumps(self._conversation(), ensure_ascii=False, indent=2)
+        if path is not None:
+            Path(path).write_text(data + "\n", encoding="utf-8")
+        return data
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the current reply is finished (for scripts and tests)."""
+        if self._worker is not None:
+            self._worker.join(timeout)
+
+    # ---------------------------------------------------------------- generation
+
+    def _conversation(self) -> list[dict]:
+        system = self.system.value.strip()
+        return ([{"role": "system", "content": system}] if system else []) + [dict(m) for m in self.messages]
+
+    def _start(self) -> bool:
+        conversation = self._conversation()
+        try:
+            prompt = self.chat.prompt_ids(conversation)
+        except QwenLabError as e:
+            self._fail(str(e))
+            return False
+        context = self.chat.context_length
+        room = context - len(prompt)
+        if room <= 0:
+            self.note = (f"The conversation ({len(prompt):,} tokens) fills the model's context of {context:,} "
+                         f"tokens: press New chat or Undo to make room.")
+            self._redraw()
+            return False
+        max_new = min(self.max_new_tokens.value, room)
+        used = (len(prompt) + max_new) / context
+        self.note = ""
+        if max_new < self.max_new_tokens.value:
+            self.note = f"Context nearly full: this reply can have at most {max_new} tokens. Start a new chat soon."
+        elif used >= CONTEXT_WARNING:
+            self.note = f"Context {used:.0%} full ({len(prompt):,} of {context:,} tokens)."
+        settings = dict(do_sample=self.temperature.value > 0, temperature=self.temperature.value,
+                        top_p=self.top_p.value, top_k=self.top_k.value, max_new_tokens=max_new,
+                        repetition_penalty=self.repetition_penalty.value, seed=self.seed.value)
+        self._cancel = threading.Event()
+        self._partial = ""
+        self._set_busy(True)
+        self._worker = threading.Thread(target=self._run, args=(prompt, settings), daemon=True)
+        self._worker.start()
+        return True
+
+    def _run(self, prompt: list[int], settings: dict) -> None:
+        try:
+            with self.chat.lock:  # panels sharing a model take turns
+                stream = self.chat.stream(prompt, cancel=self._cancel, **settings)
+                last = 0.0
+                for delta in stream:
+                    self._partial += delta
+                    if time.monotonic() - last >= self.refresh_s:
+                        last = time.monotonic()
+                        self._redraw()
+                result = stream.result
+            self.messages.append({"role": "assistant", "content": result.text})
+            self.replies.append({**result.stats(), "stopped": result.finish_reason == "cancelled"})
+            if result.finish_reason == "length" and settings["max_new_tokens"] < self.max_new_tokens.value:
+                self.note = "The reply reached the end of the context window: press New chat or Undo to go on."
+        except Exception as e:  # shown in the panel; the history stays as it was
+            self._fail(f"{type(e).__name__}: {e}" if not isinstance(e, QwenLabError) else str(e))
+        finally:
+            self._partial = None
+            self._set_busy(False)
+            self._redraw()
+
+    def _fail(self, message: str) -> None:
+        self.note = f"<span class='ql-error'>Error: {html.escape(message)}</span>"
+        self._redraw()
+
+    def _set_busy(self, busy: bool) -> None:
+        self.stop_button.disabled = not busy
+        for b in (self.send_button, self.regenerate_button, self.undo_button, self.clear_button):
+            b.disabled = busy
+
+    def _show_export(self) -> None:
+        self.export_box.value = self.export()
+        self.export_box.layout.display = None
+
+    # ---------------------------------------------------------------- drawing
+
+    def _redraw(self) -> None:
+        parts, replies = [_STYLE, "<div class='ql-chat'>"], iter(self.replies)
+        for m in self.messages:
+            role = m["role"]
+            body = render_markdown(m["content"])
+            meta = ""
+            if role == "assistant":
+                r = next(replies, None)
+                if r:
+                    meta = (f"<div class='ql-meta'>{r['generated_tokens']} tokens · first token "
+                            f"{r['ttft_s']:.2f} s · {r['decode_tokens_per_s']:.1f} tokens/s"
+                            f"{' · <b>stopped</b>' if r['stopped'] else ''}</div>")
+            parts.append(f"<div class='ql-msg ql-{role}'>{body}{meta}</div>")
+        if self._partial is not None:
+            parts.append(f"<div class='ql-msg ql-assistant ql-streaming'>{render_markdown(self._partial)}"
+                         f"<span class='ql-meta'> ▍</span></div>")
+        parts.append("</div>")
+        self.transcript.value = "".join(parts)
+        note = self.note if self.note.startswith("<span") else html.escape(self.note, quote=False)
+        self.status.value = f"<div class='ql-note'>{note}</div>" if note else ""
+
+
+def _template_default_system(chat: ChatModel) -> str:
+    """The system prompt the template uses when none is given (Qwen's), shown so it can be edited."""
+    if chat.template is None:
+        return ""
+    probe = chat.render([{"role": "user", "content": "\x00"}], add_generation_prompt=False)
+    match = re.match(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", probe, re.S)
+    return match.group(1) if match else ""

@@ -1,0 +1,172 @@
+"""The chat panel, driven from Python: set widget values, click buttons, wait for the worker."""
+import json
+import time
+
+import pytest
+
+pytest.importorskip("ipywidgets")
+
+from qwen_lab.generation import ChatModel, GenerationResult, GenerationStream
+from qwen_lab.panel import ChatPanel, render_markdown
+
+
+@pytest.fixture(scope="module")
+def chat(tiny_dir):
+    return ChatModel.load(str(tiny_dir), dtype="float32", device="cpu")
+
+
+@pytest.fixture
+def panel(chat):
+    p = ChatPanel(chat, refresh_s=0.01)
+    p.temperature.value = 0.0
+    p.max_new_tokens.value = 8
+    return p
+
+
+def fake_stream(deltas, reason="eos"):
+    def steps():
+        for d in deltas:
+            yield d
+        text = "".join(deltas)
+        return GenerationResult(text=text, token_ids=[1] * len(deltas), finish_reason=reason, prompt_tokens=5,
+                                generated_tokens=len(deltas), ttft_s=0.01, decode_tokens_per_s=100.0,
+                                prefill_tokens_per_s=500.0, total_s=0.1)
+    return GenerationStream(steps())
+
+
+def test_send_button_streams_a_reply_into_the_history(panel, chat):
+    panel.input.value = "Hello there"
+    panel.send_button.click()
+    assert panel.input.value == ""
+    panel.wait(30)
+    assert [m["role"] for m in panel.messages] == ["user", "assistant"]
+    expected = chat.generate([{"role": "system", "content": panel.system.value},
+                              {"role": "user", "content": "Hello there"}], do_sample=False, max_new_tokens=8,
+                             repetition_penalty=panel.repetition_penalty.value)
+    assert panel.messages[1]["content"] == expected.text
+    assert panel.replies[0]["generated_tokens"] == expected.generated_tokens
+    assert "tokens/s" in panel.transcript.value and "Hello there" in panel.transcript.value
+    assert panel.stop_button.disabled and not panel.send_button.disabled
+
+
+def test_enter_in_the_input_sends(panel):
+    panel.input.value = "Hi"
+    panel.input._handle_custom_msg({"event": "submit"}, [])  # what the browser sends on Enter
+    panel.wait(30)
+    assert panel.messages[0] == {"role": "user", "content": "Hi"} and len(panel.messages) == 2
+
+
+def test_default_system_prompt_is_the_templates(panel):
+    assert panel.system.value == "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+
+def test_stop_keeps_the_partial_reply_and_marks_it(panel, chat):
+    panel.max_new_tokens.value = 400
+    chat.generation_config.eos_token_id, saved = [], chat.generation_config.eos_token_id
+    try:
+        panel.send("Tell me a long story")
+        deadline = time.time() + 30
+        while not panel._partial and time.time() < deadline:
+            time.sleep(0.005)
+        panel.stop_button.click()
+        panel.wait(30)
+    finally:
+        chat.generation_config.eos_token_id = saved
+    assert panel.replies[-1]["stopped"] and panel.replies[-1]["finish_reason"] == "cancelled"
+    assert 0 < panel.replies[-1]["generated_tokens"] < 400
+    assert panel.messages[-1]["role"] == "assistant"
+    assert "stopped" in panel.transcript.value
+
+
+def test_regenerate_replaces_the_last_reply(panel):
+    panel.send("Hi")
+    panel.wait(30)
+    first = panel.messages[-1]["content"]
+    panel.temperature.value = 1.0
+    seed = panel.seed.value
+    panel.regenerate_button.click()
+    panel.wait(30)
+    assert len(panel.messages) == 2 and panel.seed.value == seed + 1
+    assert panel.messages[-1]["content"] != first or panel.replies[-1]["generated_tokens"] > 0
+
+
+def test_undo_and_clear(panel):
+    panel.send("one")
+    panel.wait(30)
+    panel.send("two")
+    panel.wait(30)
+    panel.undo_button.click()
+    assert [m["content"] for m in panel.messages if m["role"] == "user"] == ["one"]
+    assert panel.input.value == "two"
+    panel.clear_button.click()
+    assert panel.messages == [] and panel.replies == []
+
+
+def test_export_is_json_messages_with_the_system_prompt(panel, tmp_path):
+    panel.send("Hi")
+    panel.wait(30)
+    data = json.loads(panel.export(tmp_path / "chat.json"))
+    assert [m["role"] for m in data] == ["system", "user", "assistant"]
+    assert json.loads((tmp_path / "chat.json").read_text()) == data
+    panel.export_button.click()
+    assert json.loads(panel.export_box.value) == data
+
+
+def test_errors_show_in_the_panel_and_keep_the_history(panel, chat, monkeypatch):
+    panel.send("first")
+    panel.wait(30)
+    before = list(panel.messages)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the GPU caught fire")
+    monkeypatch.setattr(chat, "stream", broken)
+    panel.send("second")
+    panel.wait(30)
+    assert "Error: RuntimeError: the GPU caught fire" in panel.status.value
+    assert panel.messages[:2] == before and panel.messages[2] == {"role": "user", "content": "second"}
+    monkeypatch.undo()
+    panel.regenerate()  # nothing to regenerate (last is a user turn); still usable:
+    panel.send("third")
+    panel.wait(30)
+    assert panel.messages[-1]["role"] == "assistant"
+
+
+def test_model_output_cannot_inject_html(panel, chat, monkeypatch):
+    hostile = ["<img src=x onerror=alert(1)>", "<script>alert('x')</script>", "\n```html\n<b>code</b>\n```"]
+    monkeypatch.setattr(chat, "stream", lambda *a, **k: fake_stream(hostile))
+    panel.send("<b>user text is untrusted too</b>")
+    panel.wait(30)
+    shown = panel.transcript.value
+    assert "<img" not in shown and "<script" not in shown and "<b>user" not in shown
+    assert "&lt;img src=x onerror=alert(1)&gt;" in shown and "&lt;b&gt;code&lt;/b&gt;" in shown
+
+
+def test_context_limit_is_a_note_not_a_crash(panel, chat):
+    long_text = "Hello world " * chat.context_length
+    panel.send(long_text)
+    assert not panel.busy
+    assert "fills the model's context" in panel.status.value
+    assert panel.messages == [] and panel.input.value == long_text  # nothing lost
+
+    overhead = len(chat.prompt_ids(panel._conversation() + [{"role": "user", "content": ""}]))
+    per_word = len(chat.tokenizer.encode("Hello " * 10)) / 10
+    near = "Hello " * int((chat.context_length - overhead - 60) / per_word)
+    panel.max_new_tokens.value = 200
+    panel.send(near)
+    panel.wait(60)
+    assert "Context nearly full" in panel.status.value or "end of the context" in panel.status.value
+    assert panel.messages[-1]["role"] == "assistant"
+
+
+def test_panels_share_one_model_load(tiny_dir):
+    a = ChatPanel.load(str(tiny_dir), dtype="float32", device="cpu")
+    b = ChatPanel.load(str(tiny_dir), dtype="float32", device="cpu")
+    assert a.chat is b.chat and a is not b
+
+
+def test_markdown_subset():
+    html = render_markdown("Use `x < y`:\n\n```python\nprint('<hi>')\n```\n- **one**\n- *two*")
+    assert "<code>x &lt; y</code>" in html
+    assert "<pre class='ql-code' data-lang=\"python\"><code>print(&#x27;&lt;hi&gt;&#x27;)</code></pre>" in html
+    assert "<ul><li><b>one</b></li><li><i>two</i></li></ul>" in html
+    assert render_markdown('```"><script>\nx\n```').count("<script>") == 0
