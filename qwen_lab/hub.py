@@ -161,3 +161,48 @@ def _from_hub(repo_id, revision, cache_dir, token, local_files_only, endpoint) -
                       generation_config=optional["generation_config.json"],
                       chat_template=optional["chat_template.jinja"],
                       weights=weights, weights_index=index, model_id=repo_id)
+
+
+#: The walkthrough's model, used when it can be had.
+WALKTHROUGH_MODEL_ID = "Qwen/Qwen2.5-1.5B-Instruct"
+
+
+def choose_model(timeout: float = 3.0, *, endpoint: str | None = None, cache_dir: str | None = None) -> tuple[str, str]:
+    """The model the notebooks use, and why: ``(model_id, reason)``.
+
+    1. ``QWEN_LAB_MODEL`` if set;
+    2. else the real Qwen2.5-1.5B-Instruct if its files are in the cache, or
+       if the Hub answers within ``timeout`` seconds (never a hang offline);
+    3. else the embedded ``qwen-lab/tiny-chat``.
+    """
+    chosen = os.environ.get("QWEN_LAB_MODEL")
+    if chosen:
+        return chosen, "chosen by QWEN_LAB_MODEL"
+    from huggingface_hub import constants, try_to_load_from_cache
+    repo = WALKTHROUGH_MODEL_ID
+    cached = [try_to_load_from_cache(repo, f, cache_dir=cache_dir) for f in (*REQUIRED_FILES, SINGLE_WEIGHTS)]
+    if all(isinstance(c, str) for c in cached):
+        return repo, "found in the Hugging Face cache"
+    if not constants.HF_HUB_OFFLINE and _hub_answers(endpoint or constants.ENDPOINT, repo, timeout):
+        return repo, "the Hub answered; it will be downloaded (about 3 GB)"
+    return EMBEDDED_MODEL_ID, "the embedded model: the Hub cannot be reached and the real model is not cached"
+
+
+def _hub_answers(endpoint: str, repo: str, timeout: float) -> bool:
+    """True if ``endpoint`` serves the repo's config.json within ``timeout`` seconds (DNS included)."""
+    import threading
+    import urllib.request
+    answer = []
+
+    def probe():
+        try:
+            request = urllib.request.Request(f"{endpoint}/{repo}/resolve/main/config.json", method="HEAD")
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                answer.append(response.status < 400)
+        except Exception:  # no network, refused, DNS failure, HTTP error: all mean "no"
+            answer.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)  # a DNS lookup ignores socket timeouts
+    thread.start()
+    thread.join(timeout)
+    return bool(answer and answer[0])

@@ -120,8 +120,10 @@ class ChatPanel:
     holds each assistant reply's statistics, aligned with the assistant messages.
     """
 
-    def __init__(self, chat: ChatModel, *, system_prompt: str | None = None, refresh_s: float = 0.1) -> None:
-        self.chat, self.refresh_s = chat, refresh_s
+    def __init__(self, chat: ChatModel, *, system_prompt: str | None = None, refresh_s: float = 0.1,
+                 **overrides) -> None:
+        """``overrides`` fix generation settings the controls do not show, e.g. ``eos_token_id=[]``."""
+        self.chat, self.refresh_s, self.overrides = chat, refresh_s, overrides
         self.messages: list[dict] = []
         self.replies: list[dict] = []        # per assistant message: stats and flags
         self.note = ""                        # warning shown under the transcript
@@ -129,9 +131,10 @@ class ChatPanel:
         self._cancel = threading.Event()
         self._partial: str | None = None      # the reply being streamed
 
-        g = chat.generation_config
+        g = chat.generation_config.replace(**overrides)
         default_system = system_prompt if system_prompt is not None else _template_default_system(chat)
-        self.title = w.HTML(f"<b>{html.escape(chat.name)}</b> · context {chat.context_length:,} tokens")
+        shown = "".join(f" · {html.escape(k)}={html.escape(str(v))}" for k, v in overrides.items())
+        self.title = w.HTML(f"<b>{html.escape(chat.name)}</b> · context {chat.context_length:,} tokens{shown}")
         self.system = w.Textarea(value=default_system, description="System", layout=w.Layout(width="98%"),
                                  rows=2)
         slider = dict(continuous_update=False, style={"description_width": "initial"},
@@ -290,6 +293,7 @@ class ChatPanel:
         settings = dict(do_sample=self.temperature.value > 0, temperature=self.temperature.value,
                         top_p=self.top_p.value, top_k=self.top_k.value, max_new_tokens=max_new,
                         repetition_penalty=self.repetition_penalty.value, seed=self.seed.value)
+        settings = {**self.overrides, **settings}
         self._cancel = threading.Event()
         self._partial = ""
         self._set_busy(True)

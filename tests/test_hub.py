@@ -118,3 +118,37 @@ def test_not_a_repo_id(tmp_path):
 def test_embedded_model_resolves_without_network():
     files = resolve(EMBEDDED_MODEL_ID, local_files_only=True)
     assert files.root == EMBEDDED_MODEL_DIR and files.weights[0].is_file()
+
+
+def test_choose_model_env_var_wins(monkeypatch):
+    from qwen_lab.hub import choose_model
+    monkeypatch.setenv("QWEN_LAB_MODEL", "someone/else")
+    assert choose_model() == ("someone/else", "chosen by QWEN_LAB_MODEL")
+
+
+def test_choose_model_falls_back_quickly_when_the_hub_is_unreachable(monkeypatch, tmp_path):
+    import socket
+    import time
+    from qwen_lab.hub import choose_model
+    monkeypatch.delenv("QWEN_LAB_MODEL", raising=False)
+    # a port that accepts connections and never answers: the worst case for a hang
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    start = time.monotonic()
+    model, reason = choose_model(timeout=1.0, endpoint=f"http://127.0.0.1:{silent.getsockname()[1]}",
+                                 cache_dir=tmp_path)
+    assert model == EMBEDDED_MODEL_ID and "cannot be reached" in reason
+    assert time.monotonic() - start < 3
+    silent.close()
+
+
+def test_choose_model_takes_the_real_model_when_the_hub_answers(monkeypatch, tmp_path, tiny_dir):
+    from qwen_lab.hub import WALKTHROUGH_MODEL_ID, choose_model
+    monkeypatch.delenv("QWEN_LAB_MODEL", raising=False)
+    with LocalHub({WALKTHROUGH_MODEL_ID: tiny_dir}) as hub:
+        assert choose_model(endpoint=hub.url, cache_dir=tmp_path)[0] == WALKTHROUGH_MODEL_ID
+        # once cached, it is chosen even with no Hub at all
+        resolve(WALKTHROUGH_MODEL_ID, cache_dir=tmp_path, endpoint=hub.url)
+    assert choose_model(endpoint="http://127.0.0.1:9", cache_dir=tmp_path) == \
+        (WALKTHROUGH_MODEL_ID, "found in the Hugging Face cache")

@@ -60,18 +60,16 @@ def test_default_system_prompt_is_the_templates(panel):
     assert panel.system.value == "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
 
-def test_stop_keeps_the_partial_reply_and_marks_it(panel, chat):
+def test_stop_keeps_the_partial_reply_and_marks_it(chat):
+    panel = ChatPanel(chat, refresh_s=0.01, eos_token_id=[])  # never stops by itself
+    assert "eos_token_id=[]" in panel.title.value
     panel.max_new_tokens.value = 400
-    chat.generation_config.eos_token_id, saved = [], chat.generation_config.eos_token_id
-    try:
-        panel.send("Tell me a long story")
-        deadline = time.time() + 30
-        while not panel._partial and time.time() < deadline:
-            time.sleep(0.005)
-        panel.stop_button.click()
-        panel.wait(30)
-    finally:
-        chat.generation_config.eos_token_id = saved
+    panel.send("Tell me a long story")
+    deadline = time.time() + 30
+    while not panel._partial and time.time() < deadline:
+        time.sleep(0.005)
+    panel.stop_button.click()
+    panel.wait(30)
     assert panel.replies[-1]["stopped"] and panel.replies[-1]["finish_reason"] == "cancelled"
     assert 0 < panel.replies[-1]["generated_tokens"] < 400
     assert panel.messages[-1]["role"] == "assistant"

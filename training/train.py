@@ -110,6 +110,9 @@ def main(argv=None) -> None:
             "train_seconds": round(time.time() - t0), "final_loss": round(loss.item(), 4),
             "special_tokens": SPECIAL_TOKENS}
     (args.out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
+    card = (HERE / "MODEL_CARD.md").read_text(encoding="utf-8")
+    (args.out / "README.md").write_text(card.format(**meta, **config, parameters_m=n_params / 1e6,
+                                                    train_minutes=meta["train_seconds"] / 60), encoding="utf-8")
     print(f"saved to {args.out}", flush=True)
 
 

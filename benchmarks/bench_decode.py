@@ -1,0 +1,208 @@
+"""Decode speed of qwen_lab against transformers, on the same weights, in one run.
+
+    python benchmarks/bench_decode.py                       # Qwen2.5-0.5B shapes, random weights
+    python benchmarks/bench_decode.py --config benchmarks/configs/qwen2.5-1.5b.json
+    python benchmarks/bench_decode.py --model Qwen/Qwen2.5-0.5B-Instruct   # a real checkpoint
+
+Each measurement runs in a fresh process (so load time and peak RSS are its own), alternating
+qwen_lab and transformers for several rounds; medians are reported. Memory-bandwidth utilisation =
+weight bytes read per token x tokens/s / the read bandwidth measured in this same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / ".cache"
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+    return (f"{model}, {os.cpu_count()} logical cores, torch {torch.__version__} with {torch.get_num_threads()} "
+            f"threads, Python {platform.python_version()}")
+
+
+def make_checkpoint(config_path: Path) -> Path:
+    """Random weights at the exact shapes of ``config_path``, saved once as bf16 safetensors."""
+    import torch
+    from safetensors.torch import save_file
+    from qwen_lab.load import build_model, read_config
+    config = read_config(config_path)
+    out = CACHE / config_path.stem
+    if (out / "model.safetensors").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_model(config, "meta")
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for name, p in model.named_parameters():
+        t = torch.randn(p.shape, generator=generator, dtype=torch.float32).mul_(0.02)
+        if "norm" in name:
+            t.fill_(1.0)
+        state[name] = t.to(torch.bfloat16)
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}, indent=2))
+    return out
+
+
+def read_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
+    """Bytes per second that summing a large float32 tensor reads (the best of ``reps``)."""
+    import torch
+    x = torch.ones(int(gib * 2**30 / 4))
+    x.sum()
+    best = 0.0
+    for _ in range(reps):
+        t = time.perf_counter()
+        x.sum()
+        best = max(best, x.numel() * 4 / (time.perf_counter() - t))
+    return best
+
+
+def _word_tokenizer(vocab_size: int):
+    """A tokenizer with one word per id, so generated ids decode whatever the weights are."""
+    from tokenizers import Tokenizer, models
+    from qwen_lab.tokenizer import Tokenizer as QTokenizer
+    return QTokenizer(Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0")), {})
+
+
+def worker(impl: str, dtype_name: str, directory: Path, prompt_tokens: int, new_tokens: int) -> dict:
+    import torch
+    torch.manual_seed(0)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+    config = json.loads((directory / "config.json").read_text())
+    prompt = torch.randint(0, config["vocab_size"], (1, prompt_tokens), generator=torch.Generator().manual_seed(1))
+    t0 = time.perf_counter()
+    if impl == "qwen_lab":
+        from qwen_lab.generation import GenerationConfig, generate_stream
+        from qwen_lab.hub import ModelFiles
+        from qwen_lab.load import load_model
+        files = ModelFiles(root=directory, config=directory / "config.json", tokenizer=directory,
+                           tokenizer_config=directory, generation_config=None, chat_template=None,
+                           weights=sorted(directory.glob("*.safetensors")))
+        model = load_model(files, dtype_name, "cpu")
+        load_s = time.perf_counter() - t0
+        tok = _word_tokenizer(config["vocab_size"])
+        gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=[])
+        generate_stream(model, tok, prompt[0, :16].tolist(), GenerationConfig(max_new_tokens=4)).result  # warm-up
+        result = generate_stream(model, tok, prompt[0].tolist(), gen).result
+        assert result.generated_tokens == new_tokens
+        ttft, decode = result.ttft_s, result.decode_tokens_per_s
+        params = sum(p.numel() for p in model.parameters())
+        elem = model.lm_head.weight.element_size()
+    else:
+        from transformers import AutoModelForCausalLM
+        from transformers.generation.streamers import BaseStreamer
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+        load_s = time.perf_counter() - t0
+
+        class Clock(BaseStreamer):
+            def __init__(self):
+                self.times = []
+
+            def put(self, value):
+                self.times.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0, repetition_penalty=1.0,
+                      temperature=None, top_p=None, top_k=None)
+        model.generate(prompt[:, :16], max_new_tokens=4, **kwargs)  # warm-up
+        clock = Clock()
+        start = time.perf_counter()
+        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, streamer=clock, **kwargs)
+        end = time.perf_counter()
+        assert out.shape[1] - prompt_tokens == new_tokens
+        first = clock.times[1]  # times[0] is the prompt being "put"
+        ttft, decode = first - start, (new_tokens - 1) / (end - first)
+        params = sum(p.numel() for p in model.parameters())
+        elem = next(model.parameters()).element_size()
+    return {"impl": impl, "dtype": dtype_name, "load_s": load_s, "ttft_s": ttft,
+            "prefill_tokens_per_s": prompt_tokens / ttft, "decode_tokens_per_s": decode,
+            "weight_bytes": params * elem, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=HERE / "configs" / "qwen2.5-0.5b.json")
+    p.add_argument("--model", help="a real checkpoint (Hub id or folder) instead of random weights")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--impls", default="qwen_lab,transformers")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--results", type=Path, help="append a Markdown report to this file")
+    p.add_argument("--worker", nargs=3, metavar=("IMPL", "DTYPE", "DIR"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        impl, dtype, directory = args.worker
+        print(json.dumps(worker(impl, dtype, Path(directory), args.prompt_tokens, args.new_tokens)))
+        return
+
+    if args.model:
+        from qwen_lab.hub import resolve
+        directory, label = resolve(args.model).root, args.model
+    else:
+        directory, label = make_checkpoint(args.config), f"random weights, shapes of {args.config.stem}"
+    bandwidth = read_bandwidth()
+    print(f"{machine()}\nmodel: {label}\nread bandwidth: {bandwidth / 1e9:.1f} GB/s\n", flush=True)
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for r in range(args.rounds):
+        for dtype in args.dtypes.split(","):
+            for impl in args.impls.split(","):
+                cmd = [sys.executable, __file__, "--worker", impl, dtype, str(directory),
+                       "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode:
+                    sys.exit(f"{impl} {dtype} failed:\n{done.stderr[-3000:]}")
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                runs.setdefault((impl, dtype), []).append(result)
+                print(f"round {r + 1} {impl:12} {dtype:8} decode {result['decode_tokens_per_s']:6.2f} tok/s  "
+                      f"prefill {result['prefill_tokens_per_s']:7.1f} tok/s  load {result['load_s']:.2f} s", flush=True)
+
+    def med(impl, dtype, key):
+        return statistics.median(r[key] for r in runs[(impl, dtype)])
+
+    lines = [f"### {label}", "", f"Machine: {machine()}; read bandwidth measured in this run: "
+             f"{bandwidth / 1e9:.1f} GB/s. Prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens "
+             f"(greedy, EOS ignored), medians of {args.rounds} alternating rounds, each in a fresh process.", "",
+             "| implementation | dtype | load s | peak RSS GiB | weights GiB | prefill tok/s | TTFT s | decode tok/s "
+             "| bandwidth used |", "|---|---|---|---|---|---|---|---|---|"]
+    for dtype in args.dtypes.split(","):
+        for impl in args.impls.split(","):
+            weights = runs[(impl, dtype)][0]["weight_bytes"]
+            decode = med(impl, dtype, "decode_tokens_per_s")
+            lines.append(f"| {impl} | {dtype} | {med(impl, dtype, 'load_s'):.2f} | "
+                         f"{med(impl, dtype, 'peak_rss_bytes') / 2**30:.2f} | {weights / 2**30:.2f} | "
+                         f"{med(impl, dtype, 'prefill_tokens_per_s'):.1f} | {med(impl, dtype, 'ttft_s'):.2f} | "
+                         f"{decode:.2f} | {weights * decode / bandwidth:.0%} |")
+        if {"qwen_lab", "transformers"} <= set(args.impls.split(",")):
+            ratio = med("qwen_lab", dtype, "decode_tokens_per_s") / med("transformers", dtype, "decode_tokens_per_s")
+            pre = med("qwen_lab", dtype, "prefill_tokens_per_s") / med("transformers", dtype, "prefill_tokens_per_s")
+            lines.append(f"| **qwen_lab / transformers** | {dtype} | | | | **{pre:.2f}x** | | **{ratio:.2f}x** | |")
+    report = "\n".join(lines) + "\n"
+    print("\n" + report)
+    if args.results:
+        with open(args.results, "a", encoding="utf-8") as f:
+            f.write("\n" + report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The chat panel in a real browser: JupyterLab on loopback, Debian's Chromium driven by Playwright.
+
+Skipped when Chromium or Playwright is missing, unless QWEN_LAB_REQUIRE_BROWSER=1 (as in .ci/run),
+which turns the skip into a failure. The screenshot lands in artifacts/chat_panel.png.
+"""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = ROOT / "artifacts"
+
+
+def need(condition, why):
+    if not condition:
+        if os.environ.get("QWEN_LAB_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"browser test required but {why}")
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    need(Path(CHROMIUM).exists(), f"{CHROMIUM} is missing (apt-get install chromium)")
+    root = tmp_path_factory.mktemp("lab")
+    shutil.copy(ROOT / "notebooks" / "06_chat_panel.ipynb", root)  # a copy: autosave never touches the repo
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, QWEN_LAB_MODEL="qwen-lab/tiny-chat", HF_HUB_OFFLINE="1",
+               JUPYTER_CONFIG_DIR=str(root / ".jupyter"), JUPYTER_RUNTIME_DIR=str(root / ".runtime"))
+    log = open(root / "lab.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--allow-root", "--ip=127.0.0.1",
+         f"--port={port}", "--IdentityProvider.token=", "--ServerApp.password=",
+         "--ServerApp.disable_check_xsrf=True", f"--ServerApp.root_dir={root}",
+         "--LabApp.news_url=", "--LabServerApp.extension_manager=readonly"],
+        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/api/status", timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        server.kill()
+        pytest.fail("JupyterLab did not start: " + (root / "lab.log").read_text()[-2000:])
+    yield url
+    server.terminate()
+    try:
+        server.wait(20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+    log.close()
+
+
+def test_chat_panel_streams_and_stops_in_chromium(lab):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                  "--disable-background-networking", "--disable-component-update"])
+        page = browser.new_page(viewport={"width": 1300, "height": 1100})
+        try:
+            page.goto(f"{lab}/lab/tree/06_chat_panel.ipynb", wait_until="domcontentloaded")
+            page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=90_000)
+            # wait for the kernel to be idle, then click into a cell so the keyboard goes to the notebook
+            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
+            page.locator(".jp-NotebookPanel .jp-Cell").first.click()
+            page.locator(".jp-MenuBar").get_by_text("Run", exact=True).click()
+            page.get_by_text("Run All Cells", exact=True).click()
+
+            panels = page.locator(".qwen-lab-chat-panel")
+            panels.nth(1).wait_for(timeout=120_000)
+            # the notebook's own scripted exchange has run in the kernel:
+            page.get_by_text("the two panels share one loaded model: True").wait_for(timeout=120_000)
+
+            # --- panel 1: type a question, press Send, the reply appears
+            first = panels.nth(0)
+            first.locator("input[type='text']").fill("What is the capital of Japan?")
+            first.get_by_role("button", name="Send").click()
+            first.locator(".ql-assistant", has_text="Tokyo").first.wait_for(timeout=60_000)
+
+            # --- panel 2 never stops by itself: the reply streams and grows until Stop
+            second = panels.nth(1)
+            second.locator("input[type='text']").fill("Tell me about the KV cache.")
+            second.locator("input[type='text']").press("Enter")
+            streaming = second.locator(".ql-streaming")
+            streaming.wait_for(timeout=60_000)
+            sizes = []
+            for _ in range(40):
+                sizes.append(len(streaming.inner_text()) if streaming.count() else -1)
+                if len([s for s in sizes if s > 0]) >= 3 and sizes[-1] > sizes[0] > 0:
+                    break
+                page.wait_for_timeout(50)
+            assert sizes[-1] > sizes[0] > 0, f"the reply did not grow: {sizes}"
+            page.screenshot(path=str(ARTIFACTS / "chat_panel_streaming.png"), full_page=True)
+            second.get_by_role("button", name="Stop").click()
+            second.locator(".ql-meta", has_text="stopped").wait_for(timeout=10_000)
+            stopped_text = second.locator(".ql-assistant").last.inner_text()
+            page.wait_for_timeout(700)
+            assert second.locator(".ql-assistant").last.inner_text() == stopped_text  # nothing more arrives
+            assert second.locator(".ql-streaming").count() == 0
+            page.screenshot(path=str(ARTIFACTS / "chat_panel.png"), full_page=True)
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / "chat_panel_failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
