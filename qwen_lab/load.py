@@ -15,6 +15,8 @@
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import mmap
 import struct
@@ -88,6 +90,11 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     The map is copy-on-write, so a tensor can even be modified in place
     without touching the file.
     """
+    return _map_safetensors(path)[0]
+
+
+def _map_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
+    """The tensors, and the address range of the mapping they view."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -108,6 +115,7 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} has a corrupt header (not a JSON object): download it again")
     header.pop("__metadata__", None)
     tensors, data_start = {}, 8 + n
+    base = ctypes.addressof(ctypes.c_char.from_buffer(mm)) if size else 0
     for name, info in header.items():
         try:
             dtype = _ST_DTYPES[info["dtype"]]
@@ -131,7 +139,28 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
             tensors[name] = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
         else:
             tensors[name] = torch.frombuffer(mm, dtype=dtype, count=count, offset=data_start + begin).reshape(shape)
-    return tensors
+    return tensors, (base, base + size)
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True) if hasattr(mmap, "MADV_DONTNEED") else None
+
+
+def _release(view: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
+    """Tell the kernel the mapped pages under ``view`` are no longer needed.
+
+    Once a tensor has been converted (bf16 file -> f32 model), its bytes in
+    the file's mapping are dead weight in memory; dropping them keeps peak
+    memory near the converted weights instead of weights + file. The mapping
+    is private and unmodified, so a page touched again is simply re-read.
+    """
+    first, last = view.data_ptr(), view.data_ptr() + view.numel() * view.element_size()
+    if _libc is None or not any(lo <= first and last <= hi for lo, hi in mapped):
+        return  # not a view on a file mapping (e.g. an unaligned tensor that was copied)
+    page = mmap.PAGESIZE
+    start = -(-first // page) * page
+    end = last // page * page
+    if end > start:
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
 
 
 def load_weights(model: nn.Module, files: list[Path], dtype: torch.dtype, device: torch.device) -> None:
@@ -143,8 +172,11 @@ def load_weights(model: nn.Module, files: list[Path], dtype: torch.dtype, device
     expected = dict(model.named_parameters())  # tied parameters appear once
     tied = getattr(model.config, "tie_word_embeddings", False)
     tensors: dict[str, torch.Tensor] = {}
+    mapped = []
     for f in files:
-        tensors.update(read_safetensors(f))
+        file_tensors, address_range = _map_safetensors(f)
+        tensors.update(file_tensors)
+        mapped.append(address_range)
     where = files[0].parent if files else "the checkpoint"
     for name in expected:
         if name not in tensors:
@@ -160,9 +192,12 @@ def load_weights(model: nn.Module, files: list[Path], dtype: torch.dtype, device
     for name in expected:
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
+        view = tensors.pop(name)
         # .to() is a no-op (no copy) when dtype and device already match the file.
-        module._parameters[attr] = nn.Parameter(tensors.pop(name).to(device=device, dtype=dtype),
-                                                requires_grad=False)
+        value = view.to(device=device, dtype=dtype)
+        if value.data_ptr() != view.data_ptr() and view.is_contiguous():
+            _release(view, mapped)
+        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     # Buffers are not in the checkpoint: rebuild them on the real device.

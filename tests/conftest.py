@@ -6,9 +6,18 @@ import pytest
 
 from qwen_lab.tiny import build_random, save_checkpoint, tiny_config, train_tokenizer
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
-if not REFERENCE.is_dir():  # a checkout with shared/ inside it
-    REFERENCE = Path(__file__).resolve().parents[1] / "shared" / "reference"
+ROOT = Path(__file__).resolve().parents[1]
+# The real models' config files (shared/reference beside the checkout, or inside it). A learner's
+# clone may have neither: tests that need them skip, the others use the verbatim copies in the repo.
+REFERENCE = next((p for p in (ROOT.parent / "shared" / "reference", ROOT / "shared" / "reference") if p.is_dir()),
+                 ROOT.parent / "shared" / "reference")
+
+
+def reference_file(model: str, name: str) -> Path:
+    path = REFERENCE / model / name
+    if not path.is_file():
+        pytest.skip(f"{path} is not here (the real models' reference files)")
+    return path
 
 SAMPLE_TEXTS = [
     "Hello! How are you today? I am a small model.",
@@ -20,7 +29,8 @@ SAMPLE_TEXTS = [
 
 
 def qwen_template() -> str:
-    return json.loads((REFERENCE / "qwen2.5-1.5b-instruct" / "tokenizer_config.json").read_text())["chat_template"]
+    """Qwen2.5-Instruct's chat template (a verbatim copy; test_reference_copies checks it)."""
+    return (ROOT / "training" / "qwen2.5_chat_template.jinja").read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ import threading
 import pytest
 import torch
 
-from conftest import REFERENCE
+from conftest import reference_file
 from qwen_lab.errors import ContextTooLongError
 from qwen_lab.generation import (ChatModel, GenerationConfig, apply_repetition_penalty, apply_top_k, apply_top_p,
                                  generate_stream, process_logits)
@@ -17,7 +17,7 @@ def chat(tiny_dir):
 
 
 def test_config_from_the_real_generation_config():
-    d = REFERENCE / "qwen2.5-1.5b-instruct"
+    d = reference_file("qwen2.5-1.5b-instruct", "generation_config.json").parent
     files = ModelFiles(root=d, config=d / "config.json", tokenizer=d / "none", tokenizer_config=d / "none",
                        generation_config=d / "generation_config.json", chat_template=None)
     config = GenerationConfig.from_files(files)
@@ -30,7 +30,7 @@ def test_config_from_the_real_generation_config():
 
 
 def test_config_without_generation_config_falls_back_to_config_json():
-    d = REFERENCE / "qwen2.5-0.5b-instruct"
+    d = reference_file("qwen2.5-0.5b-instruct", "config.json").parent
     files = ModelFiles(root=d, config=d / "config.json", tokenizer=d, tokenizer_config=d, generation_config=None,
                        chat_template=None)
     config = GenerationConfig.from_files(files)

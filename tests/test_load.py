@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import REFERENCE
+from conftest import ROOT
 from qwen_lab.errors import CheckpointError, UnsupportedArchitectureError
 from qwen_lab.hub import resolve
 from qwen_lab.load import (ARCHITECTURES, architecture_of, build_model, choose_dtype, count_parameters, load_model,
@@ -15,7 +15,7 @@ from qwen_lab.load import (ARCHITECTURES, architecture_of, build_model, choose_d
 
 @pytest.mark.parametrize("size, expected", [("0.5b", 494_032_768), ("1.5b", 1_543_714_304)])
 def test_real_configs_build_on_meta_with_exact_parameter_count(size, expected):
-    model = build_model(read_config(REFERENCE / f"qwen2.5-{size}-instruct" / "config.json"))
+    model = build_model(read_config(ROOT / "benchmarks" / "configs" / f"qwen2.5-{size}.json"))
     assert count_parameters(model) == expected
     assert next(model.parameters()).device.type == "meta"
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tie_word_embeddings
@@ -127,3 +127,22 @@ def test_sharded_checkpoint_loads_every_shard(sharded_dir):
     assert files.sharded and len(files.weights) == 3
     model = load_model(files, "float32", "cpu")
     assert not any(p.device.type == "meta" for p in model.parameters())
+
+
+def test_converted_load_is_exact_and_the_released_mapping_still_reads_back(tiny_dir, tmp_path):
+    from safetensors.torch import load_file
+    from qwen_lab.load import _map_safetensors, _release
+    d = copy(tiny_dir, tmp_path)
+    edit_weights(d, lambda t: t.update({k: v.to(torch.bfloat16) for k, v in t.items()}))
+    reference = load_file(d / "model.safetensors")
+    model = load_model(resolve(str(d)), "float32", "cpu")
+    for name, value in reference.items():
+        assert torch.equal(model.get_parameter(name), value.float()), name
+    # Released pages of the private mapping are re-read from the file when touched again.
+    tensors, mapped = _map_safetensors(d / "model.safetensors")
+    view = tensors["model.embed_tokens.weight"]
+    _release(view, [mapped])
+    assert torch.equal(view, reference["model.embed_tokens.weight"])
+    heap = torch.ones(4096)
+    _release(heap, [mapped])  # not in the mapping: left alone
+    assert heap.sum() == 4096

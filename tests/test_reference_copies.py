@@ -1,0 +1,19 @@
+"""The repo's copies of the real models' files are verbatim (the tests and the tiny model rely on them)."""
+import json
+
+import pytest
+
+from conftest import ROOT, qwen_template, reference_file
+
+
+@pytest.mark.parametrize("model", ["qwen2.5-0.5b-instruct", "qwen2.5-1.5b-instruct"])
+def test_chat_template_copy_is_verbatim(model):
+    config = json.loads(reference_file(model, "tokenizer_config.json").read_text())
+    assert config["chat_template"] == qwen_template()
+
+
+@pytest.mark.parametrize("model, copy", [("qwen2.5-0.5b-instruct", "qwen2.5-0.5b.json"),
+                                         ("qwen2.5-1.5b-instruct", "qwen2.5-1.5b.json")])
+def test_config_copies_are_verbatim(model, copy):
+    assert json.loads(reference_file(model, "config.json").read_text()) == \
+        json.loads((ROOT / "benchmarks" / "configs" / copy).read_text())
