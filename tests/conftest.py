@@ -60,3 +60,10 @@ def untied_dir(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="session")
 def sharded_dir(tmp_path_factory, tokenizer):
     return make_checkpoint(tmp_path_factory.mktemp("sharded"), tokenizer, shards=3, seed=2)
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """Let huggingface_hub make requests, whatever HF_HUB_OFFLINE says: these tests only reach 127.0.0.1."""
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)

@@ -99,6 +99,7 @@ def test_missing_model_is_one_line_error_without_traceback(capsys, tmp_path):
 def test_console_script_downloads_through_hf_endpoint(tiny_dir, tmp_path):
     with LocalHub({"lab/tiny": tiny_dir}) as hub:
         env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_PROGRESS_BARS="1")
+        env.pop("HF_HUB_OFFLINE", None)
         done = subprocess.run([sys.executable, "-m", "qwen_lab.cli", "download", "--model", "lab/tiny"],
                               capture_output=True, text=True, env=env, timeout=120)
         assert done.returncode == 0, done.stderr

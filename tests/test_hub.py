@@ -9,7 +9,7 @@ from qwen_lab.hub_server import LocalHub
 
 
 @pytest.fixture
-def hub(tiny_dir, sharded_dir, tmp_path):
+def hub(tiny_dir, sharded_dir, tmp_path, online):
     with_jinja = tmp_path / "with_jinja"
     shutil.copytree(tiny_dir, with_jinja)
     (with_jinja / "chat_template.jinja").write_text("{{ messages[0].content }}")
@@ -65,7 +65,7 @@ def test_offline_without_cache_says_what_to_do(hub, tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_unreachable_hub_says_what_to_do(tmp_path):
+def test_unreachable_hub_says_what_to_do(tmp_path, online):
     with pytest.raises(DownloadError, match=r"cannot be reached.*qwen-lab/tiny-chat"):
         resolve("lab/single", cache_dir=tmp_path, endpoint="http://127.0.0.1:9")
 
@@ -126,7 +126,7 @@ def test_choose_model_env_var_wins(monkeypatch):
     assert choose_model() == ("someone/else", "chosen by QWEN_LAB_MODEL")
 
 
-def test_choose_model_falls_back_quickly_when_the_hub_is_unreachable(monkeypatch, tmp_path):
+def test_choose_model_falls_back_quickly_when_the_hub_is_unreachable(monkeypatch, tmp_path, online):
     import socket
     import time
     from qwen_lab.hub import choose_model
@@ -143,7 +143,7 @@ def test_choose_model_falls_back_quickly_when_the_hub_is_unreachable(monkeypatch
     silent.close()
 
 
-def test_choose_model_takes_the_real_model_when_the_hub_answers(monkeypatch, tmp_path, tiny_dir):
+def test_choose_model_takes_the_real_model_when_the_hub_answers(monkeypatch, tmp_path, tiny_dir, online):
     from qwen_lab.hub import WALKTHROUGH_MODEL_ID, choose_model
     monkeypatch.delenv("QWEN_LAB_MODEL", raising=False)
     with LocalHub({WALKTHROUGH_MODEL_ID: tiny_dir}) as hub:
@@ -152,3 +152,12 @@ def test_choose_model_takes_the_real_model_when_the_hub_answers(monkeypatch, tmp
         resolve(WALKTHROUGH_MODEL_ID, cache_dir=tmp_path, endpoint=hub.url)
     assert choose_model(endpoint="http://127.0.0.1:9", cache_dir=tmp_path) == \
         (WALKTHROUGH_MODEL_ID, "found in the Hugging Face cache")
+
+
+def test_hf_hub_offline_is_honoured(tiny_dir, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with LocalHub({"lab/single": tiny_dir}) as server:
+        with pytest.raises(DownloadError, match="offline mode is on"):
+            resolve("lab/single", cache_dir=tmp_path, endpoint=server.url)
+        assert server.requests == []
