@@ -284,12 +284,11 @@ class ChatPanel:
             self._redraw()
             return False
         max_new = min(self.max_new_tokens.value, room)
-        used = (len(prompt) + max_new) / context
+        used = len(prompt) / context
         self.note = ""
-        if max_new < self.max_new_tokens.value:
-            self.note = f"Context nearly full: this reply can have at most {max_new} tokens. Start a new chat soon."
-        elif used >= CONTEXT_WARNING:
-            self.note = f"Context {used:.0%} full ({len(prompt):,} of {context:,} tokens)."
+        if used >= CONTEXT_WARNING:
+            self.note = (f"Context nearly full: {used:.0%} ({len(prompt):,} of {context:,} tokens); this reply can "
+                         f"have at most {max_new:,} tokens. Start a new chat soon.")
         settings = dict(do_sample=self.temperature.value > 0, temperature=self.temperature.value,
                         top_p=self.top_p.value, top_k=self.top_k.value, max_new_tokens=max_new,
                         repetition_penalty=self.repetition_penalty.value, seed=self.seed.value)
@@ -297,6 +296,7 @@ class ChatPanel:
         self._cancel = threading.Event()
         self._partial = ""
         self._set_busy(True)
+        self._redraw()  # the user's message (and any note) shows at once
         self._worker = threading.Thread(target=self._run, args=(prompt, settings), daemon=True)
         self._worker.start()
         return True
@@ -314,7 +314,8 @@ class ChatPanel:
                 result = stream.result
             self.messages.append({"role": "assistant", "content": result.text})
             self.replies.append({**result.stats(), "stopped": result.finish_reason == "cancelled"})
-            if result.finish_reason == "length" and settings["max_new_tokens"] < self.max_new_tokens.value:
+            if result.finish_reason == "length" and \
+                    result.prompt_tokens + result.generated_tokens >= self.chat.context_length:
                 self.note = "The reply reached the end of the context window: press New chat or Undo to go on."
         except Exception as e:  # shown in the panel; the history stays as it was
             self._fail(f"{type(e).__name__}: {e}" if not isinstance(e, QwenLabError) else str(e))

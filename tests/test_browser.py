@@ -78,8 +78,8 @@ def test_chat_panel_streams_and_stops_in_chromium(lab):
             # wait for the kernel to be idle, then click into a cell so the keyboard goes to the notebook
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
             page.locator(".jp-NotebookPanel .jp-Cell").first.click()
-            page.locator(".jp-MenuBar").get_by_text("Run", exact=True).click()
-            page.get_by_text("Run All Cells", exact=True).click()
+            page.get_by_role("menuitem", name="Run", exact=True).click()
+            page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
 
             panels = page.locator(".qwen-lab-chat-panel")
             panels.nth(1).wait_for(timeout=120_000)

@@ -34,6 +34,14 @@ def fake_stream(deltas, reason="eos"):
     return GenerationStream(steps())
 
 
+def test_no_context_note_on_a_short_chat(panel, chat, monkeypatch):
+    monkeypatch.setattr(chat, "stream", lambda *a, **k: fake_stream(["Hello", "!"]))
+    panel.max_new_tokens.value = panel.max_new_tokens.max  # more than the room left: capped silently
+    panel.send("Hi")
+    panel.wait(30)
+    assert panel.status.value == ""
+
+
 def test_send_button_streams_a_reply_into_the_history(panel, chat):
     panel.input.value = "Hello there"
     panel.send_button.click()
@@ -151,9 +159,11 @@ def test_context_limit_is_a_note_not_a_crash(panel, chat):
     near = "Hello " * int((chat.context_length - overhead - 60) / per_word)
     panel.max_new_tokens.value = 200
     panel.send(near)
+    assert "Context nearly full" in panel.status.value  # said before the reply starts
     panel.wait(60)
-    assert "Context nearly full" in panel.status.value or "end of the context" in panel.status.value
+    assert "end of the context window" in panel.status.value  # random weights never say EOS
     assert panel.messages[-1]["role"] == "assistant"
+    assert panel.replies[-1]["prompt_tokens"] + panel.replies[-1]["generated_tokens"] == chat.context_length
 
 
 def test_panels_share_one_model_load(tiny_dir):
