@@ -82,9 +82,21 @@ def _word_tokenizer(vocab_size: int):
     return QTokenizer(Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0")), {})
 
 
+def current_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def worker(impl: str, dtype_name: str, directory: Path, prompt_tokens: int, new_tokens: int) -> dict:
     import torch
+    if impl == "transformers":
+        import transformers  # noqa: F401  (imported before the baseline, like qwen_lab below)
+    else:
+        import qwen_lab.generation  # noqa: F401
     torch.manual_seed(0)
+    baseline_rss = current_rss()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
     config = json.loads((directory / "config.json").read_text())
     prompt = torch.randint(0, config["vocab_size"], (1, prompt_tokens), generator=torch.Generator().manual_seed(1))
@@ -136,7 +148,8 @@ def worker(impl: str, dtype_name: str, directory: Path, prompt_tokens: int, new_
         elem = next(model.parameters()).element_size()
     return {"impl": impl, "dtype": dtype_name, "load_s": load_s, "ttft_s": ttft,
             "prefill_tokens_per_s": prompt_tokens / ttft, "decode_tokens_per_s": decode,
-            "weight_bytes": params * elem, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "weight_bytes": params * elem, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "baseline_rss_bytes": baseline_rss}
 
 
 def main() -> None:
@@ -183,14 +196,16 @@ def main() -> None:
     lines = [f"### {label}", "", f"Machine: {machine()}; read bandwidth measured in this run: "
              f"{bandwidth / 1e9:.1f} GB/s. Prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens "
              f"(greedy, EOS ignored), medians of {args.rounds} alternating rounds, each in a fresh process.", "",
-             "| implementation | dtype | load s | peak RSS GiB | weights GiB | prefill tok/s | TTFT s | decode tok/s "
-             "| bandwidth used |", "|---|---|---|---|---|---|---|---|---|"]
+             "| implementation | dtype | load s | peak RSS GiB (above imports) | weights GiB | prefill tok/s | TTFT s "
+             "| decode tok/s | bandwidth used |", "|---|---|---|---|---|---|---|---|---|"]
     for dtype in args.dtypes.split(","):
         for impl in args.impls.split(","):
             weights = runs[(impl, dtype)][0]["weight_bytes"]
             decode = med(impl, dtype, "decode_tokens_per_s")
+            above = med(impl, dtype, "peak_rss_bytes") - med(impl, dtype, "baseline_rss_bytes")
             lines.append(f"| {impl} | {dtype} | {med(impl, dtype, 'load_s'):.2f} | "
-                         f"{med(impl, dtype, 'peak_rss_bytes') / 2**30:.2f} | {weights / 2**30:.2f} | "
+                         f"{med(impl, dtype, 'peak_rss_bytes') / 2**30:.2f} ({above / 2**30:.2f}) | "
+                         f"{weights / 2**30:.2f} | "
                          f"{med(impl, dtype, 'prefill_tokens_per_s'):.1f} | {med(impl, dtype, 'ttft_s'):.2f} | "
                          f"{decode:.2f} | {weights * decode / bandwidth:.0%} |")
         if {"qwen_lab", "transformers"} <= set(args.impls.split(",")):

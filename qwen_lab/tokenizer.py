@@ -21,7 +21,7 @@ from .errors import CheckpointError
 from .hub import ModelFiles
 
 
-def _token_text(value) -> str | None:
+def token_text(value) -> str | None:
     """tokenizer_config.json writes a special token as a string or as {"content": ...}."""
     if isinstance(value, dict):
         return value.get("content")
@@ -37,7 +37,7 @@ class Tokenizer:
         self.backend = backend
         self.config = tokenizer_config or {}
         #: e.g. {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None, ...}
-        self.special_tokens = {k: _token_text(self.config.get(k)) for k in self.SPECIAL_KEYS}
+        self.special_tokens = {k: token_text(self.config.get(k)) for k in self.SPECIAL_KEYS}
         self.special_ids = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
 
     @classmethod

@@ -118,3 +118,11 @@ def test_console_script_downloads_through_hf_endpoint(tiny_dir, tmp_path):
         assert done.returncode == 1 and "Traceback" not in done.stderr
         assert done.stderr.strip() == f"qwen-lab: error: no repository 'lab/other' on {hub.url} (or it is private): " \
                                       "check the id, or log in (`hf auth login`) if it is yours"
+
+
+def test_embedded_model_id_works_everywhere(capsys):
+    from qwen_lab.hub import EMBEDDED_MODEL_DIR
+    code, out, _ = run(capsys, "download", "--model", "qwen-lab/tiny-chat")
+    assert code == 0 and out.strip() == str(EMBEDDED_MODEL_DIR)
+    code, out, _ = run(capsys, "generate", "--prompt", "What is 2 plus 3?", "--temperature", "0")
+    assert code == 0 and out == "2 plus 3 is 5.\n"
