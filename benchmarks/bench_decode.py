@@ -112,7 +112,7 @@ def worker(impl: str, dtype_name: str, directory: Path, prompt_tokens: int, new_
         load_s = time.perf_counter() - t0
         tok = _word_tokenizer(config["vocab_size"])
         gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=[])
-        generate_stream(model, tok, prompt[0, :16].tolist(), GenerationConfig(max_new_tokens=4)).result  # warm-up
+        _ = generate_stream(model, tok, prompt[0, :16].tolist(), GenerationConfig(max_new_tokens=4)).result  # warm-up
         result = generate_stream(model, tok, prompt[0].tolist(), gen).result
         assert result.generated_tokens == new_tokens
         ttft, decode = result.ttft_s, result.decode_tokens_per_s

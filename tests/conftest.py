@@ -1,5 +1,4 @@
 """Fixtures: tiny Qwen2 checkpoints made on the fly, and the reference files of the real models."""
-import json
 from pathlib import Path
 
 import pytest

@@ -7,8 +7,8 @@ import torch
 from conftest import reference_file
 from qwen_lab.errors import ContextTooLongError
 from qwen_lab.generation import (ChatModel, GenerationConfig, apply_repetition_penalty, apply_top_k, apply_top_p,
-                                 generate_stream, process_logits)
-from qwen_lab.hub import ModelFiles, resolve
+                                 process_logits)
+from qwen_lab.hub import ModelFiles
 
 
 @pytest.fixture(scope="module")

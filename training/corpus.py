@@ -190,7 +190,7 @@ def conversations(seed: int = 0, n: int = 24000) -> list[list[dict]]:
 def evaluation_questions(seed: int = 1) -> list[tuple[str, str, str]]:
     """Held-out phrasings of the fact and arithmetic questions: (kind, question, expected answer)."""
     rng = random.Random(seed)
-    items = [i for i in qa_items("eval", rng)]
+    items = qa_items("eval", rng)
     rng.shuffle(items)
     by_kind: dict[str, list] = {}
     for item in items:

@@ -38,7 +38,7 @@ def evaluate(chat: ChatModel, limit: int | None = None) -> dict:
     greedy = dict(do_sample=False, repetition_penalty=1.0, max_new_tokens=MAX_NEW)
 
     correct, ended, failures = 0, 0, []
-    for kind, question, answer in questions:
+    for _, question, answer in questions:
         result = chat.generate(conversation(question), **greedy)
         ok = result.text.strip() == answer
         correct += ok

@@ -56,6 +56,15 @@ def token_stream(texts: list[str], tokenizer) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def write_card(out: Path, meta: dict, config: dict) -> None:
+    """The model card, from training/MODEL_CARD.md; evaluate.py fills in its evaluation table."""
+    seen = meta["steps"] * meta["batch"] * meta["block"]
+    card = (HERE / "MODEL_CARD.md").read_text(encoding="utf-8").format(
+        **meta, **config, parameters_m=meta["parameters"] / 1e6, train_minutes=meta["train_seconds"] / 60,
+        tokens_seen=seen, passes=seen / meta["corpus_tokens"])
+    (out / "README.md").write_text(card, encoding="utf-8")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=EMBEDDED_MODEL_DIR)
@@ -110,9 +119,7 @@ def main(argv=None) -> None:
             "train_seconds": round(time.time() - t0), "final_loss": round(loss.item(), 4),
             "special_tokens": SPECIAL_TOKENS}
     (args.out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
-    card = (HERE / "MODEL_CARD.md").read_text(encoding="utf-8")
-    (args.out / "README.md").write_text(card.format(**meta, **config, parameters_m=n_params / 1e6,
-                                                    train_minutes=meta["train_seconds"] / 60), encoding="utf-8")
+    write_card(args.out, meta, config)
     print(f"saved to {args.out}", flush=True)
 
 
