@@ -7,6 +7,9 @@
 3. Each tensor of the ``.safetensors`` files is a view on a memory map of the
    file: nothing is read until it is used, and when the file's dtype is the one
    asked for, no byte is copied at all.
+4. On a CPU, large float32 weight matrices are stored column-major where this
+   machine's BLAS was measured to multiply a vector faster that way (same
+   shapes, same math: only the memory order differs).
 
 >>> from qwen_lab.hub import resolve
 >>> model = load_model(resolve("qwen-lab/tiny-chat"))
@@ -17,12 +20,15 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import json
 import mmap
 import struct
+import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import CheckpointError, UnsupportedArchitectureError
@@ -35,6 +41,11 @@ ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LAYOUTS = ("auto", "row", "column")
+
+#: Column-major storage is only considered for float32 matrices at least this large: smaller
+#: ones stay in the CPU cache, where the layout makes no difference worth measuring.
+COLUMN_MAJOR_MIN_BYTES = 8 * 2**20
 
 # safetensors dtype tags -> torch dtypes (the ones a language model checkpoint uses)
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -163,11 +174,58 @@ def _release(view: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
         _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
 
 
-def load_weights(model: nn.Module, files: list[Path], dtype: torch.dtype, device: torch.device) -> None:
+@functools.lru_cache(maxsize=None)
+def column_major_is_faster(out_features: int, in_features: int) -> bool:
+    """Does this machine multiply a vector faster by an (out x in) float32 matrix stored column-major?
+
+    Decoding is one matrix-vector product per weight matrix, and BLAS libraries differ in which
+    storage order they stream faster (MKL on AMD CPUs: column-major, for the wide matrices).
+    Measured once per shape, on a slice tall enough to leave the cache.
+    """
+    rows = min(out_features, 16384)
+    row_major = torch.randn(rows, in_features)
+    column_major = torch.empty(in_features, rows).copy_(row_major.t()).t()  # same matrix, other order
+    x = torch.randn(1, in_features)
+
+    def best(w):
+        F.linear(x, w)
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            F.linear(x, w)
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    return best(column_major) < 0.9 * best(row_major)
+
+
+def column_major_weights(model: nn.Module, dtype: torch.dtype, device: torch.device,
+                         layout: str = "auto") -> set[str]:
+    """Names of the ``nn.Linear`` weights to store column-major (the math is unchanged).
+
+    ``auto``: float32 on the CPU, large matrices, where measured faster; ``row``: none;
+    ``column``: every linear weight (for tests and experiments).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    chosen = set()
+    for name, p in model.named_parameters():  # a tied lm_head appears once, as the embedding
+        if id(p) not in linear or layout == "row":
+            continue
+        if layout == "column" or (dtype == torch.float32 and device.type == "cpu"
+                                  and p.numel() * 4 >= COLUMN_MAJOR_MIN_BYTES and column_major_is_faster(*p.shape)):
+            chosen.add(name)
+    return chosen
+
+
+def load_weights(model: nn.Module, files: list[Path], dtype: torch.dtype, device: torch.device,
+                 column_major: set[str] = frozenset()) -> None:
     """Put the checkpoint's tensors into a meta-device ``model``, checking names and shapes.
 
     Tied weights (``lm_head`` sharing ``embed_tokens``) are one parameter in
     the model; a checkpoint may or may not also store ``lm_head.weight``.
+    Weights named in ``column_major`` keep their shape but are stored transposed.
     """
     expected = dict(model.named_parameters())  # tied parameters appear once
     tied = getattr(model.config, "tie_word_embeddings", False)
@@ -193,8 +251,10 @@ def load_weights(model: nn.Module, files: list[Path], dtype: torch.dtype, device
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         view = tensors.pop(name)
-        # .to() is a no-op (no copy) when dtype and device already match the file.
-        value = view.to(device=device, dtype=dtype)
+        if name in column_major:  # transpose in the file's dtype (fewer bytes to move), then convert
+            value = view.t().contiguous().to(device=device, dtype=dtype).t()
+        else:  # .to() is a no-op (no copy) when dtype and device already match the file
+            value = view.to(device=device, dtype=dtype)
         if value.data_ptr() != view.data_ptr() and view.is_contiguous():
             _release(view, mapped)
         module._parameters[attr] = nn.Parameter(value, requires_grad=False)
@@ -207,15 +267,17 @@ def load_weights(model: nn.Module, files: list[Path], dtype: torch.dtype, device
 
 
 def load_model(files: ModelFiles, dtype: str | torch.dtype = "auto",
-               device: str | torch.device | None = None) -> nn.Module:
+               device: str | torch.device | None = None, layout: str = "auto") -> nn.Module:
     """Build the architecture ``config.json`` names and fill it from the safetensors files.
 
     ``dtype``: ``auto`` (bf16 on CUDA, f32 on CPU), or float32 / bfloat16 / float16.
+    ``layout``: how linear weights are stored in memory (see ``column_major_weights``).
     """
     device = torch.device(device) if device is not None else default_device()
+    dtype = choose_dtype(dtype, device)
     config = read_config(files.config)
     model = build_model(config, "meta")
-    load_weights(model, files.weights, choose_dtype(dtype, device), device)
+    load_weights(model, files.weights, dtype, device, column_major_weights(model, dtype, device, layout))
     return model.eval()
 
 

@@ -146,3 +146,29 @@ def test_converted_load_is_exact_and_the_released_mapping_still_reads_back(tiny_
     heap = torch.ones(4096)
     _release(heap, [mapped])  # not in the mapping: left alone
     assert heap.sum() == 4096
+
+
+def test_column_major_storage_changes_memory_order_not_the_model(tiny_dir):
+    files = resolve(str(tiny_dir))
+    rows = load_model(files, "float32", "cpu", layout="row")
+    cols = load_model(files, "float32", "cpu", layout="column")
+    assert [(n, p.shape) for n, p in rows.named_parameters()] == [(n, p.shape) for n, p in cols.named_parameters()]
+    assert not cols.model.layers[0].mlp.up_proj.weight.is_contiguous()
+    assert cols.model.layers[0].input_layernorm.weight.is_contiguous()  # only linear weights
+    assert cols.lm_head.weight is cols.model.embed_tokens.weight  # still tied
+    ids = torch.randint(0, cols.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(cols(ids), rows(ids), rtol=1e-5, atol=1e-5)
+        for name, p in rows.named_parameters():
+            assert torch.equal(p, cols.get_parameter(name)), name
+
+
+def test_auto_layout_leaves_small_or_non_float32_matrices_alone(tiny_dir):
+    from qwen_lab.load import column_major_weights
+    model = load_model(resolve(str(tiny_dir)), "float32", "cpu")  # auto: these matrices fit in the cache
+    assert all(p.is_contiguous() for p in model.parameters())
+    big = build_model(read_config(ROOT / "benchmarks" / "configs" / "qwen2.5-0.5b.json"))
+    assert column_major_weights(big, torch.bfloat16, torch.device("cpu")) == set()
+    assert column_major_weights(big, torch.float32, torch.device("cuda")) == set()
+    with pytest.raises(ValueError, match="layout 'diagonal'"):
+        column_major_weights(big, torch.float32, torch.device("cpu"), "diagonal")
