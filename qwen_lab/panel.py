@@ -126,7 +126,8 @@ class ChatPanel:
         self.chat, self.refresh_s, self.overrides = chat, refresh_s, overrides
         self.messages: list[dict] = []
         self.replies: list[dict] = []        # per assistant message: stats and flags
-        self.note = ""                        # warning shown under the transcript
+        self.note = ""                        # warning shown under the transcript (plain text)
+        self.error = ""                       # the last generation error, shown the same way
         self._worker: threading.Thread | None = None
         self._cancel = threading.Event()
         self._partial: str | None = None      # the reply being streamed
@@ -238,7 +239,7 @@ class ChatPanel:
             self.replies.pop()
         if self.messages and self.messages[-1]["role"] == "user":
             self.input.value = self.messages.pop()["content"]
-        self.note = ""
+        self.note = self.error = ""
         self._redraw()
 
     def clear(self) -> None:
@@ -247,7 +248,7 @@ class ChatPanel:
             return
         self.messages.clear()
         self.replies.clear()
-        self.note = ""
+        self.note = self.error = ""
         self.export_box.layout.display = "none"
         self._redraw()
 
@@ -271,6 +272,7 @@ class ChatPanel:
 
     def _start(self) -> bool:
         conversation = self._conversation()
+        self.error = ""
         try:
             prompt = self.chat.prompt_ids(conversation)
         except QwenLabError as e:
@@ -325,7 +327,7 @@ class ChatPanel:
             self._redraw()
 
     def _fail(self, message: str) -> None:
-        self.note = f"<span class='ql-error'>Error: {html.escape(message)}</span>"
+        self.note, self.error = "", message  # an error replaces any note
         self._redraw()
 
     def _set_busy(self, busy: bool) -> None:
@@ -357,8 +359,10 @@ class ChatPanel:
                          f"<span class='ql-meta'> ▍</span></div>")
         parts.append("</div>")
         self.transcript.value = "".join(parts)
-        note = self.note if self.note.startswith("<span") else html.escape(self.note, quote=False)
-        self.status.value = f"<div class='ql-note'>{note}</div>" if note else ""
+        status = html.escape(self.note, quote=False)
+        if self.error:
+            status += f"<span class='ql-error'>Error: {html.escape(self.error)}</span>"
+        self.status.value = f"<div class='ql-note'>{status}</div>" if status else ""
 
 
 def _template_default_system(chat: ChatModel) -> str:
