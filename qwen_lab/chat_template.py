@@ -33,7 +33,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import TemplateError
 from .hub import ModelFiles
-from .tokenizer import token_text
+from .tokenizer import special_tokens as read_special_tokens
 
 #: A rendered prompt longer than this is a runaway template, not a chat.
 MAX_RENDERED_CHARS = 10_000_000
@@ -160,9 +160,7 @@ class ChatTemplate:
             raise TemplateError(f"{files.root} has no chat template (neither chat_template.jinja nor a "
                                 f"chat_template in tokenizer_config.json): it is not a chat model; use --raw")
         if special_tokens is None:
-            special_tokens = {k: token_text(config.get(k)) for k in
-                              ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
-                               "mask_token")}
+            special_tokens = read_special_tokens(config)
         return cls(source, special_tokens)
 
     def render(self, messages: list[dict], *, add_generation_prompt: bool = False,

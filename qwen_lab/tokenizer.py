@@ -21,23 +21,27 @@ from .errors import CheckpointError
 from .hub import ModelFiles
 
 
-def token_text(value) -> str | None:
-    """tokenizer_config.json writes a special token as a string or as {"content": ...}."""
-    if isinstance(value, dict):
-        return value.get("content")
-    return value if isinstance(value, str) else None
+#: The named special tokens of tokenizer_config.json (transformers' list); chat templates may read each.
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def special_tokens(tokenizer_config: dict) -> dict[str, str | None]:
+    """Each named special token's text; tokenizer_config.json writes one as a string or as {"content": ...}."""
+    def text(value):
+        if isinstance(value, dict):
+            return value.get("content")
+        return value if isinstance(value, str) else None
+    return {k: text(tokenizer_config.get(k)) for k in SPECIAL_TOKEN_KEYS}
 
 
 class Tokenizer:
     """A ``tokenizers.Tokenizer`` plus what ``tokenizer_config.json`` says about it."""
 
-    SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
-
     def __init__(self, backend: _HFTokenizer, tokenizer_config: dict | None = None) -> None:
         self.backend = backend
         self.config = tokenizer_config or {}
         #: e.g. {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None, ...}
-        self.special_tokens = {k: token_text(self.config.get(k)) for k in self.SPECIAL_KEYS}
+        self.special_tokens = special_tokens(self.config)
         self.special_ids = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
 
     @classmethod
