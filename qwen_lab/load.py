@@ -7,9 +7,11 @@
 3. Each tensor of the ``.safetensors`` files is a view on a memory map of the
    file: nothing is read until it is used, and when the file's dtype is the one
    asked for, no byte is copied at all.
-4. On a CPU, large float32 weight matrices are stored column-major where this
-   machine's BLAS was measured to multiply a vector faster that way (same
-   shapes, same math: only the memory order differs).
+4. On a CPU, the linear layers multiply one vector (a decode step) with the C
+   kernel of ``qwen_lab.gemv``, which streams weights near memory speed. Where
+   that kernel cannot be built, large float32 matrices are instead stored
+   column-major if this machine's BLAS was measured to multiply a vector
+   faster that way (same shapes, same math: only the memory order differs).
 
 >>> from qwen_lab.hub import resolve
 >>> model = load_model(resolve("qwen-lab/tiny-chat"))
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import gemv
 from .errors import CheckpointError, UnsupportedArchitectureError
 from .hub import ModelFiles
 from .model import Qwen2Config, Qwen2ForCausalLM, RotaryEmbedding
@@ -42,6 +45,7 @@ ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LAYOUTS = ("auto", "row", "column")
+MATVECS = ("auto", "torch")
 
 #: Column-major storage is only considered for float32 matrices at least this large: smaller
 #: ones stay in the CPU cache, where the layout makes no difference worth measuring.
@@ -200,11 +204,12 @@ def column_major_is_faster(out_features: int, in_features: int) -> bool:
 
 
 def column_major_weights(model: nn.Module, dtype: torch.dtype, device: torch.device,
-                         layout: str = "auto") -> set[str]:
+                         layout: str = "auto", kernel: bool = False) -> set[str]:
     """Names of the ``nn.Linear`` weights to store column-major (the math is unchanged).
 
-    ``auto``: float32 on the CPU, large matrices, where measured faster; ``row``: none;
-    ``column``: every linear weight (for tests and experiments).
+    ``auto``: float32 on the CPU, large matrices, where measured faster, unless the C
+    ``kernel`` will multiply them (it reads rows); ``row``: none; ``column``: every
+    linear weight (for tests and experiments).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
@@ -213,7 +218,7 @@ def column_major_weights(model: nn.Module, dtype: torch.dtype, device: torch.dev
     for name, p in model.named_parameters():  # a tied lm_head appears once, as the embedding
         if id(p) not in linear or layout == "row":
             continue
-        if layout == "column" or (dtype == torch.float32 and device.type == "cpu"
+        if layout == "column" or (dtype == torch.float32 and device.type == "cpu" and not kernel
                                   and p.numel() * 4 >= COLUMN_MAJOR_MIN_BYTES and column_major_is_faster(*p.shape)):
             chosen.add(name)
     return chosen
@@ -267,17 +272,25 @@ def load_weights(model: nn.Module, files: list[Path], dtype: torch.dtype, device
 
 
 def load_model(files: ModelFiles, dtype: str | torch.dtype = "auto",
-               device: str | torch.device | None = None, layout: str = "auto") -> nn.Module:
+               device: str | torch.device | None = None, layout: str = "auto",
+               matvec: str = "auto") -> nn.Module:
     """Build the architecture ``config.json`` names and fill it from the safetensors files.
 
     ``dtype``: ``auto`` (bf16 on CUDA, f32 on CPU), or float32 / bfloat16 / float16.
     ``layout``: how linear weights are stored in memory (see ``column_major_weights``).
+    ``matvec``: ``auto`` multiplies single rows on the CPU with ``qwen_lab.gemv``'s C
+    kernel where it is available; ``torch`` always uses ``F.linear``.
     """
+    if matvec not in MATVECS:
+        raise ValueError(f"matvec {matvec!r} is not one of {', '.join(MATVECS)}")
     device = torch.device(device) if device is not None else default_device()
     dtype = choose_dtype(dtype, device)
     config = read_config(files.config)
     model = build_model(config, "meta")
-    load_weights(model, files.weights, dtype, device, column_major_weights(model, dtype, device, layout))
+    kernel = matvec == "auto" and device.type == "cpu" and dtype in gemv.DTYPES and gemv.available()
+    load_weights(model, files.weights, dtype, device, column_major_weights(model, dtype, device, layout, kernel))
+    if kernel:
+        gemv.use_kernel(model)
     return model.eval()
 
 

@@ -1,0 +1,159 @@
+"""Matrix-vector products at memory speed, for decoding on a CPU.
+
+Decoding one token multiplies every weight matrix by one vector: two flops per
+weight read, so a decode step takes as long as streaming the weights from
+memory. torch's CPU BLAS is built for matrix-matrix products and, measured on
+the shapes of a Qwen2.5 decode step, streams them at about half the machine's
+read bandwidth (``benchmarks/RESULTS.md``). ``csrc/gemv.c`` is the plain loop
+instead: each thread takes a block of rows of the row-major weight and walks
+front to back with AVX2 fused multiply-adds, sums in float32, for
+float32 and bfloat16 weights.
+
+The C file is compiled on first use with the system's C compiler (about a
+second) into a per-user cache, and called through ``ctypes``. Where it cannot
+be used — no compiler, a CPU without AVX2, a GPU, float16, more than one row,
+or gradients wanted — ``Linear`` simply calls ``F.linear``: same names, same
+parameters, same math up to float rounding. ``load_model`` swaps it in for
+``nn.Linear``; ``model.py`` never knows.
+
+>>> import torch
+>>> layer = Linear(64, 32, bias=True)
+>>> x = torch.randn(1, 1, 64)
+>>> torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)
+True
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SOURCE = Path(__file__).with_name("csrc") / "gemv.c"
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+#: Weight dtypes the kernel handles; float16 and others go to F.linear.
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def cache_dir() -> Path:
+    """Where the compiled kernel is kept: ``$QWEN_LAB_CACHE``, else ``~/.cache/qwen_lab``."""
+    if os.environ.get("QWEN_LAB_CACHE"):
+        return Path(os.environ["QWEN_LAB_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen_lab"
+
+
+class KernelUnavailable(RuntimeError):
+    """The C kernel cannot be used on this machine; the message says why."""
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL:
+    if os.environ.get("QWEN_LAB_GEMV", "").lower() in ("0", "off", "torch"):
+        raise KernelUnavailable("turned off by QWEN_LAB_GEMV")
+    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
+        raise KernelUnavailable(f"written for x86-64 Linux, this is {platform.machine()} {sys.platform}")
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):
+        raise KernelUnavailable(f"needs a CPU with AVX2, torch reports {capability}")
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc or not shutil.which(cc.split()[0]):
+        raise KernelUnavailable("no C compiler found (install gcc, or set CC)")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"gemv-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            done = subprocess.run([*cc.split(), *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+            if done.returncode:
+                first = (done.stderr.strip().splitlines() or ["no message"])[0]
+                raise KernelUnavailable(f"{cc} could not build {SOURCE.name}: {first}")
+            os.replace(tmp, target)  # atomic: a concurrent process sees all of it or nothing
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(target))  # its libgomp.so.1 is the one torch loaded: one thread pool
+    args = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    lib.qwen_gemv_f32.argtypes, lib.qwen_gemv_f32.restype = args, None
+    lib.qwen_gemv_bf16.argtypes, lib.qwen_gemv_bf16.restype = args, ctypes.c_int
+    return lib
+
+
+def status() -> str:
+    """One line: is the kernel in use here, and if not, why not."""
+    try:
+        _library()
+    except (KernelUnavailable, OSError) as e:
+        return f"torch's F.linear (the C kernel is not used: {e})"
+    return "qwen_lab's C kernel (csrc/gemv.c, AVX2)"
+
+
+def available() -> bool:
+    try:
+        _library()
+    except (KernelUnavailable, OSError):
+        return False
+    return True
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for an ``x`` holding one row, by the C kernel.
+
+    ``weight`` must be a contiguous (out x in) CPU matrix of float32 or bfloat16,
+    ``x`` and ``bias`` of the same dtype. Raises ``KernelUnavailable`` where the
+    kernel cannot be built.
+    """
+    out_features, in_features = weight.shape
+    if x.numel() != in_features or x.dtype != weight.dtype or weight.dtype not in DTYPES:
+        raise ValueError(f"gemv takes one row of {in_features} {weight.dtype} values, got {tuple(x.shape)} {x.dtype}")
+    if not weight.is_contiguous() or weight.device.type != "cpu":
+        raise ValueError("gemv needs a contiguous CPU weight matrix")
+    lib = _library()
+    x = x.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    y = torch.empty(*x.shape[:-1], out_features, dtype=weight.dtype)
+    fn = lib.qwen_gemv_f32 if weight.dtype == torch.float32 else lib.qwen_gemv_bf16
+    if fn(weight.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+          out_features, in_features, torch.get_num_threads()):
+        raise MemoryError(f"gemv: no memory for a float32 copy of {in_features} inputs")
+    return y
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that multiplies a single row with the C kernel when it can."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (x.numel() == x.shape[-1] and x.dtype == w.dtype and w.dtype in DTYPES and w.device.type == "cpu"
+                and w.is_contiguous() and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+                and available()):
+            return gemv(x, w, self.bias)
+        return F.linear(x, w, self.bias)
+
+
+def use_kernel(model: nn.Module) -> int:
+    """Turn the ``nn.Linear`` layers of a CPU model into ``Linear``; how many were turned.
+
+    Nothing changes where the kernel is unavailable (see ``status()``).
+    """
+    if not available():
+        return 0
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype in DTYPES:
+            module.__class__ = Linear  # same object, same parameters: only forward differs
+            count += 1
+    return count

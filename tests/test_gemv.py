@@ -1,0 +1,175 @@
+"""The C matrix-vector kernel: same results as F.linear, used only where it applies, clear when it can't be."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen_lab import gemv
+from qwen_lab.generation import GenerationConfig, generate_stream
+from qwen_lab.hub import resolve
+from qwen_lab.load import load_model
+from qwen_lab.tokenizer import Tokenizer
+
+# In CI the kernel must be built and tested, not skipped (.ci/run sets this).
+REQUIRED = os.environ.get("QWEN_LAB_REQUIRE_GEMV") == "1"
+needs_kernel = pytest.mark.skipif(not REQUIRED and not gemv.available(), reason=f"C kernel: {gemv.status()}")
+
+
+def test_kernel_is_built_where_ci_requires_it():
+    if not REQUIRED:
+        pytest.skip("QWEN_LAB_REQUIRE_GEMV is not set")
+    assert gemv.available(), gemv.status()
+
+
+@pytest.fixture
+def fresh_build(tmp_path, monkeypatch):
+    """Build (or fail to build) the kernel anew, in a private cache, then restore the real one."""
+    monkeypatch.setenv("QWEN_LAB_CACHE", str(tmp_path / "cache"))
+    gemv._library.cache_clear()
+    yield tmp_path / "cache"
+    monkeypatch.undo()
+    gemv._library.cache_clear()
+
+
+def bf16_close(got: torch.Tensor, x, w, b) -> None:
+    """Within one bfloat16 rounding of the exact (float64) result of the same bf16 inputs."""
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    ulp = exact.abs().clamp_min(1e-3) * 2 ** -7
+    assert ((got.double() - exact).abs() <= ulp).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("out_features, in_features", [(1, 1), (3, 5), (4, 8), (7, 17), (5, 31), (13, 33),
+                                                       (64, 96), (130, 4864), (2048, 192)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_f_linear(out_features, in_features, bias):
+    g = torch.Generator().manual_seed(out_features * 1000 + in_features)
+    w = torch.randn(out_features, in_features, generator=g)
+    x = torch.randn(1, 1, in_features, generator=g)
+    b = torch.randn(out_features, generator=g) if bias else None
+    got = gemv.gemv(x, w, b)
+    assert got.shape == (1, 1, out_features) and got.dtype == torch.float32
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5 * in_features ** 0.5)
+    wb, xb, bb = w.bfloat16(), x.bfloat16(), None if b is None else b.bfloat16()
+    got = gemv.gemv(xb, wb, bb)
+    assert got.dtype == torch.bfloat16
+    bf16_close(got, xb, wb, bb)
+
+
+@needs_kernel
+def test_non_contiguous_input_and_special_values():
+    w = torch.randn(9, 40)
+    x = torch.randn(40, 2)[:, 0]  # a column: strided
+    torch.testing.assert_close(gemv.gemv(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    x = x.contiguous()
+    x[3] = float("nan")
+    assert gemv.gemv(x, w).isnan().all() and gemv.gemv(x.bfloat16(), w.bfloat16()).isnan().all()
+    w[2, :] = 0
+    w[2, 0] = float("inf")
+    x = torch.ones(40)
+    y = gemv.gemv(x.bfloat16(), w.bfloat16())
+    assert y[2] == float("inf") and y.isfinite().sum() == 8
+
+
+@needs_kernel
+def test_wrong_inputs_are_refused_with_a_reason():
+    w = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="one row of 8"):
+        gemv.gemv(torch.randn(2, 8), w)
+    with pytest.raises(ValueError, match="one row of 8"):
+        gemv.gemv(torch.randn(8).bfloat16(), w)
+    with pytest.raises(ValueError, match="contiguous CPU"):
+        gemv.gemv(torch.randn(8), torch.randn(8, 4).t())
+
+
+@needs_kernel
+def test_linear_uses_the_kernel_only_for_one_row_without_gradients(monkeypatch):
+    layer = nn.Linear(24, 10)
+    layer.__class__ = gemv.Linear
+    calls = []
+    real = gemv.gemv
+    monkeypatch.setattr(gemv, "gemv", lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode():
+        layer(torch.randn(1, 1, 24))
+        assert len(calls) == 1
+        x = torch.randn(1, 3, 24)  # a prompt: several rows go to F.linear, bit for bit
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias)) and len(calls) == 1
+        half = layer.half()
+        x = torch.randn(1, 1, 24).half()
+        assert torch.equal(half(x), F.linear(x, half.weight, half.bias)) and len(calls) == 1
+    layer = layer.float()
+    x = torch.randn(1, 24, requires_grad=True)  # training or probing gradients: autograd must see it
+    layer(x).sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None and len(calls) == 1
+
+
+@needs_kernel
+def test_use_kernel_swaps_classes_not_parameters():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4).half())
+    params = {name: p for name, p in model.named_parameters()}
+    assert gemv.use_kernel(model) == 1  # the float16 layer stays nn.Linear
+    assert type(model[0]) is gemv.Linear and type(model[2]) is nn.Linear
+    assert {name: p for name, p in model.named_parameters()} == params
+    assert isinstance(model[0], nn.Linear)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_loaded_model_decodes_the_same_with_and_without_the_kernel(dtype):
+    files = resolve("qwen-lab/tiny-chat")
+    fast, plain = load_model(files, dtype, "cpu"), load_model(files, dtype, "cpu", matvec="torch")
+    assert type(fast.lm_head) is gemv.Linear and type(plain.lm_head) is nn.Linear
+    ids = torch.tensor([[5, 17, 300, 42, 7]])
+    with torch.inference_mode():
+        caches_f, caches_p = fast.new_caches(1, 16), plain.new_caches(1, 16)
+        fast(ids, caches_f), plain(ids, caches_p)
+        step_f, step_p = fast(ids[:, :1], caches_f, 5), plain(ids[:, :1], caches_p, 5)  # one row: the kernel
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == "float32" else dict(rtol=0.05, atol=0.1)
+    torch.testing.assert_close(step_f.float(), step_p.float(), **tol)
+    tok = Tokenizer.from_files(files)
+    prompt = tok.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    gen = GenerationConfig(max_new_tokens=24, do_sample=False, eos_token_id=[])
+    if dtype == "float32":  # bf16 rounding may flip a near-tie; f32 greedy must agree exactly
+        assert (generate_stream(fast, tok, prompt, gen).result.token_ids
+                == generate_stream(plain, tok, prompt, gen).result.token_ids)
+
+
+def test_load_model_refuses_an_unknown_matvec():
+    with pytest.raises(ValueError, match="matvec 'blas' is not one of auto, torch"):
+        load_model(resolve("qwen-lab/tiny-chat"), matvec="blas")
+
+
+def test_turned_off_by_environment(fresh_build, monkeypatch):
+    monkeypatch.setenv("QWEN_LAB_GEMV", "off")
+    assert not gemv.available() and "turned off by QWEN_LAB_GEMV" in gemv.status()
+    model = load_model(resolve("qwen-lab/tiny-chat"), "float32", "cpu")
+    assert not any(type(m) is gemv.Linear for m in model.modules())
+
+
+def test_no_compiler_means_torch_with_a_reason(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    assert not gemv.available()
+    assert gemv.status() == ("torch's F.linear (the C kernel is not used: "
+                             "no C compiler found (install gcc, or set CC))")
+    assert not fresh_build.exists()
+    layer = gemv.Linear(8, 4)  # still a working layer
+    x = torch.randn(1, 8)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_a_failed_build_leaves_no_file_behind(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    if not gemv.status().endswith("could not build gemv.c: no message)"):
+        pytest.skip(gemv.status())  # not an x86-64 Linux machine with AVX2: never gets to compile
+    assert list(fresh_build.iterdir()) == []
+
+
+@needs_kernel
+def test_built_once_then_reused(fresh_build):
+    assert gemv.available()
+    (built,) = fresh_build.glob("gemv-*.so")
+    stamp = built.stat().st_mtime_ns
+    gemv._library.cache_clear()
+    assert gemv.available() and built.stat().st_mtime_ns == stamp
