@@ -35,6 +35,7 @@ lab: $(VENV)/.notebooks
 	$(BIN)/jupyter lab notebooks
 
 bench: $(VENV)/.test
+	$(BIN)/python benchmarks/bench_gemv.py
 	$(BIN)/python benchmarks/bench_decode.py
 
 # Rebuild the embedded model from nothing (about 40 minutes on 2 cores), then grade it and

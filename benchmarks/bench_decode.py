@@ -6,7 +6,8 @@
 
 Each measurement runs in a fresh process (so load time and peak RSS are its own), alternating
 qwen_lab and transformers for several rounds; medians are reported. Memory-bandwidth utilisation =
-weight bytes read per token x tokens/s / the read bandwidth measured in this same run.
+weight bytes read per token x tokens/s / the read bandwidth measured in this same run (before each
+round; the median is used).
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ def machine() -> str:
     except OSError:
         pass
     import torch
+    from qwen_lab.load import native_bf16
+    model += " (bf16 in hardware)" if native_bf16() else " (no bf16 instructions)"
     return (f"{model}, {os.cpu_count()} logical cores, torch {torch.__version__} with {torch.get_num_threads()} "
             f"threads, Python {platform.python_version()}")
 
@@ -95,20 +98,22 @@ def worker(impl: str, dtype_name: str, directory: Path, prompt_tokens: int, new_
         import transformers  # noqa: F401  (imported before the baseline, like qwen_lab below)
     else:
         import qwen_lab.generation  # noqa: F401
+        from qwen_lab import gemv
+        gemv.available()  # build (or find) the kernel before the baseline, outside the timed load
     torch.manual_seed(0)
     baseline_rss = current_rss()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
     config = json.loads((directory / "config.json").read_text())
     prompt = torch.randint(0, config["vocab_size"], (1, prompt_tokens), generator=torch.Generator().manual_seed(1))
     t0 = time.perf_counter()
-    if impl == "qwen_lab":
+    if impl in ("qwen_lab", "qwen_lab-torch"):  # qwen_lab-torch: F.linear instead of the C kernel
         from qwen_lab.generation import GenerationConfig, generate_stream
         from qwen_lab.hub import ModelFiles
         from qwen_lab.load import load_model
         files = ModelFiles(root=directory, config=directory / "config.json", tokenizer=directory,
                            tokenizer_config=directory, generation_config=None, chat_template=None,
                            weights=sorted(directory.glob("*.safetensors")))
-        model = load_model(files, dtype_name, "cpu")
+        model = load_model(files, dtype_name, "cpu", matvec="torch" if impl == "qwen_lab-torch" else "auto")
         load_s = time.perf_counter() - t0
         tok = _word_tokenizer(config["vocab_size"])
         gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=[])
@@ -157,7 +162,8 @@ def main() -> None:
     p.add_argument("--config", type=Path, default=HERE / "configs" / "qwen2.5-0.5b.json")
     p.add_argument("--model", help="a real checkpoint (Hub id or folder) instead of random weights")
     p.add_argument("--dtypes", default="float32,bfloat16")
-    p.add_argument("--impls", default="qwen_lab,transformers")
+    p.add_argument("--impls", default="qwen_lab,transformers",
+                   help="any of qwen_lab, transformers, qwen_lab-torch (qwen_lab without its C kernel)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -174,10 +180,12 @@ def main() -> None:
         directory, label = resolve(args.model).root, args.model
     else:
         directory, label = make_checkpoint(args.config), f"random weights, shapes of {args.config.stem}"
-    bandwidth = read_bandwidth()
-    print(f"{machine()}\nmodel: {label}\nread bandwidth: {bandwidth / 1e9:.1f} GB/s\n", flush=True)
+    print(f"{machine()}\nmodel: {label}\n", flush=True)
     runs: dict[tuple[str, str], list[dict]] = {}
+    bandwidths = []  # measured before every round: on a shared machine it moves
     for r in range(args.rounds):
+        bandwidths.append(read_bandwidth())
+        print(f"round {r + 1} read bandwidth {bandwidths[-1] / 1e9:.1f} GB/s", flush=True)
         for dtype in args.dtypes.split(","):
             for impl in args.impls.split(","):
                 cmd = [sys.executable, __file__, "--worker", impl, dtype, str(directory),
@@ -193,8 +201,10 @@ def main() -> None:
     def med(impl, dtype, key):
         return statistics.median(r[key] for r in runs[(impl, dtype)])
 
-    lines = [f"### {label}", "", f"Machine: {machine()}; read bandwidth measured in this run: "
-             f"{bandwidth / 1e9:.1f} GB/s. Prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens "
+    bandwidth = statistics.median(bandwidths)
+    lines = [f"### {label}", "", f"Machine: {machine()}; read bandwidth measured in this run: median "
+             f"{bandwidth / 1e9:.1f} GB/s (rounds: {', '.join(f'{b / 1e9:.1f}' for b in bandwidths)}). "
+             f"Prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens "
              f"(greedy, EOS ignored), medians of {args.rounds} alternating rounds, each in a fresh process.", "",
              "| implementation | dtype | load s | peak RSS GiB (above imports) | weights GiB | prefill tok/s | TTFT s "
              "| decode tok/s | bandwidth used |", "|---|---|---|---|---|---|---|---|---|"]

@@ -64,9 +64,23 @@ def test_dtype_choice(tiny_dir, name, dtype):
     assert {p.dtype for p in model.parameters()} == {dtype}
 
 
-def test_auto_dtype_follows_the_seed():
+def test_auto_dtype_follows_what_the_device_does_well(monkeypatch):
+    import qwen_lab.load as load
+    assert choose_dtype("auto", torch.device("cuda")) == torch.bfloat16  # as the seed does
+    monkeypatch.setattr(load, "native_bf16", lambda: False)  # AVX2 only: bf16 products are emulated
     assert choose_dtype("auto", torch.device("cpu")) == torch.float32
-    assert choose_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    monkeypatch.setattr(load, "native_bf16", lambda: True)  # AVX-512 BF16 or AMX
+    assert choose_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    assert choose_dtype("float32", torch.device("cpu")) == torch.float32  # asking for a dtype wins
+
+
+def test_native_bf16_matches_the_cpu_flags():
+    from qwen_lab.load import native_bf16
+    try:
+        flags = set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    assert native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
     with pytest.raises(ValueError, match="float64"):
         choose_dtype("float64", torch.device("cpu"))
 
