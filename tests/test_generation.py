@@ -155,3 +155,20 @@ def test_chat_model_wires_template_and_generation_config(chat):
                                                    chat.tokenizer.token_to_id("<|endoftext|>")]
     assert chat.render([{"role": "user", "content": "Hi"}]).endswith("<|im_start|>assistant\n")
     assert not chat.render([{"role": "user", "content": "Hi"}], add_generation_prompt=False).endswith("assistant\n")
+
+
+def test_sampling_draws_from_the_processed_distribution():
+    # next_token draws only among the survivors of top-k/top-p: the frequencies must still be
+    # the softmax of the processed logits (seeded, so the check is deterministic).
+    from qwen_lab.generation import next_token, process_logits
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, 0.0, 1.5])
+    none = torch.tensor([], dtype=torch.long)
+    config = GenerationConfig(do_sample=True, temperature=0.8, top_k=4, top_p=0.9, repetition_penalty=1.0)
+    expected = process_logits(logits, none, config).softmax(-1)
+    assert (expected == 0).sum() >= 2  # top-k and top-p really removed tokens
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.zeros(6)
+    for _ in range(20_000):
+        counts[next_token(logits, none, config, generator)] += 1
+    assert counts[expected == 0].sum() == 0
+    torch.testing.assert_close(counts / counts.sum(), expected, atol=0.015, rtol=0)
