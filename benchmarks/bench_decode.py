@@ -7,7 +7,7 @@
 Each measurement runs in a fresh process (so load time and peak RSS are its own), alternating
 qwen_lab and transformers for several rounds; medians are reported. Memory-bandwidth utilisation =
 weight bytes read per token x tokens/s / the read bandwidth measured in this same run (before each
-round; the median is used).
+round and in each worker right after it decodes; the median is used, the range is reported).
 """
 from __future__ import annotations
 
@@ -151,10 +151,12 @@ def worker(impl: str, dtype_name: str, directory: Path, prompt_tokens: int, new_
         ttft, decode = first - start, (new_tokens - 1) / (end - first)
         params = sum(p.numel() for p in model.parameters())
         elem = next(model.parameters()).element_size()
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    del model
     return {"impl": impl, "dtype": dtype_name, "load_s": load_s, "ttft_s": ttft,
             "prefill_tokens_per_s": prompt_tokens / ttft, "decode_tokens_per_s": decode,
-            "weight_bytes": params * elem, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "baseline_rss_bytes": baseline_rss}
+            "weight_bytes": params * elem, "peak_rss_bytes": peak_rss, "baseline_rss_bytes": baseline_rss,
+            "bandwidth": read_bandwidth()}  # right after decoding, once peak RSS is recorded
 
 
 def main() -> None:
@@ -185,7 +187,6 @@ def main() -> None:
     bandwidths = []  # measured before every round: on a shared machine it moves
     for r in range(args.rounds):
         bandwidths.append(read_bandwidth())
-        print(f"round {r + 1} read bandwidth {bandwidths[-1] / 1e9:.1f} GB/s", flush=True)
         for dtype in args.dtypes.split(","):
             for impl in args.impls.split(","):
                 cmd = [sys.executable, __file__, "--worker", impl, dtype, str(directory),
@@ -195,15 +196,18 @@ def main() -> None:
                     sys.exit(f"{impl} {dtype} failed:\n{done.stderr[-3000:]}")
                 result = json.loads(done.stdout.strip().splitlines()[-1])
                 runs.setdefault((impl, dtype), []).append(result)
+                bandwidths.append(result["bandwidth"])
                 print(f"round {r + 1} {impl:12} {dtype:8} decode {result['decode_tokens_per_s']:6.2f} tok/s  "
-                      f"prefill {result['prefill_tokens_per_s']:7.1f} tok/s  load {result['load_s']:.2f} s", flush=True)
+                      f"prefill {result['prefill_tokens_per_s']:7.1f} tok/s  load {result['load_s']:.2f} s  "
+                      f"read bandwidth just after {result['bandwidth'] / 1e9:.1f} GB/s", flush=True)
 
     def med(impl, dtype, key):
         return statistics.median(r[key] for r in runs[(impl, dtype)])
 
     bandwidth = statistics.median(bandwidths)
-    lines = [f"### {label}", "", f"Machine: {machine()}; read bandwidth measured in this run: median "
-             f"{bandwidth / 1e9:.1f} GB/s (rounds: {', '.join(f'{b / 1e9:.1f}' for b in bandwidths)}). "
+    lines = [f"### {label}", "", f"Machine: {machine()}; read bandwidth measured {len(bandwidths)} times in this "
+             f"run (before each round and after each measurement): median {bandwidth / 1e9:.1f} GB/s, range "
+             f"{min(bandwidths) / 1e9:.1f}-{max(bandwidths) / 1e9:.1f}. "
              f"Prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens "
              f"(greedy, EOS ignored), medians of {args.rounds} alternating rounds, each in a fresh process.", "",
              "| implementation | dtype | load s | peak RSS GiB (above imports) | weights GiB | prefill tok/s | TTFT s "

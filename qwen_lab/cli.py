@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True, help="the user message (or the whole prompt with --raw)")
     g.add_argument("--system", default=DEFAULT_SYSTEM, help="system prompt (default: the template's own)")
     g.add_argument("--cpu", action="store_true", help="run on the CPU even if CUDA is available")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on CUDA and on CPUs with bf16 instructions, else float32")
     g.add_argument("--temperature", type=float, help="0 means greedy (default: generation_config.json)")
     g.add_argument("--top-p", type=float)
     g.add_argument("--top-k", type=int)
@@ -123,8 +124,12 @@ def cmd_generate(args) -> None:
     finally:
         signal.signal(signal.SIGINT, previous)
     sys.stdout.write("\n")
-    if args.stats:
-        print(json.dumps(result.stats()), file=sys.stderr)
+    if args.stats:  # what ran, too: the figures depend on it
+        from .gemv import Linear
+        stats = result.stats()
+        stats["dtype"] = str(chat.model.lm_head.weight.dtype).removeprefix("torch.")
+        stats["matvec"] = "qwen_lab" if isinstance(chat.model.lm_head, Linear) else "torch"
+        print(json.dumps(stats), file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

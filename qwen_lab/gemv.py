@@ -5,9 +5,9 @@ weight read, so a decode step takes as long as streaming the weights from
 memory. torch's CPU BLAS is built for matrix-matrix products and, measured on
 the shapes of a Qwen2.5 decode step, streams them at about half the machine's
 read bandwidth (``benchmarks/RESULTS.md``). ``csrc/gemv.c`` is the plain loop
-instead: each thread takes a block of rows of the row-major weight and walks
-front to back with AVX2 fused multiply-adds, sums in float32, for
-float32 and bfloat16 weights.
+instead: each thread takes a block of rows of the row-major weight and reads
+them front to back with AVX2 fused multiply-adds, summing in float32, for
+float32 and bfloat16 weights (``benchmarks/bench_gemv.py`` compares the two).
 
 The C file is compiled on first use with the system's C compiler (about a
 second) into a per-user cache, and called through ``ctypes``. Where it cannot
