@@ -120,11 +120,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"gemv takes one row of {in_features} {weight.dtype} values, got {tuple(x.shape)} {x.dtype}")
     if not weight.is_contiguous() or weight.device.type != "cpu":
         raise ValueError("gemv needs a contiguous CPU weight matrix")
-    lib = _library()
+    return _run(_library(), x, weight, None if bias is None else bias.contiguous())
+
+
+def _run(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The call itself, inputs already checked: it runs ~170 times per token, so it is kept short."""
+    out_features, in_features = weight.shape
     x = x.contiguous()
-    if bias is not None:
-        bias = bias.contiguous()
-    y = torch.empty(*x.shape[:-1], out_features, dtype=weight.dtype)
+    y = x.new_empty(x.shape[:-1] + (out_features,))
     fn = lib.qwen_gemv_f32 if weight.dtype == torch.float32 else lib.qwen_gemv_bf16
     if fn(weight.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
           out_features, in_features, torch.get_num_threads()):
@@ -136,12 +139,12 @@ class Linear(nn.Linear):
     """``nn.Linear`` that multiplies a single row with the C kernel when it can."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if (x.numel() == x.shape[-1] and x.dtype == w.dtype and w.dtype in DTYPES and w.device.type == "cpu"
-                and w.is_contiguous() and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-                and available()):
-            return gemv(x, w, self.bias)
-        return F.linear(x, w, self.bias)
+        w, b = self.weight, self.bias
+        if (x.numel() == x.shape[-1] and x.dtype == w.dtype and w.dtype in DTYPES and not w.is_cuda
+                and w.is_contiguous() and (b is None or b.is_contiguous())
+                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and available()):
+            return _run(_library(), x, w, b)
+        return F.linear(x, w, b)
 
 
 def use_kernel(model: nn.Module) -> int:
