@@ -98,8 +98,8 @@ def worker(impl: str, dtype_name: str, directory: Path, prompt_tokens: int, new_
         import transformers  # noqa: F401  (imported before the baseline, like qwen_lab below)
     else:
         import qwen_lab.generation  # noqa: F401
-        from qwen_lab import gemv
-        gemv.available()  # build (or find) the kernel before the baseline, outside the timed load
+        from qwen_lab import kernels
+        kernels.available()  # build (or find) the kernel before the baseline, outside the timed load
     torch.manual_seed(0)
     baseline_rss = current_rss()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]

@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from qwen_lab import gemv
+from qwen_lab import kernels
 
 SHAPES = [(896, 896, "q/o_proj"), (128, 896, "k/v_proj"), (4864, 896, "gate/up_proj"), (896, 4864, "down_proj"),
           (151936, 896, "lm_head")]
@@ -33,8 +33,8 @@ def gbps(fn, nbytes: int, reps: int = 30) -> float:
 
 
 def main() -> None:
-    if not gemv.available():
-        sys.exit(f"the C kernel is not available: {gemv.status()}")
+    if not kernels.available():
+        sys.exit(f"the C kernel is not available: {kernels.status()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     print(f"{'shape (out x in)':>18} {'':12} {'dtype':9} {'F.linear':>9} {'gemv':>7}  GB/s")
     for out_features, in_features, name in SHAPES:
@@ -45,14 +45,14 @@ def main() -> None:
             copies = [w] + [w.clone() for _ in range(max(0, int(256e6 // nbytes) - 1))]  # > any cache
             i = iter(range(10**9))
             torch_speed = gbps(lambda: F.linear(x, copies[next(i) % len(copies)]), nbytes)
-            kernel_speed = gbps(lambda: gemv.gemv(x, copies[next(i) % len(copies)]), nbytes)
+            kernel_speed = gbps(lambda: kernels.gemv(x, copies[next(i) % len(copies)]), nbytes)
             print(f"{out_features:>8} x {in_features:<7} {name:12} {str(dtype)[6:]:9} {torch_speed:9.1f} "
                   f"{kernel_speed:7.1f}")
             del copies
     big = torch.ones(2**28)  # 1 GiB
     rows = 2**28 // 896
     matrix, x = big[:rows * 896].view(rows, 896), torch.ones(896)
-    print(f"\n1 GiB: sum {gbps(big.sum, 2**30, 5):.1f} GB/s, gemv {gbps(lambda: gemv.gemv(x, matrix), rows * 896 * 4, 5):.1f} GB/s")
+    print(f"\n1 GiB: sum {gbps(big.sum, 2**30, 5):.1f} GB/s, gemv {gbps(lambda: kernels.gemv(x, matrix), rows * 896 * 4, 5):.1f} GB/s")
 
 
 if __name__ == "__main__":

@@ -125,7 +125,7 @@ def cmd_generate(args) -> None:
         signal.signal(signal.SIGINT, previous)
     sys.stdout.write("\n")
     if args.stats:  # what ran, too: the figures depend on it
-        from .gemv import Linear
+        from .kernels import Linear
         stats = result.stats()
         stats["dtype"] = str(chat.model.lm_head.weight.dtype).removeprefix("torch.")
         stats["matvec"] = "qwen_lab" if isinstance(chat.model.lm_head, Linear) else "torch"

@@ -8,7 +8,7 @@
    file: nothing is read until it is used, and when the file's dtype is the one
    asked for, no byte is copied at all.
 4. On a CPU, the linear layers multiply one vector (a decode step) with the C
-   kernel of ``qwen_lab.gemv``, which streams weights near memory speed. Where
+   kernel of ``qwen_lab.kernels``, which streams weights near memory speed. Where
    that kernel cannot be built, large float32 matrices are instead stored
    column-major if this machine's BLAS was measured to multiply a vector
    faster that way (same shapes, same math: only the memory order differs).
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import gemv
+from . import kernels
 from .errors import CheckpointError, UnsupportedArchitectureError
 from .hub import ModelFiles
 from .model import Qwen2Config, Qwen2ForCausalLM, RotaryEmbedding
@@ -290,7 +290,7 @@ def load_model(files: ModelFiles, dtype: str | torch.dtype = "auto",
 
     ``dtype``: ``auto`` (see ``choose_dtype``), or float32 / bfloat16 / float16.
     ``layout``: how linear weights are stored in memory (see ``column_major_weights``).
-    ``matvec``: ``auto`` multiplies single rows on the CPU with ``qwen_lab.gemv``'s C
+    ``matvec``: ``auto`` multiplies single rows on the CPU with ``qwen_lab.kernels``'s C
     kernel where it is available; ``torch`` always uses ``F.linear``.
     """
     if matvec not in MATVECS:
@@ -299,10 +299,10 @@ def load_model(files: ModelFiles, dtype: str | torch.dtype = "auto",
     dtype = choose_dtype(dtype, device)
     config = read_config(files.config)
     model = build_model(config, "meta")
-    kernel = matvec == "auto" and device.type == "cpu" and dtype in gemv.DTYPES and gemv.available()
+    kernel = matvec == "auto" and device.type == "cpu" and dtype in kernels.DTYPES and kernels.available()
     load_weights(model, files.weights, dtype, device, column_major_weights(model, dtype, device, layout, kernel))
     if kernel:
-        gemv.use_kernel(model)
+        kernels.use_kernel(model)
     return model.eval()
 
 

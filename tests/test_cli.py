@@ -38,11 +38,11 @@ def test_stats_line_on_stderr(capsys, tiny_dir):
     assert code == 0
     assert stats["generated_tokens"] == 7 and stats["finish_reason"] == "length"
     assert {"prompt_tokens", "ttft_s", "decode_tokens_per_s"} <= set(stats)
-    from qwen_lab import gemv
+    from qwen_lab import kernels
     from qwen_lab.load import choose_dtype, default_device
     device = default_device()
     assert stats["dtype"] == str(choose_dtype("auto", device)).removeprefix("torch.")
-    assert stats["matvec"] == ("qwen_lab" if gemv.available() and device.type == "cpu" else "torch")
+    assert stats["matvec"] == ("qwen_lab" if kernels.available() and device.type == "cpu" else "torch")
 
 
 def test_sampling_defaults_come_from_generation_config_and_seed_reproduces(capsys, tiny_dir):

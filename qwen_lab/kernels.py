@@ -1,20 +1,24 @@
-"""Matrix-vector products at memory speed, for decoding on a CPU.
+"""C kernels for decoding on a CPU: the matrix-vector product, RMSNorm, and attention.
 
 Decoding one token multiplies every weight matrix by one vector: two flops per
 weight read, so a decode step takes as long as streaming the weights from
 memory. torch's CPU BLAS is built for matrix-matrix products and, measured on
 the shapes of a Qwen2.5 decode step, streams them at about half the machine's
-read bandwidth (``benchmarks/RESULTS.md``). ``csrc/gemv.c`` is the plain loop
+read bandwidth (``benchmarks/RESULTS.md``). ``csrc/kernels.c`` is the plain loop
 instead: each thread takes a block of rows of the row-major weight and reads
 them front to back with AVX2 fused multiply-adds, summing in float32, for
 float32 and bfloat16 weights (``benchmarks/bench_gemv.py`` compares the two).
+It also does in one call each what takes many small torch operations per token:
+RMSNorm of one row, and a layer's attention step for one new token (rotary,
+KV-cache write, softmax(q K^T / sqrt(d)) V). Each small operation costs a few
+microseconds whatever its size, and a 24-layer step runs about 1,500 of them.
 
 The C file is compiled on first use with the system's C compiler (about a
 second) into a per-user cache, and called through ``ctypes``. Where it cannot
 be used — no compiler, a CPU without AVX2, a GPU, float16, more than one row,
-or gradients wanted — ``Linear`` simply calls ``F.linear``: same names, same
-parameters, same math up to float rounding. ``load_model`` swaps it in for
-``nn.Linear``; ``model.py`` never knows.
+or gradients wanted — the layers fall back to their torch code (``F.linear``,
+``model.py``'s own forward): same names, same parameters, same math up to float
+rounding. ``load_model`` swaps them in; ``model.py`` never knows.
 
 >>> import torch
 >>> layer = Linear(64, 32, bias=True)
@@ -39,8 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SOURCE = Path(__file__).with_name("csrc") / "gemv.c"
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+from . import model as model_module
+
+SOURCE = Path(__file__).with_name("csrc") / "kernels.c"
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c11"]
 #: Weight dtypes the kernel handles; float16 and others go to F.linear.
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -58,8 +64,8 @@ class KernelUnavailable(RuntimeError):
 
 @functools.lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL:
-    if os.environ.get("QWEN_LAB_GEMV", "").lower() in ("0", "off", "torch"):
-        raise KernelUnavailable("turned off by QWEN_LAB_GEMV")
+    if os.environ.get("QWEN_LAB_KERNELS", "").lower() in ("0", "off", "torch"):
+        raise KernelUnavailable("turned off by QWEN_LAB_KERNELS")
     if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
         raise KernelUnavailable(f"written for x86-64 Linux, this is {platform.machine()} {sys.platform}")
     capability = torch.backends.cpu.get_cpu_capability()
@@ -70,13 +76,13 @@ def _library() -> ctypes.CDLL:
         raise KernelUnavailable("no C compiler found (install gcc, or set CC)")
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"gemv-{key}.so"
+    target = cache_dir() / f"kernels-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            done = subprocess.run([*cc.split(), *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+            done = subprocess.run([*cc.split(), *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
             if done.returncode:
                 first = (done.stderr.strip().splitlines() or ["no message"])[0]
                 raise KernelUnavailable(f"{cc} could not build {SOURCE.name}: {first}")
@@ -88,6 +94,12 @@ def _library() -> ctypes.CDLL:
     args = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     lib.qwen_gemv_f32.argtypes, lib.qwen_gemv_f32.restype = args, None
     lib.qwen_gemv_bf16.argtypes, lib.qwen_gemv_bf16.restype = args, ctypes.c_int
+    norm_args = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_float]
+    lib.qwen_rmsnorm_f32.argtypes, lib.qwen_rmsnorm_f32.restype = norm_args, None
+    lib.qwen_rmsnorm_bf16.argtypes, lib.qwen_rmsnorm_bf16.restype = norm_args, ctypes.c_int
+    attend_args = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 5 + [ctypes.c_int]
+    for fn in (lib.qwen_attend_one_f32, lib.qwen_attend_one_bf16):
+        fn.argtypes, fn.restype = attend_args, ctypes.c_int
     return lib
 
 
@@ -96,8 +108,8 @@ def status() -> str:
     try:
         _library()
     except (KernelUnavailable, OSError) as e:
-        return f"torch's F.linear (the C kernel is not used: {e})"
-    return "qwen_lab's C kernel (csrc/gemv.c, AVX2)"
+        return f"torch alone (the C kernels are not used: {e})"
+    return "qwen_lab's C kernels (csrc/kernels.c, AVX2)"
 
 
 def available() -> bool:
@@ -147,16 +159,61 @@ class Linear(nn.Linear):
         return F.linear(x, w, b)
 
 
-def use_kernel(model: nn.Module) -> int:
-    """Turn the ``nn.Linear`` layers of a CPU model into ``Linear``; how many were turned.
+class RMSNorm(model_module.RMSNorm):
+    """``model.RMSNorm`` that normalises a single row in C when it can (one call for ~8 small ops)."""
 
-    Nothing changes where the kernel is unavailable (see ``status()``).
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (x.numel() == x.shape[-1] and x.dtype == w.dtype and w.dtype in DTYPES and not w.is_cuda
+                and w.is_contiguous() and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+                and available()):
+            lib = _library()
+            x = x.contiguous()
+            y = torch.empty_like(x)
+            fn = lib.qwen_rmsnorm_f32 if w.dtype == torch.float32 else lib.qwen_rmsnorm_bf16
+            if fn(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.shape[-1], self.eps):
+                raise MemoryError(f"rmsnorm: no memory for a float32 copy of {x.shape[-1]} values")
+            return y
+        return super().forward(x)
+
+
+class Attention(model_module.Qwen2Attention):
+    """``Qwen2Attention`` whose one-token step — rotary, cache write and attention over the
+    cache — is one C call between the projections and ``o_proj`` (instead of ~30 small ops)."""
+
+    def forward(self, x, cos, sin, cache, start):
+        B, T, _ = x.shape
+        if (B != 1 or T != 1 or cache is None or x.dtype not in DTYPES or x.is_cuda or cache.k.dtype != x.dtype
+                or not (cache.k.is_contiguous() and cache.v.is_contiguous()) or start >= cache.max_len
+                or self.head_dim % 8 or self.head_dim > 512 or torch.is_grad_enabled() or not available()):
+            return super().forward(x, cos, sin, cache, start)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # one row each: the gemv kernel
+        cos, sin = cos.contiguous(), sin.contiguous()
+        y = torch.empty_like(q)
+        lib = _library()
+        fn = lib.qwen_attend_one_f32 if x.dtype == torch.float32 else lib.qwen_attend_one_bf16
+        if fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), cache.k.data_ptr(),
+              cache.v.data_ptr(), y.data_ptr(), self.n_heads, self.n_kv_heads, self.head_dim, start,
+              cache.max_len, torch.get_num_threads()):
+            raise MemoryError(f"attention: no memory for {start + 1} scores")
+        return self.o_proj(y)
+
+
+#: layer class -> its kernel-backed twin
+TWINS = {nn.Linear: Linear, model_module.RMSNorm: RMSNorm, model_module.Qwen2Attention: Attention}
+
+
+def use_kernel(model: nn.Module) -> int:
+    """Turn the ``nn.Linear`` and ``RMSNorm`` layers of a CPU model into their twins above;
+    how many were turned. Nothing changes where the kernel is unavailable (see ``status()``).
     """
     if not available():
         return 0
     count = 0
     for module in model.modules():
-        if type(module) is nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype in DTYPES:
-            module.__class__ = Linear  # same object, same parameters: only forward differs
+        twin = TWINS.get(type(module))
+        weight = next(module.parameters(), None)
+        if twin and weight is not None and weight.device.type == "cpu" and weight.dtype in DTYPES:
+            module.__class__ = twin  # same object, same parameters: only forward differs
             count += 1
     return count

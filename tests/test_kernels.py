@@ -6,31 +6,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen_lab import gemv
+from qwen_lab import kernels
 from qwen_lab.generation import GenerationConfig, generate_stream
 from qwen_lab.hub import resolve
 from qwen_lab.load import load_model
 from qwen_lab.tokenizer import Tokenizer
 
 # In CI the kernel must be built and tested, not skipped (.ci/run sets this).
-REQUIRED = os.environ.get("QWEN_LAB_REQUIRE_GEMV") == "1"
-needs_kernel = pytest.mark.skipif(not REQUIRED and not gemv.available(), reason=f"C kernel: {gemv.status()}")
+REQUIRED = os.environ.get("QWEN_LAB_REQUIRE_KERNELS") == "1"
+needs_kernel = pytest.mark.skipif(not REQUIRED and not kernels.available(), reason=f"C kernel: {kernels.status()}")
 
 
 def test_kernel_is_built_where_ci_requires_it():
     if not REQUIRED:
-        pytest.skip("QWEN_LAB_REQUIRE_GEMV is not set")
-    assert gemv.available(), gemv.status()
+        pytest.skip("QWEN_LAB_REQUIRE_KERNELS is not set")
+    assert kernels.available(), kernels.status()
 
 
 @pytest.fixture
 def fresh_build(tmp_path, monkeypatch):
     """Build (or fail to build) the kernel anew, in a private cache, then restore the real one."""
     monkeypatch.setenv("QWEN_LAB_CACHE", str(tmp_path / "cache"))
-    gemv._library.cache_clear()
+    kernels._library.cache_clear()
     yield tmp_path / "cache"
     monkeypatch.undo()
-    gemv._library.cache_clear()
+    kernels._library.cache_clear()
 
 
 def bf16_close(got: torch.Tensor, x, w, b) -> None:
@@ -49,11 +49,11 @@ def test_matches_f_linear(out_features, in_features, bias):
     w = torch.randn(out_features, in_features, generator=g)
     x = torch.randn(1, 1, in_features, generator=g)
     b = torch.randn(out_features, generator=g) if bias else None
-    got = gemv.gemv(x, w, b)
+    got = kernels.gemv(x, w, b)
     assert got.shape == (1, 1, out_features) and got.dtype == torch.float32
     torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5 * in_features ** 0.5)
     wb, xb, bb = w.bfloat16(), x.bfloat16(), None if b is None else b.bfloat16()
-    got = gemv.gemv(xb, wb, bb)
+    got = kernels.gemv(xb, wb, bb)
     assert got.dtype == torch.bfloat16
     bf16_close(got, xb, wb, bb)
 
@@ -62,14 +62,14 @@ def test_matches_f_linear(out_features, in_features, bias):
 def test_non_contiguous_input_and_special_values():
     w = torch.randn(9, 40)
     x = torch.randn(40, 2)[:, 0]  # a column: strided
-    torch.testing.assert_close(gemv.gemv(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernels.gemv(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
     x = x.contiguous()
     x[3] = float("nan")
-    assert gemv.gemv(x, w).isnan().all() and gemv.gemv(x.bfloat16(), w.bfloat16()).isnan().all()
+    assert kernels.gemv(x, w).isnan().all() and kernels.gemv(x.bfloat16(), w.bfloat16()).isnan().all()
     w[2, :] = 0
     w[2, 0] = float("inf")
     x = torch.ones(40)
-    y = gemv.gemv(x.bfloat16(), w.bfloat16())
+    y = kernels.gemv(x.bfloat16(), w.bfloat16())
     assert y[2] == float("inf") and y.isfinite().sum() == 8
 
 
@@ -77,20 +77,20 @@ def test_non_contiguous_input_and_special_values():
 def test_wrong_inputs_are_refused_with_a_reason():
     w = torch.randn(4, 8)
     with pytest.raises(ValueError, match="one row of 8"):
-        gemv.gemv(torch.randn(2, 8), w)
+        kernels.gemv(torch.randn(2, 8), w)
     with pytest.raises(ValueError, match="one row of 8"):
-        gemv.gemv(torch.randn(8).bfloat16(), w)
+        kernels.gemv(torch.randn(8).bfloat16(), w)
     with pytest.raises(ValueError, match="contiguous CPU"):
-        gemv.gemv(torch.randn(8), torch.randn(8, 4).t())
+        kernels.gemv(torch.randn(8), torch.randn(8, 4).t())
 
 
 @needs_kernel
 def test_linear_uses_the_kernel_only_for_one_row_without_gradients(monkeypatch):
     layer = nn.Linear(24, 10)
-    layer.__class__ = gemv.Linear
+    layer.__class__ = kernels.Linear
     calls = []
-    real = gemv._run
-    monkeypatch.setattr(gemv, "_run", lambda *a: calls.append(1) or real(*a))
+    real = kernels._run
+    monkeypatch.setattr(kernels, "_run", lambda *a: calls.append(1) or real(*a))
     with torch.inference_mode():
         layer(torch.randn(1, 1, 24))
         assert len(calls) == 1
@@ -109,8 +109,8 @@ def test_linear_uses_the_kernel_only_for_one_row_without_gradients(monkeypatch):
 def test_use_kernel_swaps_classes_not_parameters():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4).half())
     params = {name: p for name, p in model.named_parameters()}
-    assert gemv.use_kernel(model) == 1  # the float16 layer stays nn.Linear
-    assert type(model[0]) is gemv.Linear and type(model[2]) is nn.Linear
+    assert kernels.use_kernel(model) == 1  # the float16 layer stays nn.Linear
+    assert type(model[0]) is kernels.Linear and type(model[2]) is nn.Linear
     assert {name: p for name, p in model.named_parameters()} == params
     assert isinstance(model[0], nn.Linear)
 
@@ -120,7 +120,7 @@ def test_use_kernel_swaps_classes_not_parameters():
 def test_loaded_model_decodes_the_same_with_and_without_the_kernel(dtype):
     files = resolve("qwen-lab/tiny-chat")
     fast, plain = load_model(files, dtype, "cpu"), load_model(files, dtype, "cpu", matvec="torch")
-    assert type(fast.lm_head) is gemv.Linear and type(plain.lm_head) is nn.Linear
+    assert type(fast.lm_head) is kernels.Linear and type(plain.lm_head) is nn.Linear
     ids = torch.tensor([[5, 17, 300, 42, 7]])
     with torch.inference_mode():
         caches_f, caches_p = fast.new_caches(1, 16), plain.new_caches(1, 16)
@@ -142,34 +142,95 @@ def test_load_model_refuses_an_unknown_matvec():
 
 
 def test_turned_off_by_environment(fresh_build, monkeypatch):
-    monkeypatch.setenv("QWEN_LAB_GEMV", "off")
-    assert not gemv.available() and "turned off by QWEN_LAB_GEMV" in gemv.status()
+    monkeypatch.setenv("QWEN_LAB_KERNELS", "off")
+    assert not kernels.available() and "turned off by QWEN_LAB_KERNELS" in kernels.status()
     model = load_model(resolve("qwen-lab/tiny-chat"), "float32", "cpu")
-    assert not any(type(m) is gemv.Linear for m in model.modules())
+    assert not any(type(m) is kernels.Linear for m in model.modules())
 
 
 def test_no_compiler_means_torch_with_a_reason(fresh_build, monkeypatch):
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    assert not gemv.available()
-    assert gemv.status() == ("torch's F.linear (the C kernel is not used: "
+    assert not kernels.available()
+    assert kernels.status() == ("torch alone (the C kernels are not used: "
                              "no C compiler found (install gcc, or set CC))")
     assert not fresh_build.exists()
-    layer = gemv.Linear(8, 4)  # still a working layer
+    layer = kernels.Linear(8, 4)  # still a working layer
     x = torch.randn(1, 8)
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
 def test_a_failed_build_leaves_no_file_behind(fresh_build, monkeypatch):
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
-    if not gemv.status().endswith("could not build gemv.c: no message)"):
-        pytest.skip(gemv.status())  # not an x86-64 Linux machine with AVX2: never gets to compile
+    if not kernels.status().endswith("could not build kernels.c: no message)"):
+        pytest.skip(kernels.status())  # not an x86-64 Linux machine with AVX2: never gets to compile
     assert list(fresh_build.iterdir()) == []
 
 
 @needs_kernel
 def test_built_once_then_reused(fresh_build):
-    assert gemv.available()
-    (built,) = fresh_build.glob("gemv-*.so")
+    assert kernels.available()
+    (built,) = fresh_build.glob("kernels-*.so")
     stamp = built.stat().st_mtime_ns
-    gemv._library.cache_clear()
-    assert gemv.available() and built.stat().st_mtime_ns == stamp
+    kernels._library.cache_clear()
+    assert kernels.available() and built.stat().st_mtime_ns == stamp
+
+
+@needs_kernel
+@pytest.mark.parametrize("dim", [7, 64, 896, 9000])  # a tail, whole blocks, Qwen's size, beyond the stack buffer
+def test_rmsnorm_matches_the_model_s(dim):
+    from qwen_lab.model import RMSNorm
+    g = torch.Generator().manual_seed(dim)
+    plain = RMSNorm(dim, 1e-6)
+    plain.weight.data = torch.randn(dim, generator=g)
+    fast = RMSNorm(dim, 1e-6)
+    fast.weight.data = plain.weight.data.clone()
+    fast.__class__ = kernels.RMSNorm
+    x = torch.randn(1, 1, dim, generator=g) * 3
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-6)
+        for m in (plain, fast):
+            m.bfloat16()
+        xb = x.bfloat16()
+        got, want = fast(xb).float(), plain(xb).float()
+        assert ((got - want).abs() <= want.abs() * 2 ** -7 + 1e-6).all()  # at most one bf16 rounding apart
+        rows = torch.randn(1, 3, dim).bfloat16()  # a prompt: the torch code, bit for bit
+        assert torch.equal(fast(rows), plain(rows))
+
+
+@needs_kernel
+def test_loaded_model_uses_both_kernels():
+    model = load_model(resolve("qwen-lab/tiny-chat"), "float32", "cpu")
+    kinds = {type(m) for m in model.modules()}
+    assert kernels.Linear in kinds and kernels.RMSNorm in kinds and nn.Linear not in kinds
+    plain = load_model(resolve("qwen-lab/tiny-chat"), "float32", "cpu", matvec="torch")
+    assert kernels.RMSNorm not in {type(m) for m in plain.modules()}
+
+
+@needs_kernel
+@pytest.mark.parametrize("hidden, heads, kv_heads", [(64, 4, 2), (256, 2, 1), (96, 8, 8), (96, 4, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_token_attention_matches_the_model_s(hidden, heads, kv_heads, dtype):
+    # head_dim 16, 128, 12 (not a multiple of 8: the torch code runs) and 24
+    from qwen_lab.model import KVCache, Qwen2Attention, Qwen2Config, RotaryEmbedding
+    torch.manual_seed(hidden + heads)
+    cfg = Qwen2Config(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads)
+    plain = Qwen2Attention(cfg).to(dtype)
+    fast = Qwen2Attention(cfg).to(dtype)
+    fast.load_state_dict(plain.state_dict())
+    kernels.use_kernel(fast)
+    assert type(fast) is kernels.Attention
+    rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+    caches = [KVCache(1, kv_heads, 40, cfg.head_dim, dtype) for _ in range(2)]
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    with torch.inference_mode():
+        prompt = torch.randn(1, 5, hidden).to(dtype)
+        cos, sin = rotary(torch.arange(5), dtype)
+        for attn, cache in zip((plain, fast), caches):
+            attn(prompt, cos, sin, cache, 0)  # prefill: the torch code for both
+        for pos in range(5, 37):  # one token at a time: the C kernel for `fast`
+            x = torch.randn(1, 1, hidden).to(dtype)
+            cos, sin = rotary(torch.tensor([pos]), dtype)
+            want, got = plain(x, cos, sin, caches[0], pos), fast(x, cos, sin, caches[1], pos)
+            torch.testing.assert_close(got.float(), want.float(), **tol)
+        for name in ("k", "v"):  # both wrote the same keys and values into their caches
+            torch.testing.assert_close(getattr(caches[1], name).float(), getattr(caches[0], name).float(), **tol)

@@ -1,0 +1,270 @@
+/* Matrix-vector products for decoding one token: y = W x (+ b).
+ *
+ * Decoding reads every weight matrix once per token and does two flops per
+ * weight, so its speed is the speed at which the weights stream from memory.
+ * These loops do nothing clever: each thread takes a contiguous block of rows
+ * of the row-major (out x in) matrix, as nn.Linear stores it, and reads it
+ * front to back, one row at a time, with four AVX2 accumulators in flight.
+ * That single sequential stream per core is what the hardware prefetcher
+ * follows best: walking four rows side by side, as a BLAS does, was measured
+ * 1.5x slower for bfloat16 on short rows. Sums are float32 for both dtypes.
+ *
+ * Built on first use by qwen_lab/kernels.py (cc -O3 -mavx2 -mfma -fopenmp) and
+ * called through ctypes; the OpenMP runtime is the one torch already loaded.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float bf16_to_f32(uint16_t h) {  /* a bfloat16 is the top half of a float32 */
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch does */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* One float32 row dotted with x, 32 weights per step in four independent sums. */
+static inline float row_f32(const float *w, const float *x, int64_t K) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+    }
+    for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
+    float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; k < K; k++) s += w[k] * x[k];
+    return s;
+}
+
+/* One bfloat16 row, 32 weights per step. A 256-bit load holds 16 weights; interleaving it
+ * with zeros puts each one in the top half of a 32-bit lane, which makes it a float32.
+ * The interleave takes weights 0-3 and 8-11 (lo), 4-7 and 12-15 (hi), so x comes
+ * shuffled the same way (see shuffle_x): a sum does not care about the order of its terms. */
+static inline float row_bf16(const uint16_t *w, const float *xs, int64_t K) {
+    const __m256i zero = _mm256_setzero_si256();
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(w + k));
+        __m256i u = _mm256_loadu_si256((const __m256i *)(w + k + 16));
+        a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v)), _mm256_loadu_ps(xs + k), a0);
+        a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v)), _mm256_loadu_ps(xs + k + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, u)), _mm256_loadu_ps(xs + k + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, u)), _mm256_loadu_ps(xs + k + 24), a3);
+    }
+    for (; k + 16 <= K; k += 16) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(w + k));
+        a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v)), _mm256_loadu_ps(xs + k), a0);
+        a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v)), _mm256_loadu_ps(xs + k + 8), a1);
+    }
+    float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; k < K; k++) s += bf16_to_f32(w[k]) * xs[k];  /* the tail of x is not shuffled */
+    return s;
+}
+
+/* x as float32, each full block of 16 reordered to match the interleaves of row_bf16. */
+static void shuffle_x(const uint16_t *x16, float *xs, int64_t K) {
+    static const int order[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16)
+        for (int i = 0; i < 16; i++) xs[k + i] = bf16_to_f32(x16[k + order[i]]);
+    for (; k < K; k++) xs[k] = bf16_to_f32(x16[k]);
+}
+
+/* y[n] = sum_k W[n, k] x[k] + (bias ? bias[n] : 0), W row-major (N x K). */
+void qwen_gemv_f32(const float *W, const float *x, const float *bias, float *y,
+                   int64_t N, int64_t K, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) y[n] = row_f32(W + n * K, x, K) + (bias ? bias[n] : 0.0f);
+}
+
+/* The same with bfloat16 weights, x, bias and y; sums in float32, y rounded once.
+ * Returns 0, or -1 if memory for the float32 copy of x ran out. */
+int qwen_gemv_bf16(const uint16_t *W, const uint16_t *x16, const uint16_t *bias, uint16_t *y,
+                   int64_t N, int64_t K, int threads) {
+    float stack[8192];
+    float *xs = K <= 8192 ? stack : (float *)malloc((size_t)K * sizeof(float));
+    if (!xs) return -1;
+    shuffle_x(x16, xs, K);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        y[n] = f32_to_bf16(row_bf16(W + n * K, xs, K) + (bias ? bf16_to_f32(bias[n]) : 0.0f));
+    if (xs != stack) free(xs);
+    return 0;
+}
+
+/* RMSNorm of one row as Qwen2 computes it: in float32, t = x * rsqrt(mean(x^2) + eps),
+ * then y = w * t, with t rounded to the model's dtype before the product (as model.py's
+ * `self.weight * normed.to(x.dtype)` does). Eight lanes of squares, summed at the end. */
+static inline float rms_scale(const float *xf, int64_t n, float eps) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(xf + i);
+        acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    float ss = hsum(acc);
+    for (; i < n; i++) ss += xf[i] * xf[i];
+    return 1.0f / sqrtf(ss / (float)n + eps);
+}
+
+void qwen_rmsnorm_f32(const float *x, const float *w, float *y, int64_t n, float eps) {
+    float r = rms_scale(x, n, eps);
+    for (int64_t i = 0; i < n; i++) y[i] = w[i] * (x[i] * r);
+}
+
+/* Returns 0, or -1 if memory for the float32 copy of x ran out. */
+int qwen_rmsnorm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t n, float eps) {
+    float stack[8192];
+    float *xf = n <= 8192 ? stack : (float *)malloc((size_t)n * sizeof(float));
+    if (!xf) return -1;
+    for (int64_t i = 0; i < n; i++) xf[i] = bf16_to_f32(x[i]);
+    float r = rms_scale(xf, n, eps);
+    for (int64_t i = 0; i < n; i++)
+        y[i] = f32_to_bf16(bf16_to_f32(w[i]) * bf16_to_f32(f32_to_bf16(xf[i] * r)));
+    if (xf != stack) free(xf);
+    return 0;
+}
+
+/* ---- attention for one new token (decoding), batch 1 ------------------------------------ */
+
+/* e^x for x <= 0, eight at a time: 2^n * e^r with |r| <= ln2/2 and a degree-6 polynomial
+ * (Cephes' coefficients, the classic SIMD exp); relative error ~2e-7, like expf's. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* Rotary position embedding of one head (halves layout, as model.apply_rotary). */
+static inline void rotate(const float *x, const float *cos, const float *sin, float *out, int64_t d) {
+    int64_t h = d / 2;
+    for (int64_t i = 0; i < h; i++) {
+        out[i] = x[i] * cos[i] - x[i + h] * sin[i];
+        out[i + h] = x[i + h] * cos[i + h] + x[i] * sin[i + h];
+    }
+}
+
+/* Everything Qwen2Attention does for one new token between the projections and o_proj:
+ * rotate q (H heads) and k (KV heads) at position `pos`, write k and v into the caches
+ * (KV x max_len x d, row pos), then for each query head h, with KV head h / (H / KV):
+ * y_h = softmax(q_h K^T / sqrt(d)) V over positions 0..pos. float32 inside; `bf16` says
+ * whether the tensors hold bfloat16 (then rotated q, k and y are rounded to it). */
+static int attend(const void *q_, const void *k_, const void *v_, const void *cos_, const void *sin_,
+                  void *kc_, void *vc_, void *y_, int64_t H, int64_t KV, int64_t d, int64_t pos,
+                  int64_t max_len, int bf16, int threads) {
+    const int64_t L = pos + 1, group = H / KV;
+    if (d > 512 || d % 8) return -2;
+    float cs[512], sn[512], tmp[512], rot[512];
+    #define LOAD(p, i) (bf16 ? bf16_to_f32(((const uint16_t *)(p))[i]) : ((const float *)(p))[i])
+    #define ROUND(x) (bf16 ? bf16_to_f32(f32_to_bf16(x)) : (x))
+    for (int64_t i = 0; i < d; i++) { cs[i] = LOAD(cos_, i); sn[i] = LOAD(sin_, i); }
+    for (int64_t g = 0; g < KV; g++) {  /* the new key (rotated) and value into the caches */
+        for (int64_t i = 0; i < d; i++) tmp[i] = LOAD(k_, g * d + i);
+        rotate(tmp, cs, sn, rot, d);
+        int64_t row = (g * max_len + pos) * d;
+        for (int64_t i = 0; i < d; i++) {
+            if (bf16) {
+                ((uint16_t *)kc_)[row + i] = f32_to_bf16(rot[i]);
+                ((uint16_t *)vc_)[row + i] = ((const uint16_t *)v_)[g * d + i];
+            } else {
+                ((float *)kc_)[row + i] = rot[i];
+                ((float *)vc_)[row + i] = ((const float *)v_)[g * d + i];
+            }
+        }
+    }
+    int failed = 0;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t h = 0; h < H; h++) {
+        float qx[512], qr[512], acc[512];
+        float *s = (float *)malloc((size_t)L * sizeof(float));
+        if (!s) { failed = 1; continue; }
+        for (int64_t i = 0; i < d; i++) qx[i] = LOAD(q_, h * d + i);
+        rotate(qx, cs, sn, qr, d);
+        const float scale = 1.0f / sqrtf((float)d);
+        for (int64_t i = 0; i < d; i++) qr[i] = ROUND(qr[i]) * scale;
+        int64_t base = (h / group) * max_len * d;
+        float top = -INFINITY;
+        for (int64_t l = 0; l < L; l++) {  /* scores */
+            __m256 a = _mm256_setzero_ps();
+            for (int64_t i = 0; i < d; i += 8) {
+                __m256 kv = bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
+                                       _mm_loadu_si128((const __m128i *)((const uint16_t *)kc_ + base + l * d + i))), 16))
+                                 : _mm256_loadu_ps((const float *)kc_ + base + l * d + i);
+                a = _mm256_fmadd_ps(kv, _mm256_loadu_ps(qr + i), a);
+            }
+            s[l] = hsum(a);
+            if (s[l] > top) top = s[l];
+        }
+        __m256 total8 = _mm256_setzero_ps();  /* softmax numerators and their sum */
+        int64_t l = 0;
+        for (; l + 8 <= L; l += 8) {
+            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + l), _mm256_set1_ps(top)));
+            _mm256_storeu_ps(s + l, e);
+            total8 = _mm256_add_ps(total8, e);
+        }
+        float total = hsum(total8);
+        for (; l < L; l++) { s[l] = expf(s[l] - top); total += s[l]; }
+        for (int64_t i = 0; i < d; i++) acc[i] = 0.0f;
+        for (l = 0; l < L; l++) {  /* weighted sum of values */
+            __m256 p = _mm256_set1_ps(s[l]);
+            for (int64_t i = 0; i < d; i += 8) {
+                __m256 vv = bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
+                                       _mm_loadu_si128((const __m128i *)((const uint16_t *)vc_ + base + l * d + i))), 16))
+                                 : _mm256_loadu_ps((const float *)vc_ + base + l * d + i);
+                _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(p, vv, _mm256_loadu_ps(acc + i)));
+            }
+        }
+        for (int64_t i = 0; i < d; i++) {
+            float out = acc[i] / total;
+            if (bf16) ((uint16_t *)y_)[h * d + i] = f32_to_bf16(out);
+            else ((float *)y_)[h * d + i] = out;
+        }
+        free(s);
+    }
+    #undef LOAD
+    #undef ROUND
+    return failed ? -1 : 0;
+}
+
+int qwen_attend_one_f32(const float *q, const float *k, const float *v, const float *cos, const float *sin,
+                        float *kc, float *vc, float *y, int64_t H, int64_t KV, int64_t d, int64_t pos,
+                        int64_t max_len, int threads) {
+    return attend(q, k, v, cos, sin, kc, vc, y, H, KV, d, pos, max_len, 0, threads);
+}
+
+int qwen_attend_one_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *cos,
+                         const uint16_t *sin, uint16_t *kc, uint16_t *vc, uint16_t *y, int64_t H, int64_t KV,
+                         int64_t d, int64_t pos, int64_t max_len, int threads) {
+    return attend(q, k, v, cos, sin, kc, vc, y, H, KV, d, pos, max_len, 1, threads);
+}
