@@ -42,7 +42,7 @@ def bf16_close(got: torch.Tensor, x, w, b) -> None:
 
 @needs_kernel
 @pytest.mark.parametrize("out_features, in_features", [(1, 1), (3, 5), (4, 8), (7, 17), (5, 31), (13, 33),
-                                                       (64, 96), (130, 4864), (2048, 192)])
+                                                       (64, 96), (130, 4864), (2048, 192), (9, 9000)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_matches_f_linear(out_features, in_features, bias):
     g = torch.Generator().manual_seed(out_features * 1000 + in_features)
