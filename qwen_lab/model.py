@@ -8,7 +8,10 @@ The classes follow the order data flows through the network:
 Module and parameter names mirror the Hugging Face checkpoint
 (``model.layers.0.self_attn.q_proj.weight`` ...), so a ``model.safetensors``
 file loads by name with no renaming table. Loading itself lives in
-``qwen_lab.load``; this file only describes the computation.
+``qwen_lab.load``; this file only describes the computation. On a CPU,
+``load`` swaps in twins from ``qwen_lab.kernels`` that run the one-token
+decoding step of ``nn.Linear``, ``RMSNorm`` and ``Qwen2Attention`` in C; this
+file stays the reference they are tested against, and what prompts run.
 """
 from __future__ import annotations
 
