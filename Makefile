@@ -37,6 +37,7 @@ lab: $(VENV)/.notebooks
 bench: $(VENV)/.test
 	$(BIN)/python benchmarks/bench_gemv.py
 	$(BIN)/python benchmarks/bench_decode.py
+	$(BIN)/python benchmarks/bench_compile.py
 
 # Rebuild the embedded model from nothing (about 40 minutes on 2 cores), then grade it and
 # write the figures into its model card. Re-execute the notebooks afterwards.
