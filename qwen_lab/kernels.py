@@ -147,14 +147,19 @@ def _run(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return y
 
 
+def _applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Can a kernel take ``x`` (one row) with parameter ``w``? Else the torch code runs."""
+    return (x.numel() == x.shape[-1] and x.dtype == w.dtype and w.dtype in DTYPES and not w.is_cuda
+            and w.is_contiguous() and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+            and available())
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` that multiplies a single row with the C kernel when it can."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
-        if (x.numel() == x.shape[-1] and x.dtype == w.dtype and w.dtype in DTYPES and not w.is_cuda
-                and w.is_contiguous() and (b is None or b.is_contiguous())
-                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and available()):
+        if _applies(x, w) and (b is None or b.is_contiguous()):
             return _run(_library(), x, w, b)
         return F.linear(x, w, b)
 
@@ -164,9 +169,7 @@ class RMSNorm(model_module.RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (x.numel() == x.shape[-1] and x.dtype == w.dtype and w.dtype in DTYPES and not w.is_cuda
-                and w.is_contiguous() and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-                and available()):
+        if _applies(x, w):
             lib = _library()
             x = x.contiguous()
             y = torch.empty_like(x)
@@ -192,10 +195,13 @@ class Attention(model_module.Qwen2Attention):
         y = torch.empty_like(q)
         lib = _library()
         fn = lib.qwen_attend_one_f32 if x.dtype == torch.float32 else lib.qwen_attend_one_bf16
-        if fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), cache.k.data_ptr(),
-              cache.v.data_ptr(), y.data_ptr(), self.n_heads, self.n_kv_heads, self.head_dim, start,
-              cache.max_len, torch.get_num_threads()):
+        failed = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), cache.k.data_ptr(),
+                    cache.v.data_ptr(), y.data_ptr(), self.n_heads, self.n_kv_heads, self.head_dim, start,
+                    cache.max_len, torch.get_num_threads())
+        if failed == -1:
             raise MemoryError(f"attention: no memory for {start + 1} scores")
+        if failed:  # the checks above keep head_dim in range; the C code checks again
+            raise RuntimeError(f"attention kernel refused head_dim {self.head_dim}")
         return self.o_proj(y)
 
 
@@ -204,8 +210,9 @@ TWINS = {nn.Linear: Linear, model_module.RMSNorm: RMSNorm, model_module.Qwen2Att
 
 
 def use_kernel(model: nn.Module) -> int:
-    """Turn the ``nn.Linear`` and ``RMSNorm`` layers of a CPU model into their twins above;
-    how many were turned. Nothing changes where the kernel is unavailable (see ``status()``).
+    """Turn the ``nn.Linear``, ``RMSNorm`` and ``Qwen2Attention`` layers of a CPU model into
+    their twins above (``TWINS``); how many were turned. Nothing changes where the kernels are
+    unavailable (see ``status()``).
     """
     if not available():
         return 0
