@@ -15,18 +15,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import HERE, make_checkpoint  # noqa: E402
+from bench_decode import HERE, make_checkpoint, weights_only  # noqa: E402
 
-from qwen_lab.hub import ModelFiles  # noqa: E402
 from qwen_lab.load import load_model  # noqa: E402
 
 
 def main() -> None:
     dtype = sys.argv[1] if len(sys.argv) > 1 else "float32"
-    d = make_checkpoint(HERE / "configs" / "qwen2.5-0.5b.json")
-    files = ModelFiles(root=d, config=d / "config.json", tokenizer=d, tokenizer_config=d, generation_config=None,
-                       chat_template=None, weights=sorted(d.glob("*.safetensors")))
-    model = load_model(files, dtype, "cpu", matvec="torch")
+    model = load_model(weights_only(make_checkpoint(HERE / "configs" / "qwen2.5-0.5b.json")), dtype, "cpu",
+                       matvec="torch")
     compiled = torch.compile(model, dynamic=True)
     prompt = 64
     caches = model.new_caches(1, prompt + 200)

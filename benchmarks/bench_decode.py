@@ -78,6 +78,14 @@ def read_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
     return best
 
 
+def weights_only(directory: Path):
+    """``ModelFiles`` for a folder holding config.json and safetensors only (no tokenizer)."""
+    from qwen_lab.hub import ModelFiles
+    return ModelFiles(root=directory, config=directory / "config.json", tokenizer=directory,
+                      tokenizer_config=directory, generation_config=None, chat_template=None,
+                      weights=sorted(directory.glob("*.safetensors")))
+
+
 def _word_tokenizer(vocab_size: int):
     """A tokenizer with one word per id, so generated ids decode whatever the weights are."""
     from tokenizers import Tokenizer, models
@@ -108,12 +116,8 @@ def worker(impl: str, dtype_name: str, directory: Path, prompt_tokens: int, new_
     t0 = time.perf_counter()
     if impl in ("qwen_lab", "qwen_lab-torch"):  # qwen_lab-torch: F.linear instead of the C kernel
         from qwen_lab.generation import GenerationConfig, generate_stream
-        from qwen_lab.hub import ModelFiles
         from qwen_lab.load import load_model
-        files = ModelFiles(root=directory, config=directory / "config.json", tokenizer=directory,
-                           tokenizer_config=directory, generation_config=None, chat_template=None,
-                           weights=sorted(directory.glob("*.safetensors")))
-        model = load_model(files, dtype_name, "cpu", matvec="torch" if impl == "qwen_lab-torch" else "auto")
+        model = load_model(weights_only(directory), dtype_name, "cpu", matvec="torch" if impl == "qwen_lab-torch" else "auto")
         load_s = time.perf_counter() - t0
         tok = _word_tokenizer(config["vocab_size"])
         gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=[])

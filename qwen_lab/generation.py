@@ -121,13 +121,18 @@ def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
+def _alive(logits: torch.Tensor) -> torch.Tensor:
+    """Ids of the tokens still in the running: those top-k / top-p have not set to -inf."""
+    return (logits > float("-inf")).nonzero().squeeze(-1)
+
+
 def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Keep the smallest set of tokens whose probabilities add up to more than p (nucleus)."""
     if p >= 1.0:
         return logits
     # Only tokens still in the running matter: after top-k that is 20 of 151,936, and sorting
     # 20 values instead of the whole vocabulary saves ~8 ms per token.
-    alive = (logits > float("-inf")).nonzero().squeeze(-1)
+    alive = _alive(logits)
     sorted_logits, order = torch.sort(logits[alive])  # ascending: the tail comes first
     cumulative = sorted_logits.softmax(-1).cumsum(-1)
     drop = cumulative <= 1 - p
@@ -157,7 +162,7 @@ def next_token(logits: torch.Tensor, previous: torch.Tensor, config: GenerationC
         return int(logits.argmax())
     # Draw among the tokens still in the running (top-k and top-p leave a few dozen of 151,936):
     # the same distribution, and 3 ms per token less than a multinomial over the whole vocabulary.
-    alive = (logits > float("-inf")).nonzero().squeeze(-1)
+    alive = _alive(logits)
     return int(alive[torch.multinomial(logits[alive].softmax(-1), 1, generator=generator)])
 
 

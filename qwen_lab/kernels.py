@@ -185,10 +185,9 @@ class Attention(model_module.Qwen2Attention):
     cache — is one C call between the projections and ``o_proj`` (instead of ~30 small ops)."""
 
     def forward(self, x, cos, sin, cache, start):
-        B, T, _ = x.shape
-        if (B != 1 or T != 1 or cache is None or x.dtype not in DTYPES or x.is_cuda or cache.k.dtype != x.dtype
-                or not (cache.k.is_contiguous() and cache.v.is_contiguous()) or start >= cache.max_len
-                or self.head_dim % 8 or self.head_dim > 512 or torch.is_grad_enabled() or not available()):
+        if not (_applies(x, self.q_proj.weight) and not torch.is_grad_enabled() and cache is not None
+                and cache.k.dtype == x.dtype and cache.k.is_contiguous() and cache.v.is_contiguous()
+                and start < cache.max_len and self.head_dim % 8 == 0 and self.head_dim <= 512):
             return super().forward(x, cos, sin, cache, start)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # one row each: the gemv kernel
         cos, sin = cos.contiguous(), sin.contiguous()
