@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from . import kernels, threads
 from .chat_template import ChatTemplate
 from .errors import ContextTooLongError, QwenLabError
 from .hub import ModelFiles, resolve
@@ -181,10 +182,12 @@ class GenerationResult:
     decode_tokens_per_s: float     # tokens after the first, per second
     prefill_tokens_per_s: float
     total_s: float
+    prefill_threads: int = 1       # CPU threads the prompt ran on
+    decode_threads: int = 1        # and each new token
 
     def stats(self) -> dict:
         keys = ("prompt_tokens", "generated_tokens", "ttft_s", "decode_tokens_per_s", "prefill_tokens_per_s",
-                "finish_reason")
+                "finish_reason", "prefill_threads", "decode_threads")
         d = asdict(self)
         return {k: round(d[k], 4) if isinstance(d[k], float) else d[k] for k in keys}
 
@@ -220,10 +223,27 @@ class GenerationStream:
 
 
 @torch.inference_mode()
-def _forward(model, ids: list[int], caches, start: int) -> torch.Tensor:
+def _forward(model, ids: list[int], caches, start: int, n_threads: int) -> torch.Tensor:
     device = model.lm_head.weight.device
     x = torch.tensor([ids], dtype=torch.long, device=device)
-    return model(x, caches, start, last_only=True)[0, -1]
+    with threads.torch_threads(n_threads):
+        return model(x, caches, start, last_only=True)[0, -1]
+
+
+def thread_plan(model) -> tuple[int, int]:
+    """Threads for the prompt and for each new token, chosen now: ``(prefill, decode)``.
+
+    The limit is ``kernels.num_threads()`` (what this process may use, or what the
+    user set). A prompt runs torch's fork-join matrix products, which slow down a
+    lot when another program wants a core, so unless the count was set by hand it
+    takes only the CPUs that are free right now (``threads.threads_now``). New
+    tokens run on the C kernels' pool, whose threads take work as they can and
+    never wait for one that lost its core; torch's own operations between them
+    are too small to share, so torch gets one thread there.
+    """
+    limit = kernels.num_threads()
+    prefill = limit if threads.explicit_threads() else threads.threads_now(limit)
+    return prefill, limit if kernels.in_use(model) else prefill
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -270,10 +290,12 @@ def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special
     n = len(prompt_ids)
     new_ids: list[int] = []
     text, emitted, reason = "", 0, "length"
+    prefill_threads, decode_threads = thread_plan(model)
+    torch_decode_threads = 1 if kernels.in_use(model) else decode_threads
     t0 = time.perf_counter()
     t_first = t0
 
-    logits = _forward(model, prompt_ids, caches, 0)  # prefill
+    logits = _forward(model, prompt_ids, caches, 0, prefill_threads)  # prefill
     while True:
         token = next_token(logits.cpu(), history[:n], config, generator)
         new_ids.append(token)
@@ -301,9 +323,9 @@ def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special
             reason = "cancelled"
             break
         if use_cache:
-            logits = _forward(model, [token], caches, n - 1)
+            logits = _forward(model, [token], caches, n - 1, torch_decode_threads)
         else:
-            logits = _forward(model, history[:n].tolist(), None, 0)
+            logits = _forward(model, history[:n].tolist(), None, 0, prefill_threads)
     if reason != "stop":
         text += decoder.flush()
     if len(text) > emitted:
@@ -315,7 +337,8 @@ def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special
         text=text, token_ids=new_ids, finish_reason=reason, prompt_tokens=len(prompt_ids),
         generated_tokens=len(new_ids), ttft_s=ttft,
         decode_tokens_per_s=(len(new_ids) - 1) / decode_time if len(new_ids) > 1 and decode_time > 0 else 0.0,
-        prefill_tokens_per_s=len(prompt_ids) / ttft if ttft > 0 else 0.0, total_s=t_end - t0)
+        prefill_tokens_per_s=len(prompt_ids) / ttft if ttft > 0 else 0.0, total_s=t_end - t0,
+        prefill_threads=prefill_threads, decode_threads=decode_threads)
 
 
 # ---------------------------------------------------------------- everything wired together

@@ -44,11 +44,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import model as model_module
+from .threads import choose_threads
 
-SOURCE = Path(__file__).with_name("csrc") / "kernels.c"
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c11"]
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / "kernels.c", CSRC / "pool.c"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-pthread", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu11"]
 #: Weight dtypes the kernel handles; float16 and others go to F.linear.
 DTYPES = (torch.float32, torch.bfloat16)
+#: How a call is shared over threads (measured in benchmarks/bench_contention.py): a job that
+#: reads fewer bytes than SOLO_BYTES runs on the calling thread alone (waking a helper would cost
+#: more than it saves); larger ones are cut into chunks of about CHUNK_BYTES that threads claim
+#: one at a time, so a thread that loses its core to another program leaves little undone.
+SOLO_BYTES = 256 * 1024
+CHUNK_BYTES = 64 * 1024
 
 
 def cache_dir() -> Path:
@@ -74,7 +82,7 @@ def _library() -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc or not shutil.which(cc.split()[0]):
         raise KernelUnavailable("no C compiler found (install gcc, or set CC)")
-    source = SOURCE.read_bytes()
+    source = b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()) if p.suffix in (".c", ".h"))
     key = hashlib.sha256(source + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
     target = cache_dir() / f"kernels-{key}.so"
     if not target.exists():
@@ -82,15 +90,16 @@ def _library() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            done = subprocess.run([*cc.split(), *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
+            done = subprocess.run([*cc.split(), *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"],
+                                  capture_output=True, text=True)
             if done.returncode:
                 first = (done.stderr.strip().splitlines() or ["no message"])[0]
-                raise KernelUnavailable(f"{cc} could not build {SOURCE.name}: {first}")
+                raise KernelUnavailable(f"{cc} could not build {SOURCES[0].name}: {first}")
             os.replace(tmp, target)  # atomic: a concurrent process sees all of it or nothing
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    lib = ctypes.CDLL(str(target))  # its libgomp.so.1 is the one torch loaded: one thread pool
+    lib = ctypes.CDLL(str(target))
     args = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     lib.qwen_gemv_f32.argtypes, lib.qwen_gemv_f32.restype = args, None
     lib.qwen_gemv_bf16.argtypes, lib.qwen_gemv_bf16.restype = args, ctypes.c_int
@@ -100,7 +109,42 @@ def _library() -> ctypes.CDLL:
     attend_args = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 5 + [ctypes.c_int]
     for fn in (lib.qwen_attend_one_f32, lib.qwen_attend_one_bf16):
         fn.argtypes, fn.restype = attend_args, ctypes.c_int
+    lib.qwen_pool_stats.argtypes, lib.qwen_pool_stats.restype = [ctypes.c_void_p], None
+    lib.qwen_pool_configure.argtypes, lib.qwen_pool_configure.restype = [ctypes.c_int64] * 2, None
+    lib.qwen_kernels_configure.argtypes, lib.qwen_kernels_configure.restype = [ctypes.c_int64] * 2, None
+    lib.qwen_kernels_configure(SOLO_BYTES, CHUNK_BYTES)
     return lib
+
+
+def configure(solo_bytes: int = SOLO_BYTES, chunk_bytes: int = CHUNK_BYTES) -> None:
+    """Change how calls are shared over threads (for tests and measurements; see SOLO_BYTES)."""
+    _library().qwen_kernels_configure(solo_bytes, chunk_bytes)
+
+
+_threads: int | None = None
+
+
+def num_threads() -> int:
+    """How many threads the kernels share a call over (``threads.choose_threads()`` unless set)."""
+    global _threads
+    if _threads is None:
+        _threads = choose_threads()[0]
+    return _threads
+
+
+def set_num_threads(count: int) -> None:
+    """Share each kernel call over ``count`` threads (the calling thread included)."""
+    global _threads
+    if int(count) < 1:
+        raise ValueError(f"the number of threads must be at least 1, not {count}")
+    _threads = int(count)
+
+
+def pool_stats() -> dict[str, int]:
+    """Counters of the kernels' thread pool since start (for tests and measurements)."""
+    out = (ctypes.c_int64 * 4)()
+    _library().qwen_pool_stats(out)
+    return dict(zip(("jobs", "solo_jobs", "helper_chunks", "caller_sleeps"), out))
 
 
 def status() -> str:
@@ -118,6 +162,19 @@ def available() -> bool:
     except (KernelUnavailable, OSError):
         return False
     return True
+
+
+@functools.lru_cache(maxsize=None)
+def native_bf16() -> bool:
+    """Does this CPU multiply bfloat16 matrices in hardware (AVX-512 BF16 or AMX)?
+
+    Measured on 2-core machines of this project (``benchmarks/RESULTS.md``): with
+    those instructions a bf16 prompt (prefill) runs 2x faster than float32; without
+    them (AVX2 only) torch emulates each product and runs it 3-5x slower, so
+    ``Linear`` computes a bf16 prompt in float32 there.
+    """
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -142,7 +199,7 @@ def _run(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     y = x.new_empty(x.shape[:-1] + (out_features,))
     fn = lib.qwen_gemv_f32 if weight.dtype == torch.float32 else lib.qwen_gemv_bf16
     if fn(weight.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
-          out_features, in_features, torch.get_num_threads()):
+          out_features, in_features, _threads or num_threads()):
         raise MemoryError(f"gemv: no memory for a float32 copy of {in_features} inputs")
     return y
 
@@ -155,12 +212,17 @@ def _applies(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` that multiplies a single row with the C kernel when it can."""
+    """``nn.Linear`` that multiplies a single row with the C kernel when it can, and a bf16
+    prompt in float32 on CPUs without bf16 instructions (where torch would emulate them)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
         if _applies(x, w) and (b is None or b.is_contiguous()):
             return _run(_library(), x, w, b)
+        if w.dtype == torch.bfloat16 and x.dtype == w.dtype and not w.is_cuda and not native_bf16():
+            # bf16 in, float32 sums, bf16 out: what bf16 hardware computes, at float32's speed. The
+            # float32 copy of the weight lives for this one product (55 MB at most for 1.5B).
+            return F.linear(x.float(), w.float(), None if b is None else b.float()).to(x.dtype)
         return F.linear(x, w, b)
 
 
@@ -196,12 +258,17 @@ class Attention(model_module.Qwen2Attention):
         fn = lib.qwen_attend_one_f32 if x.dtype == torch.float32 else lib.qwen_attend_one_bf16
         failed = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), cache.k.data_ptr(),
                     cache.v.data_ptr(), y.data_ptr(), self.n_heads, self.n_kv_heads, self.head_dim, start,
-                    cache.max_len, torch.get_num_threads())
+                    cache.max_len, _threads or num_threads())
         if failed == -1:
             raise MemoryError(f"attention: no memory for {start + 1} scores")
         if failed:  # the checks above keep head_dim in range; the C code checks again
             raise RuntimeError(f"attention kernel refused head_dim {self.head_dim}")
         return self.o_proj(y)
+
+
+def in_use(model: nn.Module) -> bool:
+    """Does ``model`` decode with these kernels (some layer is a twin, and they are available)?"""
+    return any(type(m) in TWINS.values() for m in model.modules()) and available()
 
 
 #: layer class -> its kernel-backed twin

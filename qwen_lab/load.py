@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .kernels import native_bf16  # noqa: F401  (here for readers of step 2)
 from .errors import CheckpointError, UnsupportedArchitectureError
 from .hub import ModelFiles
 from .model import Qwen2Config, Qwen2ForCausalLM, RotaryEmbedding
@@ -82,24 +83,30 @@ def build_model(config: dict, device: str | torch.device = "meta") -> nn.Module:
         return model_cls(config_cls.from_dict(config))
 
 
-def native_bf16() -> bool:
-    """Does this CPU multiply bfloat16 matrices in hardware (AVX-512 BF16 or AMX)?
+def checkpoint_dtype(config: dict) -> torch.dtype | None:
+    """The dtype ``config.json`` says the weights were saved in (``torch_dtype``, or ``dtype``)."""
+    name = config.get("torch_dtype") or config.get("dtype")
+    return DTYPES.get(name) if isinstance(name, str) else None
 
-    Measured on 2-core machines of this project (``benchmarks/RESULTS.md``): with
-    those instructions a bf16 prompt (prefill) runs 2x faster than float32; without
-    them (AVX2 only) 3-5x slower, because each product is emulated.
+
+def choose_dtype(dtype: str | torch.dtype, device: torch.device, saved: torch.dtype | None = None) -> torch.dtype:
+    """The dtype to compute in. ``auto``:
+
+    * on CUDA, bfloat16 as the seed's Candle code does;
+    * on a CPU, the dtype the weights were ``saved`` in when it is bfloat16 or float32. A
+      bf16 checkpoint then stays the file's own bytes, memory-mapped: no conversion, half
+      the memory of float32, and the same pages shared by every process that loads it (30
+      learners on one server hold one copy). Decoding streams half the bytes per token. On
+      CPUs without bf16 instructions, prompts are computed in float32 from the bf16 weights
+      one matrix at a time (``kernels.Linear``), as fast as a float32 model
+      (``benchmarks/RESULTS.md``). float16 and unknown checkpoints load as float32.
     """
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def choose_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on CUDA (as the seed's Candle code does) and on CPUs with native bf16
-    (half the bytes to read per token, and faster prompts); float32 on other CPUs."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" or native_bf16() else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        return saved if saved in (torch.bfloat16, torch.float32) else torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -296,8 +303,8 @@ def load_model(files: ModelFiles, dtype: str | torch.dtype = "auto",
     if matvec not in MATVECS:
         raise ValueError(f"matvec {matvec!r} is not one of {', '.join(MATVECS)}")
     device = torch.device(device) if device is not None else default_device()
-    dtype = choose_dtype(dtype, device)
     config = read_config(files.config)
+    dtype = choose_dtype(dtype, device, checkpoint_dtype(config))
     model = build_model(config, "meta")
     kernel = matvec == "auto" and device.type == "cpu" and dtype in kernels.DTYPES and kernels.available()
     load_weights(model, files.weights, dtype, device, column_major_weights(model, dtype, device, layout, kernel))

@@ -350,9 +350,10 @@ class ChatPanel:
             if role == "assistant":
                 r = next(replies, None)
                 if r:
+                    threads = r["decode_threads"]
                     meta = (f"<div class='ql-meta'>{r['generated_tokens']} tokens · first token "
-                            f"{r['ttft_s']:.2f} s · {r['decode_tokens_per_s']:.1f} tokens/s"
-                            f"{' · <b>stopped</b>' if r['stopped'] else ''}</div>")
+                            f"{r['ttft_s']:.2f} s · {r['decode_tokens_per_s']:.1f} tokens/s on {threads} "
+                            f"thread{'s' if threads != 1 else ''}{' · <b>stopped</b>' if r['stopped'] else ''}</div>")
             parts.append(f"<div class='ql-msg ql-{role}'>{body}{meta}</div>")
         if self._partial is not None:
             parts.append(f"<div class='ql-msg ql-assistant ql-streaming'>{render_markdown(self._partial)}"

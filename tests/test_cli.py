@@ -39,10 +39,12 @@ def test_stats_line_on_stderr(capsys, tiny_dir):
     assert stats["generated_tokens"] == 7 and stats["finish_reason"] == "length"
     assert {"prompt_tokens", "ttft_s", "decode_tokens_per_s"} <= set(stats)
     from qwen_lab import kernels
-    from qwen_lab.load import choose_dtype, default_device
+    from qwen_lab.load import checkpoint_dtype, choose_dtype, default_device, read_config
     device = default_device()
-    assert stats["dtype"] == str(choose_dtype("auto", device)).removeprefix("torch.")
+    saved = checkpoint_dtype(read_config(tiny_dir / "config.json"))  # tiny_dir is a float32 checkpoint
+    assert stats["dtype"] == str(choose_dtype("auto", device, saved)).removeprefix("torch.")
     assert stats["matvec"] == ("qwen_lab" if kernels.available() and device.type == "cpu" else "torch")
+    assert 1 <= stats["prefill_threads"] <= stats["decode_threads"] == kernels.num_threads()
 
 
 def test_sampling_defaults_come_from_generation_config_and_seed_reproduces(capsys, tiny_dir):

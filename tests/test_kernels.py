@@ -234,3 +234,95 @@ def test_one_token_attention_matches_the_model_s(hidden, heads, kv_heads, dtype)
             torch.testing.assert_close(got.float(), want.float(), **tol)
         for name in ("k", "v"):  # both wrote the same keys and values into their caches
             torch.testing.assert_close(getattr(caches[1], name).float(), getattr(caches[0], name).float(), **tol)
+
+
+# ---------------------------------------------------------------- the thread pool
+
+@pytest.fixture
+def pool_settings():
+    yield kernels
+    kernels.configure()
+    kernels.set_num_threads(kernels.choose_threads()[0])
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_same_bits_whatever_the_threads_and_chunks(pool_settings, dtype):
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(3001, 517, generator=g).to(dtype)  # odd sizes: a last, shorter chunk
+    x, b = torch.randn(517, generator=g).to(dtype), torch.randn(3001, generator=g).to(dtype)
+    kernels.set_num_threads(1)
+    want = kernels.gemv(x, w, b)
+    for threads, solo, chunk in [(2, 0, 4096), (3, 0, 1), (2, 0, 10**9), (4, 10**9, 4096), (2, 0, 64 * 1024)]:
+        kernels.set_num_threads(threads)
+        kernels.configure(solo, chunk)
+        assert torch.equal(kernels.gemv(x, w, b), want), (threads, solo, chunk)
+
+
+@needs_kernel
+def test_helpers_take_chunks_of_a_large_job(pool_settings):
+    kernels.set_num_threads(2)
+    kernels.configure(0, 4096)
+    w, x = torch.randn(4096, 1024), torch.randn(1024)
+    before = kernels.pool_stats()
+    for _ in range(200):  # on a busy machine a helper may miss some jobs, not all of them
+        kernels.gemv(x, w)
+        if kernels.pool_stats()["helper_chunks"] > before["helper_chunks"]:
+            break
+    after = kernels.pool_stats()
+    assert after["jobs"] > before["jobs"] and after["helper_chunks"] > before["helper_chunks"]
+
+
+@needs_kernel
+def test_small_jobs_stay_on_the_calling_thread(pool_settings):
+    kernels.set_num_threads(2)
+    w, x = torch.randn(64, 64), torch.randn(64)  # 16 KiB: far below SOLO_BYTES
+    before = kernels.pool_stats()
+    kernels.gemv(x, w)
+    after = kernels.pool_stats()
+    assert after["solo_jobs"] - before["solo_jobs"] == after["jobs"] - before["jobs"] == 1
+
+
+@needs_kernel
+def test_calls_from_several_python_threads_at_once(pool_settings):
+    from concurrent.futures import ThreadPoolExecutor
+    kernels.set_num_threads(2)
+    kernels.configure(0, 4096)
+    g = torch.Generator().manual_seed(3)
+    cases = [(torch.randn(2000, 300, generator=g), torch.randn(300, generator=g)) for _ in range(4)]
+    want = [F.linear(x, w) for w, x in cases]
+    with ThreadPoolExecutor(4) as ex:  # one caller holds the pool; the others run their jobs alone
+        for _ in range(20):
+            got = list(ex.map(lambda c: kernels.gemv(c[1], c[0]), cases))
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_a_forked_child_computes_without_the_parent_s_threads(pool_settings):
+    import multiprocessing
+    kernels.set_num_threads(2)
+    kernels.configure(0, 4096)
+    w, x = torch.randn(1000, 200), torch.randn(200)
+    want = kernels.gemv(x, w)  # the parent's pool has started its helper
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as p:
+        got = p.apply(kernels.gemv, (x, w))
+    assert torch.equal(got, want)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_greedy_tokens_are_identical_on_1_and_2_threads(pool_settings, dtype):
+    files = resolve("qwen-lab/tiny-chat")
+    model, tok = load_model(files, dtype, "cpu"), Tokenizer.from_files(files)
+    prompt = tok.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    gen = GenerationConfig(max_new_tokens=40, do_sample=False, eos_token_id=[])
+    runs = []
+    for threads, chunk in [(1, 64 * 1024), (2, 64 * 1024), (2, 256)]:  # 256 bytes: many tiny chunks
+        kernels.set_num_threads(threads)
+        kernels.configure(0, chunk)  # share even the smallest matrices
+        result = generate_stream(model, tok, prompt, gen).result
+        assert result.decode_threads == threads
+        runs.append(result.token_ids)
+    assert runs[0] == runs[1] == runs[2]

@@ -64,14 +64,40 @@ def test_dtype_choice(tiny_dir, name, dtype):
     assert {p.dtype for p in model.parameters()} == {dtype}
 
 
-def test_auto_dtype_follows_what_the_device_does_well(monkeypatch):
-    import qwen_lab.load as load
+def test_auto_dtype_keeps_a_bf16_checkpoint_as_it_is_on_a_cpu():
+    cpu = torch.device("cpu")
     assert choose_dtype("auto", torch.device("cuda")) == torch.bfloat16  # as the seed does
-    monkeypatch.setattr(load, "native_bf16", lambda: False)  # AVX2 only: bf16 products are emulated
-    assert choose_dtype("auto", torch.device("cpu")) == torch.float32
-    monkeypatch.setattr(load, "native_bf16", lambda: True)  # AVX-512 BF16 or AMX
-    assert choose_dtype("auto", torch.device("cpu")) == torch.bfloat16
-    assert choose_dtype("float32", torch.device("cpu")) == torch.float32  # asking for a dtype wins
+    assert choose_dtype("auto", cpu, torch.bfloat16) == torch.bfloat16  # the file's own bytes, shared
+    assert choose_dtype("auto", cpu, torch.float32) == torch.float32
+    assert choose_dtype("auto", cpu, torch.float16) == torch.float32  # no float16 kernels on a CPU
+    assert choose_dtype("auto", cpu, None) == torch.float32
+    assert choose_dtype("float32", cpu, torch.bfloat16) == torch.float32  # asking for a dtype wins
+
+
+def file_mappings(path) -> list[tuple[int, int]]:
+    """Address ranges where this process maps ``path`` (from /proc/self/maps)."""
+    ranges = []
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == str(path):
+            lo, hi = (int(a, 16) for a in fields[0].split("-"))
+            ranges.append((lo, hi))
+    return ranges
+
+
+def test_auto_loads_a_bf16_checkpoint_as_views_on_the_file():
+    """Views on the mapped file: pages any number of processes share (no private copy)."""
+    from qwen_lab.load import checkpoint_dtype
+    files = resolve("qwen-lab/tiny-chat")
+    assert checkpoint_dtype(read_config(files.config)) == torch.bfloat16
+    model = load_model(files, "auto", "cpu")
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    ranges = file_mappings(files.weights[0].resolve())
+    assert ranges, "the weights file is not memory-mapped"
+    for name, p in model.named_parameters():
+        assert any(lo <= p.data_ptr() < hi for lo, hi in ranges), f"{name} is a copy, not a view on the file"
+    converted = load_model(files, "float32", "cpu")  # a conversion has to copy
+    assert not any(lo <= converted.lm_head.weight.data_ptr() < hi for lo, hi in ranges)
 
 
 def test_native_bf16_matches_the_cpu_flags():

@@ -54,6 +54,8 @@ def test_send_button_streams_a_reply_into_the_history(panel, chat):
     assert panel.messages[1]["content"] == expected.text
     assert panel.replies[0]["generated_tokens"] == expected.generated_tokens
     assert "tokens/s" in panel.transcript.value and "Hello there" in panel.transcript.value
+    threads = panel.replies[0]["decode_threads"]
+    assert f"tokens/s on {threads} thread" in panel.transcript.value
     assert panel.stop_button.disabled and not panel.send_button.disabled
 
 

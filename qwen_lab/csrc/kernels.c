@@ -2,23 +2,25 @@
  *
  * 1. y = W x (+ b). Decoding reads every weight matrix once per token and does
  *    two flops per weight, so its speed is the speed at which the weights stream
- *    from memory. These loops do nothing clever: each thread takes a contiguous
- *    block of rows of the row-major (out x in) matrix, as nn.Linear stores it,
- *    and reads it front to back, one row at a time, with four accumulators in
- *    flight. That single sequential stream per core is what the hardware
+ *    from memory. These loops do nothing clever: each thread takes a block of
+ *    rows (a chunk, from the pool of pool.c) of the row-major (out x in) matrix,
+ *    as nn.Linear stores it, and reads it front to back, one row at a time, with
+ *    four accumulators in flight. That single sequential stream per core is what the hardware
  *    prefetcher follows best: walking four rows side by side, as a BLAS does,
  *    was measured 1.5x slower for bfloat16 on short rows. Sums are float32.
  * 2. RMSNorm of one row, and 3. a layer's attention step for one new token:
  *    each replaces a dozen or more small torch operations of a few microseconds.
  *
- * Built on first use (cc -O3 -mavx2 -mfma -fopenmp) and called through ctypes;
- * the OpenMP runtime is the one torch already loaded.
+ * Built on first use (cc -O3 -mavx2 -mfma, with pool.c) and called through ctypes.
  */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#include <stdatomic.h>
+
+#include "pool.h"
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -93,11 +95,50 @@ static void shuffle_x(const uint16_t *x16, float *xs, int64_t K) {
     for (; k < K; k++) xs[k] = bf16_to_f32(x16[k]);
 }
 
+/* ---- y = W x (+ b), shared out over the pool ------------------------------------------------ */
+
+/* Measured (benchmarks/bench_contention.py): below SOLO_BYTES of weights, waking a helper costs
+ * more than it saves; CHUNK_BYTES per chunk is small enough that a thread which loses its core
+ * leaves little behind, and large enough that claiming costs nothing measurable. */
+static int64_t solo_bytes = 256 * 1024, chunk_bytes = 64 * 1024;
+
+void qwen_kernels_configure(int64_t solo, int64_t chunk) {
+    solo_bytes = solo;
+    chunk_bytes = chunk > 0 ? chunk : 1;
+}
+
+/* How many rows each chunk of an (N x row_bytes) job holds, so that the job is one chunk when
+ * it is too small to share. */
+static int64_t rows_per_chunk(int64_t N, int64_t row_bytes, int threads) {
+    if (threads <= 1 || N * row_bytes < solo_bytes) return N;
+    int64_t rows = chunk_bytes / row_bytes;
+    return rows < 1 ? 1 : rows;
+}
+
+struct gemv_job { const void *W; const float *x; const void *bias; void *y; int64_t N, K, rows; };
+
+static void gemv_f32_chunk(const void *job, int64_t c) {
+    const struct gemv_job *j = job;
+    const float *W = j->W, *b = j->bias;
+    float *y = j->y;
+    int64_t end = (c + 1) * j->rows < j->N ? (c + 1) * j->rows : j->N;
+    for (int64_t n = c * j->rows; n < end; n++) y[n] = row_f32(W + n * j->K, j->x, j->K) + (b ? b[n] : 0.0f);
+}
+
+static void gemv_bf16_chunk(const void *job, int64_t c) {
+    const struct gemv_job *j = job;
+    const uint16_t *W = j->W, *b = j->bias;
+    uint16_t *y = j->y;
+    int64_t end = (c + 1) * j->rows < j->N ? (c + 1) * j->rows : j->N;
+    for (int64_t n = c * j->rows; n < end; n++)
+        y[n] = f32_to_bf16(row_bf16(W + n * j->K, j->x, j->K) + (b ? bf16_to_f32(b[n]) : 0.0f));
+}
+
 /* y[n] = sum_k W[n, k] x[k] + (bias ? bias[n] : 0), W row-major (N x K). */
 void qwen_gemv_f32(const float *W, const float *x, const float *bias, float *y,
                    int64_t N, int64_t K, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; n++) y[n] = row_f32(W + n * K, x, K) + (bias ? bias[n] : 0.0f);
+    struct gemv_job job = {W, x, bias, y, N, K, rows_per_chunk(N, K * 4, threads)};
+    qwen_pool_run(gemv_f32_chunk, &job, (N + job.rows - 1) / job.rows, threads);
 }
 
 /* The same with bfloat16 weights, x, bias and y; sums in float32, y rounded once.
@@ -108,9 +149,8 @@ int qwen_gemv_bf16(const uint16_t *W, const uint16_t *x16, const uint16_t *bias,
     float *xs = K <= 8192 ? stack : (float *)malloc((size_t)K * sizeof(float));
     if (!xs) return -1;
     shuffle_x(x16, xs, K);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; n++)
-        y[n] = f32_to_bf16(row_bf16(W + n * K, xs, K) + (bias ? bf16_to_f32(bias[n]) : 0.0f));
+    struct gemv_job job = {W, xs, bias, y, N, K, rows_per_chunk(N, K * 2, threads)};
+    qwen_pool_run(gemv_bf16_chunk, &job, (N + job.rows - 1) / job.rows, threads);
     if (xs != stack) free(xs);
     return 0;
 }
@@ -177,22 +217,83 @@ static inline void rotate(const float *x, const float *cos, const float *sin, fl
     }
 }
 
+static inline float load_any(const void *p, int64_t i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* Eight cached values (a key or a value row) as float32. */
+static inline __m256 load8(const void *p, int64_t i, int bf16) {
+    if (!bf16) return _mm256_loadu_ps((const float *)p + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+struct attend_job {
+    const void *q, *kc, *vc;
+    void *y;
+    const float *cs, *sn;
+    int64_t d, L, max_len, group;
+    int bf16;
+    _Atomic int failed;
+};
+
+/* One query head (chunk h): y_h = softmax(q_h K^T / sqrt(d)) V over positions 0..L-1 of its KV head. */
+static void attend_head(const void *job, int64_t h) {
+    struct attend_job *j = (struct attend_job *)job;
+    const int64_t d = j->d, L = j->L;
+    const int bf16 = j->bf16;
+    float qx[512], qr[512], acc[512], stack[4096];
+    float *s = L <= 4096 ? stack : (float *)malloc((size_t)L * sizeof(float));
+    if (!s) { atomic_store(&j->failed, 1); return; }
+    for (int64_t i = 0; i < d; i++) qx[i] = load_any(j->q, h * d + i, bf16);
+    rotate(qx, j->cs, j->sn, qr, d);
+    const float scale = 1.0f / sqrtf((float)d);
+    for (int64_t i = 0; i < d; i++) qr[i] = (bf16 ? bf16_to_f32(f32_to_bf16(qr[i])) : qr[i]) * scale;
+    int64_t base = (h / j->group) * j->max_len * d;
+    float top = -INFINITY;
+    for (int64_t l = 0; l < L; l++) {  /* scores */
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t i = 0; i < d; i += 8) a = _mm256_fmadd_ps(load8(j->kc, base + l * d + i, bf16), _mm256_loadu_ps(qr + i), a);
+        s[l] = hsum(a);
+        if (s[l] > top) top = s[l];
+    }
+    __m256 total8 = _mm256_setzero_ps();  /* softmax numerators and their sum */
+    int64_t l = 0;
+    for (; l + 8 <= L; l += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + l), _mm256_set1_ps(top)));
+        _mm256_storeu_ps(s + l, e);
+        total8 = _mm256_add_ps(total8, e);
+    }
+    float total = hsum(total8);
+    for (; l < L; l++) { s[l] = expf(s[l] - top); total += s[l]; }
+    for (int64_t i = 0; i < d; i++) acc[i] = 0.0f;
+    for (l = 0; l < L; l++) {  /* weighted sum of values */
+        __m256 p = _mm256_set1_ps(s[l]);
+        for (int64_t i = 0; i < d; i += 8)
+            _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(p, load8(j->vc, base + l * d + i, bf16), _mm256_loadu_ps(acc + i)));
+    }
+    for (int64_t i = 0; i < d; i++) {
+        float out = acc[i] / total;
+        if (bf16) ((uint16_t *)j->y)[h * d + i] = f32_to_bf16(out);
+        else ((float *)j->y)[h * d + i] = out;
+    }
+    if (s != stack) free(s);
+}
+
 /* Everything Qwen2Attention does for one new token between the projections and o_proj:
  * rotate q (H heads) and k (KV heads) at position `pos`, write k and v into the caches
  * (KV x max_len x d, row pos), then for each query head h, with KV head h / (H / KV):
  * y_h = softmax(q_h K^T / sqrt(d)) V over positions 0..pos. float32 inside; `bf16` says
- * whether the tensors hold bfloat16 (then rotated q, k and y are rounded to it). */
+ * whether the tensors hold bfloat16 (then rotated q, k and y are rounded to it). Heads are
+ * shared out over the pool once the cache is large enough to be worth it. */
 static int attend(const void *q_, const void *k_, const void *v_, const void *cos_, const void *sin_,
                   void *kc_, void *vc_, void *y_, int64_t H, int64_t KV, int64_t d, int64_t pos,
                   int64_t max_len, int bf16, int threads) {
-    const int64_t L = pos + 1, group = H / KV;
     if (d > 512 || d % 8) return -2;
     float cs[512], sn[512], tmp[512], rot[512];
-    #define LOAD(p, i) (bf16 ? bf16_to_f32(((const uint16_t *)(p))[i]) : ((const float *)(p))[i])
-    #define ROUND(x) (bf16 ? bf16_to_f32(f32_to_bf16(x)) : (x))
-    for (int64_t i = 0; i < d; i++) { cs[i] = LOAD(cos_, i); sn[i] = LOAD(sin_, i); }
+    for (int64_t i = 0; i < d; i++) { cs[i] = load_any(cos_, i, bf16); sn[i] = load_any(sin_, i, bf16); }
     for (int64_t g = 0; g < KV; g++) {  /* the new key (rotated) and value into the caches */
-        for (int64_t i = 0; i < d; i++) tmp[i] = LOAD(k_, g * d + i);
+        for (int64_t i = 0; i < d; i++) tmp[i] = load_any(k_, g * d + i, bf16);
         rotate(tmp, cs, sn, rot, d);
         int64_t row = (g * max_len + pos) * d;
         for (int64_t i = 0; i < d; i++) {
@@ -205,58 +306,10 @@ static int attend(const void *q_, const void *k_, const void *v_, const void *co
             }
         }
     }
-    int failed = 0;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t h = 0; h < H; h++) {
-        float qx[512], qr[512], acc[512];
-        float *s = (float *)malloc((size_t)L * sizeof(float));
-        if (!s) { failed = 1; continue; }
-        for (int64_t i = 0; i < d; i++) qx[i] = LOAD(q_, h * d + i);
-        rotate(qx, cs, sn, qr, d);
-        const float scale = 1.0f / sqrtf((float)d);
-        for (int64_t i = 0; i < d; i++) qr[i] = ROUND(qr[i]) * scale;
-        int64_t base = (h / group) * max_len * d;
-        float top = -INFINITY;
-        for (int64_t l = 0; l < L; l++) {  /* scores */
-            __m256 a = _mm256_setzero_ps();
-            for (int64_t i = 0; i < d; i += 8) {
-                __m256 kv = bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
-                                       _mm_loadu_si128((const __m128i *)((const uint16_t *)kc_ + base + l * d + i))), 16))
-                                 : _mm256_loadu_ps((const float *)kc_ + base + l * d + i);
-                a = _mm256_fmadd_ps(kv, _mm256_loadu_ps(qr + i), a);
-            }
-            s[l] = hsum(a);
-            if (s[l] > top) top = s[l];
-        }
-        __m256 total8 = _mm256_setzero_ps();  /* softmax numerators and their sum */
-        int64_t l = 0;
-        for (; l + 8 <= L; l += 8) {
-            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + l), _mm256_set1_ps(top)));
-            _mm256_storeu_ps(s + l, e);
-            total8 = _mm256_add_ps(total8, e);
-        }
-        float total = hsum(total8);
-        for (; l < L; l++) { s[l] = expf(s[l] - top); total += s[l]; }
-        for (int64_t i = 0; i < d; i++) acc[i] = 0.0f;
-        for (l = 0; l < L; l++) {  /* weighted sum of values */
-            __m256 p = _mm256_set1_ps(s[l]);
-            for (int64_t i = 0; i < d; i += 8) {
-                __m256 vv = bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
-                                       _mm_loadu_si128((const __m128i *)((const uint16_t *)vc_ + base + l * d + i))), 16))
-                                 : _mm256_loadu_ps((const float *)vc_ + base + l * d + i);
-                _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(p, vv, _mm256_loadu_ps(acc + i)));
-            }
-        }
-        for (int64_t i = 0; i < d; i++) {
-            float out = acc[i] / total;
-            if (bf16) ((uint16_t *)y_)[h * d + i] = f32_to_bf16(out);
-            else ((float *)y_)[h * d + i] = out;
-        }
-        free(s);
-    }
-    #undef LOAD
-    #undef ROUND
-    return failed ? -1 : 0;
+    struct attend_job job = {q_, kc_, vc_, y_, cs, sn, d, pos + 1, max_len, H / KV, bf16, 0};
+    int64_t cache_bytes = 2 * KV * (pos + 1) * d * (bf16 ? 2 : 4);  /* what the heads read */
+    qwen_pool_run(attend_head, &job, H, cache_bytes < solo_bytes ? 1 : threads);
+    return atomic_load(&job.failed) ? -1 : 0;
 }
 
 int qwen_attend_one_f32(const float *q, const float *k, const float *v, const float *cos, const float *sin,
