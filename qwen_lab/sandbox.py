@@ -383,7 +383,8 @@ _FILTER_SIZES = {
 
 # ---------------------------------------------------------------- layer 1: the worker process
 # The parent sends one JSON line per render: {"source", "context", "seconds", "memory_mib",
-# "max_chars"}; the worker answers one JSON line, {"text": ...} or {"error": ..., "fatal": bool}.
+# "max_chars"}; the worker answers one JSON line, {"text": ...} or {"error": ...}, with "exit": true
+# when it ends after this reply (after running out of memory, or grown by a budget's worth).
 # JSON both ways: the worker runs hostile code, so nothing it sends is ever unpickled.
 
 _START_TIMEOUT = 60.0  # seconds for the worker to start (imports on a cold, busy machine)
@@ -524,7 +525,7 @@ class _Worker:
             raise TemplateError(
                 f"the chat template's worker process died (exit status {status}) while rendering: the template is "
                 f"broken or hostile, or used more than {budget.memory_mib} MiB; do not use this model's template")
-        if reply.get("fatal"):
+        if reply.get("exit"):  # the worker ends after this reply; the next render starts another
             self.close()
         return reply
 
@@ -571,11 +572,15 @@ def serve(factory: str) -> None:
         out.flush()
 
     send({"ready": True})
+    start = _address_space()
     for line in sys.stdin.buffer:
         request = json.loads(line)
         reply = _serve_one(environment, compiled, request)
+        now = _address_space()
+        if start is not None and now is not None and now > start + request["memory_mib"] * 2**20:
+            reply["exit"] = True  # grown by a budget (cache, fragments): the limit is relative, so make way
         send(reply)
-        if reply.get("fatal"):
+        if reply.get("exit"):
             return
 
 
@@ -594,7 +599,7 @@ def _serve_one(environment: Sandbox, compiled: dict, request: dict) -> dict:
             doing = "failed on these messages"
             text = _generate(template, request["context"], budget.max_chars)
     except MemoryError:
-        return {"fatal": True, "error": (
+        return {"exit": True, "error": (
             f"the chat template used more than {budget.memory_mib} MiB of memory and was stopped: it is broken or "
             f"hostile; do not use this model's template (a genuine one can be given more: Budget(memory_mib=...))")}
     except BudgetError as e:
