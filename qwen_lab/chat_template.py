@@ -13,8 +13,10 @@ That string is produced by the Jinja template the model ships in
 transformers' ``apply_chat_template`` does, so the bytes are identical.
 
 The template comes from a downloaded repository: it is untrusted code. It runs
-in Jinja's *immutable sandbox*: no attribute starting with ``_``, no access to
-Python internals, no mutation of the messages, and a cap on the output size.
+in Jinja's *immutable sandbox* (no attribute starting with ``_``, no access to
+Python internals, no mutation of the messages), in a separate worker process,
+on a budget of time and memory: a hostile or broken template fails with a
+one-line ``TemplateError`` within seconds. How that works is in ``sandbox.py``.
 
 >>> t = ChatTemplate("{% for m in messages %}{{ m.role }}: {{ m.content }}\\n{% endfor %}")
 >>> t.render([{"role": "user", "content": "Hi"}])
@@ -25,19 +27,155 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from . import sandbox
 from .errors import TemplateError
-from .hub import ModelFiles
-from .tokenizer import special_tokens as read_special_tokens
+from .sandbox import Budget, Sandbox
 
-#: A rendered prompt longer than this is a runaway template, not a chat.
-MAX_RENDERED_CHARS = 10_000_000
+if TYPE_CHECKING:
+    from .hub import ModelFiles
 
+
+class ChatTemplate:
+    """A model's chat template plus the special-token variables it may read.
+
+    Nothing runs when it is made: the template compiles on first use, in the sandbox's
+    worker. A broken template thus does not stop a model from loading (a raw prompt does not
+    need it); the error comes when a conversation is rendered with it. ``budget`` bounds the
+    time and memory of each render (``sandbox.Budget``; by default ``sandbox.DEFAULT_BUDGET``).
+    """
+
+    def __init__(self, source: str, special_tokens: dict[str, str | None] | None = None, *,
+                 budget: Budget | None = None) -> None:
+        if not isinstance(source, str):
+            raise TemplateError(f"a chat template is Jinja source text, not a {type(source).__name__}")
+        self.source = source
+        self.special_tokens = {k: v for k, v in dict(special_tokens or {}).items() if v is not None}
+        #: time and memory per render; None: ``sandbox.DEFAULT_BUDGET`` at the time of the render
+        self.budget = budget
+        self._unusable: str | None = None  # set by from_files when the file cannot be read
+
+    @classmethod
+    def from_files(cls, files: ModelFiles, special_tokens: dict[str, str | None] | None = None,
+                   name: str = "default", required: bool = True, *,
+                   budget: Budget | None = None) -> "ChatTemplate | None":
+        """The template of a model: ``chat_template.jinja`` if present, else ``tokenizer_config.json``'s.
+
+        A model without one (a base model) raises, or gives ``None`` when not ``required``.
+        """
+        config = _read_json(Path(files.tokenizer_config))
+        unusable = None
+        if files.chat_template is not None:
+            path = Path(files.chat_template)
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                raise TemplateError(f"cannot read {path}: {e.strerror}") from e
+            try:
+                source = data.decode("utf-8")
+            except UnicodeDecodeError as e:  # kept for later: a raw prompt does not need the template
+                source = data.decode("utf-8", errors="replace")
+                unusable = (f"{path} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}): the model's "
+                            f"chat template is broken; re-download it, or send a raw prompt")
+        else:
+            source = config.get("chat_template")
+            if isinstance(source, list):  # named templates: [{"name": ..., "template": ...}]
+                named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+                source = named.get(name) or named.get("default")
+        if not isinstance(source, str):
+            if not required:
+                return None
+            raise TemplateError(f"{files.root} has no chat template (neither chat_template.jinja nor a "
+                                f"chat_template in tokenizer_config.json): it is not a chat model; use --raw")
+        if special_tokens is None:
+            from .tokenizer import special_tokens as read_special_tokens
+            special_tokens = read_special_tokens(config)
+        template = cls(source, special_tokens, budget=budget)
+        template._unusable = unusable
+        return template
+
+    def render(self, messages: list[dict], *, add_generation_prompt: bool = False,
+               tools: list[dict] | None = None, documents: list[dict] | None = None, **variables: Any) -> str:
+        """The prompt text for ``messages``.
+
+        ``add_generation_prompt=True`` appends the header of the assistant's
+        turn (``<|im_start|>assistant\\n`` for Qwen) so the model answers
+        instead of continuing the last message. It defaults to False, as in
+        transformers: forgetting it is the first pitfall of the walkthrough.
+
+        A broken or hostile template, or one past its budget, raises a one-line ``TemplateError``.
+        """
+        if self._unusable:
+            raise TemplateError(self._unusable)
+        context = {**plain_data(self.special_tokens, "special tokens"),
+                   **plain_data(variables, "template variables"),
+                   "messages": _checked_messages(messages),
+                   "tools": _list_of_objects(tools, "tools", "tool schemas ({'type': 'function', 'function': ...})"),
+                   "documents": _list_of_objects(documents, "documents", "documents ({'title': ..., 'text': ...})"),
+                   "add_generation_prompt": plain_data(add_generation_prompt, "add_generation_prompt")}
+        return sandbox.render(self.source, context, self.budget, make_environment)
+
+
+def _checked_messages(messages: Any) -> list[dict]:
+    """The messages as plain data; ``None`` values are dropped, as transformers does."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise TemplateError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    chat = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise TemplateError(f"message {i} must be a dict with 'role' and 'content', not {type(m).__name__}")
+        if not isinstance(m.get("role"), str):
+            raise TemplateError(f"message {i} has no 'role' (a string such as 'user'): the template would "
+                                f"skip it silently; give every message a role")
+        chat.append({k: v for k, v in plain_data(m, "messages").items() if v is not None})
+    return chat
+
+
+def _list_of_objects(value: Any, what: str, example: str) -> list[dict] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(x, dict) for x in value):
+        raise TemplateError(f"{what} must be a list of dicts, {example}; got {type(value).__name__}"
+                            + (" holding a non-dict" if isinstance(value, (list, tuple)) else ""))
+    return plain_data(value, what)
+
+
+def plain_data(value: Any, where: str = "input", depth: int = 0) -> Any:
+    """A fresh copy of ``value`` made of JSON types only, so the template sees no Python objects."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if depth >= sandbox.MAX_DEPTH:
+        raise TemplateError(f"the {where} nest deeper than {sandbox.MAX_DEPTH} levels (or contain themselves); "
+                            f"pass plain, finite data")
+    for base in (str, bool, int, float):  # subclasses (enums...) back to the plain type
+        if isinstance(value, base):
+            return base(value) if base is not str else str.__str__(value)
+    if isinstance(value, dict):
+        return {str(k): plain_data(v, where, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_data(v, where, depth + 1) for v in value]
+    raise TemplateError(f"the {where} holds a {type(value).__name__}; pass only str, numbers, bools, lists and dicts")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise TemplateError(f"cannot read {path}: {e.strerror}") from e
+    except ValueError as e:  # not UTF-8, or not JSON
+        raise TemplateError(f"{path} is not valid JSON ({e}); re-download the model") from e
+    if not isinstance(config, dict):
+        raise TemplateError(f"{path} holds a {type(config).__name__}, not a JSON object; re-download the model")
+    return config
+
+
+# ---------------------------------------------------------------- the Jinja environment transformers uses
+# What a chat template may call besides Jinja's own filters and globals. make_environment() runs
+# in the sandbox's worker process, so this part of the module imports nothing heavy.
 
 class _GenerationTag(jinja2.ext.Extension):
     """``{% generation %}...{% endgeneration %}`` marks assistant text for training masks.
@@ -56,26 +194,6 @@ class _GenerationTag(jinja2.ext.Extension):
         return caller()
 
 
-class _Namespace(jinja2.utils.Namespace):
-    """Jinja's ``namespace()`` minus underscore names, which could reach Python internals."""
-
-    def __init__(*args, **kwargs):  # noqa: N805 - same signature trick as jinja2.utils.Namespace
-        self, args = args[0], args[1:]
-        attrs = dict(*args, **kwargs)
-        for name in attrs:
-            _Namespace._check(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name, value):
-        _Namespace._check(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check(name):
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} starts with an underscore")
-
-
 def _raise_exception(message):
     raise jinja2.exceptions.TemplateError(message)
 
@@ -89,115 +207,8 @@ def _strftime_now(fmt):
     return datetime.now().strftime(fmt)
 
 
-class _Sandbox(ImmutableSandboxedEnvironment):
-    """Jinja's immutable sandbox, made loud: reaching for an unsafe attribute raises.
-
-    The stock sandbox quietly renders ``{{ x.__class__ }}`` as an empty string;
-    a template that tries it is hostile or broken, and should not be used.
-    """
-
-    def unsafe_undefined(self, obj, attribute):
-        raise jinja2.exceptions.SecurityError(
-            f"access to attribute {attribute!r} of a {type(obj).__name__} object is unsafe")
-
-
-def make_environment() -> ImmutableSandboxedEnvironment:
-    """The Jinja environment chat templates expect (the one transformers uses)."""
-    env = _Sandbox(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, namespace=_Namespace,
-                       dict=lambda *a, **k: dict(*a, **k))
-    return env
-
-
-def plain_data(value: Any, where: str = "input") -> Any:
-    """A fresh copy of ``value`` made of JSON types only, so the template sees no Python objects.
-
-    ``None`` values inside messages are dropped, as transformers does.
-    """
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    for base in (str, bool, int, float):  # subclasses (enums...) back to the plain type
-        if isinstance(value, base):
-            return base(value) if base is not str else str.__str__(value)
-    if isinstance(value, dict):
-        return {str(k): plain_data(v, where) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain_data(v, where) for v in value]
-    raise TemplateError(f"the {where} holds a {type(value).__name__}; pass only str, numbers, bools, lists and dicts")
-
-
-class ChatTemplate:
-    """A compiled chat template plus the special-token variables it may read."""
-
-    def __init__(self, source: str, special_tokens: dict[str, str | None] | None = None) -> None:
-        self.source = source
-        self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
-        try:
-            self._template = make_environment().from_string(source)
-        except jinja2.TemplateSyntaxError as e:
-            raise TemplateError(f"the chat template has a syntax error at line {e.lineno}: {e.message}") from e
-
-    @classmethod
-    def from_files(cls, files: ModelFiles, special_tokens: dict[str, str | None] | None = None,
-                   name: str = "default", required: bool = True) -> "ChatTemplate | None":
-        """The template of a model: ``chat_template.jinja`` if present, else ``tokenizer_config.json``'s.
-
-        A model without one (a base model) raises, or gives ``None`` when not ``required``.
-        """
-        config = json.loads(Path(files.tokenizer_config).read_text(encoding="utf-8"))
-        if files.chat_template is not None:
-            source = Path(files.chat_template).read_text(encoding="utf-8")
-        else:
-            source = config.get("chat_template")
-            if isinstance(source, list):  # named templates: [{"name": ..., "template": ...}]
-                named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
-                source = named.get(name) or named.get("default")
-        if not isinstance(source, str):
-            if not required:
-                return None
-            raise TemplateError(f"{files.root} has no chat template (neither chat_template.jinja nor a "
-                                f"chat_template in tokenizer_config.json): it is not a chat model; use --raw")
-        if special_tokens is None:
-            special_tokens = read_special_tokens(config)
-        return cls(source, special_tokens)
-
-    def render(self, messages: list[dict], *, add_generation_prompt: bool = False,
-               tools: list[dict] | None = None, documents: list[dict] | None = None, **variables: Any) -> str:
-        """The prompt text for ``messages``.
-
-        ``add_generation_prompt=True`` appends the header of the assistant's
-        turn (``<|im_start|>assistant\\n`` for Qwen) so the model answers
-        instead of continuing the last message. It defaults to False, as in
-        transformers: forgetting it is the first pitfall of the walkthrough.
-        """
-        if not isinstance(messages, (list, tuple)) or not messages:
-            raise TemplateError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
-        chat = []
-        for m in messages:
-            if not isinstance(m, dict):
-                raise TemplateError(f"each message must be a dict with 'role' and 'content', not {m!r}")
-            chat.append({k: v for k, v in plain_data(m, "messages").items() if v is not None})
-        context = {**self.special_tokens, **plain_data(variables, "template variables"),
-                   "messages": chat, "tools": plain_data(tools, "tools"),
-                   "documents": plain_data(documents, "documents"),
-                   "add_generation_prompt": add_generation_prompt}
-        try:
-            parts, size = [], 0
-            for piece in self._template.generate(**context):
-                size += len(piece)
-                if size > MAX_RENDERED_CHARS:
-                    raise TemplateError(f"the chat template produced over {MAX_RENDERED_CHARS:,} characters and "
-                                        f"was stopped: the template is broken or hostile")
-                parts.append(piece)
-            return "".join(parts)
-        except jinja2.exceptions.SecurityError as e:
-            raise TemplateError(f"the chat template tried something the sandbox forbids ({e}) and was stopped; "
-                                f"do not use this model's template") from e
-        except jinja2.TemplateError as e:
-            raise TemplateError(f"the chat template refused these messages: {e}") from e
-        except TemplateError:
-            raise
-        except Exception as e:  # a bug in the template (e.g. 'str' + None) surfaces as a Python error
-            raise TemplateError(f"the chat template failed on these messages: {type(e).__name__}: {e}") from e
+def make_environment() -> Sandbox:
+    """The Jinja environment chat templates expect (the one transformers uses), sandboxed."""
+    return Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols],
+                   filters={"tojson": _tojson},
+                   globals={"raise_exception": _raise_exception, "strftime_now": _strftime_now})
