@@ -3,7 +3,9 @@
 One module per step of the walkthrough, each depending only on the ones before:
 
     hub            1. download the model files (or find them in a folder / the embedded model)
-    model, load    2. the Qwen2 network in plain PyTorch; config.json -> architecture -> weights
+    layers,        2. the network's pieces in plain PyTorch, and the architectures built from them
+    architectures     (Qwen2, Llama, Qwen3)
+    load, runtime     config.json -> architecture -> weights; this machine's faster twins
     tokenizer         text <-> ids, streaming without broken characters
     chat_template  3. messages -> prompt text, with the model's own Jinja template
     generation     4. logits -> tokens -> text, stopping on the EOS ids of generation_config.json
@@ -19,15 +21,17 @@ from .errors import (CheckpointError, ContextTooLongError, DownloadError, QwenLa
                      UnsupportedArchitectureError)
 from .generation import ChatModel, GenerationConfig, GenerationResult, GenerationStream, generate_stream
 from .hub import EMBEDDED_MODEL_ID, ModelFiles, resolve
-from .load import ARCHITECTURES, load_model
-from .model import Qwen2Config, Qwen2ForCausalLM
+from .architectures import (ARCHITECTURES, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                            Qwen3ForCausalLM)
+from .load import load_model
 from .tokenizer import StreamDecoder, Tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ARCHITECTURES", "EMBEDDED_MODEL_ID", "ChatModel", "ChatTemplate", "CheckpointError", "ContextTooLongError",
-    "DownloadError", "GenerationConfig", "GenerationResult", "GenerationStream", "ModelFiles", "Qwen2Config",
-    "Qwen2ForCausalLM", "QwenLabError", "StreamDecoder", "TemplateError", "Tokenizer",
+    "DownloadError", "GenerationConfig", "GenerationResult", "GenerationStream", "LlamaConfig", "LlamaForCausalLM",
+    "ModelFiles", "Qwen2Config", "Qwen2ForCausalLM", "Qwen3Config", "Qwen3ForCausalLM", "QwenLabError",
+    "StreamDecoder", "TemplateError", "Tokenizer",
     "UnsupportedArchitectureError", "generate_stream", "load_model", "resolve",
 ]

@@ -125,10 +125,10 @@ def cmd_generate(args) -> None:
         signal.signal(signal.SIGINT, previous)
     sys.stdout.write("\n")
     if args.stats:  # what ran, too: the figures depend on it
-        from .kernels import Linear
+        from . import kernels
         stats = result.stats()
         stats["dtype"] = str(chat.model.lm_head.weight.dtype).removeprefix("torch.")
-        stats["matvec"] = "qwen_lab" if isinstance(chat.model.lm_head, Linear) else "torch"
+        stats["matvec"] = "qwen_lab" if kernels.in_use(chat.model) else "torch"
         print(json.dumps(stats), file=sys.stderr)
 
 

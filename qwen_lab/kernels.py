@@ -13,12 +13,14 @@ RMSNorm of one row, and a layer's attention step for one new token (rotary,
 KV-cache write, softmax(q K^T / sqrt(d)) V). Each small operation costs a few
 microseconds whatever its size, and a 24-layer step runs about 1,500 of them.
 
-The C file is compiled on first use with the system's C compiler (about a
-second) into a per-user cache, and called through ``ctypes``. Where it cannot
-be used — no compiler, a CPU without AVX2, a GPU, float16, more than one row,
-or gradients wanted — the layers fall back to their torch code (``F.linear``,
-``model.py``'s own forward): same names, same parameters, same math up to float
-rounding. ``load_model`` swaps them in; ``model.py`` never knows.
+The C files are compiled on first use with the system's C compiler (about a
+second) into a per-user cache, and called through ``ctypes``; calls are shared
+over threads by the pool of ``csrc/pool.c``. The classes at the end (``Linear``,
+``RMSNorm``, ``Attention``) are twins of ``nn.Linear`` and of ``qwen_lab.layers``'
+pieces that use them: same parameters, same math up to float rounding.
+``qwen_lab.runtime.convert_for_runtime`` swaps them in, once, after a CPU model is
+loaded. Where the C code cannot be used — no compiler, a CPU without AVX2, a GPU,
+float16, more than one row, or gradients wanted — a twin runs its torch original.
 
 >>> import torch
 >>> layer = Linear(64, 32, bias=True)
@@ -43,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import model as model_module
+from . import layers
 from .threads import choose_threads
 
 CSRC = Path(__file__).with_name("csrc")
@@ -106,7 +108,8 @@ def _library() -> ctypes.CDLL:
     norm_args = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_float]
     lib.qwen_rmsnorm_f32.argtypes, lib.qwen_rmsnorm_f32.restype = norm_args, None
     lib.qwen_rmsnorm_bf16.argtypes, lib.qwen_rmsnorm_bf16.restype = norm_args, ctypes.c_int
-    attend_args = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 5 + [ctypes.c_int]
+    attend_args = ([ctypes.c_void_p] * 7 + [ctypes.c_float] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5
+                   + [ctypes.c_int])
     for fn in (lib.qwen_attend_one_f32, lib.qwen_attend_one_bf16):
         fn.argtypes, fn.restype = attend_args, ctypes.c_int
     lib.qwen_pool_stats.argtypes, lib.qwen_pool_stats.restype = [ctypes.c_void_p], None
@@ -212,12 +215,17 @@ def _applies(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` that multiplies a single row with the C kernel when it can, and a bf16
-    prompt in float32 on CPUs without bf16 instructions (where torch would emulate them)."""
+    """``nn.Linear`` for a CPU: a single row by the C kernel, and a bf16 prompt in float32
+    where the CPU has no bf16 instructions (torch would emulate each product, 3-5x slower).
+
+    ``use_kernel = False`` keeps the second and drops the first (``matvec="torch"``).
+    """
+
+    use_kernel = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
-        if _applies(x, w) and (b is None or b.is_contiguous()):
+        if self.use_kernel and _applies(x, w) and (b is None or b.is_contiguous()):
             return _run(_library(), x, w, b)
         if w.dtype == torch.bfloat16 and x.dtype == w.dtype and not w.is_cuda and not native_bf16():
             # bf16 in, float32 sums, bf16 out: what bf16 hardware computes, at float32's speed. The
@@ -226,8 +234,8 @@ class Linear(nn.Linear):
         return F.linear(x, w, b)
 
 
-class RMSNorm(model_module.RMSNorm):
-    """``model.RMSNorm`` that normalises a single row in C when it can (one call for ~8 small ops)."""
+class RMSNorm(layers.RMSNorm):
+    """``layers.RMSNorm`` that normalises a single row in C when it can (one call for ~8 small ops)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -242,51 +250,41 @@ class RMSNorm(model_module.RMSNorm):
         return super().forward(x)
 
 
-class Attention(model_module.Qwen2Attention):
-    """``Qwen2Attention`` whose one-token step — rotary, cache write and attention over the
-    cache — is one C call between the projections and ``o_proj`` (instead of ~30 small ops)."""
+def attention_applies(attention: layers.Attention) -> bool:
+    """Can the C step serve this attention at all (head size, norms)? Checked once, at conversion."""
+    norms = [n for n in (attention.q_norm, attention.k_norm) if n is not None]
+    return attention.head_dim % 8 == 0 and attention.head_dim <= 512 and len(norms) in (0, 2)
+
+
+class Attention(layers.Attention):
+    """``layers.Attention`` whose one-token step — q/k norms (Qwen3), rotary, cache write and
+    attention over the cache — is one C call between the projections and ``o_proj`` (instead
+    of ~30 small ops). It writes the cache in ``layers.KVCache``'s declared layout."""
 
     def forward(self, x, cos, sin, cache, start):
         if not (_applies(x, self.q_proj.weight) and not torch.is_grad_enabled() and cache is not None
                 and cache.k.dtype == x.dtype and cache.k.is_contiguous() and cache.v.is_contiguous()
-                and start < cache.max_len and self.head_dim % 8 == 0 and self.head_dim <= 512):
+                and cache.k.shape[:2] == (1, self.n_kv_heads) and start < cache.max_len):
             return super().forward(x, cos, sin, cache, start)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # one row each: the gemv kernel
         cos, sin = cos.contiguous(), sin.contiguous()
         y = torch.empty_like(q)
         lib = _library()
         fn = lib.qwen_attend_one_f32 if x.dtype == torch.float32 else lib.qwen_attend_one_bf16
-        failed = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), cache.k.data_ptr(),
-                    cache.v.data_ptr(), y.data_ptr(), self.n_heads, self.n_kv_heads, self.head_dim, start,
-                    cache.max_len, _threads or num_threads())
+        qn = None if self.q_norm is None else self.q_norm.weight.data_ptr()
+        kn = None if self.k_norm is None else self.k_norm.weight.data_ptr()
+        eps = 0.0 if self.q_norm is None else self.q_norm.eps
+        failed = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), qn, kn, eps,
+                    cache.k.data_ptr(), cache.v.data_ptr(), y.data_ptr(), self.n_heads, self.n_kv_heads,
+                    self.head_dim, start, cache.max_len, _threads or num_threads())
         if failed == -1:
             raise MemoryError(f"attention: no memory for {start + 1} scores")
-        if failed:  # the checks above keep head_dim in range; the C code checks again
+        if failed:  # attention_applies() keeps head_dim in range; the C code checks again
             raise RuntimeError(f"attention kernel refused head_dim {self.head_dim}")
         return self.o_proj(y)
 
 
 def in_use(model: nn.Module) -> bool:
-    """Does ``model`` decode with these kernels (some layer is a twin, and they are available)?"""
-    return any(type(m) in TWINS.values() for m in model.modules()) and available()
-
-
-#: layer class -> its kernel-backed twin
-TWINS = {nn.Linear: Linear, model_module.RMSNorm: RMSNorm, model_module.Qwen2Attention: Attention}
-
-
-def use_kernel(model: nn.Module) -> int:
-    """Turn the ``nn.Linear``, ``RMSNorm`` and ``Qwen2Attention`` layers of a CPU model into
-    their twins above (``TWINS``); how many were turned. Nothing changes where the kernels are
-    unavailable (see ``status()``).
-    """
-    if not available():
-        return 0
-    count = 0
-    for module in model.modules():
-        twin = TWINS.get(type(module))
-        weight = next(module.parameters(), None)
-        if twin and weight is not None and weight.device.type == "cpu" and weight.dtype in DTYPES:
-            module.__class__ = twin  # same object, same parameters: only forward differs
-            count += 1
-    return count
+    """Does ``model`` decode with the C kernels (a twin that uses them, and they are available)?"""
+    return available() and any(isinstance(m, (RMSNorm, Attention)) or (isinstance(m, Linear) and m.use_kernel)
+                               for m in model.modules())

@@ -1,17 +1,19 @@
 """Step 2 — load: config.json -> architecture -> weights, without wasting memory.
 
 1. ``config.json``'s ``architectures`` picks the implementation from
-   ``ARCHITECTURES`` (the seed: "look at ``architectures`` to choose the model").
+   ``ARCHITECTURES`` (the seed: "look at ``architectures`` to choose the model");
+   every value the model needs is checked, with its field named, before anything is built.
 2. The model is built on PyTorch's *meta* device: shapes only, no memory, no
    random initialisation that the checkpoint would overwrite anyway.
 3. Each tensor of the ``.safetensors`` files is a view on a memory map of the
    file: nothing is read until it is used, and when the file's dtype is the one
-   asked for, no byte is copied at all.
-4. On a CPU, the linear layers multiply one vector (a decode step) with the C
-   kernel of ``qwen_lab.kernels``, which streams weights near memory speed. Where
-   that kernel cannot be built, large float32 matrices are instead stored
-   column-major if this machine's BLAS was measured to multiply a vector
-   faster that way (same shapes, same math: only the memory order differs).
+   asked for, no byte is copied at all — and every process that loads the same
+   file shares the same pages of memory.
+4. The model owns what is not in the file: which weights are tied, the rotary
+   frequencies (``tie_weights``, ``reset_buffers``); loading asks it, so the same code
+   loads every architecture.
+5. ``qwen_lab.runtime.convert_for_runtime`` then swaps in this machine's faster
+   twins of some layers (the C decode kernels on a CPU), in one explicit step.
 
 >>> from qwen_lab.hub import resolve
 >>> model = load_model(resolve("qwen-lab/tiny-chat"))
@@ -22,65 +24,73 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import functools
 import json
 import mmap
 import struct
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
-from .kernels import native_bf16  # noqa: F401  (here for readers of step 2)
+from . import runtime
+from .architectures import ARCHITECTURES
 from .errors import CheckpointError, UnsupportedArchitectureError
 from .hub import ModelFiles
-from .model import Qwen2Config, Qwen2ForCausalLM, RotaryEmbedding
-
-#: architecture name in config.json -> (config class, model class)
-ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
-    "Qwen2ForCausalLM": (Qwen2Config, Qwen2ForCausalLM),
-}
+from .kernels import native_bf16  # noqa: F401  (re-exported: notebook 2 asks what the CPU does well)
+from .layers import CausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-LAYOUTS = ("auto", "row", "column")
-MATVECS = ("auto", "torch")
-
-#: Column-major storage is only considered for float32 matrices at least this large: smaller
-#: ones stay in the CPU cache, where the layout makes no difference worth measuring.
-COLUMN_MAJOR_MIN_BYTES = 8 * 2**20
+MATVECS = runtime.MATVECS
 
 # safetensors dtype tags -> torch dtypes (the ones a language model checkpoint uses)
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool}
+#: A safetensors header larger than this is not a language model's (Qwen2.5-1.5B's is 30 kB).
+MAX_HEADER_BYTES = 100_000_000
+
+
+def read_json_object(path: str | Path, what: str) -> dict:
+    """A JSON file that must hold an object, or a one-line ``CheckpointError`` naming it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}; download the model again") from e
+    except (ValueError, RecursionError) as e:  # also bad UTF-8, and JSON nested thousands deep
+        reason = "it is nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0]
+        raise CheckpointError(f"{path} is not valid JSON ({reason}); download the model again") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object ({what}), not a {type(data).__name__}; "
+                              f"download the model again")
+    return data
 
 
 def read_config(path: str | Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}; download the model again") from e
+    return read_json_object(path, "the model's configuration")
 
 
 def architecture_of(config: dict) -> str:
-    """The supported architecture ``config.json`` names, or a clear error."""
+    """The supported architecture ``config.json`` names, or a clear error listing the supported ones."""
     names = config.get("architectures") or []
+    if isinstance(names, str):  # a hand-written config may give one name instead of a list
+        names = [names]
+    if not isinstance(names, list):
+        raise CheckpointError(f"config.json: architectures must be a list of names, not {names!r}")
     for name in names:
-        if name in ARCHITECTURES:
+        if isinstance(name, str) and name in ARCHITECTURES:
             return name
     supported = ", ".join(sorted(ARCHITECTURES))
-    shown = ", ".join(names) if names else "no architecture"
+    shown = ", ".join(map(str, names)) if names else "no architecture"
     raise UnsupportedArchitectureError(f"config.json names {shown}; qwen_lab supports {supported}")
 
 
-def build_model(config: dict, device: str | torch.device = "meta") -> nn.Module:
+def build_model(config: dict, device: str | torch.device = "meta") -> CausalLM:
     """The model ``config`` describes, on ``device`` (``meta``: shapes only, no memory)."""
-    config_cls, model_cls = ARCHITECTURES[architecture_of(config)]
+    model_cls = ARCHITECTURES[architecture_of(config)]
+    cfg = model_cls.config_class.from_dict(config)  # validates every field first
     with torch.device(device):
-        return model_cls(config_cls.from_dict(config))
+        return model_cls(cfg)
 
 
 def checkpoint_dtype(config: dict) -> torch.dtype | None:
@@ -92,7 +102,9 @@ def checkpoint_dtype(config: dict) -> torch.dtype | None:
 def choose_dtype(dtype: str | torch.dtype, device: torch.device, saved: torch.dtype | None = None) -> torch.dtype:
     """The dtype to compute in. ``auto``:
 
-    * on CUDA, bfloat16 as the seed's Candle code does;
+    * on CUDA, bfloat16 where the GPU computes it natively (compute capability 8.0 and up:
+      A100, H100, RTX 30xx...), as the seed's Candle code does; float16 on older GPUs
+      (Colab's T4), which emulate bf16;
     * on a CPU, the dtype the weights were ``saved`` in when it is bfloat16 or float32. A
       bf16 checkpoint then stays the file's own bytes, memory-mapped: no conversion, half
       the memory of float32, and the same pages shared by every process that loads it (30
@@ -105,7 +117,7 @@ def choose_dtype(dtype: str | torch.dtype, device: torch.device, saved: torch.dt
         return dtype
     if dtype == "auto":
         if device.type == "cuda":
-            return torch.bfloat16
+            return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
         return saved if saved in (torch.bfloat16, torch.float32) else torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
@@ -128,7 +140,8 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _map_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
-    """The tensors, and the address range of the mapping they view."""
+    """The tensors, and the address range of the mapping they view. Nothing of a file that
+    is not a valid safetensors file is shown in an error (it might not be a model file at all)."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -136,27 +149,28 @@ def _map_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], tuple[i
             if size < 8:
                 raise CheckpointError(f"{path} is truncated ({size} bytes): download it again")
             (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8 or n > 100_000_000:
-                raise CheckpointError(f"{path} is truncated or not a safetensors file "
-                                      f"(header of {n} bytes in a {size}-byte file): download it again")
+            if n > size - 8 or n > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{path} is truncated or not a safetensors file (its header cannot fit in "
+                                      f"{size:,} bytes): download it again")
             header = json.loads(f.read(n))
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from e
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} has a corrupt header ({e}): download it again") from e
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise CheckpointError(f"{path} has a corrupt header (not valid JSON): download it again") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} has a corrupt header (not a JSON object): download it again")
     header.pop("__metadata__", None)
-    tensors, data_start = {}, 8 + n
+    tensors, data_start, spans = {}, 8 + n, []
     base = ctypes.addressof(ctypes.c_char.from_buffer(mm)) if size else 0
     for name, info in header.items():
         try:
             dtype = _ST_DTYPES[info["dtype"]]
-            shape = [int(d) for d in info["shape"]]
-            begin, end = (int(o) for o in info["data_offsets"])
+            shape, (begin, end) = _whole_numbers(info["shape"]), _whole_numbers(info["data_offsets"])
         except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: entry {name!r} is corrupt or of an unsupported dtype ({e})") from e
+            raise CheckpointError(f"{path}: entry {name!r} is corrupt or of an unsupported dtype ({e})") from None
+        if any(d < 0 for d in shape):
+            raise CheckpointError(f"{path}: tensor {name!r} has a negative dimension {shape}: file is corrupt")
         count = 1
         for d in shape:
             count *= d
@@ -164,8 +178,9 @@ def _map_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], tuple[i
         if end - begin != count * itemsize or begin < 0:
             raise CheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape}: file is corrupt")
         if data_start + end > size:
-            raise CheckpointError(f"{path} is truncated: tensor {name!r} ends at byte {data_start + end} "
-                                  f"of a {size}-byte file; download it again")
+            raise CheckpointError(f"{path} is truncated: tensor {name!r} ends at byte {data_start + end:,} "
+                                  f"of a {size:,}-byte file; download it again")
+        spans.append((begin, end, name))
         if count == 0:
             tensors[name] = torch.empty(shape, dtype=dtype)
         elif (data_start + begin) % itemsize:  # unaligned data: torch cannot view it, so copy
@@ -173,7 +188,17 @@ def _map_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], tuple[i
             tensors[name] = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
         else:
             tensors[name] = torch.frombuffer(mm, dtype=dtype, count=count, offset=data_start + begin).reshape(shape)
+    spans.sort()
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:  # two names for the same bytes: a crafted or damaged file
+            raise CheckpointError(f"{path}: tensors {first!r} and {second!r} overlap in the file: file is corrupt")
     return tensors, (base, base + size)
+
+
+def _whole_numbers(values) -> list[int]:
+    if not isinstance(values, list) or not all(type(v) is int for v in values):
+        raise ValueError(f"expected a list of whole numbers, got {str(values)[:40]}")
+    return values
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True) if hasattr(mmap, "MADV_DONTNEED") else None
@@ -197,62 +222,16 @@ def _release(view: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
         _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
 
 
-@functools.lru_cache(maxsize=None)
-def column_major_is_faster(out_features: int, in_features: int) -> bool:
-    """Does this machine multiply a vector faster by an (out x in) float32 matrix stored column-major?
+def load_weights(model: CausalLM, files: list[Path], dtype: torch.dtype, device: torch.device,
+                 declared: torch.dtype | None = None) -> None:
+    """Put the checkpoint's tensors into a meta-device ``model``, checking names, shapes and dtypes.
 
-    Decoding is one matrix-vector product per weight matrix, and BLAS libraries differ in which
-    storage order they stream faster (MKL on AMD CPUs: column-major, for the wide matrices).
-    Measured once per shape, on a slice tall enough to leave the cache.
-    """
-    rows = min(out_features, 16384)
-    row_major = torch.randn(rows, in_features)
-    column_major = torch.empty(in_features, rows).copy_(row_major.t()).t()  # same matrix, other order
-    x = torch.randn(1, in_features)
-
-    def best(w):
-        F.linear(x, w)
-        times = []
-        for _ in range(5):
-            t = time.perf_counter()
-            F.linear(x, w)
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    return best(column_major) < 0.9 * best(row_major)
-
-
-def column_major_weights(model: nn.Module, dtype: torch.dtype, device: torch.device,
-                         layout: str = "auto", kernel: bool = False) -> set[str]:
-    """Names of the ``nn.Linear`` weights to store column-major (the math is unchanged).
-
-    ``auto``: float32 on the CPU, large matrices, where measured faster, unless the C
-    ``kernel`` will multiply them (it reads rows); ``row``: none; ``column``: every
-    linear weight (for tests and experiments).
-    """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
-    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
-    chosen = set()
-    for name, p in model.named_parameters():  # a tied lm_head appears once, as the embedding
-        if id(p) not in linear or layout == "row":
-            continue
-        if layout == "column" or (dtype == torch.float32 and device.type == "cpu" and not kernel
-                                  and p.numel() * 4 >= COLUMN_MAJOR_MIN_BYTES and column_major_is_faster(*p.shape)):
-            chosen.add(name)
-    return chosen
-
-
-def load_weights(model: nn.Module, files: list[Path], dtype: torch.dtype, device: torch.device,
-                 column_major: set[str] = frozenset()) -> None:
-    """Put the checkpoint's tensors into a meta-device ``model``, checking names and shapes.
-
-    Tied weights (``lm_head`` sharing ``embed_tokens``) are one parameter in
-    the model; a checkpoint may or may not also store ``lm_head.weight``.
-    Weights named in ``column_major`` keep their shape but are stored transposed.
+    The model says which of its parameters are tied (``tied_weights``): a checkpoint may
+    store those once or twice. What is not in the checkpoint, the model rebuilds itself
+    (``tie_weights``, ``reset_buffers``). ``declared`` is the dtype config.json names.
     """
     expected = dict(model.named_parameters())  # tied parameters appear once
-    tied = getattr(model.config, "tie_word_embeddings", False)
+    aliases = model.tied_weights()
     tensors: dict[str, torch.Tensor] = {}
     mapped = []
     for f in files:
@@ -265,54 +244,88 @@ def load_weights(model: nn.Module, files: list[Path], dtype: torch.dtype, device
             raise CheckpointError(f"{where}: tensor {name!r} is missing from the weights; "
                                   f"is the checkpoint complete and made for this config.json?")
     for name, t in tensors.items():
-        if name not in expected and not (tied and name == "lm_head.weight"):
+        if name not in expected and name not in aliases:
             raise CheckpointError(f"{where}: unexpected tensor {name!r} in the weights; "
                                   f"does config.json describe this checkpoint?")
-        if name in expected and tuple(t.shape) != tuple(expected[name].shape):
+        want = expected.get(name, expected.get(aliases.get(name, "")))
+        if tuple(t.shape) != tuple(want.shape):
             raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, "
-                                  f"config.json implies {tuple(expected[name].shape)}")
+                                  f"config.json implies {tuple(want.shape)}")
+        if not t.is_floating_point():
+            raise CheckpointError(f"{where}: tensor {name!r} holds {t.dtype} values, not weights")
+        if {t.dtype, declared} == {torch.float16, torch.bfloat16}:  # same size, different meaning
+            raise CheckpointError(f"{where}: config.json says the weights are {declared} but {name!r} is stored "
+                                  f"as {t.dtype}: one of them is mislabelled; download the model again")
     for name in expected:
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         view = tensors.pop(name)
-        if name in column_major:  # transpose in the file's dtype (fewer bytes to move), then convert
-            value = view.t().contiguous().to(device=device, dtype=dtype).t()
-        else:  # .to() is a no-op (no copy) when dtype and device already match the file
-            value = view.to(device=device, dtype=dtype)
+        value = view.to(device=device, dtype=dtype)  # no copy when dtype and device already match the file
         if value.data_ptr() != view.data_ptr() and view.is_contiguous():
             _release(view, mapped)
         module._parameters[attr] = nn.Parameter(value, requires_grad=False)
-    if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    # Buffers are not in the checkpoint: rebuild them on the real device.
-    rotary = model.model.rotary_emb
-    with torch.device(device):
-        model.model.rotary_emb = RotaryEmbedding(rotary.inv_freq.shape[0] * 2, model.config.rope_theta)
+    model.tie_weights()
+    model.reset_buffers(device)
+
+
+def check_memory(model: CausalLM, dtype: torch.dtype, device: torch.device, saved: torch.dtype | None) -> None:
+    """Refuse, with the figures, to convert weights into more memory than this machine has.
+
+    A bf16 file loaded as bf16 on a CPU needs nothing extra (its pages are mapped, and can be
+    dropped and re-read by the system under pressure); a conversion makes a private copy.
+    """
+    need = sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        where, hint = "free on the GPU", "use a smaller model"
+    elif dtype == saved:
+        return
+    else:
+        free = available_memory()
+        where, hint = "available", "load it in the file's own dtype (dtype='auto' or 'bfloat16'), or a smaller model"
+    if free is not None and need > free:
+        raise CheckpointError(f"the weights need {need / 2**30:.1f} GiB as {str(dtype)[6:]} but only "
+                              f"{free / 2**30:.1f} GiB is {where}: {hint}")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (``MemAvailable``), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def load_model(files: ModelFiles, dtype: str | torch.dtype = "auto",
-               device: str | torch.device | None = None, layout: str = "auto",
-               matvec: str = "auto") -> nn.Module:
+               device: str | torch.device | None = None, matvec: str = "auto") -> CausalLM:
     """Build the architecture ``config.json`` names and fill it from the safetensors files.
 
     ``dtype``: ``auto`` (see ``choose_dtype``), or float32 / bfloat16 / float16.
-    ``layout``: how linear weights are stored in memory (see ``column_major_weights``).
-    ``matvec``: ``auto`` multiplies single rows on the CPU with ``qwen_lab.kernels``'s C
-    kernel where it is available; ``torch`` always uses ``F.linear``.
+    ``matvec``: ``auto`` converts the model for this machine's runtime (``qwen_lab.runtime``:
+    the C decode kernels on a CPU); ``torch`` uses torch's own products throughout; ``none``
+    keeps the plain reference model. ``model.runtime`` lists what was replaced.
     """
     if matvec not in MATVECS:
         raise ValueError(f"matvec {matvec!r} is not one of {', '.join(MATVECS)}")
     device = torch.device(device) if device is not None else default_device()
     config = read_config(files.config)
-    dtype = choose_dtype(dtype, device, checkpoint_dtype(config))
+    saved = checkpoint_dtype(config)
+    dtype = choose_dtype(dtype, device, saved)
     model = build_model(config, "meta")
-    kernel = matvec == "auto" and device.type == "cpu" and dtype in kernels.DTYPES and kernels.available()
-    load_weights(model, files.weights, dtype, device, column_major_weights(model, dtype, device, layout, kernel))
-    if kernel:
-        kernels.use_kernel(model)
+    check_memory(model, dtype, device, saved)
+    load_weights(model, files.weights, dtype, device, saved)
+    model.runtime = runtime.convert_for_runtime(model, device, matvec)
     return model.eval()
 
 
 def count_parameters(model: nn.Module) -> int:
     """Parameters, each tied matrix counted once (works on the meta device too)."""
     return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["ARCHITECTURES", "DTYPES", "architecture_of", "available_memory", "build_model", "checkpoint_dtype",
+           "choose_dtype", "count_parameters", "default_device", "load_model", "load_weights", "read_config",
+           "read_safetensors"]

@@ -21,12 +21,18 @@ def test_real_configs_build_on_meta_with_exact_parameter_count(size, expected):
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tie_word_embeddings
 
 
-def test_unsupported_architecture_is_named_with_the_supported_list():
-    with pytest.raises(UnsupportedArchitectureError, match=r"LlamaForCausalLM.*supports Qwen2ForCausalLM"):
-        architecture_of({"architectures": ["LlamaForCausalLM"]})
+def test_the_registry_picks_among_three_and_names_them_when_it_cannot():
+    assert sorted(ARCHITECTURES) == ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
+    assert architecture_of({"architectures": ["LlamaForCausalLM"]}) == "LlamaForCausalLM"
+    assert architecture_of({"architectures": "Qwen3ForCausalLM"}) == "Qwen3ForCausalLM"  # one name, not a list
+    with pytest.raises(UnsupportedArchitectureError,
+                       match=r"names MistralForCausalLM; qwen_lab supports LlamaForCausalLM, Qwen2ForCausalLM, "
+                             r"Qwen3ForCausalLM$"):
+        architecture_of({"architectures": ["MistralForCausalLM"]})
     with pytest.raises(UnsupportedArchitectureError, match="no architecture"):
         architecture_of({})
-    assert "Qwen2ForCausalLM" in ARCHITECTURES
+    with pytest.raises(CheckpointError, match="architectures must be a list"):
+        architecture_of({"architectures": {"a": 1}})
 
 
 def copy(src, tmp_path):
@@ -64,9 +70,12 @@ def test_dtype_choice(tiny_dir, name, dtype):
     assert {p.dtype for p in model.parameters()} == {dtype}
 
 
-def test_auto_dtype_keeps_a_bf16_checkpoint_as_it_is_on_a_cpu():
+def test_auto_dtype_keeps_a_bf16_checkpoint_as_it_is_on_a_cpu(monkeypatch):
     cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100
     assert choose_dtype("auto", torch.device("cuda")) == torch.bfloat16  # as the seed does
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # Colab's T4
+    assert choose_dtype("auto", torch.device("cuda")) == torch.float16  # no bf16 in hardware
     assert choose_dtype("auto", cpu, torch.bfloat16) == torch.bfloat16  # the file's own bytes, shared
     assert choose_dtype("auto", cpu, torch.float32) == torch.float32
     assert choose_dtype("auto", cpu, torch.float16) == torch.float32  # no float16 kernels on a CPU
@@ -188,27 +197,126 @@ def test_converted_load_is_exact_and_the_released_mapping_still_reads_back(tiny_
     assert heap.sum() == 4096
 
 
-def test_column_major_storage_changes_memory_order_not_the_model(tiny_dir):
-    files = resolve(str(tiny_dir))
-    rows = load_model(files, "float32", "cpu", layout="row")
-    cols = load_model(files, "float32", "cpu", layout="column")
-    assert [(n, p.shape) for n, p in rows.named_parameters()] == [(n, p.shape) for n, p in cols.named_parameters()]
-    assert not cols.model.layers[0].mlp.up_proj.weight.is_contiguous()
-    assert cols.model.layers[0].input_layernorm.weight.is_contiguous()  # only linear weights
-    assert cols.lm_head.weight is cols.model.embed_tokens.weight  # still tied
-    ids = torch.randint(0, cols.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(cols(ids), rows(ids), rtol=1e-5, atol=1e-5)
-        for name, p in rows.named_parameters():
-            assert torch.equal(p, cols.get_parameter(name)), name
 
 
-def test_auto_layout_leaves_small_or_non_float32_matrices_alone(tiny_dir):
-    from qwen_lab.load import column_major_weights
-    model = load_model(resolve(str(tiny_dir)), "float32", "cpu")  # auto: these matrices fit in the cache
-    assert all(p.is_contiguous() for p in model.parameters())
-    big = build_model(read_config(ROOT / "benchmarks" / "configs" / "qwen2.5-0.5b.json"))
-    assert column_major_weights(big, torch.bfloat16, torch.device("cpu")) == set()
-    assert column_major_weights(big, torch.float32, torch.device("cuda")) == set()
-    with pytest.raises(ValueError, match="layout 'diagonal'"):
-        column_major_weights(big, torch.float32, torch.device("cpu"), "diagonal")
+# ---------------------------------------------------------------- hostile or broken config.json
+
+def with_config(tiny_dir, tmp_path, edit):
+    d = copy(tiny_dir, tmp_path)
+    config = json.loads((d / "config.json").read_text())
+    result = edit(config)
+    (d / "config.json").write_text(result if isinstance(result, str) else json.dumps(config))
+    return d
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("hidden_size", "192", "hidden_size must be a whole number, not '192'"),
+    ("hidden_size", 64.0, "hidden_size must be a whole number, not 64.0"),
+    ("max_position_embeddings", "2048", "max_position_embeddings must be a whole number"),
+    ("rms_norm_eps", "x", "rms_norm_eps must be a number above 0"),
+    ("rms_norm_eps", -1, "rms_norm_eps must be a number above 0"),
+    ("num_attention_heads", 0, "num_attention_heads must be between 1 and 1,024, not 0"),
+    ("num_hidden_layers", 1e9, "num_hidden_layers must be a whole number, not 1000000000.0"),
+    ("num_hidden_layers", 10**9, "num_hidden_layers must be between 1 and 512"),
+    ("num_key_value_heads", 3, r"num_attention_heads must be a multiple of num_key_value_heads \(3\)"),
+    ("vocab_size", True, "vocab_size must be a whole number, not True"),
+    ("rope_theta", float("inf"), "rope_theta must be a number"),
+    ("tie_word_embeddings", "yes", "tie_word_embeddings must be true or false"),
+    ("head_dim", 15, "head_dim must be even"),
+])
+def test_bad_config_values_are_named_before_anything_is_built(tiny_dir, tmp_path, field, value, message):
+    import time
+    d = with_config(tiny_dir, tmp_path, lambda c: c.update({field: value}))
+    start = time.monotonic()
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_model(resolve(str(d)))
+    assert time.monotonic() - start < 10  # 1e9 layers used to build for minutes
+    assert "\n" not in str(info.value) and str(info.value).startswith("config.json:")
+
+
+@pytest.mark.parametrize("edit, error, message", [
+    (lambda c: "[]", CheckpointError, "must hold a JSON object"),
+    (lambda c: "[" * 100_000 + "]" * 100_000, CheckpointError, "nested too deeply"),
+    (lambda c: "{\"architectures\": [\"Qwen2", CheckpointError, "is not valid JSON"),
+    (lambda c: c.update(hidden_act="gelu"), UnsupportedArchitectureError, "hidden_act is 'gelu'"),
+    (lambda c: c.update(rope_scaling={"rope_type": "yarn", "factor": 4}), UnsupportedArchitectureError,
+     "rope_scaling type 'yarn' is not supported; qwen_lab knows default, llama3"),
+    (lambda c: c.update(rope_scaling={"rope_type": "llama3"}), CheckpointError, "rope_scaling of type llama3 needs"),
+    (lambda c: c.update(use_sliding_window=True), UnsupportedArchitectureError, "use_sliding_window"),
+    (lambda c: c.update(layer_types=["sliding_attention", "full_attention"]), UnsupportedArchitectureError,
+     "layer_types"),
+])
+def test_broken_config_files_get_one_clear_line(tiny_dir, tmp_path, edit, error, message):
+    d = with_config(tiny_dir, tmp_path, edit)
+    with pytest.raises(error, match=message) as info:
+        load_model(resolve(str(d)))
+    assert "\n" not in str(info.value)
+
+
+def test_a_config_in_transformers_5_form_reads_rope_theta_from_rope_parameters(tiny_dir, tmp_path):
+    def edit(c):
+        c["rope_parameters"] = {"rope_theta": c.pop("rope_theta"), "rope_type": "default"}
+    d = with_config(tiny_dir, tmp_path, edit)
+    assert load_model(resolve(str(d))).config.rope_theta == 10000.0
+
+
+# ---------------------------------------------------------------- hostile or broken safetensors
+
+def write_raw_safetensors(path, header: dict, data: bytes) -> None:
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+def test_a_negative_shape_whose_product_matches_is_refused(tmp_path):
+    from qwen_lab.load import read_safetensors
+    write_raw_safetensors(tmp_path / "m.safetensors", {"w": {"dtype": "F32", "shape": [-2, -3],
+                                                             "data_offsets": [0, 24]}}, bytes(24))
+    with pytest.raises(CheckpointError, match=r"negative dimension \[-2, -3\]"):
+        read_safetensors(tmp_path / "m.safetensors")
+
+
+def test_overlapping_tensors_are_refused(tmp_path):
+    header = {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+              "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}
+    write_raw_safetensors(tmp_path / "m.safetensors", header, bytes(24))
+    with pytest.raises(CheckpointError, match="'a' and 'b' overlap"):
+        read_safetensors(tmp_path / "m.safetensors")
+
+
+@pytest.mark.parametrize("header_text", [b"[" * 100_000 + b"]" * 100_000, b'{"w": {"dtype": "F32", "shape": [1.5]}}',
+                                         b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]}}'])
+def test_a_hostile_header_gets_one_line(tmp_path, header_text):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(len(header_text).to_bytes(8, "little") + header_text + bytes(8))
+    with pytest.raises(CheckpointError) as info:
+        read_safetensors(path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_header_length_never_shows_the_file_s_bytes(tmp_path):
+    path = tmp_path / "secret.safetensors"
+    path.write_bytes(b"password=hunter2 and more")  # not a safetensors file at all
+    with pytest.raises(CheckpointError) as info:
+        read_safetensors(path)
+    leaked = str(int.from_bytes(b"password", "little"))
+    assert leaked not in str(info.value) and "hunter2" not in str(info.value)
+
+
+def test_a_bf16_tensor_labelled_f16_is_caught(tmp_path):
+    from conftest import make_checkpoint
+    from qwen_lab.tiny import train_tokenizer
+    d = make_checkpoint(tmp_path / "m", train_tokenizer(["hello world"] * 3, 300), dtype=torch.bfloat16)
+    raw = (d / "model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = raw[8:8 + n].replace(b'"BF16"', b'"F16" ')  # same length: the same bytes, read as float16
+    (d / "model.safetensors").write_bytes(raw[:8] + header + raw[8 + n:])
+    with pytest.raises(CheckpointError, match="config.json says the weights are torch.bfloat16 but"):
+        load_model(resolve(str(d)), "float32", "cpu")
+
+
+def test_a_conversion_larger_than_the_memory_is_refused_with_figures(tiny_dir, monkeypatch):
+    import qwen_lab.load as load
+    monkeypatch.setattr(load, "available_memory", lambda: 10_000)  # 10 kB free
+    with pytest.raises(CheckpointError, match=r"need 0.0 GiB as bfloat16 but only 0.0 GiB is available"):
+        load_model(resolve(str(tiny_dir)), "bfloat16", "cpu")  # the file is float32: a conversion
+    assert load_model(resolve(str(tiny_dir)), "float32", "cpu")  # its own dtype: mapped, nothing to copy

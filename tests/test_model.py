@@ -1,52 +1,101 @@
-"""The Qwen2 model against transformers' Qwen2ForCausalLM, on tiny random checkpoints."""
+"""Each architecture against transformers' own, on tiny random checkpoints that transformers writes.
+
+For Qwen2, Llama (with Llama 3's rotary scaling) and Qwen3 (q/k norms, a head_dim of its own),
+tied and untied: logits, 32 greedy tokens, with and without the KV cache, with the runtime's
+C kernels and without them.
+"""
 import pytest
 import torch
 
+from conftest import SAMPLE_TEXTS  # noqa: F401  (the tokenizer fixture's texts)
+from qwen_lab import kernels
+from qwen_lab.generation import GenerationConfig, generate_stream
 from qwen_lab.hub import resolve
 from qwen_lab.load import load_model
+from qwen_lab.tiny import tokenizer_config
+from qwen_lab.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
+SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6)
+#: architecture -> (transformers config class name, extra config fields)
+ARCHITECTURES = {
+    "Qwen2ForCausalLM": ("Qwen2Config", {"rope_theta": 10000.0}),
+    "LlamaForCausalLM": ("LlamaConfig", {"rope_theta": 10000.0, "head_dim": 16, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}}),  # small enough that the scaling changes some frequencies
+    "Qwen3ForCausalLM": ("Qwen3Config", {"rope_theta": 10000.0, "head_dim": 32}),  # wider than hidden / heads
+}
+CASES = [(arch, tie) for arch in ARCHITECTURES for tie in (True, False)]
 
-def reference(directory):
-    return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+def write_checkpoint(directory, architecture, tie, tokenizer, seed=0):
+    """transformers builds the model and writes the files; weights large enough for clear logits."""
+    config_name, extra = ARCHITECTURES[architecture]
+    config = getattr(transformers, config_name)(vocab_size=tokenizer.get_vocab_size(), tie_word_embeddings=tie,
+                                                **SIZES, **extra)
+    torch.manual_seed(seed)
+    model = getattr(transformers, architecture)(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    import json
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tokenizer, "{{ messages }}")))
+    return directory
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{a}-{'tied' if t else 'untied'}" for a, t in CASES])
+def case(request, tmp_path_factory, tokenizer):
+    architecture, tie = request.param
+    directory = write_checkpoint(tmp_path_factory.mktemp(architecture), architecture, tie, tokenizer)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    assert type(reference).__name__ == architecture
+    return directory, reference
 
 
 def prompt(vocab, n=24, seed=0):
     return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("which", ["tiny_dir", "untied_dir", "sharded_dir"])
-def test_logits_equal_transformers(which, request):
-    directory = request.getfixturevalue(which)
-    ours, ref = load_model(resolve(str(directory)), "float32", "cpu"), reference(directory)
-    assert type(ref).__name__ == "Qwen2ForCausalLM"
+@pytest.mark.parametrize("matvec", ["auto", "none"])  # the runtime's twins, and the plain reference
+def test_logits_equal_transformers(case, matvec):
+    directory, reference = case
+    ours = load_model(resolve(str(directory)), "float32", "cpu", matvec=matvec)
+    assert type(ours).__name__ == type(reference).__name__
+    assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == ours.config.tie_word_embeddings
+    if matvec == "auto" and kernels.available():  # the C kernels really run: every attention is their twin
+        assert all(type(layer.self_attn) is kernels.Attention for layer in ours.model.layers)
+        assert kernels.in_use(ours)
     ids = prompt(ours.config.vocab_size)
     with torch.no_grad():
-        torch.testing.assert_close(ours(ids), ref(ids).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours(ids), reference(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("which", ["tiny_dir", "untied_dir"])
-@pytest.mark.parametrize("penalty", [1.0, 1.3])
-def test_32_greedy_tokens_equal_transformers(which, penalty, request):
-    from qwen_lab.generation import GenerationConfig, generate_stream
-    from qwen_lab.tokenizer import Tokenizer
-    directory = request.getfixturevalue(which)
+@pytest.mark.parametrize("matvec", ["auto", "none"])
+def test_32_greedy_tokens_equal_transformers(case, matvec):
+    directory, reference = case
     files = resolve(str(directory))
-    ours, ref = load_model(files, "float32", "cpu"), reference(directory)
+    ours = load_model(files, "float32", "cpu", matvec=matvec)
     ids = prompt(ours.config.vocab_size, n=10, seed=3)
-    expected = ref.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False, eos_token_id=None,
-                            pad_token_id=0, repetition_penalty=penalty)[0, ids.shape[1]:].tolist()
-    config = GenerationConfig(max_new_tokens=32, do_sample=False, repetition_penalty=penalty)
-    got = generate_stream(ours, Tokenizer.from_files(files), ids[0].tolist(), config).result
+    expected = reference.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0, repetition_penalty=1.3)[0, ids.shape[1]:].tolist()
+    config = GenerationConfig(max_new_tokens=32, do_sample=False, repetition_penalty=1.3)
+    tok = Tokenizer.from_files(files)
+    got = generate_stream(ours, tok, ids[0].tolist(), config).result
     assert got.token_ids == expected
     assert got.finish_reason == "length" and got.generated_tokens == 32
+    assert generate_stream(ours, tok, ids[0].tolist(), config, use_cache=False).result.token_ids == expected
 
 
-def test_kv_cache_equals_full_recompute(tiny_dir):
-    model = load_model(resolve(str(tiny_dir)), "float32", "cpu")
+@pytest.mark.parametrize("matvec", ["auto", "none"])
+def test_kv_cache_equals_full_recompute(case, matvec):
+    directory, _ = case
+    model = load_model(resolve(str(directory)), "float32", "cpu", matvec=matvec)
     ids = prompt(model.config.vocab_size, n=20, seed=5)
-    with torch.no_grad():
+    with torch.inference_mode():
         full = model(ids)
         caches = model.new_caches(1, 32)
         pieces = [model(ids[:, :8], caches, 0)]            # prefill a chunk
@@ -55,8 +104,34 @@ def test_kv_cache_equals_full_recompute(tiny_dir):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
-def test_last_only_projects_only_the_last_position(tiny_dir):
-    model = load_model(resolve(str(tiny_dir)), "float32", "cpu")
+def test_bf16_decoding_with_the_kernels_stays_close_to_the_reference(case):
+    directory, _ = case
+    files = resolve(str(directory))
+    fast, plain = load_model(files, "bfloat16", "cpu"), load_model(files, "bfloat16", "cpu", matvec="none")
+    ids = prompt(fast.config.vocab_size, n=12, seed=9)
+    with torch.inference_mode():
+        cf, cp = fast.new_caches(1, 20), plain.new_caches(1, 20)
+        fast(ids, cf), plain(ids, cp)
+        for i in range(4):
+            step = ids[:, i:i + 1]
+            torch.testing.assert_close(fast(step, cf, 12 + i).float(), plain(step, cp, 12 + i).float(),
+                                       rtol=0.05, atol=0.15)
+
+
+def test_llama3_rotary_scaling_matches_transformers():
+    from qwen_lab.layers import rope_frequencies
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    scaling = ARCHITECTURES["LlamaForCausalLM"][1]["rope_scaling"]
+    config = transformers.LlamaConfig(**SIZES, head_dim=16, rope_theta=10000.0, rope_scaling=dict(scaling))
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    ours = rope_frequencies(16, 10000.0, scaling)
+    torch.testing.assert_close(ours, expected.float())
+    assert not torch.allclose(ours, rope_frequencies(16, 10000.0))  # the scaling did change something
+
+
+def test_last_only_projects_only_the_last_position(case):
+    directory, _ = case
+    model = load_model(resolve(str(directory)), "float32", "cpu")
     ids = prompt(model.config.vocab_size, n=9)
     with torch.no_grad():
         last = model(ids, last_only=True)
@@ -64,9 +139,7 @@ def test_last_only_projects_only_the_last_position(tiny_dir):
         torch.testing.assert_close(last[0, 0], model(ids)[0, -1])
 
 
-def test_cache_and_no_cache_generate_the_same_tokens(tiny_dir):
-    from qwen_lab.generation import GenerationConfig, generate_stream
-    from qwen_lab.tokenizer import Tokenizer
+def test_sampled_tokens_are_the_same_with_and_without_the_cache(tiny_dir):
     files = resolve(str(tiny_dir))
     model, tok = load_model(files, "float32", "cpu"), Tokenizer.from_files(files)
     config = GenerationConfig(max_new_tokens=16, do_sample=True, temperature=1.0, top_k=50, seed=7)
@@ -74,3 +147,14 @@ def test_cache_and_no_cache_generate_the_same_tokens(tiny_dir):
     with_cache = generate_stream(model, tok, ids, config).result
     without = generate_stream(model, tok, ids, config, use_cache=False).result
     assert with_cache.token_ids == without.token_ids
+
+
+@pytest.mark.parametrize("which", ["tiny_dir", "untied_dir", "sharded_dir"])
+def test_checkpoints_written_by_qwen_lab_load_in_transformers(which, request):
+    """tiny.save_checkpoint (the embedded model's writer) makes files transformers reads the same way."""
+    directory = request.getfixturevalue(which)
+    ours = load_model(resolve(str(directory)), "float32", "cpu")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    ids = prompt(ours.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), reference(ids).logits, rtol=1e-5, atol=1e-5)

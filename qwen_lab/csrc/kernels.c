@@ -228,10 +228,25 @@ static inline __m256 load8(const void *p, int64_t i, int bf16) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
+/* Qwen3's RMSNorm of one head's q or k (over head_dim), in place, before the rotary turn; with
+ * the model's roundings when it computes in bf16 (normalised value, then the product with w). */
+static void head_norm(float *x, const void *w, float eps, int64_t d, int bf16) {
+    float ss = 0.0f;
+    for (int64_t i = 0; i < d; i++) ss += x[i] * x[i];
+    const float r = 1.0f / sqrtf(ss / (float)d + eps);
+    for (int64_t i = 0; i < d; i++) {
+        float t = x[i] * r;
+        if (bf16) t = bf16_to_f32(f32_to_bf16(t));
+        float y = load_any(w, i, bf16) * t;
+        x[i] = bf16 ? bf16_to_f32(f32_to_bf16(y)) : y;
+    }
+}
+
 struct attend_job {
-    const void *q, *kc, *vc;
+    const void *q, *kc, *vc, *qnorm;
     void *y;
     const float *cs, *sn;
+    float eps;
     int64_t d, L, max_len, group;
     int bf16;
     _Atomic int failed;
@@ -246,6 +261,7 @@ static void attend_head(const void *job, int64_t h) {
     float *s = L <= 4096 ? stack : (float *)malloc((size_t)L * sizeof(float));
     if (!s) { atomic_store(&j->failed, 1); return; }
     for (int64_t i = 0; i < d; i++) qx[i] = load_any(j->q, h * d + i, bf16);
+    if (j->qnorm) head_norm(qx, j->qnorm, j->eps, d, bf16);
     rotate(qx, j->cs, j->sn, qr, d);
     const float scale = 1.0f / sqrtf((float)d);
     for (int64_t i = 0; i < d; i++) qr[i] = (bf16 ? bf16_to_f32(f32_to_bf16(qr[i])) : qr[i]) * scale;
@@ -280,20 +296,22 @@ static void attend_head(const void *job, int64_t h) {
     if (s != stack) free(s);
 }
 
-/* Everything Qwen2Attention does for one new token between the projections and o_proj:
- * rotate q (H heads) and k (KV heads) at position `pos`, write k and v into the caches
- * (KV x max_len x d, row pos), then for each query head h, with KV head h / (H / KV):
+/* Everything layers.Attention does for one new token between the projections and o_proj:
+ * normalise each head's q and k if qnorm/knorm are given (Qwen3; NULL otherwise), rotate q
+ * (H heads) and k (KV heads) at position `pos`, write k and v into the caches (the layout of
+ * layers.KVCache: KV x max_len x d, row pos), then for each query head h, with KV head h / (H / KV):
  * y_h = softmax(q_h K^T / sqrt(d)) V over positions 0..pos. float32 inside; `bf16` says
  * whether the tensors hold bfloat16 (then rotated q, k and y are rounded to it). Heads are
  * shared out over the pool once the cache is large enough to be worth it. */
 static int attend(const void *q_, const void *k_, const void *v_, const void *cos_, const void *sin_,
-                  void *kc_, void *vc_, void *y_, int64_t H, int64_t KV, int64_t d, int64_t pos,
-                  int64_t max_len, int bf16, int threads) {
+                  const void *qnorm, const void *knorm, float eps, void *kc_, void *vc_, void *y_,
+                  int64_t H, int64_t KV, int64_t d, int64_t pos, int64_t max_len, int bf16, int threads) {
     if (d > 512 || d % 8) return -2;
     float cs[512], sn[512], tmp[512], rot[512];
     for (int64_t i = 0; i < d; i++) { cs[i] = load_any(cos_, i, bf16); sn[i] = load_any(sin_, i, bf16); }
     for (int64_t g = 0; g < KV; g++) {  /* the new key (rotated) and value into the caches */
         for (int64_t i = 0; i < d; i++) tmp[i] = load_any(k_, g * d + i, bf16);
+        if (knorm) head_norm(tmp, knorm, eps, d, bf16);
         rotate(tmp, cs, sn, rot, d);
         int64_t row = (g * max_len + pos) * d;
         for (int64_t i = 0; i < d; i++) {
@@ -306,20 +324,21 @@ static int attend(const void *q_, const void *k_, const void *v_, const void *co
             }
         }
     }
-    struct attend_job job = {q_, kc_, vc_, y_, cs, sn, d, pos + 1, max_len, H / KV, bf16, 0};
+    struct attend_job job = {q_, kc_, vc_, qnorm, y_, cs, sn, eps, d, pos + 1, max_len, H / KV, bf16, 0};
     int64_t cache_bytes = 2 * KV * (pos + 1) * d * (bf16 ? 2 : 4);  /* what the heads read */
     qwen_pool_run(attend_head, &job, H, cache_bytes < solo_bytes ? 1 : threads);
     return atomic_load(&job.failed) ? -1 : 0;
 }
 
 int qwen_attend_one_f32(const float *q, const float *k, const float *v, const float *cos, const float *sin,
-                        float *kc, float *vc, float *y, int64_t H, int64_t KV, int64_t d, int64_t pos,
-                        int64_t max_len, int threads) {
-    return attend(q, k, v, cos, sin, kc, vc, y, H, KV, d, pos, max_len, 0, threads);
+                        const float *qnorm, const float *knorm, float eps, float *kc, float *vc, float *y,
+                        int64_t H, int64_t KV, int64_t d, int64_t pos, int64_t max_len, int threads) {
+    return attend(q, k, v, cos, sin, qnorm, knorm, eps, kc, vc, y, H, KV, d, pos, max_len, 0, threads);
 }
 
 int qwen_attend_one_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *cos,
-                         const uint16_t *sin, uint16_t *kc, uint16_t *vc, uint16_t *y, int64_t H, int64_t KV,
-                         int64_t d, int64_t pos, int64_t max_len, int threads) {
-    return attend(q, k, v, cos, sin, kc, vc, y, H, KV, d, pos, max_len, 1, threads);
+                         const uint16_t *sin, const uint16_t *qnorm, const uint16_t *knorm, float eps, uint16_t *kc,
+                         uint16_t *vc, uint16_t *y, int64_t H, int64_t KV, int64_t d, int64_t pos, int64_t max_len,
+                         int threads) {
+    return attend(q, k, v, cos, sin, qnorm, knorm, eps, kc, vc, y, H, KV, d, pos, max_len, 1, threads);
 }
