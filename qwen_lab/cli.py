@@ -28,6 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
+    def template_var_arg(sp):
+        sp.add_argument("--template-var", action="append", default=[], metavar="NAME=VALUE", type=_template_var,
+                        help="a variable for the chat template, e.g. enable_thinking=false (Qwen3); "
+                             "VALUE is read as JSON when it can be (false, 3, \"text\"), else as text; repeatable")
+
     def model_arg(sp):
         sp.add_argument("--model", default=EMBEDDED_MODEL_ID,
                         help=f"Hub repo id or local directory (default: the embedded {EMBEDDED_MODEL_ID})")
@@ -53,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true", help="never stop on EOS: run to --max-new-tokens")
     g.add_argument("--show-special", action="store_true", help="print special tokens such as <|im_end|>")
     g.add_argument("--raw", action="store_true", help="send --prompt as is, without the chat template")
+    template_var_arg(g)
     g.add_argument("--stats", action="store_true", help="one JSON line of figures on stderr at the end")
 
     t = sub.add_parser("template", help="print the rendered prompt for a conversation")
@@ -60,10 +66,23 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--messages", required=True, type=Path, help="JSON file: a list of {role, content}")
     t.add_argument("--tools", type=Path, help="JSON file: a list of tool schemas")
     t.add_argument("--no-generation-prompt", action="store_true", help="do not append the assistant header")
+    template_var_arg(t)
 
     d = sub.add_parser("download", help="fetch a model's files and print the local directory")
     model_arg(d)
     return p
+
+
+def _template_var(text: str) -> tuple[str, object]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE (e.g. enable_thinking=false)")
+    if name in ("messages", "tools", "documents", "add_generation_prompt"):
+        raise argparse.ArgumentTypeError(f"{name} is set by qwen-lab itself, not by --template-var")
+    try:
+        return name, json.loads(value)
+    except ValueError:
+        return name, value
 
 
 def _read_json(path: Path, what: str):
@@ -81,7 +100,8 @@ def cmd_template(args) -> None:
     messages = _read_json(args.messages, "messages")
     tools = _read_json(args.tools, "tools") if args.tools else None
     template = ChatTemplate.from_files(resolve(args.model, args.revision))
-    sys.stdout.write(template.render(messages, add_generation_prompt=not args.no_generation_prompt, tools=tools))
+    sys.stdout.write(template.render(messages, add_generation_prompt=not args.no_generation_prompt, tools=tools,
+                                     **dict(args.template_var)))
 
 
 def cmd_download(args) -> None:
@@ -116,7 +136,8 @@ def cmd_generate(args) -> None:
     cancel = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())  # Ctrl-C stops after the current token
     try:
-        stream = chat.stream(prompt, cancel=cancel, skip_special_tokens=not args.show_special, **overrides)
+        stream = chat.stream(prompt, cancel=cancel, skip_special_tokens=not args.show_special,
+                             template_vars=dict(args.template_var), **overrides)
         for delta in stream:
             sys.stdout.write(delta)
             sys.stdout.flush()

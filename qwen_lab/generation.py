@@ -373,27 +373,32 @@ class ChatModel:
     def context_length(self) -> int:
         return self.model.config.max_position_embeddings
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
+               **template_vars) -> str:
+        """The prompt text for ``messages``; ``template_vars`` are extra variables the template
+        reads, e.g. Qwen3's ``enable_thinking=False``."""
         if self.template is None:
             raise QwenLabError(f"{self.name} has no chat template: send a raw prompt instead")
-        return self.template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+        return self.template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                    **template_vars)
 
     def prompt_ids(self, messages: list[dict], add_generation_prompt: bool = True,
-                   tools: list[dict] | None = None) -> list[int]:
-        return self.tokenizer.encode(self.render(messages, add_generation_prompt, tools))
+                   tools: list[dict] | None = None, **template_vars) -> list[int]:
+        return self.tokenizer.encode(self.render(messages, add_generation_prompt, tools, **template_vars))
 
     def stream(self, prompt: list[dict] | str | list[int], *, cancel: threading.Event | None = None,
                add_generation_prompt: bool = True, use_cache: bool = True, skip_special_tokens: bool = True,
-               **overrides) -> GenerationStream:
+               template_vars: dict | None = None, **overrides) -> GenerationStream:
         """Stream a reply to ``prompt``: messages (templated), a raw string, or ids.
 
+        ``template_vars`` go to the chat template (e.g. ``{"enable_thinking": False}``);
         ``overrides`` change fields of the generation config for this call only,
         e.g. ``temperature=0`` or ``eos_token_id=[...]``.
         """
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
         elif prompt and isinstance(prompt[0], dict):
-            ids = self.prompt_ids(prompt, add_generation_prompt)
+            ids = self.prompt_ids(prompt, add_generation_prompt, **(template_vars or {}))
         else:
             ids = list(prompt)
         config = self.generation_config.replace(**overrides)

@@ -121,9 +121,11 @@ class ChatPanel:
     """
 
     def __init__(self, chat: ChatModel, *, system_prompt: str | None = None, refresh_s: float = 0.1,
-                 **overrides) -> None:
-        """``overrides`` fix generation settings the controls do not show, e.g. ``eos_token_id=[]``."""
+                 template_vars: dict | None = None, **overrides) -> None:
+        """``overrides`` fix generation settings the controls do not show, e.g. ``eos_token_id=[]``;
+        ``template_vars`` go to the chat template, e.g. ``{"enable_thinking": False}`` for Qwen3."""
         self.chat, self.refresh_s, self.overrides = chat, refresh_s, overrides
+        self.template_vars = dict(template_vars or {})
         self.messages: list[dict] = []
         self.replies: list[dict] = []        # per assistant message: stats and flags
         self.note = ""                        # warning shown under the transcript (plain text)
@@ -134,7 +136,8 @@ class ChatPanel:
 
         g = chat.generation_config.replace(**overrides)
         default_system = system_prompt if system_prompt is not None else _template_default_system(chat)
-        shown = "".join(f" · {html.escape(k)}={html.escape(str(v))}" for k, v in overrides.items())
+        shown = "".join(f" · {html.escape(k)}={html.escape(str(v))}"
+                        for k, v in {**overrides, **self.template_vars}.items())
         self.title = w.HTML(f"<b>{html.escape(chat.name)}</b> · context {chat.context_length:,} tokens{shown}")
         self.system = w.Textarea(value=default_system, description="System", layout=w.Layout(width="98%"),
                                  rows=2)
@@ -274,7 +277,7 @@ class ChatPanel:
         conversation = self._conversation()
         self.error = ""
         try:
-            prompt = self.chat.prompt_ids(conversation)
+            prompt = self.chat.prompt_ids(conversation, **self.template_vars)
         except QwenLabError as e:
             self._fail(str(e))
             return False

@@ -134,3 +134,46 @@ def test_embedded_model_id_works_everywhere(capsys):
     assert code == 0 and out.strip() == str(EMBEDDED_MODEL_DIR)
     code, out, _ = run(capsys, "generate", "--prompt", "What is 2 plus 3?", "--temperature", "0")
     assert code == 0 and out == "2 plus 3 is 5.\n"
+
+
+@pytest.fixture
+def thinking_dir(tiny_dir, tmp_path):
+    """A model whose template reads a variable, as Qwen3's reads enable_thinking."""
+    import shutil
+    d = tmp_path / "thinking"
+    shutil.copytree(tiny_dir, d)
+    (d / "chat_template.jinja").write_text(
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n"
+        "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+    return d
+
+
+def test_template_vars_reach_the_template(capsys, thinking_dir, tmp_path):
+    messages = tmp_path / "chat.json"
+    messages.write_text(json.dumps([{"role": "user", "content": "Hi"}]))
+    plain = run(capsys, "template", "--model", thinking_dir, "--messages", messages)[1]
+    off = run(capsys, "template", "--model", thinking_dir, "--messages", messages,
+              "--template-var", "enable_thinking=false")[1]
+    assert "<think>" not in plain and off == plain + "<think>\n\n</think>\n\n"
+    as_text = run(capsys, "template", "--model", thinking_dir, "--messages", messages,
+                  "--template-var", "enable_thinking=no")[1]  # not JSON: the string "no", which is not false
+    assert "<think>" not in as_text
+
+
+def test_template_vars_reach_generate(capsys, thinking_dir):
+    from qwen_lab.generation import ChatModel
+    chat = ChatModel.load(str(thinking_dir))
+    expected = chat.generate([{"role": "user", "content": "Hi"}], template_vars={"enable_thinking": False},
+                             do_sample=False, max_new_tokens=6)
+    out = run(capsys, "generate", "--model", thinking_dir, "--prompt", "Hi", "--temperature", "0",
+              "--max-new-tokens", "6", "--template-var", "enable_thinking=false")[1]
+    assert out == expected.text + "\n"
+    assert chat.render([{"role": "user", "content": "Hi"}], enable_thinking=False).endswith("</think>\n\n")
+
+
+@pytest.mark.parametrize("bad", ["enable_thinking", "=1", "messages=[]", "two words=1"])
+def test_a_bad_template_var_is_a_usage_error(capsys, tiny_dir, bad):
+    with pytest.raises(SystemExit) as info:
+        main(["template", "--model", str(tiny_dir), "--messages", "x.json", "--template-var", bad])
+    assert info.value.code == 2 and "--template-var" in capsys.readouterr().err

@@ -180,3 +180,15 @@ def test_markdown_subset():
     assert "<pre class='ql-code' data-lang=\"python\"><code>print(&#x27;&lt;hi&gt;&#x27;)</code></pre>" in html
     assert "<ul><li><b>one</b></li><li><i>two</i></li></ul>" in html
     assert render_markdown('```"><script>\nx\n```').count("<script>") == 0
+
+
+def test_template_vars_shape_every_prompt(chat, monkeypatch):
+    seen = []
+    real = chat.prompt_ids
+    monkeypatch.setattr(chat, "prompt_ids", lambda messages, **kw: seen.append(kw) or real(messages))
+    p = ChatPanel(chat, refresh_s=0.01, template_vars={"enable_thinking": False})
+    p.max_new_tokens.value = 2
+    p.send("Hi")
+    p.wait(30)
+    assert seen == [{"enable_thinking": False}]
+    assert "enable_thinking=False" in p.title.value  # the panel says what it was made with
