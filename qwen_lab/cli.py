@@ -153,18 +153,30 @@ def cmd_generate(args) -> None:
         print(json.dumps(stats), file=sys.stderr)
 
 
+def _fail(message: str) -> int:
+    if sys.stderr is not None:
+        print(f"qwen-lab: error: {message}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = {"generate": cmd_generate, "template": cmd_template, "download": cmd_download}[args.command]
+    if sys.stdout is None:  # started with stdout closed (`>&-`): nowhere to write the result
+        return _fail("standard output is closed: there is nowhere to write the result; redirect it to a file")
     try:
         command(args)
     except (QwenLabError, ValueError) as e:
         if args.debug:
             raise
-        print(f"qwen-lab: error: {e}", file=sys.stderr)
-        return 1
+        return _fail(str(e))
     except BrokenPipeError:  # `qwen-lab generate ... | head` closed the pipe: not an error
         return 0
+    except KeyboardInterrupt:  # Ctrl-C while loading (during generation it stops the reply instead)
+        if args.debug:
+            raise
+        print("qwen-lab: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -26,3 +26,14 @@ class TemplateError(QwenLabError):
 
 class ContextTooLongError(QwenLabError):
     """The prompt does not leave room for even one new token in the model's context."""
+
+
+class SettingError(QwenLabError, ValueError):
+    """A setting has a value it cannot have (temperature, dtype, device, threads...); the message names it.
+
+    Also a ``ValueError``, as a bad argument value is in Python.
+    """
+
+
+class NumericalError(QwenLabError):
+    """The model computed NaN or infinite logits: its weights or its config are broken."""

@@ -18,7 +18,7 @@ The loop, as in gpt-fast and Candle's ``TextGeneration``:
 """
 from __future__ import annotations
 
-import json
+import math
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -29,9 +29,9 @@ import torch
 
 from . import kernels, threads
 from .chat_template import ChatTemplate
-from .errors import ContextTooLongError, QwenLabError
+from .errors import CheckpointError, ContextTooLongError, NumericalError, QwenLabError, SettingError
 from .hub import ModelFiles, resolve
-from .load import load_model, read_config
+from .load import load_model, read_config, read_json_object
 from .tokenizer import Tokenizer
 
 FINISH_REASONS = ("eos", "length", "stop", "cancelled")
@@ -57,20 +57,33 @@ class GenerationConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.eos_token_id, int):
+        if isinstance(self.eos_token_id, int) and not isinstance(self.eos_token_id, bool):
             self.eos_token_id = [self.eos_token_id]
-        self.eos_token_id = [int(i) for i in (self.eos_token_id or [])]
         if isinstance(self.stop_strings, str):
             self.stop_strings = [self.stop_strings]
-        checks = [(self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
-                  (self.temperature >= 0, "temperature must be >= 0 (0 means greedy)"),
-                  (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-                  (self.top_k >= 0, "top_k must be >= 0 (0 turns it off)"),
-                  (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 turns it off)"),
-                  (self.repeat_last_n is None or self.repeat_last_n >= 0, "repeat_last_n must be >= 0")]
-        for ok, message in checks:
+        whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+        checks = [
+            ("max_new_tokens", whole(self.max_new_tokens) and self.max_new_tokens >= 1, "a whole number, at least 1"),
+            ("do_sample", isinstance(self.do_sample, bool), "true or false"),
+            ("temperature", number(self.temperature) and self.temperature >= 0, "a finite number >= 0 (0: greedy)"),
+            ("top_p", number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
+            ("top_k", whole(self.top_k) and self.top_k >= 0, "a whole number >= 0 (0 turns it off)"),
+            ("repetition_penalty", number(self.repetition_penalty) and self.repetition_penalty > 0,
+             "a finite number > 0 (1 turns it off)"),
+            ("repeat_last_n", self.repeat_last_n is None or (whole(self.repeat_last_n) and self.repeat_last_n >= 0),
+             "a whole number >= 0"),
+            ("eos_token_id", isinstance(self.eos_token_id, list) and all(whole(i) and i >= 0 for i in self.eos_token_id),
+             "a token id or a list of them (whole numbers >= 0)"),
+            ("stop_strings", isinstance(self.stop_strings, list)
+             and all(isinstance(t, str) and t for t in self.stop_strings), "a list of non-empty strings"),
+            ("seed", self.seed is None or (whole(self.seed) and 0 <= self.seed < 2**64),
+             "a whole number from 0 to 2**64 - 1"),
+        ]
+        for name, ok, rule in checks:
             if not ok:
-                raise ValueError(message)
+                value = repr(getattr(self, name))
+                raise SettingError(f"{name} must be {rule}, not {value[:60]}")
 
     @property
     def greedy(self) -> bool:
@@ -89,15 +102,16 @@ class GenerationConfig:
     @classmethod
     def from_files(cls, files: ModelFiles) -> "GenerationConfig":
         """``generation_config.json``; without one, greedy with ``config.json``'s eos_token_id."""
-        data = {}
+        data, source = {}, files.config
         if files.generation_config is not None:
-            try:
-                data = json.loads(Path(files.generation_config).read_text(encoding="utf-8"))
-            except (OSError, ValueError) as e:
-                raise QwenLabError(f"cannot read {files.generation_config}: {e}; download the model again") from e
+            source = files.generation_config
+            data = read_json_object(source, "sampling settings and EOS ids")
         if data.get("eos_token_id") is None:
             data["eos_token_id"] = read_config(files.config).get("eos_token_id")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except SettingError as e:
+            raise CheckpointError(f"{Path(source).name}: {e}; is the file corrupt?") from None
 
 
 # ---------------------------------------------------------------- logits processing
@@ -159,8 +173,12 @@ def next_token(logits: torch.Tensor, previous: torch.Tensor, config: GenerationC
                generator: torch.Generator | None) -> int:
     """Choose one token id: the argmax when greedy, else a sample from the processed distribution."""
     logits = process_logits(logits, previous, config)
+    best, token = logits.max(-1)  # NaN wins a max: one pass finds the choice and checks the numbers
+    if not math.isfinite(float(best)):
+        raise NumericalError(f"the model computed {float(best)} logits: its weights or config.json are broken "
+                             f"(NaN weights, a rotary base of 0...); download it again or check the config")
     if config.greedy:
-        return int(logits.argmax())
+        return int(token)
     # Draw among the tokens still in the running (top-k and top-p leave a few dozen of 151,936):
     # the same distribution, and 3 ms per token less than a multinomial over the whole vocabulary.
     alive = _alive(logits)
@@ -265,9 +283,12 @@ def generate_stream(model, tokenizer: Tokenizer, prompt_ids: list[int], config: 
     ``use_cache=False`` re-runs the whole sequence for every token: the same
     tokens, much slower; it exists to show what the KV cache saves.
     """
-    context = model.config.max_position_embeddings
+    context, vocab = model.config.max_position_embeddings, model.config.vocab_size
     if not prompt_ids:
         raise QwenLabError("the prompt is empty: give at least one token")
+    outside = next((i for i in prompt_ids if not (isinstance(i, int) and 0 <= i < vocab)), None)
+    if outside is not None:
+        raise SettingError(f"prompt token {outside!r} is not an id of this model's vocabulary (0 to {vocab - 1})")
     if len(prompt_ids) >= context:
         raise ContextTooLongError(f"the prompt has {len(prompt_ids)} tokens but the model's context holds "
                                   f"{context}: shorten the conversation or start a new one")
@@ -363,7 +384,17 @@ class ChatModel:
         files = resolve(model, revision, **hub_options)
         tokenizer = Tokenizer.from_files(files)
         template = ChatTemplate.from_files(files, required=False)  # None for a base model: raw prompts only
-        return cls(files, load_model(files, dtype, device), tokenizer, template, GenerationConfig.from_files(files))
+        generation_config = GenerationConfig.from_files(files)
+        loaded = load_model(files, dtype, device)
+        vocab = loaded.config.vocab_size
+        if tokenizer.vocab_size > vocab:  # ids past the embedding would fail mid-conversation
+            raise CheckpointError(f"tokenizer.json has {tokenizer.vocab_size:,} tokens but config.json's vocab_size "
+                                  f"is {vocab:,}: the tokenizer is not this model's; download the model again")
+        outside = [i for i in generation_config.eos_token_id if i >= vocab]
+        if outside:
+            raise CheckpointError(f"the EOS ids {outside} are outside the vocabulary ({vocab:,} tokens): "
+                                  f"generation_config.json does not belong to this model")
+        return cls(files, loaded, tokenizer, template, generation_config)
 
     @property
     def name(self) -> str:

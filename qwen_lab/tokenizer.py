@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
-from .errors import CheckpointError
+from .errors import CheckpointError, SettingError
 from .hub import ModelFiles
 
 
@@ -63,8 +63,16 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Ids of ``text``; special-token strings in it become their single ids.
 
-        No BOS is added: Qwen2 uses none (``add_bos_token`` is false).
+        No BOS is added: Qwen2 uses none (``add_bos_token`` is false); templates that want one
+        (Llama 3's ``<|begin_of_text|>``) write it as text, which becomes its id here.
         """
+        if not isinstance(text, str):
+            raise SettingError(f"the text to encode must be a str, not {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate, e.g. from bytes that were not UTF-8
+            raise SettingError(f"the text holds {text[e.start]!r} at position {e.start}, half of a character "
+                               f"(not valid Unicode): remove it or fix the text's encoding") from None
         return self.backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
