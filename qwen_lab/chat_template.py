@@ -131,8 +131,18 @@ def _checked_messages(messages: Any) -> list[dict]:
         if not isinstance(m.get("role"), str):
             raise TemplateError(f"message {i} has no 'role' (a string such as 'user'): the template would "
                                 f"skip it silently; give every message a role")
-        chat.append({k: v for k, v in plain_data(m, "messages").items() if v is not None})
+        message = {k: v for k, v in plain_data(m, "messages").items() if v is not None}
+        # A reply's reasoning has had several names; templates read reasoning_content (Qwen3) or
+        # thinking (gpt-oss). Fill both from whichever is given, exactly as transformers 5 does.
+        reasoning = next((message[k] for k in REASONING_FIELDS if k in message), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        chat.append(message)
     return chat
+
+
+#: The names a message's reasoning is given under, the standard one first.
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
 def _list_of_objects(value: Any, what: str, example: str) -> list[dict] | None:

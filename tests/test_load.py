@@ -320,3 +320,17 @@ def test_a_conversion_larger_than_the_memory_is_refused_with_figures(tiny_dir, m
     with pytest.raises(CheckpointError, match=r"need 0.0 GiB as bfloat16 but only 0.0 GiB is available"):
         load_model(resolve(str(tiny_dir)), "bfloat16", "cpu")  # the file is float32: a conversion
     assert load_model(resolve(str(tiny_dir)), "float32", "cpu")  # its own dtype: mapped, nothing to copy
+
+
+@pytest.mark.parametrize("model", ["Qwen--Qwen3-0.6B", "HuggingFaceTB--SmolLM2-1.7B-Instruct",
+                                   "meta-llama--Llama-3.2-3B-Instruct"])
+def test_real_configs_of_the_other_architectures_build_like_transformers(model):
+    transformers = pytest.importorskip("transformers")
+    path = ROOT / "tests" / "data" / "models" / model / "config.json"
+    ours = build_model(read_config(path))
+    with torch.device("meta"):
+        theirs = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(path.parent))
+    assert type(ours).__name__ == type(theirs).__name__
+    assert count_parameters(ours) == sum(p.numel() for p in theirs.parameters())
+    assert {n: tuple(p.shape) for n, p in ours.named_parameters()} == \
+        {n: tuple(p.shape) for n, p in theirs.named_parameters()}

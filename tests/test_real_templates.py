@@ -183,18 +183,6 @@ def test_llama32_refuses_two_tool_calls_like_transformers(reference):
         ChatTemplate(source, tokens).render(messages, date_string=FIXED_DATE)
 
 
-def _aliases_reasoning():
-    try:
-        from transformers.utils import chat_template_utils
-    except ImportError:
-        return False
-    return hasattr(chat_template_utils, "_alias_reasoning_fields")
-
-
-@pytest.mark.xfail(_aliases_reasoning(), strict=True, reason=(
-    "transformers (>=5) copies a message's 'reasoning' or 'thinking' field into 'reasoning_content' before "
-    "rendering (_alias_reasoning_fields); qwen_lab's ChatTemplate passes messages as given, so Qwen3's "
-    "template sees no reasoning_content and drops the <think> block"))
 @pytest.mark.parametrize("field", ["reasoning", "thinking"])
 def test_qwen3_reasoning_under_another_name(field, reference):
     source, tokens = template_of(QWEN3)
