@@ -172,13 +172,13 @@ def process_logits(logits: torch.Tensor, previous: torch.Tensor, config: Generat
 def next_token(logits: torch.Tensor, previous: torch.Tensor, config: GenerationConfig,
                generator: torch.Generator | None) -> int:
     """Choose one token id: the argmax when greedy, else a sample from the processed distribution."""
-    logits = process_logits(logits, previous, config)
-    best, token = logits.max(-1)  # NaN wins a max: one pass finds the choice and checks the numbers
-    if not math.isfinite(float(best)):
-        raise NumericalError(f"the model computed {float(best)} logits: its weights or config.json are broken "
+    top = float(logits.max())  # NaN wins a max: one pass over the vocabulary checks every number
+    if not math.isfinite(top):
+        raise NumericalError(f"the model computed {top} logits: its weights or config.json are broken "
                              f"(NaN weights, a rotary base of 0...); download it again or check the config")
+    logits = process_logits(logits, previous, config)
     if config.greedy:
-        return int(token)
+        return int(logits.argmax())
     # Draw among the tokens still in the running (top-k and top-p leave a few dozen of 151,936):
     # the same distribution, and 3 ms per token less than a multinomial over the whole vocabulary.
     alive = _alive(logits)

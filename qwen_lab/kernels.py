@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import layers
+from .errors import SettingError
 from .threads import choose_threads
 
 CSRC = Path(__file__).with_name("csrc")
@@ -138,8 +139,8 @@ def num_threads() -> int:
 def set_num_threads(count: int) -> None:
     """Share each kernel call over ``count`` threads (the calling thread included)."""
     global _threads
-    if int(count) < 1:
-        raise ValueError(f"the number of threads must be at least 1, not {count}")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise SettingError(f"the number of threads must be a whole number, at least 1, not {count!r}")
     _threads = int(count)
 
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from . import runtime
 from .architectures import ARCHITECTURES
-from .errors import CheckpointError, UnsupportedArchitectureError
+from .errors import CheckpointError, SettingError, UnsupportedArchitectureError
 from .hub import ModelFiles
 from .kernels import native_bf16  # noqa: F401  (re-exported: notebook 2 asks what the CPU does well)
 from .layers import CausalLM
@@ -120,12 +120,29 @@ def choose_dtype(dtype: str | torch.dtype, device: torch.device, saved: torch.dt
             return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
         return saved if saved in (torch.bfloat16, torch.float32) else torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+        raise SettingError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """``None``: CUDA when there is a GPU, else the CPU; a name is checked against this machine."""
+    if device is None:
+        return default_device()
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SettingError(f"device {device!r} is not a device name such as 'cpu', 'cuda' or 'cuda:1'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SettingError("device 'cuda' was asked for but this machine has no usable CUDA GPU: use 'cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SettingError(f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise SettingError(f"device {str(device)!r}: qwen_lab runs on 'cpu' or 'cuda'")
+    return device
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -309,8 +326,8 @@ def load_model(files: ModelFiles, dtype: str | torch.dtype = "auto",
     keeps the plain reference model. ``model.runtime`` lists what was replaced.
     """
     if matvec not in MATVECS:
-        raise ValueError(f"matvec {matvec!r} is not one of {', '.join(MATVECS)}")
-    device = torch.device(device) if device is not None else default_device()
+        raise SettingError(f"matvec {matvec!r} is not one of {', '.join(MATVECS)}")
+    device = parse_device(device)
     config = read_config(files.config)
     saved = checkpoint_dtype(config)
     dtype = choose_dtype(dtype, device, saved)

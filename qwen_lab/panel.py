@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
+import tempfile
 import threading
 import time
 import warnings
@@ -209,7 +211,13 @@ class ChatPanel:
     def send(self, text: str | None = None) -> None:
         """Send ``text`` (default: the input box) as the next user message."""
         text = self.input.value if text is None else text
-        if not text.strip() or self.busy:
+        if not isinstance(text, str) or not text.strip() or self.busy:
+            return
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # half a character (a lone surrogate): no tokenizer can take it
+            self._fail(f"the message holds {text[e.start]!r} at position {e.start}, half of a character (not valid "
+                       f"Unicode); nothing was sent: remove it and send again")
             return
         self.input.value = ""
         self.messages.append({"role": "user", "content": text})
@@ -256,10 +264,17 @@ class ChatPanel:
         self._redraw()
 
     def export(self, path: str | Path | None = None) -> str:
-        """The conversation as JSON messages (system prompt first); also written to ``path`` if given."""
+        """The conversation as JSON messages (system prompt first); also written to ``path`` if given.
+
+        The file is replaced atomically: it holds the old export or the new one, never half of one.
+        """
         data = json.dumps(self._conversation(), ensure_ascii=False, indent=2)
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError:  # text that is not valid Unicode: JSON's \u escapes keep it exactly
+            data = json.dumps(self._conversation(), ensure_ascii=True, indent=2)
         if path is not None:
-            Path(path).write_text(data + "\n", encoding="utf-8")
+            _write_atomically(Path(path), data + "\n")
         return data
 
     def wait(self, timeout: float | None = None) -> None:
@@ -367,6 +382,19 @@ class ChatPanel:
         if self.error:
             status += f"<span class='ql-error'>Error: {html.escape(self.error)}</span>"
         self.status.value = f"<div class='ql-note'>{status}</div>" if status else ""
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write a sibling temporary file, then rename it over ``path`` (atomic on POSIX and Windows)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _template_default_system(chat: ChatModel) -> str:

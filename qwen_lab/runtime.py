@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from . import kernels, layers
+from .errors import SettingError
 
 MATVECS = ("auto", "torch", "none")
 
@@ -78,7 +79,7 @@ def convert_for_runtime(model: nn.Module, device: torch.device | str = "cpu", ma
     Children are converted before their parents, so an attention twin holds converted projections.
     """
     if matvec not in MATVECS:
-        raise ValueError(f"matvec {matvec!r} is not one of {', '.join(MATVECS)}")
+        raise SettingError(f"matvec {matvec!r} is not one of {', '.join(MATVECS)}")
     device = torch.device(device)
     replaced = []
 

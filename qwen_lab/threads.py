@@ -24,6 +24,8 @@ import os
 import time
 from pathlib import Path
 
+from .errors import SettingError
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
@@ -94,9 +96,9 @@ def _env_count(name: str) -> int | None:
     try:
         count = int(value.split(",")[0])  # OMP_NUM_THREADS may list counts per nesting level
     except ValueError:
-        raise ValueError(f"{name}={value!r} is not a number of threads; set it to e.g. 2, or unset it") from None
+        raise SettingError(f"{name}={value!r} is not a number of threads; set it to e.g. 2, or unset it") from None
     if count < 1:
-        raise ValueError(f"{name}={value!r}: the number of threads must be at least 1")
+        raise SettingError(f"{name}={value!r}: the number of threads must be at least 1")
     return count
 
 

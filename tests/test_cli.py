@@ -177,3 +177,98 @@ def test_a_bad_template_var_is_a_usage_error(capsys, tiny_dir, bad):
     with pytest.raises(SystemExit) as info:
         main(["template", "--model", str(tiny_dir), "--messages", "x.json", "--template-var", bad])
     assert info.value.code == 2 and "--template-var" in capsys.readouterr().err
+
+
+def run_cli(*argv, **kw):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", QWEN_LAB_MODEL="qwen-lab/tiny-chat")
+    return subprocess.run([sys.executable, "-m", "qwen_lab.cli", *map(str, argv)], capture_output=True, env=env,
+                          timeout=120, **kw)
+
+
+def one_line_error(done, *fragments):
+    err = done.stderr.decode("utf-8", "replace")
+    assert done.returncode == 1, err
+    assert err.startswith("qwen-lab: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line(tiny_dir):
+    done = run_cli("generate", "--model", tiny_dir, "--prompt", os.fsdecode(b"caf\xe9"), "--max-new-tokens", "2")
+    one_line_error(done, "half of a character")
+
+
+def test_stdout_closed_is_one_line(tiny_dir):
+    done = run_cli("generate", "--model", tiny_dir, "--prompt", "Hi", "--max-new-tokens", "2", stdout=None,
+                   stdin=subprocess.DEVNULL, close_fds=True, preexec_fn=lambda: os.close(1))
+    one_line_error(done, "standard output is closed")
+
+
+@pytest.mark.parametrize("flag, value, fragment", [
+    ("--seed", str(2**70), "seed must be a whole number from 0 to 2**64 - 1"),
+    ("--temperature", "inf", "temperature must be a finite number"),
+    ("--repeat-penalty", "inf", "repetition_penalty must be a finite number"),
+    ("--top-p", "0", "top_p must be a number in (0, 1]"),
+    ("--max-new-tokens", "0", "max_new_tokens must be a whole number, at least 1"),
+])
+def test_bad_flag_values_are_named(capsys, tiny_dir, flag, value, fragment):
+    code, out, err = run(capsys, "generate", "--model", tiny_dir, "--prompt", "Hi", flag, value)
+    assert code == 1 and out == "" and fragment in err and err.count("\n") == 1
+
+
+def test_bad_generation_config_names_the_file(tiny_dir, tmp_path, capsys):
+    import shutil
+    d = tmp_path / "m"
+    shutil.copytree(tiny_dir, d)
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": ["<|im_end|>"]}))
+    code, _, err = run(capsys, "generate", "--model", d, "--prompt", "Hi")
+    assert code == 1 and "generation_config.json: eos_token_id must be a token id" in err
+    (d / "generation_config.json").write_text(json.dumps({"top_k": "20"}))
+    code, _, err = run(capsys, "generate", "--model", d, "--prompt", "Hi")
+    assert code == 1 and "generation_config.json: top_k must be a whole number >= 0" in err
+    (d / "generation_config.json").write_text("[]")
+    code, _, err = run(capsys, "generate", "--model", d, "--prompt", "Hi")
+    assert code == 1 and "generation_config.json must hold a JSON object" in err
+
+
+def test_nan_weights_stop_with_one_line(tiny_dir, tmp_path, capsys):
+    import shutil
+    from safetensors.torch import load_file, save_file
+    d = tmp_path / "m"
+    shutil.copytree(tiny_dir, d)
+    tensors = load_file(d / "model.safetensors")
+    tensors["model.norm.weight"][:] = float("nan")
+    save_file(tensors, d / "model.safetensors")
+    for temperature in ("0", "0.7"):  # greedy used to print "!!!!!", sampling to raise IndexError
+        code, out, err = run(capsys, "generate", "--model", d, "--prompt", "Hi", "--temperature", temperature)
+        assert code == 1 and "computed nan logits" in err and err.count("\n") == 1
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tiny_dir, tmp_path, capsys):
+    import shutil
+    from safetensors.torch import load_file, save_file
+    d = tmp_path / "m"
+    shutil.copytree(tiny_dir, d)
+    config = json.loads((d / "config.json").read_text())
+    config["vocab_size"] = 300  # the tokenizer has 400 tokens
+    (d / "config.json").write_text(json.dumps(config))
+    tensors = load_file(d / "model.safetensors")
+    tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"][:300].clone()
+    save_file(tensors, d / "model.safetensors")
+    code, _, err = run(capsys, "generate", "--model", d, "--prompt", "Hi")
+    assert code == 1 and "tokenizer.json has 400 tokens but config.json's vocab_size is 300" in err
+
+
+def test_ctrl_c_while_loading_is_one_line(tiny_dir):
+    import signal
+    import time
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    # a model folder on a FIFO blocks the load until we interrupt it
+    proc = subprocess.Popen([sys.executable, "-c", "import qwen_lab.cli as c, sys, time; "
+                             "import qwen_lab.generation as g; g.ChatModel.load = lambda *a, **k: time.sleep(60); "
+                             "sys.exit(c.main(['generate', '--prompt', 'Hi']))"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    time.sleep(4)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and err.decode() == "qwen-lab: interrupted\n"

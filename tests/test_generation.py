@@ -38,10 +38,23 @@ def test_config_without_generation_config_falls_back_to_config_json():
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1),
-                                 dict(max_new_tokens=0), dict(repetition_penalty=0)])
+                                 dict(max_new_tokens=0), dict(repetition_penalty=0), dict(temperature=float("inf")),
+                                 dict(repetition_penalty=float("nan")), dict(stop_strings=[""]),
+                                 dict(eos_token_id=["2"]), dict(eos_token_id=[-1]), dict(seed=2**64),
+                                 dict(top_k=2.5), dict(do_sample="yes"), dict(max_new_tokens=True)])
 def test_bad_config_values(bad):
-    with pytest.raises(ValueError):
+    from qwen_lab.errors import QwenLabError, SettingError
+    with pytest.raises(SettingError, match=next(iter(bad))) as info:
         GenerationConfig(**bad)
+    assert isinstance(info.value, QwenLabError) and isinstance(info.value, ValueError)
+
+
+def test_prompt_ids_outside_the_vocabulary(chat):
+    from qwen_lab.errors import SettingError
+    with pytest.raises(SettingError, match=r"prompt token 99999 is not an id of this model's vocabulary"):
+        chat.generate([1, 2, 99999])
+    with pytest.raises(SettingError, match="prompt token -1"):
+        chat.generate([-1])
 
 
 def random_logits(seed=0, vocab=300):

@@ -334,3 +334,24 @@ def test_real_configs_of_the_other_architectures_build_like_transformers(model):
     assert count_parameters(ours) == sum(p.numel() for p in theirs.parameters())
     assert {n: tuple(p.shape) for n, p in ours.named_parameters()} == \
         {n: tuple(p.shape) for n, p in theirs.named_parameters()}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(dtype="float64"), "dtype 'float64' is not one of auto, float32, bfloat16, float16"),
+    (dict(device="tpu"), "device 'tpu'"),
+    (dict(device="not a device"), "is not a device name"),
+    (dict(matvec="blas"), "matvec 'blas' is not one of auto, torch, none"),
+])
+def test_bad_load_settings_are_setting_errors(kwargs, message):
+    from qwen_lab.errors import SettingError
+    with pytest.raises(SettingError, match=message):
+        load_model(resolve("qwen-lab/tiny-chat"), **kwargs)
+
+
+def test_asking_for_cuda_without_a_gpu_says_so(monkeypatch):
+    from qwen_lab.errors import SettingError
+    from qwen_lab.load import parse_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SettingError, match="no usable CUDA GPU: use 'cpu'"):
+        parse_device("cuda")
+    assert parse_device(None) == torch.device("cpu")

@@ -192,3 +192,36 @@ def test_template_vars_shape_every_prompt(chat, monkeypatch):
     p.wait(30)
     assert seen == [{"enable_thinking": False}]
     assert "enable_thinking=False" in p.title.value  # the panel says what it was made with
+
+
+def test_half_a_character_is_refused_and_nothing_is_lost(panel):
+    panel.input.value = "kept"
+    panel.send("bad \ud800 text")
+    assert panel.messages == [] and panel.input.value == "kept"
+    assert "half of a character" in panel.error and "\n" not in panel.error
+    panel.send("Hi")  # the panel still works
+    panel.wait(30)
+    assert [m["role"] for m in panel.messages] == ["user", "assistant"]
+
+
+def test_export_replaces_a_file_atomically_even_with_odd_text(panel, tmp_path):
+    target = tmp_path / "chat.json"
+    target.write_text("the previous export\n")
+    panel.messages.extend([{"role": "user", "content": "a \ud800 b"}, {"role": "assistant", "content": "ok"}])
+    panel.replies.append({})
+    text = panel.export(target)
+    assert json.loads(target.read_text(encoding="utf-8")) == json.loads(text)
+    assert json.loads(text)[-2]["content"] == "a \ud800 b"  # kept exactly, as a JSON escape
+    assert [p.name for p in tmp_path.iterdir()] == ["chat.json"]  # no temporary file left
+
+
+def test_a_failed_export_leaves_the_old_file_whole(panel, tmp_path, monkeypatch):
+    import os
+    target = tmp_path / "chat.json"
+    target.write_text("the previous export\n")
+    panel.messages.append({"role": "user", "content": "Hi"})
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        panel.export(target)
+    assert target.read_text() == "the previous export\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["chat.json"]
