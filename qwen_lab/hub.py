@@ -94,20 +94,6 @@ def shard_names(index_path: str | Path) -> list[str]:
     return names
 
 
-def check_revision(revision: str | None) -> None:
-    """Refuse a revision that is not a branch, tag or commit name, before it is used.
-
-    huggingface_hub stores ``refs/<revision>`` in its cache, so ``../../x`` would
-    write outside it. The rules are git's own for a ref name (``git check-ref-format``).
-    """
-    if revision is None:
-        return
-    problem = _revision_problem(revision)
-    if problem:
-        raise DownloadError(f"revision {str(revision)[:100]!r} is not a branch, tag or commit name ({problem}): "
-                            f"use e.g. 'main', a tag such as 'v1.0', or a 40-hex commit hash")
-
-
 def resolve(model: str | os.PathLike, revision: str | None = None, *, cache_dir: str | os.PathLike | None = None,
             token: str | bool | None = None, local_files_only: bool | None = None,
             endpoint: str | None = None, force_download: bool = False, check_cache: bool = False,
@@ -127,7 +113,7 @@ def resolve(model: str | os.PathLike, revision: str | None = None, *, cache_dir:
     ``HEAD`` of a file, ``HF_HUB_DOWNLOAD_TIMEOUT`` for its bytes: 10 s each).
     """
     name = os.fspath(model)
-    check_revision(revision)
+    _check_revision(revision)
     if name == EMBEDDED_MODEL_ID:
         return _from_directory(EMBEDDED_MODEL_DIR, name)
     path = _local_path(name)
@@ -227,8 +213,10 @@ def _from_hub(repo_id, revision, cache_dir, token, local_files_only, endpoint, f
         except OSError as e:
             raise DownloadError(_disk_problem(e, file, cache, rerun)) from e
         except Exception as e:  # anything else the network or huggingface_hub raise: still one line
-            raise DownloadError(f"downloading {file} from {where} failed ({type(e).__name__}: {_first_line(e)}); "
-                                f"run the command again (the files already downloaded are kept)") from e
+            cause = e.__cause__ or e  # e.g. "Force download failed due to the above error."
+            raise DownloadError(f"downloading {file} from {where} failed ({type(cause).__name__}: "
+                                f"{_first_line(cause)}); run the command again (the files already downloaded "
+                                f"are kept)") from e
 
     found = {f: fetch(f) for f in REQUIRED_FILES}
     optional = {f: fetch(f, required=False) for f in OPTIONAL_FILES}
@@ -270,8 +258,7 @@ def _download(repo_id, filename, revision, cache, token, offline, endpoint, forc
         before = blob_names(storage)
         with watched(timeout) as watch:
             pointer = Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache, token=token,
-                                           local_files_only=offline, endpoint=endpoint, force_download=force_download,
-                                           **({"etag_timeout": timeout} if timeout else {})))
+                                           local_files_only=offline, endpoint=endpoint, force_download=force_download))
         reached = watch.answered or not watch.tries
         blob = blob_of(pointer)  # None when the cache has no links (Windows): no hash to compare with
         return pointer, blob, blob is not None and (force_download or blob.name not in before)
@@ -373,6 +360,20 @@ def _is_repo_id(name: str) -> bool:
     return bool(_REPO_ID.fullmatch(name)) and "--" not in name and ".." not in name and not name.endswith(".git")
 
 
+def _check_revision(revision: str | None) -> None:
+    """Refuse a revision that is not a branch, tag or commit name, before it is used.
+
+    huggingface_hub stores ``refs/<revision>`` in its cache, so ``../../x`` would
+    write outside it. The rules are git's own for a ref name (``git check-ref-format``).
+    """
+    if revision is None:
+        return
+    problem = _revision_problem(revision)
+    if problem:
+        raise DownloadError(f"revision {str(revision)[:100]!r} is not a branch, tag or commit name ({problem}): "
+                            f"use e.g. 'main', a tag such as 'v1.0', or a 40-hex commit hash")
+
+
 def _revision_problem(revision) -> str | None:
     if not isinstance(revision, str) or not revision:
         return "it is empty"
@@ -392,8 +393,11 @@ def _revision_problem(revision) -> str | None:
 
 
 def _describe_json(value) -> str:
-    kind = {list: "a list", dict: "an empty object", str: "a string", bool: "a boolean", type(None): "null"}
-    return kind.get(type(value), f"the number {value!r}" if isinstance(value, (int, float)) else type(value).__name__)
+    """What a JSON value is, for a message: "a list", "the number 3"..."""
+    if isinstance(value, dict):
+        return "an empty object" if not value else "an object"
+    kinds = {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return kinds.get(type(value), f"the number {value!r}" if isinstance(value, (int, float)) else type(value).__name__)
 
 
 #: The walkthrough's model, used when it can be had.

@@ -29,7 +29,7 @@ import logging
 import os
 import re
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 #: A file is given up after this many failed tries in a row that brought no new bytes.
@@ -74,14 +74,12 @@ class _Watch:
     received_at_last_failure: int = 0
     answered: bool = False               # the server sent at least one HTTP answer
     total: int | None = None             # the file's size, once a GET announced it
-    timeouts: dict = field(default_factory=dict)
 
-    def bound(self, request) -> None:
-        """Cap every wait of ``request`` (connect, read, write, pool) at this file's timeout."""
-        cap = self.head_timeout if request.method == "HEAD" else self.get_timeout
-        waits = request.extensions.get("timeout") or {}
-        request.extensions["timeout"] = {k: cap if waits.get(k) is None else min(waits[k], cap)
-                                         for k in ("connect", "read", "write", "pool")}
+    def bound(self, request) -> float:
+        """Make every wait of ``request`` (connect, read, write, pool) this file's timeout, whatever was asked."""
+        wait = self.head_timeout if request.method == "HEAD" else self.get_timeout
+        request.extensions["timeout"] = dict.fromkeys(("connect", "read", "write", "pool"), wait)
+        return wait
 
     def failed(self, problem: str) -> None:
         """Count a failed try; give up at ``MAX_TRIES`` in a row (a try that brought new bytes resets the count)."""
@@ -157,7 +155,7 @@ def _patient_client_class(httpx):
                     self.watch.received = max(self.watch.received, offset)
                     yield chunk
             except httpx.TransportError as e:
-                self.watch.failed(_describe(e, self.watch, body=True))
+                self.watch.failed(_describe(e, self.watch.get_timeout, body=True))
                 raise
 
         def close(self):
@@ -168,11 +166,11 @@ def _patient_client_class(httpx):
             watch = _WATCH.get()
             if watch is None:  # not a qwen-lab download: exactly huggingface_hub's behaviour
                 return super().send(request, **kwargs)
-            watch.bound(request)
+            wait = watch.bound(request)
             try:
                 response = super().send(request, **kwargs)
             except httpx.TransportError as e:
-                watch.failed(_describe(e, watch, body=False))
+                watch.failed(_describe(e, wait, body=False))
                 raise
             watch.answered = True
             if response.status_code in RETRIED_STATUSES:
@@ -199,10 +197,9 @@ def _range_of(response) -> tuple[int, int | None]:
     return 0, int(length) if length.isdigit() else None
 
 
-def _describe(error: Exception, watch: _Watch, body: bool) -> str:
+def _describe(error: Exception, wait: float, body: bool) -> str:
     """What went wrong, in a few words, for a one-line message."""
     name = type(error).__name__
-    wait = watch.get_timeout if body else watch.head_timeout
     if body:
         if "Timeout" in name:
             return f"the transfer stalled, no bytes for {wait:g} s"
