@@ -27,11 +27,12 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DownloadError
+from .hub_guard import (Corrupt, GaveUp, blob_names, blob_of, check_blob, is_plain_relative, is_repo_id,
+                        remove_from_cache, revision_problem, watched)
 
 #: The model this package ships, resolved without any network.
 EMBEDDED_MODEL_ID = "qwen-lab/tiny-chat"
@@ -88,7 +89,7 @@ def shard_names(index_path: str | Path) -> list[str]:
                                 f"not to a shard file name; download the index again")
     names = sorted(set(weight_map.values()))
     for name in names:
-        if not _is_plain_relative(name) or not name.endswith(".safetensors"):
+        if not is_plain_relative(name) or not name.endswith(".safetensors"):
             raise DownloadError(f"{path} names the shard {name[:100]!r}, which is not a .safetensors file inside "
                                 f"the model folder: refusing it (shards look like 'model-00001-of-00002.safetensors')")
     return names
@@ -112,14 +113,14 @@ def resolve(model: str | os.PathLike, revision: str | None = None, *, cache_dir:
     wait for the server, in seconds (default ``HF_HUB_ETAG_TIMEOUT`` for the
     ``HEAD`` of a file, ``HF_HUB_DOWNLOAD_TIMEOUT`` for its bytes: 10 s each).
     """
-    name = os.fspath(model)
+    name = str(model)
     _check_revision(revision)
     if name == EMBEDDED_MODEL_ID:
         return _from_directory(EMBEDDED_MODEL_DIR, name)
     path = _local_path(name)
     if path.is_dir():
         return _from_directory(path, name)
-    if path.exists() or not _is_repo_id(name):
+    if path.exists() or not is_repo_id(name):
         raise DownloadError(f"{name!r} is neither a model directory nor a Hub repo id like 'Qwen/Qwen2.5-1.5B-Instruct'")
     return _from_hub(name, revision, cache_dir, token, local_files_only, endpoint, force_download, check_cache,
                      timeout)
@@ -158,8 +159,6 @@ def _from_hub(repo_id, revision, cache_dir, token, local_files_only, endpoint, f
     from huggingface_hub import constants
     from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
-
-    from .hub_guard import Corrupt, GaveUp
 
     offline = constants.HF_HUB_OFFLINE if local_files_only is None else local_files_only
     where = endpoint or constants.ENDPOINT
@@ -246,8 +245,6 @@ def _download(repo_id, filename, revision, cache, token, offline, endpoint, forc
     When the Hub does not answer, huggingface_hub returns the cached copy.
     """
     from huggingface_hub import hf_hub_download
-
-    from .hub_guard import Corrupt, blob_names, blob_of, check_blob, remove_from_cache, watched
 
     storage = cache / ("models--" + repo_id.replace("/", "--"))  # huggingface_hub's cache layout
 
@@ -337,27 +334,13 @@ def _inside(root: Path, name: str) -> Path:
     if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
         home = root.parent.parent.parent
     try:
-        inside = _is_plain_relative(name) and path.resolve().is_relative_to(home.resolve())
+        inside = is_plain_relative(name) and path.resolve().is_relative_to(home.resolve())
     except (OSError, RuntimeError):  # a link loop, an unreadable link
         inside = False
     if not inside:
         raise DownloadError(f"{path} leads outside the model folder {root}: refusing to read it "
                             f"(a model folder's files must be inside it)")
     return path
-
-
-def _is_plain_relative(name: str) -> bool:
-    """A relative path made of ordinary names: no ``/`` at the start, no ``..``, no ``\\``, ``:`` or control characters."""
-    return (bool(name) and not any(c in "\\:" or ord(c) < 32 or ord(c) == 127 for c in name)
-            and all(part not in ("", ".", "..") for part in name.split("/")))
-
-
-_REPO_ID = re.compile(r"\w(?:[\w.-]{0,94}\w)?/\w(?:[\w.-]{0,94}\w)?")
-
-
-def _is_repo_id(name: str) -> bool:
-    """``owner/name`` as the Hub spells them (its own rules: no ``--`` or ``..``, not ending in ``.git``)."""
-    return bool(_REPO_ID.fullmatch(name)) and "--" not in name and ".." not in name and not name.endswith(".git")
 
 
 def _check_revision(revision: str | None) -> None:
@@ -368,28 +351,10 @@ def _check_revision(revision: str | None) -> None:
     """
     if revision is None:
         return
-    problem = _revision_problem(revision)
+    problem = revision_problem(revision)
     if problem:
         raise DownloadError(f"revision {str(revision)[:100]!r} is not a branch, tag or commit name ({problem}): "
                             f"use e.g. 'main', a tag such as 'v1.0', or a 40-hex commit hash")
-
-
-def _revision_problem(revision) -> str | None:
-    if not isinstance(revision, str) or not revision:
-        return "it is empty"
-    if len(revision) > 255:
-        return "it is over 255 characters"
-    odd = next((c for c in revision if ord(c) < 32 or ord(c) == 127 or c in " ~^:?*[\\"), None)
-    if odd is not None:
-        return f"it contains {odd!r}"
-    if "@{" in revision or revision == "@":
-        return "it contains '@{'"
-    parts = revision.split("/")
-    if any(part in ("", ".", "..") for part in parts):
-        return "it has an empty, '.' or '..' part"
-    if any(part.startswith(".") or part.endswith((".", ".lock")) for part in parts):
-        return "a part starts or ends with '.', or ends with '.lock'"
-    return None
 
 
 def _describe_json(value) -> str:

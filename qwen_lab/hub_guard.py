@@ -20,6 +20,9 @@ module adds three things that huggingface_hub (2.x) does not do on its own:
    removed, with the snapshot link to it, so it never counts as downloaded. Hashing reads the file
    once, in 8 MiB pieces: about 0.75 s per GB on a CPU with SHA instructions (1.3 GB/s measured),
    plus the read itself when the file is no longer in the page cache.
+
+And the names that reach huggingface_hub or the disk are checked first: a repo id, a revision
+(it becomes ``refs/<revision>`` in the cache), a file name from a shard index.
 """
 from __future__ import annotations
 
@@ -266,3 +269,39 @@ def remove_from_cache(pointer: Path, blob: Path | None) -> None:
     pointer.unlink(missing_ok=True)
     if blob is not None:
         blob.unlink(missing_ok=True)
+
+
+# -- checked names --------------------------------------------------------------------------------
+
+_REPO_ID = re.compile(r"\w(?:[\w.-]{0,94}\w)?/\w(?:[\w.-]{0,94}\w)?")
+
+
+def is_repo_id(name: str) -> bool:
+    """``owner/name`` as the Hub spells them (its own rules: no ``--`` or ``..``, not ending in ``.git``)."""
+    return bool(_REPO_ID.fullmatch(name)) and "--" not in name and ".." not in name and not name.endswith(".git")
+
+
+def is_plain_relative(name: str) -> bool:
+    """A relative path of ordinary names: no ``/`` at the start, no ``.`` or ``..`` part, no ``\\``, ``:`` or
+    control characters."""
+    return (bool(name) and not any(c in "\\:" or ord(c) < 32 or ord(c) == 127 for c in name)
+            and all(part not in ("", ".", "..") for part in name.split("/")))
+
+
+def revision_problem(revision) -> str | None:
+    """Why ``revision`` is not a branch, tag or commit name (git's rules, ``git check-ref-format``), or None."""
+    if not isinstance(revision, str) or not revision:
+        return "it is empty"
+    if len(revision) > 255:
+        return "it is over 255 characters"
+    odd = next((c for c in revision if ord(c) < 32 or ord(c) == 127 or c in " ~^:?*[\\"), None)
+    if odd is not None:
+        return f"it contains {odd!r}"
+    if "@{" in revision or revision == "@":
+        return "it contains '@{'"
+    parts = revision.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        return "it has an empty, '.' or '..' part"
+    if any(part.startswith(".") or part.endswith((".", ".lock")) for part in parts):
+        return "a part starts or ends with '.', or ends with '.lock'"
+    return None

@@ -245,3 +245,14 @@ def test_the_download_command_reports_a_fault_in_one_line(hub, tmp_path, tiny_di
     assert done.returncode == 0 and done.stderr == ""
     local = done.stdout.strip()
     assert open(os.path.join(local, file), "rb").read() == (tiny_dir / file).read_bytes()
+
+
+def test_downloading_again_repairs_a_corrupted_cached_file(hub, tmp_path, tiny_dir):
+    done, _ = qwen_lab(hub, tmp_path, "download", "--model", "lab/tiny")
+    weights = os.path.join(done.stdout.strip(), "model.safetensors")
+    blob = os.path.realpath(weights)
+    with open(blob, "r+b") as f:  # what `generate` then reports as a corrupt checkpoint, "download it again"
+        f.write(b"\xff" * 64)
+    done, _ = qwen_lab(hub, tmp_path, "download", "--model", "lab/tiny")
+    assert done.returncode == 0 and done.stderr == ""
+    assert open(weights, "rb").read() == (tiny_dir / "model.safetensors").read_bytes()
