@@ -105,8 +105,8 @@ def resolve(model: str | os.PathLike, revision: str | None = None, *, cache_dir:
     Hub repo id such as ``Qwen/Qwen2.5-1.5B-Instruct``. ``local_files_only``
     defaults to ``HF_HUB_OFFLINE``; ``endpoint`` defaults to ``HF_ENDPOINT``.
 
-    A file downloaded now is hashed before it counts (one read of it: about
-    0.75 s per GB); one whose bytes are wrong is removed from the cache.
+    A file downloaded now is hashed before it counts (one more read of it:
+    about 1 s per GB); one whose bytes are wrong is removed from the cache.
     ``check_cache=True`` also hashes the files that were already cached, and
     fetches a bad one again (what ``qwen-lab download`` does);
     ``force_download=True`` fetches every file afresh. ``timeout`` bounds each
