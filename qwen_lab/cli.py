@@ -3,6 +3,7 @@
     qwen-lab generate --model Qwen/Qwen2.5-1.5B-Instruct --prompt "Hello"
     qwen-lab template --model qwen-lab/tiny-chat --messages chat.json
     qwen-lab download --model Qwen/Qwen2.5-1.5B-Instruct
+    qwen-lab download --cache-dir /srv/hf Qwen/Qwen2.5-1.5B-Instruct Qwen/Qwen2.5-0.5B-Instruct
 
 ``generate`` writes the reply, and only the reply, to stdout; ``--stats``
 adds one JSON line on stderr. Errors are one line on stderr and exit code 1
@@ -68,8 +69,18 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--no-generation-prompt", action="store_true", help="do not append the assistant header")
     template_var_arg(t)
 
-    d = sub.add_parser("download", help="fetch a model's files and print the local directory")
-    model_arg(d)
+    d = sub.add_parser("download", help="fetch models' files, check them, and print where each landed",
+                       description="Fetch each model's files into the Hugging Face cache (or check the ones already "
+                                   "there, fetching a damaged one again), then print one local folder per model. "
+                                   "To fill a shared cache for a room with no network: run it once with --cache-dir "
+                                   "DIR, then use the models with HF_HUB_CACHE=DIR HF_HUB_OFFLINE=1.")
+    d.add_argument("models", nargs="*", metavar="MODEL", help="Hub repo ids or local directories")
+    d.add_argument("--model", action="append", default=[], dest="more_models", metavar="MODEL",
+                   help=f"one more model; repeatable (default, with no model at all: {EMBEDDED_MODEL_ID})")
+    d.add_argument("--revision", default=None, help="branch, tag or commit on the Hub (for every model)")
+    d.add_argument("--cache-dir", type=Path, help="the cache to fill (default: HF_HUB_CACHE, ~/.cache/huggingface/hub)")
+    d.add_argument("--force-download", action="store_true", help="fetch every file afresh, even if cached")
+    d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return p
 
 
@@ -104,9 +115,26 @@ def cmd_template(args) -> None:
                                      **dict(args.template_var)))
 
 
-def cmd_download(args) -> None:
+def cmd_download(args) -> int:
+    """Each model in turn: its folder on stdout, or one error line on stderr; exit 1 if any failed."""
     from .hub import resolve
-    print(resolve(args.model, args.revision).root)
+    failed = 0
+    for model in [*args.models, *args.more_models] or [EMBEDDED_MODEL_ID]:
+        try:
+            files = resolve(model, args.revision, cache_dir=args.cache_dir, force_download=args.force_download,
+                            check_cache=True)
+        except (QwenLabError, ValueError, OSError) as e:
+            if args.debug:
+                raise
+            print(f"qwen-lab: error: {e}", file=sys.stderr)
+            failed += 1
+        except KeyboardInterrupt:
+            print("qwen-lab: error: download interrupted; the files already downloaded are kept: run the "
+                  "command again to fetch the rest", file=sys.stderr)
+            return 130
+        else:
+            print(files.root, flush=True)
+    return 1 if failed else 0
 
 
 def cmd_generate(args) -> None:
@@ -165,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     if sys.stdout is None:  # started with stdout closed (`>&-`): nowhere to write the result
         return _fail("standard output is closed: there is nowhere to write the result; redirect it to a file")
     try:
-        command(args)
+        code = command(args)
     except (QwenLabError, ValueError) as e:
         if args.debug:
             raise
@@ -177,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("qwen-lab: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -3,12 +3,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from qwen_lab.cli import main
 from qwen_lab.generation import ChatModel
+from qwen_lab.hub import EMBEDDED_MODEL_DIR
 from qwen_lab.hub_server import LocalHub
 
 
@@ -272,3 +274,47 @@ def test_ctrl_c_while_loading_is_one_line(tiny_dir):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130 and err.decode() == "qwen-lab: interrupted\n"
+
+
+def cli(env, *args):
+    return subprocess.run([sys.executable, "-m", "qwen_lab.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_download_fills_a_shared_cache_with_several_models_for_an_offline_room(tiny_dir, sharded_dir, tmp_path):
+    room = tmp_path / "room-cache"
+    with LocalHub({"lab/tiny": tiny_dir, "lab/sharded": sharded_dir}) as hub:
+        env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_PROGRESS_BARS="1")
+        env.pop("HF_HUB_OFFLINE", None)
+        done = cli(env, "download", "lab/tiny", "--model", "lab/sharded", "--cache-dir", room)
+    assert done.returncode == 0 and done.stderr == ""
+    landed = done.stdout.splitlines()  # one folder per model, in order
+    assert [Path(p).parts[-3] for p in landed] == ["models--lab--tiny", "models--lab--sharded"]
+    assert all(p.startswith(str(room)) for p in landed)
+    assert not (tmp_path / "hf").exists()  # nothing went to the default cache
+    # the room: no network, the shared cache
+    room_env = dict(env, HF_HUB_CACHE=str(room), HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
+    for model in ("lab/tiny", "lab/sharded"):
+        done = cli(room_env, "generate", "--model", model, "--prompt", "Hi", "--max-new-tokens", "2")
+        assert done.returncode == 0, done.stderr
+    done = cli(room_env, "download", "lab/tiny", "lab/sharded")  # checks what the room has, offline
+    assert done.returncode == 0 and done.stdout.splitlines() == landed
+    # a model the room lacks: one line naming it and what to do; the others still land
+    done = cli(room_env, "download", "lab/tiny", "lab/missing")
+    assert done.returncode == 1 and done.stdout.splitlines() == landed[:1]
+    assert done.stderr == ("qwen-lab: error: lab/missing/config.json is not in the local cache and offline mode is on "
+                           "(HF_HUB_OFFLINE): download it once with network (`qwen-lab download --model lab/missing`), "
+                           "pass a local directory, or use the embedded model qwen-lab/tiny-chat\n")
+
+
+def test_download_options(capsys, tmp_path):
+    code, out, err = run(capsys, "download", "--model", "~qwen-lab-no-such-user/x")
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert "there is no user 'qwen-lab-no-such-user'" in err
+    code, out, err = run(capsys, "download", "--revision", "../../x")
+    assert code == 1 and err.count("\n") == 1 and "is not a branch, tag or commit name" in err
+    (tmp_path / "file").write_text("")
+    code, _, err = run(capsys, "download", "lab/x", "--cache-dir", tmp_path / "file")
+    assert code == 1 and err.count("\n") == 1 and "is a file, not a folder" in err
+    code, out, err = run(capsys, "download", "--force-download")  # the embedded model: nothing to fetch
+    assert code == 0 and out.strip() == str(EMBEDDED_MODEL_DIR)

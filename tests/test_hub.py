@@ -1,5 +1,11 @@
 """Downloads through huggingface_hub's real client against a local server speaking the Hub's file protocol."""
+import hashlib
+import json
+import os
+import re
 import shutil
+import sys
+import urllib.request
 
 import pytest
 
@@ -81,7 +87,7 @@ def test_gated_repo(hub, tmp_path):
 
 
 def test_missing_revision(hub, tmp_path):
-    with pytest.raises(DownloadError, match=r"no revision 'v9'"):
+    with pytest.raises(DownloadError, match=r"lab/single has no revision 'v9' on http://127.*: use a branch, tag or"):
         fetch(hub, "lab/single", tmp_path, revision="v9")
 
 
@@ -161,3 +167,195 @@ def test_hf_hub_offline_is_honoured(tiny_dir, tmp_path, monkeypatch):
         with pytest.raises(DownloadError, match="offline mode is on"):
             resolve("lab/single", cache_dir=tmp_path, endpoint=server.url)
         assert server.requests == []
+
+
+# -- untrusted model folders: every file a folder names stays inside it ---------------------------
+
+_OPENED: list = []
+
+
+def _record_opens(event, args):
+    if event == "open" and _OPENED and isinstance(args[0], (str, bytes, os.PathLike)):
+        _OPENED[0].append(os.path.abspath(os.fsdecode(args[0])))
+
+
+@pytest.fixture
+def opened():
+    """The paths opened while the test runs (an audit hook: it sees every open, by any code)."""
+    if not getattr(sys, "_qwen_lab_open_hook", False):
+        sys.addaudithook(_record_opens)  # audit hooks cannot be removed: it idles when _OPENED is empty
+        sys._qwen_lab_open_hook = True
+    paths: list[str] = []
+    _OPENED.append(paths)
+    yield paths
+    _OPENED.clear()
+
+
+def with_shard_named(sharded_dir, folder, name):
+    """A copy of the sharded checkpoint whose index sends one tensor to the shard ``name``."""
+    shutil.copytree(sharded_dir, folder)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"][next(iter(index["weight_map"]))] = name
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder
+
+
+SECRET = b"SECRET!!" + bytes(64)  # read as a safetensors header length, its first 8 bytes are this number:
+SECRET_NUMBER = str(int.from_bytes(SECRET[:8], "little"))
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../outside/x.safetensors", "shards/../../outside/x.safetensors",
+                                  "C:\\outside\\x.safetensors", "x.safetensors\n", "./model.bin", ""])
+def test_an_index_naming_a_file_outside_the_folder_is_refused_unread(sharded_dir, tmp_path, opened, name):
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "x.safetensors").write_bytes(SECRET)
+    model = with_shard_named(sharded_dir, tmp_path / "model", name)
+    opened.clear()  # from here on: what resolve opens
+    with pytest.raises(DownloadError, match=r"which is not a \.safetensors file inside the model folder: refusing it"):
+        resolve(str(model))
+    message = str(pytest.raises(DownloadError, resolve, str(model)).value)
+    assert "\n" not in message and "SECRET" not in message and SECRET_NUMBER not in message
+    assert not [p for p in opened if "outside" in p or p == "/etc/passwd"]
+
+
+@pytest.mark.parametrize("link", ["model.safetensors", "model-00002-of-00003.safetensors", "config.json"])
+def test_a_link_out_of_the_folder_is_refused_unread(tiny_dir, sharded_dir, tmp_path, opened, link):
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "x").write_bytes(SECRET)
+    model = tmp_path / "model"
+    shutil.copytree(sharded_dir if "-of-" in link else tiny_dir, model)
+    (model / link).unlink()
+    (model / link).symlink_to(tmp_path / "outside" / "x")
+    opened.clear()  # from here on: what resolve opens
+    with pytest.raises(DownloadError, match=rf"{link} leads outside the model folder .*: refusing to read it") as e:
+        resolve(str(model))
+    assert "\n" not in str(e.value) and "SECRET" not in str(e.value)
+    assert not [p for p in opened if "outside" in p]
+
+
+def test_a_link_inside_the_folder_is_fine(tiny_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    (model / "weights").mkdir()
+    (model / "model.safetensors").rename(model / "weights" / "w.safetensors")
+    (model / "model.safetensors").symlink_to("weights/w.safetensors")
+    assert resolve(str(model)).weights == [model / "model.safetensors"]
+
+
+def test_a_hub_snapshot_used_as_a_folder_follows_its_blob_links(hub, tmp_path):
+    files = fetch(hub, "lab/sharded", tmp_path)
+    assert all(p.is_symlink() for p in files.weights)  # snapshots/<commit>/x -> ../../blobs/<hash>
+    again = resolve(str(files.root))
+    assert again.weights == files.weights and again.sharded
+
+
+def test_a_hub_index_naming_a_file_outside_is_refused_before_any_request(sharded_dir, tmp_path, online):
+    repo = with_shard_named(sharded_dir, tmp_path / "repo", "../../outside/x.safetensors")
+    with LocalHub({"lab/evil": repo}) as hub:
+        with pytest.raises(DownloadError, match="refusing it") as e:
+            resolve("lab/evil", cache_dir=tmp_path / "cache", endpoint=hub.url)
+    assert "\n" not in str(e.value)
+    assert not [p for _, p, _ in hub.requests if "outside" in p]
+    assert not list(tmp_path.rglob("x.safetensors"))
+
+
+@pytest.mark.parametrize("weight_map, what", [([["a", "model-1.safetensors"]], "it is a list"),
+                                              ({"a": 3}, "maps 'a' to the number 3"),
+                                              ({"a": None}, "maps 'a' to null"),
+                                              ({}, "it is an empty object"),
+                                              ("model.safetensors", "it is a string")])
+def test_a_malformed_weight_map_is_one_line(sharded_dir, tmp_path, weight_map, what):
+    model = tmp_path / "model"
+    shutil.copytree(sharded_dir, model)
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(DownloadError, match="'weight_map'") as e:
+        resolve(str(model))
+    assert what in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_index_too_large_to_be_one_is_refused_unread(sharded_dir, tmp_path, opened):
+    model = tmp_path / "model"
+    shutil.copytree(sharded_dir, model)
+    with open(model / "model.safetensors.index.json", "r+b") as f:
+        f.truncate(17 * 2**20)  # sparse: no disk used
+    opened.clear()
+    with pytest.raises(DownloadError, match=r"is over 16 MB: not a safetensors index"):
+        resolve(str(model))
+    assert str(model / "model.safetensors.index.json") not in opened
+
+
+@pytest.mark.parametrize("name, message", [
+    ("~qwen-lab-no-such-user/x", "there is no user 'qwen-lab-no-such-user' for '~qwen-lab-no-such-user'"),
+    ("lab/ti\0ny", "contains a NUL character"),
+    ("a" * 5000, "cannot be a model folder"),
+    ("lab/tiny model", "neither a model directory nor a Hub repo id"),
+    ("lab--x/y", "neither a model directory nor a Hub repo id"),
+])
+def test_a_model_name_no_path_or_repo_can_be_is_one_line(name, message):
+    with pytest.raises(DownloadError, match=re.escape(message)) as e:
+        resolve(name)
+    assert "\n" not in str(e.value)
+
+
+# -- revisions: a branch, tag or commit name, checked before use ----------------------------------
+
+@pytest.mark.parametrize("revision", ["../../../../pwned_ref", "main/../../x", "..", "/main", "main/", "refs//x",
+                                      "main\n", "ma in", "a:b", "x~1", "x^", "a*", "a?", "[a", "a\\b", ".hidden",
+                                      "v1.lock", "a.", "@", "x@{1}", "", "\x7f", "a" * 300])
+def test_a_revision_that_is_no_ref_name_is_refused_before_any_request(hub, tmp_path, revision):
+    with pytest.raises(DownloadError, match="is not a branch, tag or commit name") as e:
+        fetch(hub, "lab/single", tmp_path, revision=revision)
+    assert "\n" not in str(e.value) and hub.requests == []
+
+
+def test_a_path_revision_writes_nothing_even_where_the_endpoint_accepts_it(tiny_dir, tmp_path, online):
+    # huggingface_hub writes refs/<revision> in the cache: this one would land in tmp_path/a/pwned_ref
+    cache = tmp_path / "a" / "b" / "cache"
+    with LocalHub({"lab/tiny": tiny_dir}, revisions=("../../../../pwned_ref",)) as hub:
+        with pytest.raises(DownloadError, match=r"revision '\.\./\.\./\.\./\.\./pwned_ref' is not a branch"):
+            resolve("lab/tiny", revision="../../../../pwned_ref", cache_dir=cache, endpoint=hub.url)
+        assert hub.requests == []
+    assert not [p for p in tmp_path.rglob("*") if "pwned" in p.name]
+
+
+@pytest.mark.parametrize("revision", ["refs/pr/1", "v1.0", "release/2024-01", "main"])
+def test_branch_tag_and_pr_revisions_still_work(tiny_dir, tmp_path, online, revision):
+    with LocalHub({"lab/tiny": tiny_dir}, revisions=(revision,)) as hub:
+        files = resolve("lab/tiny", revision=revision, cache_dir=tmp_path, endpoint=hub.url)
+    assert files.weights[0].read_bytes() == (tiny_dir / "model.safetensors").read_bytes()
+    assert (tmp_path / "models--lab--tiny" / "refs" / revision).read_text() == hub.commit("lab/tiny")
+
+
+# -- LocalHub answers as the Hub does ---------------------------------------------------------------
+
+def head(url):
+    with urllib.request.urlopen(urllib.request.Request(url, method="HEAD")) as response:
+        return response.headers
+
+
+def test_local_hub_sends_the_hubs_hashes(hub, tiny_dir):
+    weights, config = (tiny_dir / "model.safetensors").read_bytes(), (tiny_dir / "config.json").read_bytes()
+    lfs = head(f"{hub.url}/lab/single/resolve/main/model.safetensors")
+    assert lfs["X-Linked-Etag"] == f'"{hashlib.sha256(weights).hexdigest()}"'
+    assert lfs["X-Linked-Size"] == str(len(weights))
+    assert lfs["ETag"] != lfs["X-Linked-Etag"]  # the LFS pointer's git hash: huggingface_hub must prefer X-Linked-*
+    plain = head(f"{hub.url}/lab/single/resolve/main/config.json")
+    assert plain["ETag"] == f'"{hashlib.sha1(b"blob %d" % len(config) + bytes(1) + config).hexdigest()}"'
+    assert "X-Linked-Etag" not in plain
+
+
+def test_the_cache_names_blobs_by_the_hashes_the_hub_states(hub, tmp_path, tiny_dir):
+    files = fetch(hub, "lab/single", tmp_path)
+    weights, config = (tiny_dir / "model.safetensors").read_bytes(), (tiny_dir / "config.json").read_bytes()
+    assert files.weights[0].resolve().name == hashlib.sha256(weights).hexdigest()
+    assert files.config.resolve().name == hashlib.sha1(b"blob %d\0" % len(config) + config).hexdigest()
+
+
+def test_local_hub_serves_ranges_and_refuses_unknown_faults(hub, tiny_dir):
+    request = urllib.request.Request(f"{hub.url}/lab/single/resolve/main/config.json", headers={"Range": "bytes=10-"})
+    with urllib.request.urlopen(request) as response:
+        data = (tiny_dir / "config.json").read_bytes()
+        assert response.status == 206 and response.read() == data[10:]
+        assert response.headers["Content-Range"] == f"bytes 10-{len(data) - 1}/{len(data)}"
+    with pytest.raises(ValueError, match="unknown fault 'flaky'"):
+        hub.inject("flaky")
