@@ -11,8 +11,9 @@ Qwen2.5-0.5B's shapes; dtypes bfloat16 and float32.
 
 Every process loads the model, then all start together: for ``--window`` seconds each runs
 prompts (prefill only) back to back, then, for another window, replies (decode). Per-process
-speed is its tokens over its own busy time; the aggregate is their sum, since the windows
-overlap. Memory: after the runs each process reports its PSS (proportional set size: a page
+speed is its tokens over the time its own calls took (what a learner sees); the aggregate is
+all the processes' tokens over the wall time from the first start to the last end (what the
+machine delivers). "vs quiet" compares aggregates with one process alone. Memory: after the runs each process reports its PSS (proportional set size: a page
 shared by k processes counts 1/k in each), so the sum over processes is what they really
 take together; the weights file's pages are shared when nobody converts them.
 """
@@ -75,11 +76,12 @@ class QwenLab:
         self.tok = _word_tokenizer(self.vocab)
         self.config, self.generate_stream = GenerationConfig, generate_stream
 
-    def run(self, prompt: list[int], new_tokens: int) -> tuple[float, float, int]:
-        """(prefill seconds, decode seconds, threads) of one generation."""
+    def run(self, prompt: list[int], new_tokens: int) -> tuple[float, float, str]:
+        """(prefill seconds, decode seconds, "prefill/decode threads") of one generation."""
         gen = self.config(max_new_tokens=new_tokens, do_sample=False, eos_token_id=[])
         r = self.generate_stream(self.model, self.tok, prompt, gen).result
-        return r.ttft_s, r.total_s - r.ttft_s, r.prefill_threads
+        threads = f"{getattr(r, 'prefill_threads', '?')}/{getattr(r, 'decode_threads', '?')}"  # ?: an older version
+        return r.ttft_s, r.total_s - r.ttft_s, threads
 
 
 class Transformers:
@@ -90,7 +92,7 @@ class Transformers:
         self.model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype)).eval()
         self.vocab = self.model.config.vocab_size
 
-    def run(self, prompt: list[int], new_tokens: int) -> tuple[float, float, int]:
+    def run(self, prompt: list[int], new_tokens: int) -> tuple[float, float, str]:
         from transformers.generation.streamers import BaseStreamer
         times = []
 
@@ -107,13 +109,14 @@ class Transformers:
                             temperature=None, top_p=None, top_k=None)
         end = time.perf_counter()
         first = times[1]  # times[0] is the prompt being "put"
-        return first - start, end - first, self.torch.get_num_threads()
+        n = self.torch.get_num_threads()
+        return first - start, end - first, f"{n}/{n}"
 
 
 def worker(impl: str, model: str, dtype: str) -> None:
     """Load, say ready, then run the phases the parent asks for (one JSON line each)."""
     import random
-    runner = (QwenLab if impl == "qwen_lab" else Transformers)(model_dir(model), dtype)
+    runner = (Transformers if impl == "transformers" else QwenLab)(model_dir(model), dtype)
     rng = random.Random(os.getpid())
     runner.run([rng.randrange(runner.vocab) for _ in range(16)], 2)  # warm-up
     print(json.dumps({"ready": True}), flush=True)
@@ -126,6 +129,7 @@ def worker(impl: str, model: str, dtype: str) -> None:
             print(json.dumps({"pss": pss_bytes()}), flush=True)
             continue
         tokens, busy, units, threads = 0, 0.0, 0, []
+        start = time.time()
         while time.time() < deadline or units == 0:
             if phase == "prefill":
                 pre, _, t = runner.run([rng.randrange(runner.vocab) for _ in range(PROMPT_TOKENS)], 1)
@@ -135,14 +139,22 @@ def worker(impl: str, model: str, dtype: str) -> None:
                 tokens, busy = tokens + REPLY_TOKENS - 1, busy + dec
             units += 1
             threads.append(t)
-        print(json.dumps({"tokens_per_s": tokens / busy, "units": units,
-                          "threads": statistics.median(threads)}), flush=True)
+        common = max(set(threads), key=threads.count)  # the usual choice in this window
+        print(json.dumps({"tokens_per_s": tokens / busy, "units": units, "tokens": tokens, "start": start,
+                          "end": time.time(), "threads": common}), flush=True)
 
 
 # ---------------------------------------------------------------- the conductor
 
-def scenario(impl: str, model: str, dtype: str, processes: int, busy: bool, window: float) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+#: variants of qwen_lab, to measure what each idea buys: name -> environment
+VARIANTS = {"qwen_lab": {}, "qwen_lab-2threads": {"QWEN_LAB_THREADS": "2"}}
+
+
+def scenario(impl: str, model: str, dtype: str, processes: int, busy: bool, window: float,
+             before: Path | None = None) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **VARIANTS.get(impl, {}))
+    if impl == "qwen_lab-before":  # another checkout of qwen_lab (e.g. the version before this one)
+        env["PYTHONPATH"] = str(before)
     cmd = [sys.executable, __file__, "--worker", impl, model, dtype]
     workers = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
                for _ in range(processes)]
@@ -178,7 +190,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="tiny-chat,0.5b", help="tiny-chat and/or 0.5b, 1.5b (random weights)")
     p.add_argument("--dtypes", default="bfloat16,float32")
-    p.add_argument("--impls", default="qwen_lab,transformers")
+    p.add_argument("--impls", default="qwen_lab,transformers",
+                   help="qwen_lab, transformers, qwen_lab-2threads (QWEN_LAB_THREADS=2: no adapting to others), "
+                        "qwen_lab-before (the checkout given by --before)")
+    p.add_argument("--before", type=Path, help="a checkout of an earlier qwen_lab, for qwen_lab-before")
     p.add_argument("--scenarios", default="quiet,busy,2,4,8")
     p.add_argument("--window", type=float, default=6.0, help="seconds per phase")
     p.add_argument("--results", type=Path, help="append the Markdown tables to this file")
@@ -194,31 +209,33 @@ def main() -> None:
     print(header, flush=True)
     lines = [header, ""]
     for model in args.models.split(","):
-        weights_gib = None
         for dtype in args.dtypes.split(","):
             lines += [f"### {model}, {dtype}", "",
                       "| impl | scenario | prefill tok/s per process (min-max) | aggregate | vs quiet "
-                      "| decode tok/s per process (min-max) | aggregate | vs quiet | threads (prefill) "
+                      "| decode tok/s per process (min-max) | aggregate | vs quiet | threads (prompt/reply) "
                       "| PSS GiB per process | PSS GiB, sum |",
                       "|---|---|---|---|---|---|---|---|---|---|---|"]
             for impl in args.impls.split(","):
                 quiet = None
                 for name in args.scenarios.split(","):
                     n, busy = (1, name == "busy") if name in ("quiet", "busy") else (int(name), False)
-                    r = scenario(impl, model, dtype, n, busy, args.window)
+                    r = scenario(impl, model, dtype, n, busy, args.window, args.before)
                     row = {}
                     for phase in ("prefill", "decode"):
                         rates = [x["tokens_per_s"] for x in r[phase]]
-                        row[phase] = (statistics.median(rates), min(rates), max(rates), sum(rates))
+                        # every token the processes made, over the time from the first start to the last end
+                        span = max(x["end"] for x in r[phase]) - min(x["start"] for x in r[phase])
+                        aggregate = sum(x["tokens"] for x in r[phase]) / span
+                        row[phase] = (statistics.median(rates), min(rates), max(rates), aggregate)
                     if name == "quiet":
                         quiet = row
                     ratio = {ph: (row[ph][3] / quiet[ph][3] if quiet else float("nan")) for ph in row}
-                    threads = statistics.median(x["threads"] for x in r["prefill"])
+                    threads = max((x["threads"] for x in r["decode"]), key=[x["threads"] for x in r["decode"]].count)
                     label = {"quiet": "quiet", "busy": "1 busy process beside"}.get(name, f"{n} processes")
                     line = (f"| {impl} | {label} | {row['prefill'][0]:.1f} ({row['prefill'][1]:.1f}-"
                             f"{row['prefill'][2]:.1f}) | {row['prefill'][3]:.1f} | {ratio['prefill']:.0%} | "
                             f"{row['decode'][0]:.2f} ({row['decode'][1]:.2f}-{row['decode'][2]:.2f}) | "
-                            f"{row['decode'][3]:.2f} | {ratio['decode']:.0%} | {threads:g} | "
+                            f"{row['decode'][3]:.2f} | {ratio['decode']:.0%} | {threads} | "
                             f"{statistics.median(r['pss']) / 2**30:.2f} | {sum(r['pss']) / 2**30:.2f} |")
                     print(line, flush=True)
                     lines.append(line)

@@ -172,15 +172,8 @@ def plain_data(value: Any, where: str = "input", depth: int = 0) -> Any:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise TemplateError(f"cannot read {path}: {e.strerror}") from e
-    except ValueError as e:  # not UTF-8, or not JSON
-        raise TemplateError(f"{path} is not valid JSON ({e}); re-download the model") from e
-    if not isinstance(config, dict):
-        raise TemplateError(f"{path} holds a {type(config).__name__}, not a JSON object; re-download the model")
-    return config
+    from .hub import read_json_object  # here: the sandbox's worker imports this module without hub's imports
+    return read_json_object(path, "the special tokens and the chat template", TemplateError)
 
 
 # ---------------------------------------------------------------- the Jinja environment transformers uses

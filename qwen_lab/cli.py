@@ -101,8 +101,9 @@ def _read_json(path: Path, what: str):
         return json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise QwenLabError(f"cannot read {what} file {path}: {e.strerror}") from e
-    except ValueError as e:
-        raise QwenLabError(f"{what} file {path} is not valid JSON: {e}") from e
+    except (ValueError, RecursionError) as e:
+        reason = "it is nested too deeply" if isinstance(e, RecursionError) else e
+        raise QwenLabError(f"{what} file {path} is not valid JSON: {reason}") from None
 
 
 def cmd_template(args) -> None:

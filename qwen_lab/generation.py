@@ -27,11 +27,12 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import kernels, threads
+from . import kernels, static_decode, threads
 from .chat_template import ChatTemplate
 from .errors import CheckpointError, ContextTooLongError, NumericalError, QwenLabError, SettingError
 from .hub import ModelFiles, resolve
-from .load import load_model, read_config, read_json_object
+from .hub import read_json_object
+from .load import load_model, read_config
 from .tokenizer import Tokenizer
 
 FINISH_REASONS = ("eos", "length", "stop", "cancelled")
@@ -202,10 +203,11 @@ class GenerationResult:
     total_s: float
     prefill_threads: int = 1       # CPU threads the prompt ran on
     decode_threads: int = 1        # and each new token
+    decode_path: str = "torch"     # what ran each new token: kernels, torch, cuda-graph, static, no-cache...
 
     def stats(self) -> dict:
         keys = ("prompt_tokens", "generated_tokens", "ttft_s", "decode_tokens_per_s", "prefill_tokens_per_s",
-                "finish_reason", "prefill_threads", "decode_threads")
+                "finish_reason", "prefill_threads", "decode_threads", "decode_path")
         d = asdict(self)
         return {k: round(d[k], 4) if isinstance(d[k], float) else d[k] for k in keys}
 
@@ -275,13 +277,55 @@ def _held_back(text: str, stops: list[str]) -> int:
     return longest
 
 
+class _Eager:
+    """Prefill and decode by the model's own forward, on a KV cache sized for this generation.
+
+    Without a cache (``use_cache=False``) every step re-runs the whole text so far.
+    """
+
+    def __init__(self, model, length: int, use_cache: bool, history: torch.Tensor) -> None:
+        self.model, self.history = model, history
+        self.caches = model.new_caches(1, length) if use_cache else None
+        self.prefill_threads, decode_threads = thread_plan(model)
+        self.step_threads = (1 if kernels.in_use(model) else decode_threads) if use_cache else self.prefill_threads
+        self.decode_threads = decode_threads
+        on_cpu = model.lm_head.weight.device.type == "cpu"
+        self.path = ("kernels" if kernels.in_use(model) else "torch" if on_cpu else "eager") if use_cache \
+            else "no-cache"
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        return _forward(self.model, ids, self.caches, 0, self.prefill_threads)
+
+    def step(self, token: int, pos: int) -> torch.Tensor:
+        if self.caches is None:
+            return _forward(self.model, self.history[:pos + 1].tolist(), None, 0, self.step_threads)
+        return _forward(self.model, [token], self.caches, pos, self.step_threads)
+
+
+class _Static:
+    """Prefill and decode through the model's ``StaticDecoder`` (a replayed CUDA graph on a GPU)."""
+
+    def __init__(self, model, length: int) -> None:
+        self.decoder = static_decode.decoder_for(model, length)
+        self.path = self.decoder.mode
+        self.prefill_threads = self.decode_threads = torch.get_num_threads()
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        return self.decoder.prefill(ids)
+
+    def step(self, token: int, pos: int) -> torch.Tensor:
+        return self.decoder.step(token, pos)
+
+
 def generate_stream(model, tokenizer: Tokenizer, prompt_ids: list[int], config: GenerationConfig, *,
                     cancel: threading.Event | None = None, use_cache: bool = True,
-                    skip_special_tokens: bool = True) -> GenerationStream:
+                    skip_special_tokens: bool = True, static: bool | None = None) -> GenerationStream:
     """Generate from ``prompt_ids``, yielding text deltas that are whole characters.
 
     ``use_cache=False`` re-runs the whole sequence for every token: the same
-    tokens, much slower; it exists to show what the KV cache saves.
+    tokens, much slower; it exists to show what the KV cache saves. ``static``:
+    decode with ``static_decode.StaticDecoder`` (a CUDA graph replayed per token);
+    ``None`` does so on a GPU, where it pays, and not on a CPU.
     """
     context, vocab = model.config.max_position_embeddings, model.config.vocab_size
     if not prompt_ids:
@@ -292,11 +336,15 @@ def generate_stream(model, tokenizer: Tokenizer, prompt_ids: list[int], config: 
     if len(prompt_ids) >= context:
         raise ContextTooLongError(f"the prompt has {len(prompt_ids)} tokens but the model's context holds "
                                   f"{context}: shorten the conversation or start a new one")
+    if static is None:
+        static = use_cache and model.lm_head.weight.device.type == "cuda"
+    if static and not use_cache:
+        raise SettingError("static decoding keeps a KV cache: it cannot run with use_cache=False")
     return GenerationStream(_steps(model, tokenizer, list(prompt_ids), config, cancel, use_cache,
-                                   skip_special_tokens, context))
+                                   skip_special_tokens, context, static))
 
 
-def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special, context):
+def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special, context, static):
     budget = min(config.max_new_tokens, context - len(prompt_ids))
     generator = None
     if not config.greedy:
@@ -304,19 +352,16 @@ def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special
         generator.manual_seed(config.seed if config.seed is not None else torch.seed())
     eos, stops = set(config.eos_token_id), config.stop_strings
     decoder = tokenizer.stream(skip_special_tokens=skip_special)
-    caches = model.new_caches(1, len(prompt_ids) + budget) if use_cache else None
-    tokens = torch.tensor(prompt_ids, dtype=torch.long)
     history = torch.empty(len(prompt_ids) + budget, dtype=torch.long)
-    history[:len(prompt_ids)] = tokens
+    history[:len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
     n = len(prompt_ids)
     new_ids: list[int] = []
     text, emitted, reason = "", 0, "length"
-    prefill_threads, decode_threads = thread_plan(model)
-    torch_decode_threads = 1 if kernels.in_use(model) else decode_threads
+    steps = _Static(model, n + budget) if static else _Eager(model, n + budget, use_cache, history)
     t0 = time.perf_counter()
     t_first = t0
 
-    logits = _forward(model, prompt_ids, caches, 0, prefill_threads)  # prefill
+    logits = steps.prefill(prompt_ids)
     while True:
         token = next_token(logits.cpu(), history[:n], config, generator)
         new_ids.append(token)
@@ -343,10 +388,7 @@ def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special
         if cancel is not None and cancel.is_set():
             reason = "cancelled"
             break
-        if use_cache:
-            logits = _forward(model, [token], caches, n - 1, torch_decode_threads)
-        else:
-            logits = _forward(model, history[:n].tolist(), None, 0, prefill_threads)
+        logits = steps.step(token, n - 1)
     if reason != "stop":
         text += decoder.flush()
     if len(text) > emitted:
@@ -359,7 +401,7 @@ def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special
         generated_tokens=len(new_ids), ttft_s=ttft,
         decode_tokens_per_s=(len(new_ids) - 1) / decode_time if len(new_ids) > 1 and decode_time > 0 else 0.0,
         prefill_tokens_per_s=len(prompt_ids) / ttft if ttft > 0 else 0.0, total_s=t_end - t0,
-        prefill_threads=prefill_threads, decode_threads=decode_threads)
+        prefill_threads=steps.prefill_threads, decode_threads=steps.decode_threads, decode_path=steps.path)
 
 
 # ---------------------------------------------------------------- everything wired together
@@ -401,6 +443,11 @@ class ChatModel:
         return self.files.model_id
 
     @property
+    def device(self) -> torch.device:
+        """Where the model computes: inputs built by hand go there (``torch.tensor(ids, device=chat.device)``)."""
+        return self.model.lm_head.weight.device
+
+    @property
     def context_length(self) -> int:
         return self.model.config.max_position_embeddings
 
@@ -419,7 +466,7 @@ class ChatModel:
 
     def stream(self, prompt: list[dict] | str | list[int], *, cancel: threading.Event | None = None,
                add_generation_prompt: bool = True, use_cache: bool = True, skip_special_tokens: bool = True,
-               template_vars: dict | None = None, **overrides) -> GenerationStream:
+               template_vars: dict | None = None, static: bool | None = None, **overrides) -> GenerationStream:
         """Stream a reply to ``prompt``: messages (templated), a raw string, or ids.
 
         ``template_vars`` go to the chat template (e.g. ``{"enable_thinking": False}``);
@@ -433,7 +480,7 @@ class ChatModel:
         else:
             ids = list(prompt)
         config = self.generation_config.replace(**overrides)
-        return generate_stream(self.model, self.tokenizer, ids, config, cancel=cancel, use_cache=use_cache,
+        return generate_stream(self.model, self.tokenizer, ids, config, cancel=cancel, use_cache=use_cache, static=static,
                                skip_special_tokens=skip_special_tokens)
 
     def generate(self, prompt, *, on_text: Callable[[str], None] | None = None, **kwargs) -> GenerationResult:

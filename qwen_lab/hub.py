@@ -30,7 +30,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DownloadError
+from .errors import CheckpointError, DownloadError, QwenLabError
 from .hub_guard import (Corrupt, GaveUp, blob_names, blob_of, check_blob, is_plain_relative, is_repo_id,
                         remove_from_cache, revision_problem, watched)
 
@@ -66,6 +66,26 @@ class ModelFiles:
         return self.weights_index is not None
 
 
+def read_json_object(path: str | Path, what: str, error: type[QwenLabError] = CheckpointError) -> dict:
+    """A JSON file of a model that must hold an object, or one line (``error``) naming the file.
+
+    Model files are untrusted: not UTF-8, not JSON, nested thousands deep, or a list where an
+    object belongs each get that one line, never a traceback.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise error(f"cannot read {path}: {e.strerror or e}; download the model again") from e
+    except (ValueError, RecursionError) as e:  # also bad UTF-8, and JSON nested thousands deep
+        reason = "it is nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0]
+        raise error(f"{path} is not valid JSON ({reason}); download the model again") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} must hold a JSON object ({what}), not a {type(data).__name__}; "
+                    f"download the model again")
+    return data
+
+
 def shard_names(index_path: str | Path) -> list[str]:
     """The shard files an index's ``weight_map`` names, each once, in order.
 
@@ -78,8 +98,9 @@ def shard_names(index_path: str | Path) -> list[str]:
         if path.stat().st_size > MAX_INDEX_BYTES:
             raise DownloadError(f"{path} is over {MAX_INDEX_BYTES // 2**20} MB: not a safetensors index")
         weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DownloadError(f"{path} is not a valid safetensors index ({e}); download it again") from e
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        reason = "it is nested too deeply" if isinstance(e, RecursionError) else e
+        raise DownloadError(f"{path} is not a valid safetensors index ({reason}); download it again") from None
     if not isinstance(weight_map, dict) or not weight_map:
         raise DownloadError(f"{path}: 'weight_map' must map each tensor name to its shard file, "
                             f"but it is {_describe_json(weight_map)}; download the index again")

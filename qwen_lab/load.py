@@ -35,7 +35,7 @@ from torch import nn
 from . import runtime
 from .architectures import ARCHITECTURES
 from .errors import CheckpointError, SettingError, UnsupportedArchitectureError
-from .hub import ModelFiles
+from .hub import ModelFiles, read_json_object
 from .kernels import native_bf16  # noqa: F401  (re-exported: notebook 2 asks what the CPU does well)
 from .layers import CausalLM
 
@@ -48,22 +48,6 @@ _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
               "BOOL": torch.bool}
 #: A safetensors header larger than this is not a language model's (Qwen2.5-1.5B's is 30 kB).
 MAX_HEADER_BYTES = 100_000_000
-
-
-def read_json_object(path: str | Path, what: str) -> dict:
-    """A JSON file that must hold an object, or a one-line ``CheckpointError`` naming it."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror or e}; download the model again") from e
-    except (ValueError, RecursionError) as e:  # also bad UTF-8, and JSON nested thousands deep
-        reason = "it is nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0]
-        raise CheckpointError(f"{path} is not valid JSON ({reason}); download the model again") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object ({what}), not a {type(data).__name__}; "
-                              f"download the model again")
-    return data
 
 
 def read_config(path: str | Path) -> dict:

@@ -12,13 +12,10 @@ text only once it forms whole characters, like Candle's ``TokenOutputStream``.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from tokenizers import Tokenizer as _HFTokenizer
 
 from .errors import CheckpointError, SettingError
-from .hub import ModelFiles
+from .hub import ModelFiles, read_json_object
 
 
 #: The named special tokens of tokenizer_config.json (transformers' list); chat templates may read each.
@@ -50,11 +47,7 @@ class Tokenizer:
             backend = _HFTokenizer.from_file(str(files.tokenizer))
         except Exception as e:  # tokenizers raises a bare Exception on a bad file
             raise CheckpointError(f"cannot read {files.tokenizer}: {e}; download the model again") from e
-        try:
-            config = json.loads(Path(files.tokenizer_config).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"cannot read {files.tokenizer_config}: {e}; download the model again") from e
-        return cls(backend, config)
+        return cls(backend, read_json_object(files.tokenizer_config, "the special tokens and the chat template"))
 
     @property
     def vocab_size(self) -> int:

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from qwen_lab.cli import main
 from qwen_lab.generation import ChatModel

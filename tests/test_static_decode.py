@@ -1,0 +1,89 @@
+"""The static-shape decode step (what a GPU captures as a CUDA graph), run on the CPU against the eager path.
+
+``scripts/gpu_check.py`` runs the same comparisons on CUDA, with the graph captured.
+"""
+import pytest
+import torch
+
+from qwen_lab import static_decode
+from qwen_lab.errors import SettingError
+from qwen_lab.generation import GenerationConfig, generate_stream
+from qwen_lab.hub import resolve
+from qwen_lab.load import load_model
+from qwen_lab.tokenizer import Tokenizer
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    files = resolve(str(tiny_dir))
+    return load_model(files, "float32", DEVICE, matvec="none"), Tokenizer.from_files(files)
+
+
+def test_buckets():
+    assert [static_decode.bucket(n, 32768) for n in (1, 512, 513, 5000)] == [512, 512, 1024, 8192]
+    assert static_decode.bucket(5000, 2048) == 2048
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_static_steps_give_the_eager_greedy_tokens(tiny, penalty):
+    model, tok = tiny
+    prompt = tok.encode("Hello! How are you today? I am")
+    config = GenerationConfig(max_new_tokens=32, do_sample=False, eos_token_id=[], repetition_penalty=penalty)
+    eager = generate_stream(model, tok, prompt, config, static=False).result
+    static = generate_stream(model, tok, prompt, config, static=True).result
+    assert static.token_ids == eager.token_ids and len(eager.token_ids) == 32
+    assert static.decode_path.startswith(("static", "cuda-graph")) and eager.decode_path != static.decode_path
+
+
+def test_one_decoder_serves_generation_after_generation(tiny):
+    model, tok = tiny
+    config = GenerationConfig(max_new_tokens=12, do_sample=False, eos_token_id=[])
+    long_prompt, short_prompt = tok.encode("The capital of France is Paris. " * 4), tok.encode("Hi")
+    first = generate_stream(model, tok, long_prompt, config, static=True).result
+    second = generate_stream(model, tok, short_prompt, config, static=True).result  # stale cache rows past it
+    assert len(model._static_decoders) == 1  # both fit the 512 bucket: one decoder, reused
+    assert second.token_ids == generate_stream(model, tok, short_prompt, config, static=False).result.token_ids
+    assert first.token_ids == generate_stream(model, tok, long_prompt, config, static=False).result.token_ids
+
+
+def test_logits_of_a_step_equal_the_eager_forward(tiny):
+    model, tok = tiny
+    ids = tok.encode("Hello! How are you")
+    decoder = static_decode.StaticDecoder(model, 64, graph=False)
+    with torch.inference_mode():
+        decoder.prefill(ids[:-1])
+        got = decoder.step(ids[-1], len(ids) - 1)
+        want = model(torch.tensor([ids], device=model.lm_head.weight.device))[0, -1]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the capture succeeds")
+def test_a_failed_capture_falls_back_to_the_same_step(tiny):
+    model, tok = tiny
+    decoder = static_decode.StaticDecoder(model, 64, graph=True)  # no CUDA here: the capture must fail
+    assert decoder.graph is None and decoder.mode.startswith("static (CUDA graph capture failed:")
+    ids = tok.encode("Hello")
+    with torch.inference_mode():
+        decoder.prefill(ids)
+        assert torch.isfinite(decoder.step(ids[-1], len(ids))).all()
+
+
+def test_static_needs_the_cache(tiny):
+    model, tok = tiny
+    with pytest.raises(SettingError, match="static decoding keeps a KV cache"):
+        generate_stream(model, tok, [1, 2], GenerationConfig(), use_cache=False, static=True)
+
+
+def test_static_decoding_serves_every_architecture(tmp_path, tokenizer):
+    transformers = pytest.importorskip("transformers")  # noqa: F841  (the checkpoints are written by it)
+    from test_model import ARCHITECTURES, write_checkpoint
+    for arch in ARCHITECTURES:
+        directory = write_checkpoint(tmp_path / arch, arch, True, tokenizer)
+        files = resolve(str(directory))
+        model, tok = load_model(files, "float32", DEVICE, matvec="none"), Tokenizer.from_files(files)
+        config = GenerationConfig(max_new_tokens=20, do_sample=False, eos_token_id=[])
+        prompt = list(range(3, 15))
+        assert (generate_stream(model, tok, prompt, config, static=True).result.token_ids
+                == generate_stream(model, tok, prompt, config, static=False).result.token_ids), arch
