@@ -30,7 +30,7 @@ def need(condition, why):
 def lab(tmp_path_factory):
     need(Path(CHROMIUM).exists(), f"{CHROMIUM} is missing (apt-get install chromium)")
     root = tmp_path_factory.mktemp("lab")
-    shutil.copy(ROOT / "notebooks" / "06_chat_panel.ipynb", root)  # a copy: autosave never touches the repo
+    shutil.copy(ROOT / "notebooks" / "07_chat_panel.ipynb", root)  # a copy: autosave never touches the repo
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -73,7 +73,7 @@ def test_chat_panel_streams_and_stops_in_chromium(lab):
                   "--disable-background-networking", "--disable-component-update"])
         page = browser.new_page(viewport={"width": 1300, "height": 1100})
         try:
-            page.goto(f"{lab}/lab/tree/06_chat_panel.ipynb", wait_until="domcontentloaded")
+            page.goto(f"{lab}/lab/tree/07_chat_panel.ipynb", wait_until="domcontentloaded")
             page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=90_000)
             # wait for the kernel to be idle, then click into a cell so the keyboard goes to the notebook
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
