@@ -108,6 +108,22 @@ def choose_dtype(dtype: str | torch.dtype, device: torch.device, saved: torch.dt
     return DTYPES[dtype]
 
 
+def suggested_dtype(model: str) -> str:
+    """The dtype the notebooks and the panel load ``model`` in.
+
+    ``float32`` for the embedded tiny-chat: 8 MB either way, and float32 gives the same
+    outputs on every CPU, so a notebook's saved outputs match what a learner's machine prints
+    (bf16 rounds differently with and without bf16 instructions). ``auto`` for a real model:
+    its bf16 file stays mapped and shared between learners (``choose_dtype``), where float32
+    would be a private copy twice its size in every kernel (6 GB for Qwen2.5-1.5B).
+
+    >>> suggested_dtype("qwen-lab/tiny-chat"), suggested_dtype("Qwen/Qwen2.5-1.5B-Instruct")
+    ('float32', 'auto')
+    """
+    from .hub import EMBEDDED_MODEL_ID
+    return "float32" if str(model) == EMBEDDED_MODEL_ID else "auto"
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -329,4 +345,4 @@ def count_parameters(model: nn.Module) -> int:
 
 __all__ = ["ARCHITECTURES", "DTYPES", "architecture_of", "available_memory", "build_model", "checkpoint_dtype",
            "choose_dtype", "count_parameters", "default_device", "load_model", "load_weights", "read_config",
-           "read_safetensors"]
+           "read_safetensors", "suggested_dtype"]
