@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true", help="send --prompt as is, without the chat template")
     template_var_arg(g)
     g.add_argument("--stats", action="store_true", help="one JSON line of figures on stderr at the end")
+    g.add_argument("--top-logprobs", type=int, default=0, metavar="K",
+                   help="for each new token, one JSON line on stderr: its log-probability and the K likeliest "
+                        "tokens (0-20) of the distribution it was chosen from")
 
     t = sub.add_parser("template", help="print the rendered prompt for a conversation")
     model_arg(t)
@@ -143,7 +146,7 @@ def cmd_generate(args) -> None:
     chat = ChatModel.load(args.model, dtype=args.dtype, device="cpu" if args.cpu else None, revision=args.revision)
     overrides = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                      repetition_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed,
-                     max_new_tokens=args.max_new_tokens)
+                     max_new_tokens=args.max_new_tokens, top_logprobs=args.top_logprobs or None)
     if args.temperature is not None and args.temperature > 0:
         overrides["do_sample"] = True
     if args.eos_token:
@@ -167,10 +170,13 @@ def cmd_generate(args) -> None:
     try:
         stream = chat.stream(prompt, cancel=cancel, skip_special_tokens=not args.show_special,
                              template_vars=dict(args.template_var), **overrides)
+        shown = 0
         for delta in stream:
             sys.stdout.write(delta)
             sys.stdout.flush()
+            shown = _print_choices(chat, stream.choices, shown)
         result = stream.result
+        _print_choices(chat, stream.choices, shown)
     finally:
         signal.signal(signal.SIGINT, previous)
     sys.stdout.write("\n")
@@ -180,6 +186,20 @@ def cmd_generate(args) -> None:
         stats["dtype"] = str(chat.model.lm_head.weight.dtype).removeprefix("torch.")
         stats["matvec"] = "qwen_lab" if kernels.in_use(chat.model) else "torch"
         print(json.dumps(stats), file=sys.stderr)
+
+
+def _print_choices(chat, choices, shown: int) -> int:
+    """One JSON line on stderr per token not yet shown: what was chosen, and the likeliest alternatives."""
+    import math
+
+    def entry(token_id, prob):
+        return {"token": token_id, "text": chat.tokenizer.decode([token_id]),
+                "logprob": round(math.log(prob), 6) if prob > 0 else None}
+
+    for c in choices[shown:]:
+        line = {**entry(c.token_id, c.prob), "top": [entry(i, p) for i, p in c.alternatives]}
+        print(json.dumps(line, ensure_ascii=False), file=sys.stderr, flush=True)
+    return len(choices)
 
 
 def _fail(message: str) -> int:

@@ -28,14 +28,21 @@ from typing import Callable, Iterator
 import torch
 
 from . import kernels, static_decode, threads
+from .sampling import (MAX_TOP_LOGPROBS, TokenChoice, apply_repetition_penalty, apply_top_k, apply_top_p, choice,
+                       next_token, process_logits)
 from .chat_template import ChatTemplate
-from .errors import CheckpointError, ContextTooLongError, NumericalError, QwenLabError, SettingError
+from .errors import CheckpointError, ContextTooLongError, QwenLabError, SettingError
 from .hub import ModelFiles, resolve
 from .hub import read_json_object
 from .load import load_model, read_config
 from .tokenizer import Tokenizer
 
 FINISH_REASONS = ("eos", "length", "stop", "cancelled")
+
+#: Re-exported: the logits processors live in ``qwen_lab.sampling``.
+__all__ = ["ChatModel", "GenerationConfig", "GenerationResult", "GenerationStream", "TokenChoice",
+           "apply_repetition_penalty", "apply_top_k", "apply_top_p", "generate_stream", "next_token",
+           "process_logits", "thread_plan"]
 
 
 @dataclass
@@ -56,6 +63,7 @@ class GenerationConfig:
     eos_token_id: list[int] = field(default_factory=list)
     stop_strings: list[str] = field(default_factory=list)
     seed: int | None = None
+    top_logprobs: int = 0  # per token, report this many of the likeliest alternatives (0: none)
 
     def __post_init__(self) -> None:
         if isinstance(self.eos_token_id, int) and not isinstance(self.eos_token_id, bool):
@@ -80,6 +88,8 @@ class GenerationConfig:
              and all(isinstance(t, str) and t for t in self.stop_strings), "a list of non-empty strings"),
             ("seed", self.seed is None or (whole(self.seed) and 0 <= self.seed < 2**64),
              "a whole number from 0 to 2**64 - 1"),
+            ("top_logprobs", whole(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+             f"a whole number from 0 to {MAX_TOP_LOGPROBS}"),
         ]
         for name, ok, rule in checks:
             if not ok:
@@ -115,77 +125,6 @@ class GenerationConfig:
             raise CheckpointError(f"{Path(source).name}: {e}; is the file corrupt?") from None
 
 
-# ---------------------------------------------------------------- logits processing
-# Each function takes float32 logits of shape (vocab,) and returns new ones.
-
-def apply_repetition_penalty(logits: torch.Tensor, previous: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Make tokens already seen less likely: positive logits / penalty, negative * penalty."""
-    if penalty == 1.0 or previous.numel() == 0:
-        return logits
-    ids = previous.unique()
-    seen = logits[ids]
-    logits = logits.clone()
-    logits[ids] = torch.where(seen < 0, seen * penalty, seen / penalty)
-    return logits
-
-
-def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest logits (ties with the k-th kept too); 0 keeps all."""
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    kth = torch.topk(logits, k).values[-1]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def _alive(logits: torch.Tensor) -> torch.Tensor:
-    """Ids of the tokens still in the running: those top-k / top-p have not set to -inf."""
-    return (logits > float("-inf")).nonzero().squeeze(-1)
-
-
-def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probabilities add up to more than p (nucleus)."""
-    if p >= 1.0:
-        return logits
-    # Only tokens still in the running matter: after top-k that is 20 of 151,936, and sorting
-    # 20 values instead of the whole vocabulary saves ~8 ms per token.
-    alive = _alive(logits)
-    sorted_logits, order = torch.sort(logits[alive])  # ascending: the tail comes first
-    cumulative = sorted_logits.softmax(-1).cumsum(-1)
-    drop = cumulative <= 1 - p
-    drop[-1] = False  # the most likely token always stays
-    out = logits.clone()
-    out[alive[order[drop]]] = float("-inf")
-    return out
-
-
-def process_logits(logits: torch.Tensor, previous: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
-    """repetition penalty -> temperature -> top-k -> top-p, in transformers' order."""
-    logits = logits.float()
-    recent = previous if config.repeat_last_n is None else previous[len(previous) - config.repeat_last_n:]
-    logits = apply_repetition_penalty(logits, recent, config.repetition_penalty)
-    if config.greedy:
-        return logits
-    logits = logits / config.temperature
-    logits = apply_top_k(logits, config.top_k)
-    return apply_top_p(logits, config.top_p)
-
-
-def next_token(logits: torch.Tensor, previous: torch.Tensor, config: GenerationConfig,
-               generator: torch.Generator | None) -> int:
-    """Choose one token id: the argmax when greedy, else a sample from the processed distribution."""
-    top = float(logits.max())  # NaN wins a max: one pass over the vocabulary checks every number
-    if not math.isfinite(top):
-        raise NumericalError(f"the model computed {top} logits: its weights or config.json are broken "
-                             f"(NaN weights, a rotary base of 0...); download it again or check the config")
-    logits = process_logits(logits, previous, config)
-    if config.greedy:
-        return int(logits.argmax())
-    # Draw among the tokens still in the running (top-k and top-p leave a few dozen of 151,936):
-    # the same distribution, and 3 ms per token less than a multinomial over the whole vocabulary.
-    alive = _alive(logits)
-    return int(alive[torch.multinomial(logits[alive].softmax(-1), 1, generator=generator)])
-
-
 # ---------------------------------------------------------------- the loop
 
 @dataclass
@@ -204,6 +143,8 @@ class GenerationResult:
     prefill_threads: int = 1       # CPU threads the prompt ran on
     decode_threads: int = 1        # and each new token
     decode_path: str = "torch"     # what ran each new token: kernels, torch, cuda-graph, static, no-cache...
+    finish_detail: str = ""        # finish_reason in words: which EOS token, which stop string...
+    choices: list[TokenChoice] = field(default_factory=list)  # per token, with top_logprobs > 0
 
     def stats(self) -> dict:
         keys = ("prompt_tokens", "generated_tokens", "ttft_s", "decode_tokens_per_s", "prefill_tokens_per_s",
@@ -218,9 +159,11 @@ class GenerationStream:
     >>> # for delta in chat.stream(messages): print(delta, end="")
     """
 
-    def __init__(self, steps: Iterator[str]) -> None:
+    def __init__(self, steps: Iterator[str], choices: list[TokenChoice] | None = None) -> None:
         self._steps = steps
         self._result: GenerationResult | None = None
+        #: per token so far, what the model weighed (filled as tokens come, with top_logprobs > 0)
+        self.choices: list[TokenChoice] = [] if choices is None else choices
 
     def __iter__(self) -> "GenerationStream":
         return self
@@ -340,11 +283,12 @@ def generate_stream(model, tokenizer: Tokenizer, prompt_ids: list[int], config: 
         static = use_cache and model.lm_head.weight.device.type == "cuda"
     if static and not use_cache:
         raise SettingError("static decoding keeps a KV cache: it cannot run with use_cache=False")
+    choices: list[TokenChoice] = []
     return GenerationStream(_steps(model, tokenizer, list(prompt_ids), config, cancel, use_cache,
-                                   skip_special_tokens, context, static))
+                                   skip_special_tokens, context, static, choices), choices)
 
 
-def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special, context, static):
+def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special, context, static, choices):
     budget = min(config.max_new_tokens, context - len(prompt_ids))
     generator = None
     if not config.greedy:
@@ -356,14 +300,17 @@ def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special
     history[:len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
     n = len(prompt_ids)
     new_ids: list[int] = []
-    text, emitted, reason = "", 0, "length"
+    text, emitted, reason, stop_hit = "", 0, "length", ""
     steps = _Static(model, n + budget) if static else _Eager(model, n + budget, use_cache, history)
     t0 = time.perf_counter()
     t_first = t0
 
     logits = steps.prefill(prompt_ids)
     while True:
-        token = next_token(logits.cpu(), history[:n], config, generator)
+        chosen = choice(logits.cpu(), history[:n], config, generator, config.top_logprobs)
+        token = chosen.token_id
+        if config.top_logprobs:
+            choices.append(chosen)
         new_ids.append(token)
         history[n] = token
         n += 1
@@ -376,6 +323,7 @@ def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special
         text += decoder.push(token)
         hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
         if hit >= 0:
+            stop_hit = next(s for s in stops if text.find(s) == hit)
             text, reason = text[:hit], "stop"
             break
         safe = len(text) - _held_back(text, stops)
@@ -395,13 +343,20 @@ def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special
         yield text[emitted:]
     t_end = time.perf_counter()
     ttft = t_first - t0
+    detail = {"eos": lambda: f"the model wrote {tokenizer.id_to_token(new_ids[-1])} (id {new_ids[-1]}), one of the "
+                             f"EOS ids {sorted(eos)}",
+              "stop": lambda: f"the text reached the stop string {stop_hit!r}",
+              "cancelled": lambda: "stopped on request (Stop, Ctrl-C or a cancel event) before the next token",
+              "length": lambda: (f"reached the end of the context ({context:,} tokens)" if n >= context
+                                 else f"reached max_new_tokens ({config.max_new_tokens:,})")}[reason]()
     decode_time = t_end - t_first
     return GenerationResult(
         text=text, token_ids=new_ids, finish_reason=reason, prompt_tokens=len(prompt_ids),
         generated_tokens=len(new_ids), ttft_s=ttft,
         decode_tokens_per_s=(len(new_ids) - 1) / decode_time if len(new_ids) > 1 and decode_time > 0 else 0.0,
         prefill_tokens_per_s=len(prompt_ids) / ttft if ttft > 0 else 0.0, total_s=t_end - t0,
-        prefill_threads=steps.prefill_threads, decode_threads=steps.decode_threads, decode_path=steps.path)
+        prefill_threads=steps.prefill_threads, decode_threads=steps.decode_threads, decode_path=steps.path,
+        finish_detail=detail, choices=list(choices))
 
 
 # ---------------------------------------------------------------- everything wired together

@@ -11,9 +11,12 @@ Design:
   stops before the next token;
 * the transcript is redrawn at most every ``refresh_s`` seconds while a
   reply streams (each redraw is one message to the browser);
-* the model's text is untrusted: it is HTML-escaped first, then a small
-  Markdown subset (code blocks, inline code, bold, italics, lists) is turned
-  into tags this module writes itself — nothing the model writes becomes a tag;
+* the model's text is untrusted: ``qwen_lab.markup`` escapes it first, then turns
+  a small Markdown subset into tags it writes itself — nothing the model writes
+  becomes a tag;
+* *Show inside* (in Settings, off by default) keeps, per reply, the exact prompt
+  the template produced and its tokens, and each new token's probability with
+  its likeliest alternatives (``top_logprobs=5``), shown under the reply;
 * one ``ChatModel`` may serve several panels: ``ChatPanel.load`` caches it, and
   its lock lets one reply be generated at a time.
 """
@@ -33,70 +36,14 @@ import ipywidgets as w
 
 from .errors import QwenLabError
 from .generation import ChatModel
+from .markup import CSS as _INSIDE_CSS
+from .markup import inside_view, render_markdown
+
+__all__ = ["ChatPanel", "render_markdown"]
 
 CONTEXT_WARNING = 0.8  # share of the context window after which the panel warns
 
 _loaded: dict[tuple, ChatModel] = {}
-
-
-# ---------------------------------------------------------------- safe Markdown
-
-def render_markdown(text: str) -> str:
-    """A Markdown subset as HTML, safe for untrusted text: everything is escaped first.
-
-    >>> render_markdown("**hi** <script>alert(1)</script>")
-    '<p><b>hi</b> &lt;script&gt;alert(1)&lt;/script&gt;</p>'
-    """
-    out, paragraph, items = [], [], []
-    lines = text.split("\n")
-
-    def flush():
-        if paragraph:
-            out.append("<p>" + "<br>".join(_inline(line) for line in paragraph) + "</p>")
-            paragraph.clear()
-        if items:
-            out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in items) + "</ul>")
-            items.clear()
-
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        if line.strip().startswith("```"):
-            flush()
-            lang = line.strip()[3:].strip()
-            code, i = [], i + 1
-            while i < len(lines) and not lines[i].strip().startswith("```"):
-                code.append(lines[i])
-                i += 1
-            label = f' data-lang="{html.escape(lang, quote=True)}"' if lang else ""
-            out.append(f"<pre class='ql-code'{label}><code>{html.escape(chr(10).join(code))}</code></pre>")
-        elif re.match(r"^\s*[-*] ", line):
-            if paragraph:
-                flush()
-            items.append(re.sub(r"^\s*[-*] ", "", line))
-        elif not line.strip():
-            flush()
-        else:
-            if items:
-                flush()
-            paragraph.append(line)
-        i += 1
-    flush()
-    return "".join(out)
-
-
-def _inline(text: str) -> str:
-    parts = re.split(r"(`[^`]+`)", text)
-    rendered = []
-    for part in parts:
-        if len(part) > 1 and part.startswith("`") and part.endswith("`"):
-            rendered.append(f"<code>{html.escape(part[1:-1])}</code>")
-        else:
-            s = html.escape(part)
-            s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
-            s = re.sub(r"(?<![*\w])\*(?!\s)(.+?)(?<!\s)\*(?!\w)", r"<i>\1</i>", s)
-            rendered.append(s)
-    return "".join(rendered)
 
 
 # ---------------------------------------------------------------- the panel
@@ -112,7 +59,7 @@ _STYLE = """<style>
 .ql-meta {color: #777; font-size: 11px;}
 .ql-note {color: #a15c00; font-size: 12px;}
 .ql-error {color: #b00020; font-size: 12px;}
-</style>"""
+""" + _INSIDE_CSS + "</style>"
 
 
 class ChatPanel:
@@ -156,6 +103,8 @@ class ChatPanel:
                                                 description="repetition penalty", **slider)
         self.seed = w.IntText(value=g.seed if g.seed is not None else 0, description="seed",
                               layout=w.Layout(width="160px"))
+        self.inside = w.Checkbox(value=False, indent=False, layout=w.Layout(width="auto"),
+                                 description="Show inside: the exact prompt, and each token's probability")
         self.transcript = w.HTML(layout=w.Layout(width="98%"))
         self.status = w.HTML()
         self.input = w.Text(placeholder="Type a message and press Enter", layout=w.Layout(width="60%"))
@@ -182,7 +131,8 @@ class ChatPanel:
                            layout=w.Layout(flex_flow="row wrap"))
         buttons = w.HBox([self.input, self.send_button, self.stop_button])
         actions = w.HBox([self.regenerate_button, self.undo_button, self.clear_button, self.export_button])
-        settings = w.Accordion(children=[w.VBox([self.system, controls, controls2])], selected_index=None)
+        settings = w.Accordion(children=[w.VBox([self.system, controls, controls2, self.inside])],
+                               selected_index=None)
         settings.set_title(0, "Settings")
         self.widget = w.VBox([self.title, settings, self.transcript, self.status, buttons, actions,
                               self.export_box])
@@ -292,7 +242,8 @@ class ChatPanel:
         conversation = self._conversation()
         self.error = ""
         try:
-            prompt = self.chat.prompt_ids(conversation, **self.template_vars)
+            prompt_text = self.chat.render(conversation, **self.template_vars)
+            prompt = self.chat.tokenizer.encode(prompt_text)
         except QwenLabError as e:
             self._fail(str(e))
             return False
@@ -313,15 +264,19 @@ class ChatPanel:
                         top_p=self.top_p.value, top_k=self.top_k.value, max_new_tokens=max_new,
                         repetition_penalty=self.repetition_penalty.value, seed=self.seed.value)
         settings = {**self.overrides, **settings}
+        inside = None
+        if self.inside.value:  # the model's choices: 5 alternatives per token (about 1% slower decoding)
+            settings["top_logprobs"] = 5
+            inside = {"prompt_text": prompt_text, "prompt_ids": prompt}
         self._cancel = threading.Event()
         self._partial = ""
         self._set_busy(True)
         self._redraw()  # the user's message (and any note) shows at once
-        self._worker = threading.Thread(target=self._run, args=(prompt, settings), daemon=True)
+        self._worker = threading.Thread(target=self._run, args=(prompt, settings, inside), daemon=True)
         self._worker.start()
         return True
 
-    def _run(self, prompt: list[int], settings: dict) -> None:
+    def _run(self, prompt: list[int], settings: dict, inside: dict | None) -> None:
         try:
             with self.chat.lock:  # panels sharing a model take turns
                 stream = self.chat.stream(prompt, cancel=self._cancel, **settings)
@@ -333,7 +288,9 @@ class ChatPanel:
                         self._redraw()
                 result = stream.result
             self.messages.append({"role": "assistant", "content": result.text})
-            self.replies.append({**result.stats(), "stopped": result.finish_reason == "cancelled"})
+            if inside is not None:
+                inside.update(choices=result.choices, finish=result.finish_detail)
+            self.replies.append({**result.stats(), "stopped": result.finish_reason == "cancelled", "inside": inside})
             if result.finish_reason == "length" and \
                     result.prompt_tokens + result.generated_tokens >= self.chat.context_length:
                 self.note = "The reply reached the end of the context window: press New chat or Undo to go on."
@@ -372,6 +329,8 @@ class ChatPanel:
                     meta = (f"<div class='ql-meta'>{r['generated_tokens']} tokens · first token "
                             f"{r['ttft_s']:.2f} s · {r['decode_tokens_per_s']:.1f} tokens/s on {threads} "
                             f"thread{'s' if threads != 1 else ''}{' · <b>stopped</b>' if r['stopped'] else ''}</div>")
+                if r and r.get("inside"):
+                    meta += self._inside_html(r["inside"])
             parts.append(f"<div class='ql-msg ql-{role}'>{body}{meta}</div>")
         if self._partial is not None:
             parts.append(f"<div class='ql-msg ql-assistant ql-streaming'>{render_markdown(self._partial)}"
@@ -382,6 +341,15 @@ class ChatPanel:
         if self.error:
             status += f"<span class='ql-error'>Error: {html.escape(self.error)}</span>"
         self.status.value = f"<div class='ql-note'>{status}</div>" if status else ""
+
+
+    def _inside_html(self, inside: dict) -> str:
+        tok = self.chat.tokenizer
+        pieces = [tok.decode([i]) for i in inside["prompt_ids"]]
+        reply = [tok.decode([c.token_id]) for c in inside["choices"]]
+        return inside_view(inside["prompt_text"], pieces, inside["prompt_ids"], tok.special_ids,
+                           self.chat.context_length, reply, inside["choices"], lambda i: tok.decode([i]),
+                           inside["finish"])
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -317,3 +317,17 @@ def test_download_options(capsys, tmp_path):
     assert code == 1 and err.count("\n") == 1 and "is a file, not a folder" in err
     code, out, err = run(capsys, "download", "--force-download")  # the embedded model: nothing to fetch
     assert code == 0 and out.strip() == str(EMBEDDED_MODEL_DIR)
+
+
+def test_top_logprobs_are_json_lines_on_stderr(capsys, tiny_dir, chat):
+    code, out, err = run(capsys, "generate", "--model", tiny_dir, "--prompt", "Hi", "--temperature", "0",
+                         "--max-new-tokens", "6", "--ignore-eos", "--top-logprobs", "3")
+    lines = [json.loads(line) for line in err.splitlines()]
+    expected = chat.generate([{"role": "user", "content": "Hi"}], do_sample=False, max_new_tokens=6, eos_token_id=[],
+                             top_logprobs=3)
+    assert code == 0 and out == expected.text + "\n" and len(lines) == 6
+    for line, c in zip(lines, expected.choices):
+        assert line["token"] == c.token_id and len(line["top"]) == 3 and line["top"][0]["token"] == c.token_id
+        assert line["logprob"] == pytest.approx(c.logprob, abs=1e-5) and line["text"] == chat.tokenizer.decode([c.token_id])
+    code, _, err = run(capsys, "generate", "--model", tiny_dir, "--prompt", "Hi", "--top-logprobs", "99")
+    assert code == 1 and "top_logprobs must be a whole number from 0 to 20" in err

@@ -185,3 +185,54 @@ def test_sampling_draws_from_the_processed_distribution():
         counts[next_token(logits, none, config, generator)] += 1
     assert counts[expected == 0].sum() == 0
     torch.testing.assert_close(counts / counts.sum(), expected, atol=0.015, rtol=0)
+
+
+# ---------------------------------------------------------------- what the model weighed: top logprobs
+
+def test_top_logprobs_equal_transformers_scores(tiny_dir):
+    transformers = pytest.importorskip("transformers")
+    from qwen_lab.hub import resolve
+    from qwen_lab.load import load_model
+    from qwen_lab.tokenizer import Tokenizer
+    files = resolve(str(tiny_dir))
+    ours, tok = load_model(files, "float32", "cpu"), Tokenizer.from_files(files)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    ids = torch.randint(0, ours.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(4))
+    out = ref.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0,
+                       repetition_penalty=1.3, output_scores=True, return_dict_in_generate=True)
+    config = GenerationConfig(max_new_tokens=12, do_sample=False, repetition_penalty=1.3, top_logprobs=5)
+    result = generate_stream(ours, tok, ids[0].tolist(), config).result
+    assert result.token_ids == out.sequences[0, 10:].tolist() and len(result.choices) == 12
+    for step, (c, scores) in enumerate(zip(result.choices, out.scores)):
+        probs = scores[0].softmax(-1)  # transformers' scores: the processed logits of each step
+        top = probs.topk(5)
+        assert [i for i, _ in c.alternatives] == top.indices.tolist(), step
+        torch.testing.assert_close(torch.tensor([p for _, p in c.alternatives]), top.values, rtol=1e-4, atol=1e-6)
+        assert c.prob == pytest.approx(float(probs[c.token_id]), rel=1e-4) and c.token_id == c.alternatives[0][0]
+
+
+def test_sampled_choices_only_list_tokens_that_could_be_drawn(chat):
+    result = chat.generate([{"role": "user", "content": "Explain the KV cache."}], seed=3, max_new_tokens=20,
+                           do_sample=True, temperature=0.7, top_k=3, top_p=0.8, top_logprobs=10)
+    assert len(result.choices) == result.generated_tokens
+    for c in result.choices:
+        assert 1 <= len(c.alternatives) <= 3  # top-k 3 cut the rest: probability 0, not listed
+        assert c.token_id in [i for i, _ in c.alternatives] and 0 < c.prob <= 1
+        assert sum(p for _, p in c.alternatives) == pytest.approx(1.0, abs=1e-5)  # the whole surviving mass
+
+
+def test_no_choices_are_collected_unless_asked(chat):
+    result = chat.generate([{"role": "user", "content": "Hi"}], do_sample=False, max_new_tokens=5)
+    assert result.choices == []
+    stream = chat.stream([{"role": "user", "content": "Hi"}], do_sample=False, max_new_tokens=5, top_logprobs=2)
+    seen = [len(stream.choices) for _ in stream]  # the stream's list grows as tokens come
+    assert seen == sorted(seen) and len(stream.choices) == stream.result.generated_tokens
+
+
+def test_finish_detail_says_why_in_words(chat):
+    done = chat.generate([{"role": "user", "content": "What is 2 plus 3?"}], do_sample=False)
+    assert done.finish_reason == "eos" and done.finish_detail.startswith("the model wrote <|im_end|> (id ")
+    short = chat.generate([{"role": "user", "content": "What is 2 plus 3?"}], do_sample=False, max_new_tokens=2)
+    assert short.finish_detail == "reached max_new_tokens (2)"
+    cut = chat.generate([{"role": "user", "content": "What is 2 plus 3?"}], do_sample=False, stop_strings=["plus"])
+    assert cut.finish_detail == "the text reached the stop string 'plus'"

@@ -225,3 +225,50 @@ def test_a_failed_export_leaves_the_old_file_whole(panel, tmp_path, monkeypatch)
         panel.export(target)
     assert target.read_text() == "the previous export\n"
     assert [p.name for p in tmp_path.iterdir()] == ["chat.json"]
+
+
+def test_show_inside_keeps_the_prompt_and_the_probabilities(panel, chat):
+    panel.inside.value = True
+    panel.send("What is 2 plus 3?")
+    panel.wait(30)
+    inside = panel.replies[0]["inside"]
+    conversation = [{"role": "system", "content": panel.system.value}, {"role": "user", "content": "What is 2 plus 3?"}]
+    assert inside["prompt_text"] == chat.render(conversation)
+    assert inside["prompt_ids"] == chat.prompt_ids(conversation)
+    assert [c.token_id for c in inside["choices"]] == chat.generate(conversation, do_sample=False, max_new_tokens=8,
+                                                                     repetition_penalty=panel.repetition_penalty.value
+                                                                     ).token_ids
+    page = panel.transcript.value
+    assert "<details class='ql-inside'>" in page and "ql-special" in page  # <|im_start|> is marked
+    assert f"({len(inside['prompt_ids'])} tokens of the {chat.context_length:,}-token context)" in page
+    assert "likeliest:" in page and "ended: " in page
+
+
+def test_inside_is_off_by_default_and_costs_nothing(panel):
+    panel.send("Hi")
+    panel.wait(30)
+    assert panel.replies[0]["inside"] is None and "ql-inside" not in panel.transcript.value
+
+
+def test_the_inside_view_escapes_everything_the_model_wrote():
+    from html.parser import HTMLParser
+    from qwen_lab.markup import inside_view
+    from qwen_lab.sampling import TokenChoice
+    evil = "<img src=x onerror=alert(1)><script>alert(2)</script>'\"</span></details>"
+    page = inside_view(evil, [evil], [7], {7}, 100, [evil], [TokenChoice(7, 0.5, [(7, 0.5), (8, 0.2)])],
+                       lambda i: evil, evil)
+
+    class Tags(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags, self.attributes = [], []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+            self.attributes += [name for name, _ in attrs]
+
+    parser = Tags()
+    parser.feed(page)
+    assert set(parser.tags) == {"details", "summary", "div", "span"}  # only the tags markup.py writes
+    assert set(parser.attributes) <= {"class", "title", "style"}      # no onerror, no src
+    assert page.count("<span") == page.count("</span>") == 2 and page.count("</details>") == 1

@@ -1,0 +1,133 @@
+"""Model text as HTML that cannot carry markup: the panel's Markdown subset and its "inside" views.
+
+Everything the model or a template wrote is untrusted: it is HTML-escaped first (attribute
+values too), and only then are tags added — tags this module writes itself. Nothing the model
+writes can become a tag, an attribute or a script.
+
+>>> render_markdown("**hi** <script>alert(1)</script>")
+'<p><b>hi</b> &lt;script&gt;alert(1)&lt;/script&gt;</p>'
+"""
+from __future__ import annotations
+
+import html
+import re
+
+CSS = """
+.ql-inside {margin-top: 4px; font-size: 12px;}
+.ql-inside summary {cursor: pointer; color: #555;}
+.ql-prompt-text {white-space: pre-wrap; background: #fafafa; border: 1px solid #ddd; padding: 4px; margin: 4px 0;
+                 font-family: var(--jp-code-font-family, monospace); font-size: 11px; max-height: 200px; overflow: auto;}
+.ql-tokens {line-height: 1.9; font-family: var(--jp-code-font-family, monospace); font-size: 11px;}
+.ql-tok {border: 1px solid #ccc; border-radius: 3px; padding: 0 2px; margin: 0 1px; white-space: pre;}
+.ql-special {background: #fff1c6; border-color: #d4a017; font-weight: bold;}
+.ql-scale {color: #777; font-size: 11px;}
+"""
+
+
+def render_markdown(text: str) -> str:
+    """A Markdown subset as HTML, safe for untrusted text: everything is escaped first.
+
+    >>> render_markdown("**hi** <script>alert(1)</script>")
+    '<p><b>hi</b> &lt;script&gt;alert(1)&lt;/script&gt;</p>'
+    """
+    out, paragraph, items = [], [], []
+    lines = text.split("\n")
+
+    def flush():
+        if paragraph:
+            out.append("<p>" + "<br>".join(_inline(line) for line in paragraph) + "</p>")
+            paragraph.clear()
+        if items:
+            out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in items) + "</ul>")
+            items.clear()
+
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.strip().startswith("```"):
+            flush()
+            lang = line.strip()[3:].strip()
+            code, i = [], i + 1
+            while i < len(lines) and not lines[i].strip().startswith("```"):
+                code.append(lines[i])
+                i += 1
+            label = f' data-lang="{html.escape(lang, quote=True)}"' if lang else ""
+            out.append(f"<pre class='ql-code'{label}><code>{html.escape(chr(10).join(code))}</code></pre>")
+        elif re.match(r"^\s*[-*] ", line):
+            if paragraph:
+                flush()
+            items.append(re.sub(r"^\s*[-*] ", "", line))
+        elif not line.strip():
+            flush()
+        else:
+            if items:
+                flush()
+            paragraph.append(line)
+        i += 1
+    flush()
+    return "".join(out)
+
+
+def _inline(text: str) -> str:
+    parts = re.split(r"(`[^`]+`)", text)
+    rendered = []
+    for part in parts:
+        if len(part) > 1 and part.startswith("`") and part.endswith("`"):
+            rendered.append(f"<code>{html.escape(part[1:-1])}</code>")
+        else:
+            s = html.escape(part)
+            s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
+            s = re.sub(r"(?<![*\w])\*(?!\s)(.+?)(?<!\s)\*(?!\w)", r"<i>\1</i>", s)
+            rendered.append(s)
+    return "".join(rendered)
+
+
+def visible(piece: str) -> str:
+    """A token's text with its whitespace made visible (a space is a real part of most tokens).
+
+    >>> visible(" Paris\n")
+    '␣Paris↵'
+    """
+    return piece.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥")
+
+
+def token_spans(pieces: list[str], ids: list[int], special: set[int]) -> str:
+    """Each token as a bordered span showing its text; special tokens marked; the id on hover."""
+    spans = []
+    for piece, i in zip(pieces, ids):
+        cls = "ql-tok ql-special" if i in special else "ql-tok"
+        spans.append(f"<span class='{cls}' title='id {i}'>{html.escape(visible(piece))}</span>")
+    return "".join(spans)
+
+
+def probability_color(p: float) -> str:
+    """Red for an unlikely token, through yellow, to green for a near-certain one."""
+    return f"hsl({round(120 * max(0.0, min(1.0, p)))}, 75%, 82%)"
+
+
+def choice_spans(pieces: list[str], choices, describe) -> str:
+    """The reply, one span per token coloured by its probability; the top alternatives on hover.
+
+    ``choices`` are ``sampling.TokenChoice``s; ``describe(token_id)`` gives a token's text.
+    """
+    spans = []
+    for piece, c in zip(pieces, choices):
+        alternatives = ", ".join(f"{visible(describe(i))!r} {p:.3f}" for i, p in c.alternatives)
+        title = f"p = {c.prob:.3f} · id {c.token_id} · likeliest: {alternatives}"
+        spans.append(f"<span class='ql-tok' style='background: {probability_color(c.prob)}' "
+                     f"title=\"{html.escape(title, quote=True)}\">{html.escape(visible(piece))}</span>")
+    return "".join(spans)
+
+
+def inside_view(prompt_text: str, prompt_pieces: list[str], prompt_ids: list[int], special: set[int], context: int,
+                reply_pieces: list[str], choices, describe, finish: str) -> str:
+    """The panel's "inside" of one reply: the exact prompt and its tokens, the reply's probabilities, why it ended."""
+    return (f"<details class='ql-inside'><summary>inside: the prompt ({len(prompt_ids):,} tokens of the "
+            f"{context:,}-token context) · each token's probability · ended: {html.escape(finish)}</summary>"
+            f"<div>The prompt the chat template produced, exactly:</div>"
+            f"<div class='ql-prompt-text'>{html.escape(prompt_text)}</div>"
+            f"<div>Its tokens (special tokens marked; hover for the id):</div>"
+            f"<div class='ql-tokens'>{token_spans(prompt_pieces, prompt_ids, special)}</div>"
+            f"<div>The reply, token by token, coloured by probability (hover for the likeliest alternatives):</div>"
+            f"<div class='ql-tokens'>{choice_spans(reply_pieces, choices, describe)}</div>"
+            f"<div class='ql-scale'>red: unlikely · yellow: one of several · green: near certain</div></details>")

@@ -1,0 +1,137 @@
+"""Step 4, first half — logits -> one token: the logits processors, the choice, and what was weighed.
+
+The model gives one logit per vocabulary entry for the next position. Then, in transformers'
+order (and Candle's ``LogitsProcessor``): the **repetition penalty** makes tokens already seen
+less likely, the **temperature** sharpens or flattens the distribution, **top-k** keeps the k
+best, **top-p** keeps the smallest set whose probabilities add up to p — and the token is the
+argmax (greedy) or a draw with a seeded generator. ``choice`` also says what the model weighed:
+the chosen token's probability and the best alternatives (``TokenChoice``), which the panel,
+the notebooks and ``qwen-lab generate --top-logprobs`` show.
+
+Every function takes float32 logits of shape (vocab,) and returns new ones. ``config`` is a
+``generation.GenerationConfig`` (any object with its fields will do).
+
+>>> logits = torch.tensor([2.0, 1.0, 0.5, -1.0])
+>>> apply_top_k(logits, 2)
+tensor([2., 1., -inf, -inf])
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import NumericalError
+
+#: The most alternatives a step reports (OpenAI's API allows 20 too).
+MAX_TOP_LOGPROBS = 20
+
+
+def apply_repetition_penalty(logits: torch.Tensor, previous: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make tokens already seen less likely: positive logits / penalty, negative * penalty."""
+    if penalty == 1.0 or previous.numel() == 0:
+        return logits
+    ids = previous.unique()
+    seen = logits[ids]
+    logits = logits.clone()
+    logits[ids] = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return logits
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits (ties with the k-th kept too); 0 keeps all."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k).values[-1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _alive(logits: torch.Tensor) -> torch.Tensor:
+    """Ids of the tokens still in the running: those top-k / top-p have not set to -inf."""
+    return (logits > float("-inf")).nonzero().squeeze(-1)
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probabilities add up to more than p (nucleus)."""
+    if p >= 1.0:
+        return logits
+    # Only tokens still in the running matter: after top-k that is 20 of 151,936, and sorting
+    # 20 values instead of the whole vocabulary saves ~8 ms per token.
+    alive = _alive(logits)
+    sorted_logits, order = torch.sort(logits[alive])  # ascending: the tail comes first
+    cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    drop = cumulative <= 1 - p
+    drop[-1] = False  # the most likely token always stays
+    out = logits.clone()
+    out[alive[order[drop]]] = float("-inf")
+    return out
+
+
+def process_logits(logits: torch.Tensor, previous: torch.Tensor, config) -> torch.Tensor:
+    """repetition penalty -> temperature -> top-k -> top-p, in transformers' order."""
+    logits = logits.float()
+    recent = previous if config.repeat_last_n is None else previous[len(previous) - config.repeat_last_n:]
+    logits = apply_repetition_penalty(logits, recent, config.repetition_penalty)
+    if config.greedy:
+        return logits
+    logits = logits / config.temperature
+    logits = apply_top_k(logits, config.top_k)
+    return apply_top_p(logits, config.top_p)
+
+
+def next_token(logits: torch.Tensor, previous: torch.Tensor, config, generator: torch.Generator | None) -> int:
+    """Choose one token id: the argmax when greedy, else a sample from the processed distribution."""
+    return _draw(_process_checked(logits, previous, config), config, generator)
+
+
+def _process_checked(logits: torch.Tensor, previous: torch.Tensor, config) -> torch.Tensor:
+    top = float(logits.max())  # NaN wins a max: one pass over the vocabulary checks every number
+    if not math.isfinite(top):
+        raise NumericalError(f"the model computed {top} logits: its weights or config.json are broken "
+                             f"(NaN weights, a rotary base of 0...); download it again or check the config")
+    return process_logits(logits, previous, config)
+
+
+def _draw(processed: torch.Tensor, config, generator: torch.Generator | None) -> int:
+    if config.greedy:
+        return int(processed.argmax())
+    # Draw among the tokens still in the running (top-k and top-p leave a few dozen of 151,936):
+    # the same distribution, and 3 ms per token less than a multinomial over the whole vocabulary.
+    alive = _alive(processed)
+    return int(alive[torch.multinomial(processed[alive].softmax(-1), 1, generator=generator)])
+
+
+@dataclass
+class TokenChoice:
+    """One generated token and what the model weighed against it, in the distribution it was chosen from.
+
+    That distribution is the processed one: after the repetition penalty, and, when sampling,
+    after temperature, top-k and top-p (so a token those cut has probability 0 and is not listed).
+    ``alternatives`` are the most likely tokens, the chosen one included, best first.
+    """
+
+    token_id: int
+    prob: float
+    alternatives: list[tuple[int, float]]
+
+    @property
+    def logprob(self) -> float:
+        return math.log(self.prob) if self.prob > 0 else float("-inf")
+
+
+def choice(logits: torch.Tensor, previous: torch.Tensor, config, generator: torch.Generator | None,
+           top: int = 0) -> TokenChoice:
+    """``next_token``, plus the chosen token's probability and the ``top`` best alternatives.
+
+    Collecting them costs one softmax and one top-k over the vocabulary per token (measured in
+    ``benchmarks/bench_inside.py``); with ``top=0`` nothing is collected.
+    """
+    processed = _process_checked(logits, previous, config)
+    token = _draw(processed, config, generator)
+    if top <= 0:
+        return TokenChoice(token, float("nan"), [])
+    probs = processed.softmax(-1)
+    best = probs.topk(min(top, probs.shape[-1]))
+    alternatives = [(int(i), float(p)) for p, i in zip(best.values, best.indices) if p > 0]
+    return TokenChoice(token, float(probs[token]), alternatives)
