@@ -114,7 +114,7 @@ def worker(impl: str, dtype_name: str, directory: Path, prompt_tokens: int, new_
     config = json.loads((directory / "config.json").read_text())
     prompt = torch.randint(0, config["vocab_size"], (1, prompt_tokens), generator=torch.Generator().manual_seed(1))
     t0 = time.perf_counter()
-    if impl in ("qwen_lab", "qwen_lab-torch"):  # qwen_lab-torch: F.linear instead of the C kernel
+    if impl in ("qwen_lab", "qwen_lab-torch", "qwen_lab-before"):  # -torch: F.linear instead of the C kernels
         from qwen_lab.generation import GenerationConfig, generate_stream
         from qwen_lab.load import load_model
         model = load_model(weights_only(directory), dtype_name, "cpu", matvec="torch" if impl == "qwen_lab-torch" else "auto")
@@ -168,8 +168,10 @@ def main() -> None:
     p.add_argument("--config", type=Path, default=HERE / "configs" / "qwen2.5-0.5b.json")
     p.add_argument("--model", help="a real checkpoint (Hub id or folder) instead of random weights")
     p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--before", type=Path, help="a checkout of an earlier qwen_lab, measured as qwen_lab-before")
     p.add_argument("--impls", default="qwen_lab,transformers",
-                   help="any of qwen_lab, transformers, qwen_lab-torch (qwen_lab without its C kernel)")
+                   help="any of qwen_lab, transformers, qwen_lab-torch (qwen_lab without its C kernels), "
+                        "qwen_lab-before (the checkout given by --before)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -195,7 +197,8 @@ def main() -> None:
             for impl in args.impls.split(","):
                 cmd = [sys.executable, __file__, "--worker", impl, dtype, str(directory),
                        "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
-                done = subprocess.run(cmd, capture_output=True, text=True)
+                env = dict(os.environ, PYTHONPATH=str(args.before)) if impl == "qwen_lab-before" else None
+                done = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if done.returncode:
                     sys.exit(f"{impl} {dtype} failed:\n{done.stderr[-3000:]}")
                 result = json.loads(done.stdout.strip().splitlines()[-1])

@@ -1,58 +1,74 @@
-"""One-row matrix products: torch's F.linear against qwen_lab's C kernel, side by side in one process.
+"""One-row matrix products: torch's F.linear against every way of the C kernel, side by side in one process.
 
-    python benchmarks/bench_gemv.py
+    python benchmarks/bench_gemv.py [--config benchmarks/configs/qwen2.5-1.5b.json] [--dtypes bfloat16]
 
-For each weight shape of a Qwen2.5-0.5B decode step, in float32 and bfloat16, prints the GB/s of
-weight bytes each streams (median of 30 calls, cycling through copies so the matrix is never in
-the cache), then the read bandwidth of summing a 1 GiB tensor next to the kernel on a 1 GiB matrix:
-the kernel's ceiling on this machine.
+For each weight shape of a decode step (Qwen2.5-0.5B by default), in float32 and bfloat16, prints
+the GB/s of weight bytes that F.linear and each plan of the C kernel stream (``qwen_lab.tuning``:
+gemv variant x rows side by side x prefetch; best of several rounds, cycling through copies so
+the matrix is never in the cache), and the plan ``tuning`` picks; then the read bandwidth of
+summing a 1 GiB tensor next to the chosen kernel on a 1 GiB matrix: the kernel's ceiling here.
 """
 from __future__ import annotations
 
-import statistics
+import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from qwen_lab import kernels
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_contention import cpu_description  # noqa: E402
 
-SHAPES = [(896, 896, "q/o_proj"), (128, 896, "k/v_proj"), (4864, 896, "gate/up_proj"), (896, 4864, "down_proj"),
-          (151936, 896, "lm_head")]
+from qwen_lab import kernels, tuning  # noqa: E402
 
 
-def gbps(fn, nbytes: int, reps: int = 30) -> float:
+def shapes(config_path: Path) -> list[tuple[int, int, str]]:
+    c = json.loads(config_path.read_text())
+    h, kv = c["hidden_size"], c["num_key_value_heads"] * c.get("head_dim", c["hidden_size"] // c["num_attention_heads"])
+    q = c["num_attention_heads"] * c.get("head_dim", h // c["num_attention_heads"])
+    return [(q, h, "q_proj"), (kv, h, "k/v_proj"), (h, q, "o_proj"), (c["intermediate_size"], h, "gate/up_proj"),
+            (h, c["intermediate_size"], "down_proj"), (c["vocab_size"], h, "lm_head")]
+
+
+def best_seconds(fn, reps: int = 7) -> float:
     fn()
-    times = []
+    best = float("inf")
     for _ in range(reps):
-        t = time.perf_counter()
+        start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t)
-    return nbytes / statistics.median(times) / 1e9
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=HERE / "configs" / "qwen2.5-0.5b.json")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    args = p.parse_args()
     if not kernels.available():
-        sys.exit(f"the C kernel is not available: {kernels.status()}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print(f"{'shape (out x in)':>18} {'':12} {'dtype':9} {'F.linear':>9} {'gemv':>7}  GB/s")
-    for out_features, in_features, name in SHAPES:
-        for dtype in (torch.float32, torch.bfloat16):
-            w = torch.randn(out_features, in_features).to(dtype)
-            x = torch.randn(1, in_features).to(dtype)
-            nbytes = w.numel() * w.element_size()
-            copies = [w] + [w.clone() for _ in range(max(0, int(256e6 // nbytes) - 1))]  # > any cache
-            i = iter(range(10**9))
-            torch_speed = gbps(lambda: F.linear(x, copies[next(i) % len(copies)]), nbytes)
-            kernel_speed = gbps(lambda: kernels.gemv(x, copies[next(i) % len(copies)]), nbytes)
-            print(f"{out_features:>8} x {in_features:<7} {name:12} {str(dtype)[6:]:9} {torch_speed:9.1f} "
-                  f"{kernel_speed:7.1f}")
-            del copies
+        sys.exit(f"the C kernels are not available: {kernels.status()}")
+    print(f"{cpu_description()}; torch {torch.__version__}; {kernels.num_threads()} threads; "
+          f"shapes of {args.config.stem}\n")
+    for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
+        for out_features, in_features, name in shapes(args.config):
+            if out_features * in_features * torch.empty((), dtype=dtype).element_size() < tuning.TUNE_MIN_BYTES:
+                continue
+            chosen, speeds = tuning.measure(out_features, in_features, dtype)
+            ranked = sorted(speeds.items(), key=lambda kv: -kv[1])
+            torch_speed = speeds.get("torch", 0.0)
+            print(f"{str(dtype)[6:]:9} {out_features:>7} x {in_features:<6} {name:13} F.linear {torch_speed / 1e9:5.1f} "
+                  f"GB/s | best: {chosen} {speeds[str(chosen)] / 1e9:5.1f} GB/s | "
+                  + "  ".join(f"{plan}: {v / 1e9:.1f}" for plan, v in ranked[1:4]))
     big = torch.ones(2**28)  # 1 GiB
     rows = 2**28 // 896
     matrix, x = big[:rows * 896].view(rows, 896), torch.ones(896)
-    print(f"\n1 GiB: sum {gbps(big.sum, 2**30, 5):.1f} GB/s, gemv {gbps(lambda: kernels.gemv(x, matrix), rows * 896 * 4, 5):.1f} GB/s")
+    plan = tuning.measure(rows, 896, torch.float32, [kernels.Plan(v) for v in kernels.variants()])[0]
+    read = 2**30 / best_seconds(big.sum, 5)
+    kernel = rows * 896 * 4 / best_seconds(lambda: kernels.gemv(x, matrix, plan=plan), 5)
+    print(f"\n1 GiB: sum {read / 1e9:.1f} GB/s, gemv ({plan}) {kernel / 1e9:.1f} GB/s ({kernel / read:.0%} of sum)")
 
 
 if __name__ == "__main__":

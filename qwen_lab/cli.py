@@ -185,6 +185,9 @@ def cmd_generate(args) -> None:
         stats = result.stats()
         stats["dtype"] = str(chat.model.lm_head.weight.dtype).removeprefix("torch.")
         stats["matvec"] = "qwen_lab" if kernels.in_use(chat.model) else "torch"
+        if kernels.in_use(chat.model):  # which way each weight shape is multiplied here (qwen_lab.tuning)
+            from .tuning import describe
+            stats["matvec_plans"] = describe(chat.model)
         print(json.dumps(stats), file=sys.stderr)
 
 

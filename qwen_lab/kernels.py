@@ -39,19 +39,29 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import layers
+from . import layers, threads
 from .errors import SettingError
 from .threads import choose_threads
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / "kernels.c", CSRC / "pool.c"]
-FLAGS = ["-O3", "-mavx2", "-mfma", "-pthread", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu11"]
+FLAGS = ["-O3", "-pthread", "-fno-math-errno", "-ffp-contract=fast", "-fPIC", "-std=gnu11", "-Wno-psabi"]
+AVX2 = ["-mavx2", "-mfma"]
+#: The instruction sets csrc/gemv.c is compiled for: name -> (floats per vector register, compiler
+#: flags, CPU flags it needs). ``avx2x16`` is the 16-wide code on pairs of AVX2 registers: it is how the
+#: AVX-512 code is tested on CPUs without AVX-512, and on some CPUs it is the fastest AVX2 variant.
+VARIANTS = {
+    "avx2": (8, AVX2, ("avx2", "fma")),
+    "avx2x16": (16, AVX2, ("avx2", "fma")),
+    "avx512": (16, AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
+               ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq")),
+}
 #: Weight dtypes the kernel handles; float16 and others go to F.linear.
 DTYPES = (torch.float32, torch.bfloat16)
 #: How a call is shared over threads (measured in benchmarks/bench_contention.py): a job that
@@ -73,39 +83,40 @@ class KernelUnavailable(RuntimeError):
     """The C kernel cannot be used on this machine; the message says why."""
 
 
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of this CPU, as Linux lists them (``avx2``, ``avx512f``...)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 @functools.lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL:
     if os.environ.get("QWEN_LAB_KERNELS", "").lower() in ("0", "off", "torch"):
         raise KernelUnavailable("turned off by QWEN_LAB_KERNELS")
     if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
         raise KernelUnavailable(f"written for x86-64 Linux, this is {platform.machine()} {sys.platform}")
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability not in ("AVX2", "AVX512"):
-        raise KernelUnavailable(f"needs a CPU with AVX2, torch reports {capability}")
+    if not set(VARIANTS["avx2"][2]) <= cpu_flags():
+        raise KernelUnavailable("needs a CPU with AVX2 and FMA")
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc or not shutil.which(cc.split()[0]):
         raise KernelUnavailable("no C compiler found (install gcc, or set CC)")
     source = b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()) if p.suffix in (".c", ".h"))
-    key = hashlib.sha256(source + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + repr([cc, FLAGS, VARIANTS]).encode()).hexdigest()[:16]
     target = cache_dir() / f"kernels-{key}.so"
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        try:
-            done = subprocess.run([*cc.split(), *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"],
-                                  capture_output=True, text=True)
-            if done.returncode:
-                first = (done.stderr.strip().splitlines() or ["no message"])[0]
-                raise KernelUnavailable(f"{cc} could not build {SOURCES[0].name}: {first}")
-            os.replace(tmp, target)  # atomic: a concurrent process sees all of it or nothing
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        _build(cc.split(), target)
     lib = ctypes.CDLL(str(target))
-    args = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-    lib.qwen_gemv_f32.argtypes, lib.qwen_gemv_f32.restype = args, None
-    lib.qwen_gemv_bf16.argtypes, lib.qwen_gemv_bf16.restype = args, ctypes.c_int
+    lib.variants = [v for v in VARIANTS if hasattr(lib, f"qwen_gemv_f32_{v}")]  # those the compiler could build
+    gemv_args = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 3 + [ctypes.c_int64] * 2
+    for v in lib.variants:
+        for name in (f"qwen_gemv_f32_{v}", f"qwen_gemv_bf16_{v}"):
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = gemv_args, ctypes.c_int
     norm_args = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_float]
     lib.qwen_rmsnorm_f32.argtypes, lib.qwen_rmsnorm_f32.restype = norm_args, None
     lib.qwen_rmsnorm_bf16.argtypes, lib.qwen_rmsnorm_bf16.restype = norm_args, ctypes.c_int
@@ -115,14 +126,52 @@ def _library() -> ctypes.CDLL:
         fn.argtypes, fn.restype = attend_args, ctypes.c_int
     lib.qwen_pool_stats.argtypes, lib.qwen_pool_stats.restype = [ctypes.c_void_p], None
     lib.qwen_pool_configure.argtypes, lib.qwen_pool_configure.restype = [ctypes.c_int64] * 2, None
-    lib.qwen_kernels_configure.argtypes, lib.qwen_kernels_configure.restype = [ctypes.c_int64] * 2, None
-    lib.qwen_kernels_configure(SOLO_BYTES, CHUNK_BYTES)
+    lib.qwen_kernels_configure.argtypes, lib.qwen_kernels_configure.restype = [ctypes.c_int64], None
+    lib.qwen_kernels_configure(_sharing["solo"])
     return lib
+
+
+def _build(cc: list[str], target: Path) -> None:
+    """Compile kernels.c and pool.c, and gemv.c once per variant the compiler accepts, into ``target``.
+
+    Written to a temporary name, then renamed: a concurrent process sees all of it or nothing.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as work:
+        def compile_(source: str, out: str, flags: list[str]) -> subprocess.CompletedProcess:
+            return subprocess.run([*cc, *FLAGS, *flags, "-c", str(CSRC / source), "-o", f"{work}/{out}"],
+                                  capture_output=True, text=True)
+
+        objects = []
+        for source, out, flags in [("kernels.c", "kernels.o", AVX2), ("pool.c", "pool.o", AVX2)] + [
+                ("gemv.c", f"gemv_{v}.o", [*f, f"-DVEC={width}", f"-DVARIANT={v}"]) for v, (width, f, _) in VARIANTS.items()]:
+            done = compile_(source, out, flags)
+            if done.returncode == 0:
+                objects.append(f"{work}/{out}")
+            elif out in ("kernels.o", "pool.o", "gemv_avx2.o"):  # the others are optional (an old compiler)
+                first = (done.stderr.strip().splitlines() or ["no message"])[0]
+                raise KernelUnavailable(f"{cc[0]} could not build {source}: {first}")
+        tmp = f"{work}/kernels.so"
+        done = subprocess.run([*cc, "-shared", "-pthread", "-o", tmp, *objects, "-lm"], capture_output=True, text=True)
+        if done.returncode:
+            first = (done.stderr.strip().splitlines() or ["no message"])[0]
+            raise KernelUnavailable(f"{cc[0]} could not link the kernels: {first}")
+        os.replace(tmp, target)
+
+
+def variants() -> list[str]:
+    """The gemv variants built here that this CPU can run, e.g. ``['avx2', 'avx2x16', 'avx512']``."""
+    flags = cpu_flags()
+    return [v for v in _library().variants if set(VARIANTS[v][2]) <= flags]
+
+
+_sharing = {"solo": SOLO_BYTES, "chunk": CHUNK_BYTES}
 
 
 def configure(solo_bytes: int = SOLO_BYTES, chunk_bytes: int = CHUNK_BYTES) -> None:
     """Change how calls are shared over threads (for tests and measurements; see SOLO_BYTES)."""
-    _library().qwen_kernels_configure(solo_bytes, chunk_bytes)
+    _sharing.update(solo=int(solo_bytes), chunk=max(1, int(chunk_bytes)))
+    _library().qwen_kernels_configure(_sharing["solo"])
 
 
 _threads: int | None = None
@@ -152,12 +201,13 @@ def pool_stats() -> dict[str, int]:
 
 
 def status() -> str:
-    """One line: is the kernel in use here, and if not, why not."""
+    """One line: are the kernels in use here, which variants this CPU runs, and if not, why not."""
     try:
         _library()
     except (KernelUnavailable, OSError) as e:
         return f"torch alone (the C kernels are not used: {e})"
-    return "qwen_lab's C kernels (csrc/kernels.c, AVX2)"
+    return (f"qwen_lab's C kernels (csrc/, for {', '.join(variants())}; each weight shape uses whichever of them "
+            f"or torch measured fastest here: qwen_lab.tuning)")
 
 
 def available() -> bool:
@@ -181,8 +231,26 @@ def native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for an ``x`` holding one row, by the C kernel.
+@dataclass(frozen=True)
+class Plan:
+    """How one weight shape is multiplied by a row: a gemv variant and way of walking it, or torch."""
+
+    variant: str = "avx2"   # a VARIANTS name, or "torch" (F.linear)
+    rows: int = 1           # rows walked side by side (csrc/gemv.c)
+    prefetch: int = 0       # 1: software prefetch 1 KiB ahead
+
+    def __str__(self) -> str:
+        if self.variant == "torch":
+            return "torch"
+        return f"{self.variant}, {self.rows} row{'s' if self.rows > 1 else ''}{', prefetch' if self.prefetch else ''}"
+
+
+DEFAULT_PLAN = Plan()
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, plan: Plan = DEFAULT_PLAN
+         ) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for an ``x`` holding one row, by the C kernel (or as ``plan`` says).
 
     ``weight`` must be a contiguous (out x in) CPU matrix of float32 or bfloat16,
     ``x`` and ``bias`` of the same dtype. Raises ``KernelUnavailable`` where the
@@ -193,18 +261,26 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"gemv takes one row of {in_features} {weight.dtype} values, got {tuple(x.shape)} {x.dtype}")
     if not weight.is_contiguous() or weight.device.type != "cpu":
         raise ValueError("gemv needs a contiguous CPU weight matrix")
-    return _run(_library(), x, weight, None if bias is None else bias.contiguous())
+    if plan.variant != "torch" and plan.variant not in variants():
+        raise ValueError(f"gemv variant {plan.variant!r} does not run here; this CPU runs {', '.join(variants())}")
+    return _run(_library(), x, weight, None if bias is None else bias.contiguous(), plan)
 
 
-def _run(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _run(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: Plan) -> torch.Tensor:
     """The call itself, inputs already checked: it runs ~170 times per token, so it is kept short."""
+    if plan.variant == "torch":  # measured faster here for this shape: torch's product, on all the threads
+        with threads.torch_threads(_threads or num_threads()):
+            return F.linear(x, weight, bias)
     out_features, in_features = weight.shape
     x = x.contiguous()
     y = x.new_empty(x.shape[:-1] + (out_features,))
-    fn = lib.qwen_gemv_f32 if weight.dtype == torch.float32 else lib.qwen_gemv_bf16
-    if fn(weight.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
-          out_features, in_features, _threads or num_threads()):
-        raise MemoryError(f"gemv: no memory for a float32 copy of {in_features} inputs")
+    fn = getattr(lib, f"qwen_gemv_{'f32' if weight.dtype == torch.float32 else 'bf16'}_{plan.variant}")
+    failed = fn(weight.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+                out_features, in_features, _threads or num_threads(), plan.rows, plan.prefetch, _sharing["solo"],
+                _sharing["chunk"])
+    if failed:
+        raise MemoryError(f"gemv: no memory for a float32 copy of {in_features} inputs") if failed == -1 else \
+            ValueError(f"gemv refused the plan {plan}")
     return y
 
 
@@ -223,11 +299,12 @@ class Linear(nn.Linear):
     """
 
     use_kernel = True
+    plan = DEFAULT_PLAN  #: set per layer by ``runtime.convert_for_runtime`` (``tuning.plan_for`` its shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
         if self.use_kernel and _applies(x, w) and (b is None or b.is_contiguous()):
-            return _run(_library(), x, w, b)
+            return _run(_library(), x, w, b, self.plan)
         if w.dtype == torch.bfloat16 and x.dtype == w.dtype and not w.is_cuda and not native_bf16():
             # bf16 in, float32 sums, bf16 out: what bf16 hardware computes, at float32's speed. The
             # float32 copy of the weight lives for this one product (55 MB at most for 1.5B).

@@ -5,8 +5,10 @@ reference. ``convert_for_runtime`` then replaces some modules of a loaded model 
 *twins* that compute the same thing faster on this machine, and says what it replaced:
 
     on a CPU, every ``nn.Linear``      -> ``kernels.Linear``    one row (a decode step) by a C loop that
-                                                                streams the weights at memory speed; a bf16
-                                                                prompt in float32 where the CPU lacks bf16
+                                                                streams the weights at memory speed, in the
+                                                                way measured fastest for its shape on this
+                                                                CPU (``tuning``); a bf16 prompt in float32
+                                                                where the CPU lacks bf16
                every ``layers.RMSNorm`` -> ``kernels.RMSNorm``   one row in one C call
                every ``layers.Attention`` -> ``kernels.Attention`` a token's attention step in one C call
 
@@ -32,7 +34,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from . import kernels, layers
+from . import kernels, layers, tuning
 from .errors import SettingError
 
 MATVECS = ("auto", "torch", "none")
@@ -89,7 +91,10 @@ def convert_for_runtime(model: nn.Module, device: torch.device | str = "cpu", ma
             visit(child, path + ".")
             cls = choose_twin(child, device, matvec)
             if cls is not None:
-                setattr(parent, name, twin(cls, child))
+                new = twin(cls, child)
+                if cls is kernels.Linear:  # the fastest way for this weight shape on this machine, measured once
+                    new.plan = tuning.plan_for(child.out_features, child.in_features, child.weight.dtype)
+                setattr(parent, name, new)
                 replaced.append((path, _label(type(child)), _label(cls)))
 
     visit(model, "")

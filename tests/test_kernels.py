@@ -1,4 +1,5 @@
 """The C matrix-vector kernel: same results as F.linear, used only where it applies, clear when it can't be."""
+import json
 import os
 
 import pytest
@@ -352,3 +353,81 @@ def test_greedy_tokens_are_identical_on_1_and_2_threads(pool_settings, dtype):
         assert result.decode_threads == threads
         runs.append(result.token_ids)
     assert runs[0] == runs[1] == runs[2]
+
+
+# ---------------------------------------------------------------- variants and the per-shape choice
+
+@needs_kernel
+@pytest.mark.parametrize("out_features, in_features", [(1, 1), (3, 5), (7, 17), (13, 33), (130, 4864), (9, 9000),
+                                                       (257, 96), (6, 8)])
+def test_every_plan_matches_f_linear(out_features, in_features, pool_settings):
+    from qwen_lab import tuning
+    kernels.configure(0, 4096)  # share even small jobs: chunk edges and leftover rows get exercised
+    g = torch.Generator().manual_seed(out_features + in_features)
+    w, x, b = (torch.randn(out_features, in_features, generator=g), torch.randn(in_features, generator=g),
+               torch.randn(out_features, generator=g))
+    plans = tuning.candidates()
+    assert {p.variant for p in plans} >= {"avx2", "avx2x16", "torch"}  # the 16-wide code runs here too
+    for plan in plans:
+        got = kernels.gemv(x, w, b, plan=plan)
+        torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5 * in_features ** 0.5, msg=str(plan))
+        bf16_close(kernels.gemv(x.bfloat16(), w.bfloat16(), b.bfloat16(), plan=plan), x.bfloat16(), w.bfloat16(),
+                   b.bfloat16())
+
+
+@needs_kernel
+def test_a_variant_this_cpu_cannot_run_is_refused():
+    missing = [v for v in kernels.VARIANTS if v not in kernels.variants()]
+    if not missing:
+        pytest.skip("this CPU runs every variant")
+    with pytest.raises(ValueError, match=f"gemv variant '{missing[0]}' does not run here"):
+        kernels.gemv(torch.randn(8), torch.randn(4, 8), plan=kernels.Plan(missing[0]))
+
+
+@needs_kernel
+def test_tuning_measures_once_and_remembers(tmp_path, monkeypatch):
+    from qwen_lab import tuning
+    monkeypatch.setenv("QWEN_LAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(tuning, "_memory", {})
+    monkeypatch.setattr(tuning, "STREAM_BYTES", 8 << 20)
+    monkeypatch.setattr(tuning, "ROUNDS", 2)
+    assert tuning.plan_for(64, 64, torch.float32) == kernels.DEFAULT_PLAN  # small: nothing measured
+    calls = []
+    real = tuning.measure
+    monkeypatch.setattr(tuning, "measure", lambda *a, **k: calls.append(a) or real(*a, **k))
+    plan = tuning.plan_for(1024, 512, torch.bfloat16)
+    assert plan in tuning.candidates() and len(calls) == 1
+    assert tuning.plan_for(1024, 512, torch.bfloat16) == plan and len(calls) == 1  # remembered in memory
+    monkeypatch.setattr(tuning, "_memory", {})
+    assert tuning.plan_for(1024, 512, torch.bfloat16) == plan and len(calls) == 1  # and on disk
+    (cache,) = tmp_path.glob("plans-*.json")
+    entry = json.loads(cache.read_text())["bfloat16 1024x512"]
+    assert entry["variant"] == plan.variant and "torch" in entry["gb_per_s"]
+
+
+@needs_kernel
+def test_a_plan_that_computes_wrong_is_never_chosen(monkeypatch):
+    from qwen_lab import tuning
+    monkeypatch.setattr(tuning, "STREAM_BYTES", 4 << 20)
+    real = kernels._run
+    broken = kernels.Plan("avx2", 4, 0)
+
+    def run(lib, x, w, b, plan):
+        y = real(lib, x, w, b, plan)
+        return y * 1.5 if plan == broken else y  # as if this variant miscomputed on this CPU
+    monkeypatch.setattr(kernels, "_run", run)
+    plan, speeds = tuning.measure(1024, 1024, torch.float32, [broken, kernels.Plan("avx2", 1, 0)])
+    assert plan == kernels.Plan("avx2", 1, 0) and str(broken) not in speeds
+
+
+@needs_kernel
+def test_a_loaded_model_says_which_plan_each_shape_uses(tmp_path, monkeypatch):
+    from qwen_lab import tuning
+    monkeypatch.setenv("QWEN_LAB_CACHE", str(tmp_path))
+    # tiny-chat's lm_head (2048 x 192 float32, 1.5 MiB) is over TUNE_MIN_BYTES, its other matrices are not
+    monkeypatch.setattr(tuning, "STREAM_BYTES", 4 << 20)
+    monkeypatch.setattr(tuning, "_memory", {})
+    model = load_model(resolve("qwen-lab/tiny-chat"), "float32", "cpu")
+    plans = tuning.describe(model)
+    assert plans["float32 2048x192"] in {str(p) for p in tuning.candidates()}  # lm_head: measured
+    assert plans["float32 192x192"] == str(kernels.DEFAULT_PLAN)             # small: the default

@@ -184,9 +184,10 @@ def test_markdown_subset():
 
 def test_template_vars_shape_every_prompt(chat, monkeypatch):
     seen = []
-    real = chat.prompt_ids
-    monkeypatch.setattr(chat, "prompt_ids", lambda messages, **kw: seen.append(kw) or real(messages))
+    real = chat.render
+    monkeypatch.setattr(chat, "render", lambda messages, **kw: seen.append(kw) or real(messages))
     p = ChatPanel(chat, refresh_s=0.01, template_vars={"enable_thinking": False})
+    seen.clear()  # (making the panel rendered a probe for the default system prompt)
     p.max_new_tokens.value = 2
     p.send("Hi")
     p.wait(30)
@@ -247,7 +248,7 @@ def test_show_inside_keeps_the_prompt_and_the_probabilities(panel, chat):
 def test_inside_is_off_by_default_and_costs_nothing(panel):
     panel.send("Hi")
     panel.wait(30)
-    assert panel.replies[0]["inside"] is None and "ql-inside" not in panel.transcript.value
+    assert panel.replies[0]["inside"] is None and "<details class='ql-inside'>" not in panel.transcript.value
 
 
 def test_the_inside_view_escapes_everything_the_model_wrote():

@@ -1,17 +1,8 @@
-/* Kernels for decoding one token on a CPU (AVX2), called by qwen_lab/kernels.py.
+/* Kernels for decoding one token on a CPU (AVX2), called by qwen_lab/kernels.py: RMSNorm of one
+ * row, and a layer's attention step for one new token. Each replaces a dozen or more small torch
+ * operations of a few microseconds. (The matrix-vector product is gemv.c; the threads, pool.c.)
  *
- * 1. y = W x (+ b). Decoding reads every weight matrix once per token and does
- *    two flops per weight, so its speed is the speed at which the weights stream
- *    from memory. These loops do nothing clever: each thread takes a block of
- *    rows (a chunk, from the pool of pool.c) of the row-major (out x in) matrix,
- *    as nn.Linear stores it, and reads it front to back, one row at a time, with
- *    four accumulators in flight. That single sequential stream per core is what the hardware
- *    prefetcher follows best: walking four rows side by side, as a BLAS does,
- *    was measured 1.5x slower for bfloat16 on short rows. Sums are float32.
- * 2. RMSNorm of one row, and 3. a layer's attention step for one new token:
- *    each replaces a dozen or more small torch operations of a few microseconds.
- *
- * Built on first use (cc -O3 -mavx2 -mfma, with pool.c) and called through ctypes.
+ * Built on first use (cc -O3 -mavx2 -mfma) and called through ctypes.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -44,116 +35,11 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torc
     return (uint16_t)(u >> 16);
 }
 
-/* One float32 row dotted with x, 32 weights per step in four independent sums. */
-static inline float row_f32(const float *w, const float *x, int64_t K) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t k = 0;
-    for (; k + 32 <= K; k += 32) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
-    }
-    for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
-    float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; k < K; k++) s += w[k] * x[k];
-    return s;
-}
+/* Below solo_bytes of cached keys and values, the attention step runs on the calling thread
+ * alone (kernels.py sets it: SOLO_BYTES). */
+static int64_t solo_bytes = 256 * 1024;
 
-/* One bfloat16 row, 32 weights per step. A 256-bit load holds 16 weights; interleaving it
- * with zeros puts each one in the top half of a 32-bit lane, which makes it a float32.
- * The interleave takes weights 0-3 and 8-11 (lo), 4-7 and 12-15 (hi), so x comes
- * shuffled the same way (see shuffle_x): a sum does not care about the order of its terms. */
-static inline float row_bf16(const uint16_t *w, const float *xs, int64_t K) {
-    const __m256i zero = _mm256_setzero_si256();
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t k = 0;
-    for (; k + 32 <= K; k += 32) {
-        __m256i v = _mm256_loadu_si256((const __m256i *)(w + k));
-        __m256i u = _mm256_loadu_si256((const __m256i *)(w + k + 16));
-        a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v)), _mm256_loadu_ps(xs + k), a0);
-        a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v)), _mm256_loadu_ps(xs + k + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, u)), _mm256_loadu_ps(xs + k + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, u)), _mm256_loadu_ps(xs + k + 24), a3);
-    }
-    for (; k + 16 <= K; k += 16) {
-        __m256i v = _mm256_loadu_si256((const __m256i *)(w + k));
-        a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v)), _mm256_loadu_ps(xs + k), a0);
-        a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v)), _mm256_loadu_ps(xs + k + 8), a1);
-    }
-    float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; k < K; k++) s += bf16_to_f32(w[k]) * xs[k];  /* the tail of x is not shuffled */
-    return s;
-}
-
-/* x as float32, each full block of 16 reordered to match the interleaves of row_bf16. */
-static void shuffle_x(const uint16_t *x16, float *xs, int64_t K) {
-    static const int order[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16)
-        for (int i = 0; i < 16; i++) xs[k + i] = bf16_to_f32(x16[k + order[i]]);
-    for (; k < K; k++) xs[k] = bf16_to_f32(x16[k]);
-}
-
-/* ---- y = W x (+ b), shared out over the pool ------------------------------------------------ */
-
-/* Measured (benchmarks/bench_contention.py): below SOLO_BYTES of weights, waking a helper costs
- * more than it saves; CHUNK_BYTES per chunk is small enough that a thread which loses its core
- * leaves little behind, and large enough that claiming costs nothing measurable. */
-static int64_t solo_bytes = 256 * 1024, chunk_bytes = 64 * 1024;
-
-void qwen_kernels_configure(int64_t solo, int64_t chunk) {
-    solo_bytes = solo;
-    chunk_bytes = chunk > 0 ? chunk : 1;
-}
-
-/* How many rows each chunk of an (N x row_bytes) job holds, so that the job is one chunk when
- * it is too small to share. */
-static int64_t rows_per_chunk(int64_t N, int64_t row_bytes, int threads) {
-    if (threads <= 1 || N * row_bytes < solo_bytes) return N;
-    int64_t rows = chunk_bytes / row_bytes;
-    return rows < 1 ? 1 : rows;
-}
-
-struct gemv_job { const void *W; const float *x; const void *bias; void *y; int64_t N, K, rows; };
-
-static void gemv_f32_chunk(const void *job, int64_t c) {
-    const struct gemv_job *j = job;
-    const float *W = j->W, *b = j->bias;
-    float *y = j->y;
-    int64_t end = (c + 1) * j->rows < j->N ? (c + 1) * j->rows : j->N;
-    for (int64_t n = c * j->rows; n < end; n++) y[n] = row_f32(W + n * j->K, j->x, j->K) + (b ? b[n] : 0.0f);
-}
-
-static void gemv_bf16_chunk(const void *job, int64_t c) {
-    const struct gemv_job *j = job;
-    const uint16_t *W = j->W, *b = j->bias;
-    uint16_t *y = j->y;
-    int64_t end = (c + 1) * j->rows < j->N ? (c + 1) * j->rows : j->N;
-    for (int64_t n = c * j->rows; n < end; n++)
-        y[n] = f32_to_bf16(row_bf16(W + n * j->K, j->x, j->K) + (b ? bf16_to_f32(b[n]) : 0.0f));
-}
-
-/* y[n] = sum_k W[n, k] x[k] + (bias ? bias[n] : 0), W row-major (N x K). */
-void qwen_gemv_f32(const float *W, const float *x, const float *bias, float *y,
-                   int64_t N, int64_t K, int threads) {
-    struct gemv_job job = {W, x, bias, y, N, K, rows_per_chunk(N, K * 4, threads)};
-    qwen_pool_run(gemv_f32_chunk, &job, (N + job.rows - 1) / job.rows, threads);
-}
-
-/* The same with bfloat16 weights, x, bias and y; sums in float32, y rounded once.
- * Returns 0, or -1 if memory for the float32 copy of x ran out. */
-int qwen_gemv_bf16(const uint16_t *W, const uint16_t *x16, const uint16_t *bias, uint16_t *y,
-                   int64_t N, int64_t K, int threads) {
-    float stack[8192];
-    float *xs = K <= 8192 ? stack : (float *)malloc((size_t)K * sizeof(float));
-    if (!xs) return -1;
-    shuffle_x(x16, xs, K);
-    struct gemv_job job = {W, xs, bias, y, N, K, rows_per_chunk(N, K * 2, threads)};
-    qwen_pool_run(gemv_bf16_chunk, &job, (N + job.rows - 1) / job.rows, threads);
-    if (xs != stack) free(xs);
-    return 0;
-}
+void qwen_kernels_configure(int64_t solo) { solo_bytes = solo; }
 
 /* RMSNorm of one row as Qwen2 computes it: in float32, t = x * rsqrt(mean(x^2) + eps),
  * then y = w * t, with t rounded to the model's dtype before the product (as model.py's

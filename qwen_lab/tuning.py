@@ -1,0 +1,147 @@
+"""Which way of multiplying a row by each weight shape is fastest on this machine, measured once.
+
+A decode step multiplies every weight matrix by one row, at the speed the weights stream from
+memory. How to keep memory busy differs between CPUs: one sequential stream per core reaches
+the memory's speed on AMD Zen, while one core of an Intel Xeon reads far below the socket's
+bandwidth unless it has several streams in flight (and torch's own F.linear, which uses
+AVX-512 there, was measured faster than a plain AVX2 loop). So for each weight shape the C
+kernels' variants (``kernels.VARIANTS``: the instruction set; ``kernels.Plan``: rows walked
+side by side, software prefetch) and torch's F.linear are timed here, on matrices of that shape
+large enough to leave the caches, and the fastest is used — so qwen_lab is never slower than
+F.linear on a shape. Each candidate is first checked against F.linear on random data: a variant
+that computes a wrong answer on this CPU is never chosen.
+
+The answers are kept in ``kernels.cache_dir()`` per CPU, thread count and kernel build: a
+machine measures once (about a second for the five shapes of a Qwen2.5 model). Matrices under
+``TUNE_MIN_BYTES`` stay in the caches whatever the walk, so they take the default plan untimed.
+
+>>> plan_for(64, 64, torch.float32)        # small: the default, nothing measured
+Plan(variant='avx2', rows=1, prefetch=0)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import kernels
+
+TUNE_MIN_BYTES = 1 << 20
+#: The timed matrices cycle through copies adding up to at least this many bytes (> any cache).
+STREAM_BYTES = 128 << 20
+ROUNDS = 5
+
+_memory: dict[str, kernels.Plan] = {}
+
+
+def candidates() -> list[kernels.Plan]:
+    """Every plan this CPU can run: each variant x 1, 2 or 4 rows x prefetch off/on, and torch."""
+    plans = [kernels.Plan(v, rows, prefetch) for v in kernels.variants() for rows in (1, 2, 4) for prefetch in (0, 1)]
+    return plans + [kernels.Plan("torch")]
+
+
+def _machine_key() -> str:
+    """The CPU, the threads and the kernel build that a measurement holds for."""
+    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("model name")), "")
+    parts = [model, " ".join(sorted(kernels.cpu_flags())), str(kernels.num_threads()), str(kernels._library()._name),
+             torch.__version__]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _cpuinfo_lines() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+def _cache_file() -> Path:
+    return kernels.cache_dir() / f"plans-{_machine_key()}.json"
+
+
+def _load() -> dict:
+    try:
+        data = json.loads(_cache_file().read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _save(key: str, plan: kernels.Plan, speeds: dict[str, float]) -> None:
+    """Add one answer to the cache file, written atomically (another process may be tuning too)."""
+    path = _cache_file()
+    data = _load()
+    data[key] = {"variant": plan.variant, "rows": plan.rows, "prefetch": plan.prefetch,
+                 "gb_per_s": {name: round(v / 1e9, 2) for name, v in speeds.items()}}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache: the answer still holds for this process
+
+
+def plan_for(out_features: int, in_features: int, dtype: torch.dtype) -> kernels.Plan:
+    """The plan for an (out x in) weight of ``dtype``: remembered, read from the cache, or measured now."""
+    if out_features * in_features * torch.empty((), dtype=dtype).element_size() < TUNE_MIN_BYTES \
+            or os.environ.get("QWEN_LAB_TUNING", "").lower() in ("0", "off"):
+        return kernels.DEFAULT_PLAN
+    key = f"{str(dtype).removeprefix('torch.')} {out_features}x{in_features}"
+    if key not in _memory:
+        cached = _load().get(key)
+        if isinstance(cached, dict) and cached.get("variant") in ("torch", *kernels.variants()):
+            _memory[key] = kernels.Plan(cached["variant"], int(cached.get("rows", 1)), int(cached.get("prefetch", 0)))
+        else:
+            plan, speeds = measure(out_features, in_features, dtype)
+            _memory[key] = plan
+            _save(key, plan, speeds)
+    return _memory[key]
+
+
+def measure(out_features: int, in_features: int, dtype: torch.dtype,
+            plans: list[kernels.Plan] | None = None) -> tuple[kernels.Plan, dict[str, float]]:
+    """Time every plan on this shape; the fastest, and each one's bytes per second (best of ``ROUNDS``)."""
+    plans = candidates() if plans is None else plans
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(out_features, in_features, generator=g).to(dtype)
+    x = torch.randn(in_features, generator=g).to(dtype)
+    nbytes = weight.numel() * weight.element_size()
+    want = F.linear(x.double(), weight.double())
+    correct = []
+    for plan in plans:  # a wrong answer on this CPU rules a plan out, whatever its speed
+        got = kernels._run(kernels._library(), x, weight, None, plan).double()
+        if torch.allclose(got, want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-4, atol=1e-2):
+            correct.append(plan)
+    copies = [weight] + [weight.clone() for _ in range(max(0, STREAM_BYTES // nbytes - 1))]
+    best = {plan: float("inf") for plan in correct}
+    turn = 0
+    with torch.inference_mode():
+        for _ in range(ROUNDS):  # rounds of every plan in turn: a noisy moment hurts them all alike
+            for plan in correct:
+                w = copies[turn % len(copies)]
+                turn += 1
+                start = time.perf_counter()
+                kernels._run(kernels._library(), x, w, None, plan)
+                best[plan] = min(best[plan], time.perf_counter() - start)
+    speeds = {str(plan): nbytes / t for plan, t in best.items()}
+    return min(best, key=best.get), speeds
+
+
+def describe(model) -> dict[str, str]:
+    """``{"bfloat16 896x4864": "avx2, 4 rows", ...}``: the plan each weight shape of ``model`` uses."""
+    out = {}
+    for m in model.modules():
+        if isinstance(m, kernels.Linear) and m.use_kernel:
+            out[f"{str(m.weight.dtype).removeprefix('torch.')} {m.out_features}x{m.in_features}"] = str(m.plan)
+    return out
+
+
+__all__ = ["TUNE_MIN_BYTES", "candidates", "describe", "measure", "plan_for"]
