@@ -83,15 +83,16 @@ class KernelUnavailable(RuntimeError):
     """The C kernel cannot be used on this machine; the message says why."""
 
 
-def cpu_flags() -> set[str]:
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str]:
     """The instruction-set flags of this CPU, as Linux lists them (``avx2``, ``avx512f``...)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 @functools.lru_cache(maxsize=None)
@@ -113,10 +114,12 @@ def _library() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     lib.variants = [v for v in VARIANTS if hasattr(lib, f"qwen_gemv_f32_{v}")]  # those the compiler could build
     gemv_args = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 3 + [ctypes.c_int64] * 2
+    lib.gemv = {}  # (bf16?, variant) -> the function, looked up once: _run is on the hot path
     for v in lib.variants:
-        for name in (f"qwen_gemv_f32_{v}", f"qwen_gemv_bf16_{v}"):
+        for bf16, name in ((False, f"qwen_gemv_f32_{v}"), (True, f"qwen_gemv_bf16_{v}")):
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = gemv_args, ctypes.c_int
+            lib.gemv[bf16, v] = fn
     norm_args = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_float]
     lib.qwen_rmsnorm_f32.argtypes, lib.qwen_rmsnorm_f32.restype = norm_args, None
     lib.qwen_rmsnorm_bf16.argtypes, lib.qwen_rmsnorm_bf16.restype = norm_args, ctypes.c_int
@@ -159,6 +162,7 @@ def _build(cc: list[str], target: Path) -> None:
         os.replace(tmp, target)
 
 
+@functools.lru_cache(maxsize=None)
 def variants() -> list[str]:
     """The gemv variants built here that this CPU can run, e.g. ``['avx2', 'avx2x16', 'avx512']``."""
     flags = cpu_flags()
@@ -274,7 +278,7 @@ def _run(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     out_features, in_features = weight.shape
     x = x.contiguous()
     y = x.new_empty(x.shape[:-1] + (out_features,))
-    fn = getattr(lib, f"qwen_gemv_{'f32' if weight.dtype == torch.float32 else 'bf16'}_{plan.variant}")
+    fn = lib.gemv[weight.dtype == torch.bfloat16, plan.variant]
     failed = fn(weight.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
                 out_features, in_features, _threads or num_threads(), plan.rows, plan.prefetch, _sharing["solo"],
                 _sharing["chunk"])
