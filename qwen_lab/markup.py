@@ -85,7 +85,7 @@ def _inline(text: str) -> str:
 def visible(piece: str) -> str:
     """A token's text with its whitespace made visible (a space is a real part of most tokens).
 
-    >>> visible(" Paris\n")
+    >>> visible(" Paris\\n")
     '␣Paris↵'
     """
     return piece.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥")
