@@ -70,6 +70,8 @@ DTYPES = (torch.float32, torch.bfloat16)
 #: one at a time, so a thread that loses its core to another program leaves little undone.
 SOLO_BYTES = 256 * 1024
 CHUNK_BYTES = 64 * 1024
+#: The attention step is shared over threads from this many multiply-adds (heads x positions x head_dim).
+SOLO_WORK = 1 << 16
 
 
 def cache_dir() -> Path:
@@ -130,7 +132,7 @@ def _library() -> ctypes.CDLL:
     lib.qwen_pool_stats.argtypes, lib.qwen_pool_stats.restype = [ctypes.c_void_p], None
     lib.qwen_pool_configure.argtypes, lib.qwen_pool_configure.restype = [ctypes.c_int64] * 2, None
     lib.qwen_kernels_configure.argtypes, lib.qwen_kernels_configure.restype = [ctypes.c_int64], None
-    lib.qwen_kernels_configure(_sharing["solo"])
+    lib.qwen_kernels_configure(_sharing["solo_work"])
     return lib
 
 
@@ -169,13 +171,18 @@ def variants() -> list[str]:
     return [v for v in _library().variants if set(VARIANTS[v][2]) <= flags]
 
 
-_sharing = {"solo": SOLO_BYTES, "chunk": CHUNK_BYTES}
+_sharing = {"solo": SOLO_BYTES, "chunk": CHUNK_BYTES, "solo_work": SOLO_WORK}
 
 
-def configure(solo_bytes: int = SOLO_BYTES, chunk_bytes: int = CHUNK_BYTES) -> None:
-    """Change how calls are shared over threads (for tests and measurements; see SOLO_BYTES)."""
-    _sharing.update(solo=int(solo_bytes), chunk=max(1, int(chunk_bytes)))
-    _library().qwen_kernels_configure(_sharing["solo"])
+def configure(solo_bytes: int = SOLO_BYTES, chunk_bytes: int = CHUNK_BYTES, solo_work: int | None = None) -> None:
+    """Change how calls are shared over threads (for tests and measurements; see SOLO_BYTES).
+
+    ``solo_work`` defaults to SOLO_WORK, or 0 (share every attention step) when ``solo_bytes`` is 0.
+    """
+    if solo_work is None:
+        solo_work = 0 if solo_bytes == 0 else SOLO_WORK
+    _sharing.update(solo=int(solo_bytes), chunk=max(1, int(chunk_bytes)), solo_work=int(solo_work))
+    _library().qwen_kernels_configure(_sharing["solo_work"])
 
 
 _threads: int | None = None

@@ -35,11 +35,13 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torc
     return (uint16_t)(u >> 16);
 }
 
-/* Below solo_bytes of cached keys and values, the attention step runs on the calling thread
- * alone (kernels.py sets it: SOLO_BYTES). */
-static int64_t solo_bytes = 256 * 1024;
+/* Attention is arithmetic more than memory (each cached key serves a group of query heads, with an
+ * exp per score), so it is shared over the pool once heads x positions x head_dim passes solo_work
+ * multiply-adds (64 positions of Qwen2.5-0.5B); below, waking a helper costs more than it saves.
+ * kernels.py sets it (SOLO_WORK; tests set 0 to share every step). */
+static int64_t solo_work = 1 << 16;
 
-void qwen_kernels_configure(int64_t solo) { solo_bytes = solo; }
+void qwen_kernels_configure(int64_t work) { solo_work = work; }
 
 /* RMSNorm of one row as Qwen2 computes it: in float32, t = x * rsqrt(mean(x^2) + eps),
  * then y = w * t, with t rounded to the model's dtype before the product (as model.py's
@@ -211,8 +213,7 @@ static int attend(const void *q_, const void *k_, const void *v_, const void *co
         }
     }
     struct attend_job job = {q_, kc_, vc_, qnorm, y_, cs, sn, eps, d, pos + 1, max_len, H / KV, bf16, 0};
-    int64_t cache_bytes = 2 * KV * (pos + 1) * d * (bf16 ? 2 : 4);  /* what the heads read */
-    qwen_pool_run(attend_head, &job, H, cache_bytes < solo_bytes ? 1 : threads);
+    qwen_pool_run(attend_head, &job, H, H * (pos + 1) * d < solo_work ? 1 : threads);
     return atomic_load(&job.failed) ? -1 : 0;
 }
 
