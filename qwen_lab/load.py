@@ -26,6 +26,7 @@ import ctypes
 import ctypes.util
 import json
 import mmap
+import os
 import struct
 from pathlib import Path
 
@@ -156,6 +157,45 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     return _map_safetensors(path)[0]
 
 
+def read_safetensors_header(path: str | Path) -> dict:
+    """The JSON header of a ``.safetensors`` file, reading nothing else: 8 bytes, then the header.
+
+    Each tensor's ``dtype``, ``shape`` and ``data_offsets`` (its byte range after the header),
+    and the file's ``__metadata__``. Reading the whole file to look at its table of contents
+    would load every weight: 3 GB for Qwen2.5-1.5B, whose header is 30 kB. The header is
+    checked as loading checks it (its length fits the file and the budget, it is a JSON
+    object), with the same one-line ``CheckpointError``; the entries are checked at load.
+
+    >>> from qwen_lab.hub import resolve
+    >>> header = read_safetensors_header(resolve("qwen-lab/tiny-chat").weights[0])
+    >>> header["__metadata__"], header["model.norm.weight"]
+    ({'format': 'pt'}, {'dtype': 'BF16', 'shape': [192], 'data_offsets': [4036608, 4036992]})
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return _read_header(f, path, os.fstat(f.fileno()).st_size)[0]
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
+
+
+def _read_header(f, path: Path, size: int) -> tuple[dict, int]:
+    """The header of the open safetensors file ``f`` (of ``size`` bytes), and its length."""
+    if size < 8:
+        raise CheckpointError(f"{path} is truncated ({size} bytes): download it again")
+    (n,) = struct.unpack("<Q", f.read(8))
+    if n > size - 8 or n > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{path} is truncated or not a safetensors file (its header cannot fit in "
+                              f"{size:,} bytes): download it again")
+    try:
+        header = json.loads(f.read(n))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise CheckpointError(f"{path} has a corrupt header (not valid JSON): download it again") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a corrupt header (not a JSON object): download it again")
+    return header, n
+
+
 def _map_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
     """The tensors, and the address range of the mapping they view. Nothing of a file that
     is not a valid safetensors file is shown in an error (it might not be a model file at all)."""
@@ -163,20 +203,10 @@ def _map_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], tuple[i
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            if size < 8:
-                raise CheckpointError(f"{path} is truncated ({size} bytes): download it again")
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8 or n > MAX_HEADER_BYTES:
-                raise CheckpointError(f"{path} is truncated or not a safetensors file (its header cannot fit in "
-                                      f"{size:,} bytes): download it again")
-            header = json.loads(f.read(n))
+            header, n = _read_header(f, path, size)
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise CheckpointError(f"{path} has a corrupt header (not valid JSON): download it again") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path} has a corrupt header (not a JSON object): download it again")
     header.pop("__metadata__", None)
     tensors, data_start, spans = {}, 8 + n, []
     base = ctypes.addressof(ctypes.c_char.from_buffer(mm)) if size else 0
@@ -345,4 +375,4 @@ def count_parameters(model: nn.Module) -> int:
 
 __all__ = ["ARCHITECTURES", "DTYPES", "architecture_of", "available_memory", "build_model", "checkpoint_dtype",
            "choose_dtype", "count_parameters", "default_device", "load_model", "load_weights", "read_config",
-           "read_safetensors", "suggested_dtype"]
+           "read_safetensors", "read_safetensors_header", "suggested_dtype"]

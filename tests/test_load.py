@@ -1,6 +1,7 @@
 """Loading: architecture registry, parameter counts, memory-mapped safetensors, clear errors."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -195,6 +196,61 @@ def test_converted_load_is_exact_and_the_released_mapping_still_reads_back(tiny_
     heap = torch.ones(4096)
     _release(heap, [mapped])  # not in the mapping: left alone
     assert heap.sum() == 4096
+
+
+def test_the_header_alone_is_what_loading_sees_and_needs_no_tensor_data(tiny_dir, tmp_path):
+    """read_safetensors_header (notebook 02) shows a file's table of contents without its weights."""
+    from qwen_lab.load import _ST_DTYPES, read_safetensors, read_safetensors_header
+    path = tiny_dir / "model.safetensors"
+    header = read_safetensors_header(path)
+    assert header.pop("__metadata__") == {"format": "pt"}
+    seen = {k: (_ST_DTYPES[v["dtype"]], v["shape"]) for k, v in header.items()}
+    assert seen == {k: (t.dtype, list(t.shape)) for k, t in read_safetensors(path).items()}
+    raw = path.read_bytes()
+    cut = tmp_path / "header-only.safetensors"
+    cut.write_bytes(raw[:8 + int.from_bytes(raw[:8], "little")])  # the header, and no tensor data at all
+    assert read_safetensors_header(cut) == read_safetensors_header(path)
+    with pytest.raises(CheckpointError, match="truncated"):
+        read_safetensors(cut)
+
+
+def test_the_header_reader_reads_the_header_and_not_the_weights(tmp_path):
+    """The bytes it reads do not grow with the file (the notebook used to read 3 GB to show 30 kB)."""
+    from qwen_lab.load import read_safetensors_header
+    io = Path("/proc/self/io")
+    if not io.is_file():
+        pytest.skip("needs /proc/self/io to count the bytes a process reads")
+    path = tmp_path / "big.safetensors"
+    write_raw_safetensors(path, {"w": {"dtype": "U8", "shape": [64 * 2**20], "data_offsets": [0, 64 * 2**20]}},
+                          bytes(64 * 2**20))
+
+    def bytes_read() -> int:
+        return int(next(line for line in io.read_text().splitlines() if line.startswith("rchar:")).split()[1])
+
+    before = bytes_read()
+    header = read_safetensors_header(path)
+    assert bytes_read() - before < 2**20  # a file of 64 MiB
+    assert header["w"]["shape"] == [64 * 2**20]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "truncated"),
+    (b"\x05\x00", "truncated"),
+    ((2**40).to_bytes(8, "little") + b"{}", "truncated or not a safetensors file"),
+    ((9).to_bytes(8, "little") + b"{not json", "corrupt header .not valid JSON"),
+    ((6).to_bytes(8, "little") + b"[1, 2]", "corrupt header .not a JSON object"),
+    ((2).to_bytes(8, "little") + b"\xff\xfe", "corrupt header .not valid JSON"),
+])
+def test_a_damaged_header_gets_the_loader_s_one_line(tmp_path, content, message):
+    from qwen_lab.load import read_safetensors_header
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(content)
+    for read in (read_safetensors_header, read_safetensors):
+        with pytest.raises(CheckpointError, match=message) as info:
+            read(path)
+        assert "\n" not in str(info.value)
+    with pytest.raises(CheckpointError, match="cannot read"):
+        read_safetensors_header(tmp_path / "missing.safetensors")
 
 
 
