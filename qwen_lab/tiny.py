@@ -1,7 +1,8 @@
 """Tiny Qwen2 checkpoints in the exact layout of a Hub repository.
 
 Tests make them on the fly (random weights, a few kB); the embedded
-``qwen-lab/tiny-chat`` model is written by the same functions after training.
+``qwen-lab/tiny-chat`` model is written by the same functions after training;
+``reshard`` turns a one-file model into the sharded layout of large ones.
 
 >>> import tempfile
 >>> d = save_checkpoint(build_random(tiny_config(vocab_size=300)), tempfile.mkdtemp(),
@@ -12,13 +13,16 @@ Tests make them on the fly (random weights, a few kB); the embedded
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from .load import build_model
+from .errors import SettingError
+from .hub import resolve
+from .load import build_model, read_safetensors
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -118,20 +122,49 @@ def save_checkpoint(model: torch.nn.Module, directory: str | Path, *, tokenizer:
     # Tied weights are stored once, as the Hub checkpoints do (no lm_head.weight).
     state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()
              if not (config.get("tie_word_embeddings") and k == "lm_head.weight")}
-    names = list(state)
-    if shards <= 1:
+    _write_weights(state, directory, shards, index=shards > 1)
+    return directory
+
+
+def reshard(src_dir: str | Path, dst_dir: str | Path, shards: int) -> Path:
+    """Copy the model folder ``src_dir`` to ``dst_dir`` (new) with its weights cut into ``shards``
+    files plus ``model.safetensors.index.json``, as large models are published.
+
+    The tensors and every other file stay as they are, so the copy is the same model in the
+    other layout (notebook 01 serves it from a local Hub to watch a client fetch the shards).
+
+    >>> import tempfile
+    >>> from qwen_lab.hub import resolve
+    >>> out = reshard(resolve("qwen-lab/tiny-chat").root, Path(tempfile.mkdtemp()) / "sharded", shards=3)
+    >>> [p.name for p in resolve(out).weights]
+    ['model-00001-of-00003.safetensors', 'model-00002-of-00003.safetensors', 'model-00003-of-00003.safetensors']
+    """
+    src, dst = Path(src_dir), Path(dst_dir)
+    tensors: dict[str, torch.Tensor] = {}
+    for f in resolve(src).weights:
+        tensors.update(read_safetensors(f))
+    if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= len(tensors):
+        raise SettingError(f"shards must be a whole number from 1 to {len(tensors)} (one tensor per shard at "
+                           f"least), not {shards!r}")
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "model.safetensors.index.json"))
+    _write_weights(tensors, dst, shards, index=True)
+    return dst
+
+
+def _write_weights(state: dict[str, torch.Tensor], directory: Path, shards: int, index: bool) -> None:
+    """``model.safetensors``, or (``index``) ``shards`` files of about equal tensor counts and their index."""
+    if not index:
         save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
-        return directory
-    weight_map, per_shard = {}, -(-len(names) // shards)
+        return
+    names, weight_map = list(state), {}
     for s in range(shards):
         filename = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: state[k] for k in names[s * per_shard:(s + 1) * per_shard]}
+        part = {k: state[k] for k in names[s * len(names) // shards:(s + 1) * len(names) // shards]}
         save_file(part, directory / filename, metadata={"format": "pt"})
         weight_map.update({k: filename for k in part})
     total = sum(t.numel() * t.element_size() for t in state.values())
     _write_json(directory / "model.safetensors.index.json",
                 {"metadata": {"total_size": total}, "weight_map": weight_map})
-    return directory
 
 
 def _write_json(path: Path, data: dict) -> None:
