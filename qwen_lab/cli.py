@@ -4,6 +4,7 @@
     qwen-lab template --model qwen-lab/tiny-chat --messages chat.json
     qwen-lab download --model Qwen/Qwen2.5-1.5B-Instruct
     qwen-lab download --cache-dir /srv/hf Qwen/Qwen2.5-1.5B-Instruct Qwen/Qwen2.5-0.5B-Instruct
+    qwen-lab doctor [--cache-dir /srv/hf] [--wheelhouse DIR] [MODEL ...]
 
 ``generate`` writes the reply, and only the reply, to stdout; ``--stats``
 adds one JSON line on stderr. Errors are one line on stderr and exit code 1
@@ -84,6 +85,20 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--cache-dir", type=Path, help="the cache to fill (default: HF_HUB_CACHE, ~/.cache/huggingface/hub)")
     d.add_argument("--force-download", action="store_true", help="fetch every file afresh, even if cached")
     d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    r = sub.add_parser("doctor", help="say, offline, whether this machine is ready for the walkthrough",
+                       description="One line per check (ok, warn or FAIL): the models cached and complete, the "
+                                   "dtype, device and kernels that will run, threads, memory, Jupyter and "
+                                   "ipywidgets; exit code 1 if a check failed. Nothing touches the network.")
+    r.add_argument("models", nargs="*", metavar="MODEL",
+                   help="models that must be ready (default: QWEN_LAB_MODEL, else the walkthrough's model)")
+    r.add_argument("--model", action="append", default=[], dest="more_models", metavar="MODEL",
+                   help="one more model; repeatable")
+    r.add_argument("--cache-dir", type=Path, help="the cache to look in (default: HF_HUB_CACHE)")
+    r.add_argument("--wheelhouse", type=Path, metavar="DIR",
+                   help="also check that pip can install the kit from DIR alone (make wheelhouse builds it)")
+    r.add_argument("--verify", action="store_true", help="also hash every cached file (about 1 s per GB)")
+    r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return p
 
 
@@ -139,6 +154,15 @@ def cmd_download(args) -> int:
         else:
             print(files.root, flush=True)
     return 1 if failed else 0
+
+
+def cmd_doctor(args) -> int:
+    """One line per check on stdout; exit 1 if any failed."""
+    from .doctor import run
+    checks = run([*args.models, *args.more_models], args.cache_dir, args.wheelhouse, args.verify)
+    for check in checks:
+        print(check.line(), flush=True)
+    return 1 if any(c.status == "FAIL" for c in checks) else 0
 
 
 def cmd_generate(args) -> None:
@@ -213,7 +237,8 @@ def _fail(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    command = {"generate": cmd_generate, "template": cmd_template, "download": cmd_download}[args.command]
+    command = {"generate": cmd_generate, "template": cmd_template, "download": cmd_download,
+               "doctor": cmd_doctor}[args.command]
     if sys.stdout is None:  # started with stdout closed (`>&-`): nowhere to write the result
         return _fail("standard output is closed: there is nowhere to write the result; redirect it to a file")
     try:

@@ -1,0 +1,233 @@
+"""``qwen-lab doctor``: one line per check, offline; a missing or damaged piece gets a line saying what to do."""
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from qwen_lab import doctor
+from qwen_lab.cli import main
+from qwen_lab.hub import resolve
+from qwen_lab.hub_server import LocalHub
+
+REPO = "workshop/tiny"
+
+
+@pytest.fixture
+def cache(tmp_path, tiny_dir, online):
+    """A Hugging Face cache holding workshop/tiny, downloaded from a LocalHub as `qwen-lab download` does."""
+    folder = tmp_path / "hf-cache"
+    with LocalHub({REPO: tiny_dir}) as hub:
+        resolve(REPO, cache_dir=folder, endpoint=hub.url, check_cache=True)
+    return folder
+
+
+def snapshot_file(cache: Path, name: str) -> Path:
+    [snapshot] = (cache / "models--workshop--tiny" / "snapshots").iterdir()
+    return snapshot / name
+
+
+def doctor_lines(capsys, *argv) -> tuple[int, dict[str, list[str]]]:
+    """Exit code, and the lines by check name: {"model": ["ok  ..."], ...}."""
+    code = main(["doctor", *argv])
+    lines = capsys.readouterr().out.splitlines()
+    by_name: dict[str, list[str]] = {}
+    for line in lines:
+        status, name, detail = line.split(None, 2)
+        assert status in ("ok", "warn", "FAIL"), line
+        by_name.setdefault(name, []).append(f"{status} {detail}")
+    return code, by_name
+
+
+def test_the_embedded_model_is_ready_everywhere(capsys):
+    code, lines = doctor_lines(capsys, "qwen-lab/tiny-chat")
+    assert code == 0
+    assert lines["model"] == [lines["model"][0]] and lines["model"][0].startswith(
+        "ok qwen-lab/tiny-chat: the embedded model (inside the package: nothing to download); 5 files")
+    assert lines["device"][0].startswith("ok qwen-lab/tiny-chat runs in float32 on ")  # suggested_dtype: float32
+    assert lines["memory"][0].startswith("ok qwen-lab/tiny-chat needs ")
+    assert lines["threads"][0].startswith("ok ")
+    assert lines["jupyter"][0].startswith("ok JupyterLab ") and lines["ipywidgets"][0].startswith("ok 8.")
+    assert set(lines) == {"torch", "cache", "model", "device", "memory", "threads", "jupyter", "ipywidgets"}
+
+
+def test_a_complete_cache_passes_with_sizes_and_hashes(capsys, cache):
+    code, lines = doctor_lines(capsys, "--cache-dir", str(cache), "--verify", REPO)
+    assert code == 0, lines
+    assert lines["model"] == [f"ok {REPO}: complete in the cache {cache}; {len(_model_files(cache))} files, "
+                              f"{doctor._size(sum(p.stat().st_size for p in _model_files(cache)))} "
+                              f"(sizes checked; hashes checked)"]
+    assert lines["cache"][0].startswith(f"ok {cache}: writable; ")
+
+
+def _model_files(cache: Path) -> list[Path]:
+    [snapshot] = (cache / "models--workshop--tiny" / "snapshots").iterdir()
+    return list(snapshot.iterdir())
+
+
+def test_an_incomplete_cache_names_the_missing_file_and_the_command(capsys, cache):
+    snapshot_file(cache, "model.safetensors").unlink()
+    code, lines = doctor_lines(capsys, "--cache-dir", str(cache), REPO)
+    assert code == 1
+    assert lines["model"] == [f"FAIL {REPO}: incomplete in the cache {cache}: model.safetensors missing; fill it once "
+                              f"where there is network: `qwen-lab download --cache-dir {cache} {REPO}`"]
+    assert "device" not in lines  # nothing to say about a model that is not there
+
+
+def test_an_interrupted_download_is_named(capsys, cache):
+    pointer = snapshot_file(cache, "model.safetensors")
+    blob = pointer.resolve()
+    pointer.unlink()
+    blob.rename(blob.with_name(blob.name + ".incomplete"))  # what huggingface_hub leaves when cut off
+    code, lines = doctor_lines(capsys, "--cache-dir", str(cache), REPO)
+    assert code == 1
+    assert "model.safetensors missing (1 download(s) interrupted); fill it once" in lines["model"][0]
+
+
+def test_truncated_weights_are_found_by_their_size(capsys, cache):
+    blob = snapshot_file(cache, "model.safetensors").resolve()
+    size = blob.stat().st_size
+    with open(blob, "r+b") as f:
+        f.truncate(size - 100)
+    code, lines = doctor_lines(capsys, "--cache-dir", str(cache), REPO)
+    assert code == 1
+    assert lines["model"] == [f"FAIL {REPO}: model.safetensors is truncated: {size - 100:,} of its {size:,} bytes; "
+                              f"fill it once where there is network: `qwen-lab download --cache-dir {cache} {REPO}`"]
+
+
+def test_damaged_bytes_of_the_right_size_are_found_by_verify(capsys, cache):
+    blob = snapshot_file(cache, "tokenizer.json").resolve()
+    data = bytearray(blob.read_bytes())
+    data[-2] ^= 1
+    blob.write_bytes(bytes(data))
+    code, lines = doctor_lines(capsys, "--cache-dir", str(cache), REPO)
+    assert code == 0  # sizes alone cannot see it
+    code, lines = doctor_lines(capsys, "--cache-dir", str(cache), "--verify", REPO)
+    assert code == 1
+    assert lines["model"][0].startswith(f"FAIL {REPO}: tokenizer.json is damaged (its ")
+    assert lines["model"][0].endswith(f"`qwen-lab download --cache-dir {cache} {REPO}` fetches it again")
+
+
+def test_a_read_only_cache_is_fine_and_a_gap_in_it_says_who_fixes_it(capsys, cache, monkeypatch):
+    snapshot_file(cache, "tokenizer.json").unlink()
+    real_access = os.access
+    # as the learners see it (root, who runs this sandbox, may write anywhere)
+    monkeypatch.setattr(os, "access", lambda path, mode: False if mode == os.W_OK and Path(path) == cache
+                        else real_access(path, mode))
+    code, lines = doctor_lines(capsys, "--cache-dir", str(cache), REPO)
+    assert code == 1
+    assert lines["cache"][0].startswith(f"ok {cache}: read-only here (fine: learners only read it); ")
+    assert lines["model"] == [f"FAIL {REPO}: incomplete in the cache {cache}: tokenizer.json missing; the cache is "
+                              f"read-only here: whoever owns it runs `qwen-lab download --cache-dir {cache} {REPO}` "
+                              f"where there is network"]
+
+
+def test_a_cache_that_does_not_exist(capsys, tmp_path):
+    code, lines = doctor_lines(capsys, "--cache-dir", str(tmp_path / "none"), REPO)
+    assert code == 1
+    assert lines["cache"][0].startswith(f"warn {tmp_path / 'none'} does not exist; ")
+    assert lines["model"] == [f"FAIL {REPO}: the cache {tmp_path / 'none'} does not exist; fill it once where there "
+                              f"is network: `qwen-lab download --cache-dir {tmp_path / 'none'} {REPO}`"]
+
+
+def test_the_walkthrough_model_missing_is_a_warning_the_chosen_one_a_failure(capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("QWEN_LAB_MODEL", raising=False)
+    code, lines = doctor_lines(capsys, "--cache-dir", str(tmp_path))
+    assert code == 0
+    assert lines["model"] == [f"warn Qwen/Qwen2.5-1.5B-Instruct: not in the cache {tmp_path}; fill it once where "
+                              f"there is network: `qwen-lab download --cache-dir {tmp_path} "
+                              f"Qwen/Qwen2.5-1.5B-Instruct` (until then the notebooks use the embedded "
+                              f"qwen-lab/tiny-chat)"]
+    monkeypatch.setenv("QWEN_LAB_MODEL", "Qwen/Qwen2.5-0.5B-Instruct")
+    code, lines = doctor_lines(capsys, "--cache-dir", str(tmp_path))
+    assert code == 1 and lines["model"][0].startswith("FAIL Qwen/Qwen2.5-0.5B-Instruct: not in the cache")
+
+
+def test_bad_threads_setting_fails_its_line(capsys, monkeypatch):
+    monkeypatch.setenv("QWEN_LAB_THREADS", "many")
+    code, lines = doctor_lines(capsys, "qwen-lab/tiny-chat")
+    assert code == 1
+    assert lines["threads"] == ["FAIL QWEN_LAB_THREADS='many' is not a number of threads; set it to e.g. 2, or unset it"]
+
+
+def test_missing_jupyter_pieces_fail_with_the_install_command(capsys, monkeypatch):
+    real = doctor._version
+    monkeypatch.setattr(doctor, "_version", lambda d: None if d in ("ipywidgets", "ipykernel") else real(d))
+    code, lines = doctor_lines(capsys, "qwen-lab/tiny-chat")
+    assert code == 1
+    install = "pip install 'qwen-lab[notebooks]' (offline: from the wheelhouse, see docs/workshop.md)"
+    assert lines["jupyter"] == [f"FAIL ipykernel is not installed: {install}"]
+    assert lines["ipywidgets"] == [f"FAIL not installed: the chat panel (notebook 07) needs it: {install}"]
+
+
+def test_not_enough_memory_fails_with_the_figures(capsys, monkeypatch):
+    import qwen_lab.load
+    monkeypatch.setattr(qwen_lab.load, "available_memory", lambda: 100 * 2**20)
+    code, lines = doctor_lines(capsys, "qwen-lab/tiny-chat")
+    assert code == 1
+    [line] = lines["memory"]
+    assert line.startswith("FAIL qwen-lab/tiny-chat needs 0.2")
+    assert line.endswith("but only 0.10 GiB is available: close other programs, or choose a smaller model "
+                         "(QWEN_LAB_MODEL=Qwen/Qwen2.5-0.5B-Instruct)")
+    assert "parameters x 4 bytes + about 0.22 GiB for Python and torch" in line
+
+
+def test_a_cuda_torch_on_a_machine_without_gpu_points_to_the_cpu_build(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.version, "cuda", "12.6")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    check = doctor.check_torch()
+    assert check.status == "warn"
+    assert check.detail.endswith(f"the CPU-only build is gigabytes smaller: pip install "
+                                 f"torch=={torch.__version__.split('+')[0]} --index-url "
+                                 f"https://download.pytorch.org/whl/cpu")
+
+
+# ---------------------------------------------------------------- the wheelhouse
+
+def fake_wheel(folder: Path, name: str, version: str, requires: list[str]) -> Path:
+    """A minimal wheel: enough for pip's resolver to read its name, version and requirements."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dist = f"{name.replace('-', '_')}-{version}"
+    path = folder / f"{dist}-py3-none-any.whl"
+    metadata = "Metadata-Version: 2.1\nName: {}\nVersion: {}\n{}".format(
+        name, version, "".join(f"Requires-Dist: {r}\n" for r in requires))
+    wheel = "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{dist}.dist-info/METADATA", metadata)
+        z.writestr(f"{dist}.dist-info/WHEEL", wheel)
+        z.writestr(f"{dist}.dist-info/RECORD", "")
+    return path
+
+
+def test_a_wheelhouse_missing_a_wheel_names_it(tmp_path):
+    folder = tmp_path / "wheelhouse"
+    fake_wheel(folder, "qwen-lab", "0.1.0", ["qwen-lab-helper>=1.0"])
+    check = doctor.check_wheelhouse(folder)
+    assert (check.status, check.detail.split(" (")[0]) == ("FAIL", f"{folder} lacks a wheel for qwen-lab-helper>=1.0")
+    assert check.detail.endswith(f"run `make wheelhouse WHEELHOUSE={folder}` where there is network, or add that wheel")
+    fake_wheel(folder, "qwen-lab-helper", "1.2", [])
+    check = doctor.check_wheelhouse(folder)
+    assert (check.status, check.detail) == ("ok", f"{folder}: 2 wheels; pip installs qwen-lab[notebooks] from them "
+                                                  f"alone (--no-index)")
+
+
+def test_a_wheelhouse_that_is_not_there_or_empty(tmp_path):
+    assert doctor.check_wheelhouse(tmp_path / "none").detail == (
+        f"{tmp_path / 'none'} is not a folder: run `make wheelhouse WHEELHOUSE={tmp_path / 'none'}` where there is "
+        f"network")
+    assert doctor.check_wheelhouse(tmp_path).detail == (
+        f"{tmp_path} holds no wheels: run `make wheelhouse WHEELHOUSE={tmp_path}` where there is network")
+
+
+def test_the_wheelhouse_check_ignores_this_machine_s_pip_configuration(tmp_path, monkeypatch):
+    """A find-links set here (as /opt/wheels is) must not hide a wheel missing from the folder."""
+    elsewhere = tmp_path / "elsewhere"
+    fake_wheel(elsewhere, "qwen-lab-helper", "1.2", [])
+    monkeypatch.setenv("PIP_FIND_LINKS", str(elsewhere))
+    config = tmp_path / "pip.conf"
+    config.write_text(f"[global]\nfind-links = {elsewhere}\n")
+    monkeypatch.setenv("PIP_CONFIG_FILE", str(config))
+    folder = tmp_path / "wheelhouse"
+    fake_wheel(folder, "qwen-lab", "0.1.0", ["qwen-lab-helper>=1.0"])
+    assert doctor.check_wheelhouse(folder).status == "FAIL"
