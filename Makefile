@@ -4,11 +4,20 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# The CPU build of torch: an unpinned torch from PyPI pulls a multi-GB CUDA build.
+# TORCH is what pip installs first. Here `torch==2.13.0` finds this machine's CPU wheel; elsewhere
+# on Linux, PyPI's torch==2.13.0 is the CUDA build (gigabytes of NVIDIA libraries). The CPU-only
+# build (about 190 MB) comes from PyTorch's own index:
+#   make demo TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+# (on a GPU machine, PyPI's own build is the one to have). It takes effect when .venv is created.
 TORCH  ?= torch==2.13.0
 OFFLINE := QWEN_LAB_MODEL=qwen-lab/tiny-chat HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
+# make wheelhouse: where the wheels go, and which extras of the kit they cover
+# (notebooks,workshop for a hub server too).
+WHEELHOUSE ?= wheelhouse
+WHEELHOUSE_EXTRAS ?= notebooks
+PROXY_STAMP := workshop/node_modules/.installed
 
-.PHONY: demo test lab bench tiny-chat clean
+.PHONY: demo test lab bench tiny-chat clean doctor wheelhouse workshop-proxy hub gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +30,10 @@ $(VENV)/.notebooks: $(BIN)/python pyproject.toml
 
 $(VENV)/.test: $(VENV)/.notebooks
 	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+$(VENV)/.workshop: $(VENV)/.notebooks
+	$(BIN)/python -m pip install -q -e ".[workshop]"
 	touch $@
 
 demo: $(VENV)/.notebooks
@@ -44,6 +57,40 @@ bench: $(VENV)/.test
 tiny-chat: $(VENV)/.test
 	$(BIN)/python -m training.train
 	$(BIN)/python -m training.evaluate
+
+# Is this machine ready for the walkthrough, offline? One line per check (qwen_lab/doctor.py).
+doctor: $(VENV)/.notebooks
+	$(BIN)/qwen-lab doctor
+
+# Every wheel the kit needs, for a room without network (docs/workshop.md): the kit itself, torch as
+# TORCH says, and the rest, binary wheels only, for this machine's Python and platform. The last
+# line checks that pip can install the kit from the folder alone. In the room:
+#   pip install --no-index --find-links wheelhouse "qwen-lab[notebooks]"
+wheelhouse: $(VENV)/.notebooks
+	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
+	$(BIN)/python -m pip wheel -q --no-deps --wheel-dir $(WHEELHOUSE) .
+	$(BIN)/python -m pip download -q --only-binary=:all: --dest $(WHEELHOUSE) $(TORCH)
+	$(BIN)/python -m pip download -q --only-binary=:all: --dest $(WHEELHOUSE) --find-links $(WHEELHOUSE) \
+	    "$(firstword $(TORCH))" "$$(ls $(WHEELHOUSE)/qwen_lab-*.whl)[$(WHEELHOUSE_EXTRAS)]"
+	$(OFFLINE) $(BIN)/qwen-lab doctor --wheelhouse $(WHEELHOUSE) qwen-lab/tiny-chat
+
+# JupyterHub's proxy, from npm, into workshop/node_modules (the versions of workshop/package-lock.json).
+workshop-proxy: $(PROXY_STAMP)
+$(PROXY_STAMP): workshop/package.json workshop/package-lock.json
+	cd workshop && npm ci --no-audit --no-fund
+	touch $@
+
+# The room's JupyterHub on this machine: set QWEN_LAB_HUB_PASSWORD and the rest first
+# (workshop/room.py lists them; docs/workshop.md walks through it); HUB_ARGS="--port 443 --ssl-key ..." adds options.
+HUB_ARGS ?=
+hub: $(VENV)/.workshop $(PROXY_STAMP)
+	$(BIN)/jupyterhub -f workshop/jupyterhub_config.py $(HUB_ARGS)
+
+# Every check that needs a GPU (scripts/gpu_check.py, a few minutes): on a GPU machine, in a .venv
+# made with a CUDA build of torch (on Linux, PyPI's torch==2.13.0 is one).
+GPU_CHECK_OUT ?= artifacts/gpu-check
+gpu-check: $(VENV)/.test
+	$(BIN)/python scripts/gpu_check.py --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) artifacts

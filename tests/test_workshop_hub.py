@@ -1,0 +1,469 @@
+"""The workshop's JupyterHub, for real: learners log in with the room's password, start their servers,
+and each runs a chat turn in a kernel, the model read from one shared, read-only cache.
+
+The hub is ``workshop/jupyterhub_config.py`` as an instructor runs it, on 127.0.0.1 (free ports),
+its proxy npm's configurable-http-proxy from ``workshop/node_modules`` (``make workshop-proxy``).
+The model is the embedded tiny-chat, served by ``LocalHub`` as ``workshop/tiny-chat`` and put into
+the shared cache by ``qwen-lab download --cache-dir``, exactly as a room's cache is filled. Needs
+JupyterHub (the ``workshop`` extra) and the proxy: skipped without them, unless
+QWEN_LAB_REQUIRE_HUB=1 (as in .ci/run), which makes the skip a failure.
+
+Also here: bad settings each get one line, and ``workshop/z2jh/`` agrees with the tested config.
+"""
+import importlib.util
+import json
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from qwen_lab.hub import EMBEDDED_MODEL_DIR
+from qwen_lab.hub_server import LocalHub
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKSHOP = ROOT / "workshop"
+CONFIG = WORKSHOP / "jupyterhub_config.py"
+JUPYTERHUB = Path(sys.executable).with_name("jupyterhub")
+REPO_ID = "workshop/tiny-chat"
+PASSWORD = "the-room-password"
+#: Each learner asks their own question and must get the embedded model's answer to it.
+LEARNERS = {
+    "ada": ("What is the capital of France?", "Paris"),
+    "grace": ("What is the capital of Italy?", "Rome"),
+    "alan": ("What is the capital of Japan?", "Tokyo"),
+    "katherine": ("What is 7 plus 5?", "12"),
+}
+ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def load_room():
+    """workshop/room.py, imported from its file (it is not part of the package)."""
+    spec = importlib.util.spec_from_file_location("workshop_room", WORKSHOP / "room.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+room = load_room()
+
+
+def need(condition, why):
+    if not condition:
+        if os.environ.get("QWEN_LAB_REQUIRE_HUB") == "1":
+            pytest.fail(f"the workshop hub test is required but {why}")
+        pytest.skip(why)
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def tree(folder: Path) -> dict:
+    """Every entry under ``folder``: its kind, size, mode and modification time, to tell if anything changed."""
+    entries = {}
+    for path in sorted(folder.rglob("*")):
+        info = path.lstat()
+        entries[str(path.relative_to(folder))] = (stat.S_IFMT(info.st_mode), info.st_size, stat.S_IMODE(info.st_mode),
+                                                  info.st_mtime_ns)
+    return entries
+
+
+def hub_environment(tmp: Path, cache: Path, **more) -> dict:
+    """The hub's environment: this one without qwen-lab's and Hugging Face's settings, plus the room's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QWEN_LAB_", "HF_", "JUPYTERHUB_", "JPY_"))}
+    env.update(QWEN_LAB_HUB_PASSWORD=PASSWORD, QWEN_LAB_HUB_CACHE=str(cache), QWEN_LAB_MODEL=REPO_ID,
+               QWEN_LAB_HUB_LEARNERS=str(len(LEARNERS)), QWEN_LAB_HUB_STATE=str(tmp / "state"),
+               QWEN_LAB_HUB_HOMES=str(tmp / "homes" / "{username}"))
+    if ROOT_USER:  # this sandbox runs as root: the config refuses that unless told it is a throwaway machine
+        env["QWEN_LAB_HUB_ALLOW_ROOT"] = "1"
+    env.update(more)
+    return env
+
+
+# ---------------------------------------------------------------- the shared cache, filled as a room's is
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A Hugging Face cache holding workshop/tiny-chat, filled by `qwen-lab download --cache-dir`, then made read-only."""
+    folder = tmp_path_factory.mktemp("room") / "hf-cache"
+    env = dict(os.environ, HF_HUB_OFFLINE="0", HF_HUB_DISABLE_PROGRESS_BARS="1")
+    with LocalHub({REPO_ID: EMBEDDED_MODEL_DIR}) as hub:
+        env["HF_ENDPOINT"] = hub.url
+        done = subprocess.run([str(Path(sys.executable).with_name("qwen-lab")), "download", "--cache-dir",
+                               str(folder), REPO_ID], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    snapshot = Path(done.stdout.strip())
+    assert snapshot.parent.parent == folder / "models--workshop--tiny-chat"
+    for path in [folder, *folder.rglob("*")]:  # read-only, as the room's cache is
+        if not path.is_symlink():
+            path.chmod(0o555 if path.is_dir() else 0o444)
+    yield folder
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def weights_blob(cache: Path) -> Path:
+    """The one file holding the model's weights in the cache (a snapshot's link resolved to its blob)."""
+    [snapshot] = (cache / "models--workshop--tiny-chat" / "snapshots").iterdir()
+    return (snapshot / "model.safetensors").resolve()
+
+
+# ---------------------------------------------------------------- the hub
+
+class Hub:
+    def __init__(self, url: str, process: subprocess.Popen, folder: Path):
+        self.url, self.process, self.folder = url, process, folder
+        self.pids: set[int] = set()  # learners' servers and kernels seen: all must be gone at the end
+
+    def log(self) -> str:
+        return (self.folder / "hub.log").read_text(errors="replace")[-4000:]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"  # a zombie is already dead
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def hub(cache, tmp_path_factory):
+    need(importlib.util.find_spec("jupyterhub") is not None and JUPYTERHUB.exists(),
+         "JupyterHub is not installed (pip install -e '.[workshop]')")
+    need(room.LOCAL_PROXY.exists(), f"{room.LOCAL_PROXY} is missing (make workshop-proxy)")
+    need(importlib.util.find_spec("requests") and importlib.util.find_spec("websocket"),
+         "requests or websocket-client is not installed (pip install -e '.[test]')")
+    folder = tmp_path_factory.mktemp("hub")
+    public, api, proxy_api = free_ports(3)
+    url = f"http://127.0.0.1:{public}"
+    log = open(folder / "hub.log", "w")
+    process = subprocess.Popen(
+        [str(JUPYTERHUB), "-f", str(CONFIG), f"--JupyterHub.bind_url={url}",
+         f"--JupyterHub.hub_bind_url=http://127.0.0.1:{api}",
+         f"--ConfigurableHTTPProxy.api_url=http://127.0.0.1:{proxy_api}"],
+        cwd=folder, env=hub_environment(folder, cache), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    running = Hub(url, process, folder)
+    import requests
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if requests.get(f"{url}/hub/health", timeout=5).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("the hub did not start:\n" + running.log())
+        time.sleep(0.5)
+    proxy_pid = int((folder / "state" / "jupyterhub-proxy.pid").read_text())
+    yield running
+    # Stopping the hub stops every learner's server (cleanup_servers) and the proxy (cleanup_proxy).
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+    log.close()
+    deadline = time.monotonic() + 30
+    left = {p for p in running.pids | {proxy_pid} if alive(p)}
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = {p for p in left if alive(p)}
+    for pid in left:  # never leave a process behind, even when failing
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes left running after the hub stopped: {sorted(left)}\n{running.log()}"
+
+
+# ---------------------------------------------------------------- a learner, through the hub's and the server's APIs
+
+def log_in(hub: Hub, name: str, password: str):
+    """The login form, as a browser posts it; returns the session and the response."""
+    import requests
+    session = requests.Session()
+    session.get(f"{hub.url}/hub/login", timeout=30).raise_for_status()
+    xsrf = session.cookies.get("_xsrf", path="/hub/")
+    response = session.post(f"{hub.url}/hub/login", data={"username": name, "password": password, "_xsrf": xsrf},
+                            allow_redirects=False, timeout=60)
+    return session, response
+
+
+KERNEL_CODE = r"""
+import json, os
+from qwen_lab import ChatModel, kernels
+from qwen_lab.hub import choose_model
+from qwen_lab.load import suggested_dtype
+MODEL, why = choose_model()                       # as every notebook's first cell does
+chat = ChatModel.load(MODEL, dtype=suggested_dtype(MODEL))
+reply = chat.generate([{"role": "user", "content": QUESTION}], do_sample=False).text
+print(json.dumps({
+    "model": MODEL, "why": why, "reply": reply, "pid": os.getpid(), "ppid": os.getppid(),
+    "home": os.path.expanduser("~"), "notebooks": sorted(os.listdir(os.path.expanduser("~/notebooks"))),
+    "env": {k: os.environ.get(k) for k in ("QWEN_LAB_MODEL", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "QWEN_LAB_THREADS",
+                                           "OMP_NUM_THREADS")},
+    "threads": kernels.num_threads(), "dtype": str(chat.model.lm_head.weight.dtype),
+    "cache_writable": os.access(os.environ["HF_HUB_CACHE"], os.W_OK),
+}))
+"""
+
+
+def execute(ws, code: str, timeout: float) -> tuple[str, dict | None]:
+    """Run ``code`` in the kernel behind websocket ``ws``: (its stdout, its error or None)."""
+    msg_id, session = uuid.uuid4().hex, uuid.uuid4().hex
+    ws.send(json.dumps({
+        "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "test", "session": session,
+                   "date": "", "version": "5.3"},
+        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+        "content": {"code": code, "silent": False, "store_history": False, "user_expressions": {},
+                    "allow_stdin": False, "stop_on_error": True}}))
+    out, error, replied, idle = [], None, False, False
+    deadline = time.monotonic() + timeout
+    while not (replied and idle):
+        ws.settimeout(max(1.0, deadline - time.monotonic()))
+        message = json.loads(ws.recv())
+        if message.get("parent_header", {}).get("msg_id") != msg_id:
+            continue
+        kind, content = message["msg_type"], message["content"]
+        if kind == "stream":
+            out.append(content["text"])
+        elif kind == "error":
+            error = content
+        elif kind == "execute_reply":
+            replied = True
+        elif kind == "status" and content["execution_state"] == "idle":
+            idle = True
+    return "".join(out), error
+
+
+def chat_turn(hub: Hub, name: str, question: str) -> dict:
+    """Log in, start the server, open a kernel, run a chat turn: what the kernel reported."""
+    import requests
+    import websocket
+    session, response = log_in(hub, name, PASSWORD)
+    assert response.status_code == 302, f"{name} could not log in: {response.status_code}"
+    token = session.post(f"{hub.url}/hub/api/users/{name}/tokens", json={"note": "test", "expires_in": 900},
+                         headers={"X-XSRFToken": session.cookies.get("_xsrf", path="/hub/")},
+                         timeout=30).json()["token"]
+    api = requests.Session()
+    api.headers["Authorization"] = f"token {token}"
+    started = api.post(f"{hub.url}/hub/api/users/{name}/server", timeout=200)
+    assert started.status_code in (201, 202), started.text
+    deadline = time.monotonic() + 240
+    while not api.get(f"{hub.url}/hub/api/users/{name}", timeout=30).json()["servers"].get("", {}).get("ready"):
+        assert time.monotonic() < deadline, f"{name}'s server did not start:\n{hub.log()}"
+        time.sleep(0.5)
+    kernel = api.post(f"{hub.url}/user/{name}/api/kernels", json={"name": "python3"}, timeout=60)
+    assert kernel.status_code == 201, kernel.text
+    ws = websocket.create_connection(
+        f"{hub.url.replace('http', 'ws', 1)}/user/{name}/api/kernels/{kernel.json()['id']}/channels",
+        header=[f"Authorization: token {token}"], timeout=60)
+    try:
+        out, error = execute(ws, f"QUESTION = {question!r}\n{KERNEL_CODE}", timeout=300)
+    finally:
+        ws.close()
+    assert error is None, f"{name}'s kernel failed: {error['ename']}: {error['evalue']}"
+    report = json.loads(out.strip().splitlines()[-1])
+    hub.pids.update({report["pid"], report["ppid"]})  # the kernel, and the learner's server that started it
+    report["maps"] = Path(f"/proc/{report['pid']}/maps").read_text()  # read from outside, while it runs
+    report["stop"] = api.delete(f"{hub.url}/hub/api/users/{name}/server", timeout=120).status_code
+    return report
+
+
+def test_four_learners_chat_from_one_shared_read_only_cache(hub, cache):
+    before = tree(cache)
+    with ThreadPoolExecutor(len(LEARNERS)) as pool:  # the room logs in at once
+        reports = dict(zip(LEARNERS, pool.map(lambda name: chat_turn(hub, name, LEARNERS[name][0]), LEARNERS)))
+    blob = weights_blob(cache)
+    threads = room.threads_per_learner(len(os.sched_getaffinity(0)), len(LEARNERS))
+    notebooks = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
+    for name, report in reports.items():
+        assert LEARNERS[name][1] in report["reply"], (name, report["reply"])
+        assert report["model"] == REPO_ID and report["why"] == "chosen by QWEN_LAB_MODEL"
+        assert report["env"] == {"QWEN_LAB_MODEL": REPO_ID, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache),
+                                 "QWEN_LAB_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+        assert report["threads"] == threads
+        # their own folder, with their own copy of every notebook
+        home = hub.folder / "homes" / name
+        assert report["home"] == str(home) and report["notebooks"] == notebooks
+        assert sorted(p.name for p in (home / "notebooks").glob("*.ipynb")) == notebooks
+        # the weights are the cache's one file, memory-mapped (bf16, the file's own dtype: no private copy)
+        mapped = {line.split(None, 5)[5] for line in report["maps"].splitlines() if len(line.split(None, 5)) == 6}
+        assert str(blob) in mapped, f"{name}'s kernel does not map {blob}"
+        assert not [m for m in mapped if m.endswith(".safetensors") or ("/blobs/" in m and m != str(blob))], mapped
+        assert report["dtype"] == "torch.bfloat16"
+        if not ROOT_USER:  # root writes anywhere; anyone else cannot write the shared cache
+            assert report["cache_writable"] is False
+        assert report["stop"] in (202, 204)
+    # nothing wrote into the cache, and no learner has a copy of the model of their own
+    assert tree(cache) == before
+    homes = hub.folder / "homes"
+    assert not [p for p in homes.rglob("*") if p.name.endswith(".safetensors") or p.name.startswith("models--")]
+
+
+def test_a_wrong_password_or_a_name_that_is_no_folder_name_is_refused(hub):
+    _, wrong = log_in(hub, "mallory", "not-the-password")
+    _, bad_name = log_in(hub, "../etc", PASSWORD)
+    _, right = log_in(hub, "mallory", PASSWORD)
+    assert (wrong.status_code, bad_name.status_code, right.status_code) == (403, 403, 302)
+
+
+# ---------------------------------------------------------------- bad settings: one line each
+
+def run_config(tmp_path, cache, **env) -> subprocess.CompletedProcess:
+    need(JUPYTERHUB.exists(), "JupyterHub is not installed (pip install -e '.[workshop]')")
+    return subprocess.run([str(JUPYTERHUB), "-f", str(CONFIG), "--JupyterHub.bind_url=http://127.0.0.1:1"],
+                          cwd=tmp_path, env=hub_environment(tmp_path, cache, **env), capture_output=True, text=True,
+                          timeout=120)
+
+
+def last_line(done: subprocess.CompletedProcess) -> str:
+    return done.stderr.strip().splitlines()[-1]
+
+
+def test_the_hub_without_npm_s_proxy_says_what_to_do(tmp_path, cache):
+    done = run_config(tmp_path, cache, QWEN_LAB_HUB_PROXY=str(tmp_path / "nowhere" / "configurable-http-proxy"))
+    assert done.returncode == 1
+    assert last_line(done) == (f"jupyterhub_config.py: error: QWEN_LAB_HUB_PROXY={tmp_path}/nowhere/configurable-"
+                               f"http-proxy is not an executable file: run `make workshop-proxy` (npm ci in "
+                               f"workshop/) or `npm install -g configurable-http-proxy`")
+    assert "Traceback" not in done.stderr
+
+
+def test_the_hub_without_the_model_in_the_cache_says_how_to_fill_it(tmp_path, cache):
+    done = run_config(tmp_path, cache, QWEN_LAB_MODEL="Qwen/Qwen2.5-1.5B-Instruct")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert last_line(done).startswith(f"jupyterhub_config.py: error: QWEN_LAB_MODEL: Qwen/Qwen2.5-1.5B-Instruct: "
+                                      f"not in the cache {cache}; ")
+    assert f"`qwen-lab download --cache-dir {cache} Qwen/Qwen2.5-1.5B-Instruct`" in last_line(done)
+
+
+def test_find_proxy_without_npm_s_proxy_or_node(monkeypatch, tmp_path):
+    monkeypatch.setattr(room, "LOCAL_PROXY", tmp_path / "node_modules" / ".bin" / "configurable-http-proxy")
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # nothing on PATH either
+    with pytest.raises(room.RoomError) as e:
+        room.find_proxy({})
+    assert str(e.value) == ("configurable-http-proxy not found: run `make workshop-proxy` (npm ci in workshop/) "
+                            "or `npm install -g configurable-http-proxy`")
+    proxy = tmp_path / "bin" / "configurable-http-proxy"  # the proxy, but no Node.js to run it
+    proxy.parent.mkdir()
+    proxy.write_text("#!/usr/bin/env node\n")
+    proxy.chmod(0o755)
+    with pytest.raises(room.RoomError) as e:
+        room.find_proxy({})
+    assert str(e.value).startswith("node not found: configurable-http-proxy runs on Node.js 18 or later")
+
+
+@pytest.mark.parametrize("env, message", [
+    ({}, "QWEN_LAB_HUB_PASSWORD is not set: set the room's shared password, 8 characters or more, in the hub's "
+         "environment"),
+    ({"QWEN_LAB_HUB_PASSWORD": "short"}, "QWEN_LAB_HUB_PASSWORD has 5 characters: set the room's shared password, "
+                                         "8 characters or more, in the hub's environment"),
+    ({"QWEN_LAB_HUB_PASSWORD": PASSWORD, "QWEN_LAB_HUB_LEARNERS": "thirty"},
+     "QWEN_LAB_HUB_LEARNERS='thirty' is not a whole number of at least 1"),
+    ({"QWEN_LAB_HUB_PASSWORD": PASSWORD, "QWEN_LAB_HUB_HOMES": "/srv/learners"},
+     "QWEN_LAB_HUB_HOMES='/srv/learners' must be an absolute path containing {username}, e.g. "
+     "/srv/qwen-lab/learners/{username}"),
+    ({"QWEN_LAB_HUB_PASSWORD": PASSWORD, "QWEN_LAB_HUB_ADMIN_PASSWORD": "too-short-for-an-admin"},
+     "QWEN_LAB_HUB_ADMIN_PASSWORD must have 32 characters or more and differ from the learners' password (or leave "
+     "it unset)"),
+])
+def test_bad_room_settings_get_one_line(env, message):
+    with pytest.raises(room.RoomError) as e:
+        room.Room.from_environ(env, cores=8)
+    assert str(e.value) == message
+
+
+def test_threads_are_the_cores_shared_by_the_learners():
+    settings = {"QWEN_LAB_HUB_PASSWORD": PASSWORD}
+    assert room.Room.from_environ({**settings, "QWEN_LAB_HUB_LEARNERS": "30"}, cores=64).threads == 2
+    assert room.Room.from_environ({**settings, "QWEN_LAB_HUB_LEARNERS": "40"}, cores=16).threads == 1
+    assert room.Room.from_environ({**settings, "QWEN_LAB_HUB_THREADS": "3"}, cores=16).threads == 3
+    assert room.Room.from_environ(settings, cores=60).threads == 60 // room.DEFAULT_LEARNERS
+
+
+def test_learner_start_copies_the_notebooks_without_overwriting_edits(tmp_path):
+    spec = importlib.util.spec_from_file_location("learner_start", WORKSHOP / "learner_start.py")
+    learner_start = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(learner_start)
+    dest = tmp_path / "notebooks"
+    dest.mkdir()
+    (dest / "05_generate.ipynb").write_text("my edits")
+    copied = learner_start.copy_notebooks(ROOT / "notebooks", dest)
+    every = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
+    assert copied == [n for n in every if n != "05_generate.ipynb"]
+    assert (dest / "05_generate.ipynb").read_text() == "my edits"
+    assert learner_start.copy_notebooks(ROOT / "notebooks", dest) == []  # a restart copies nothing more
+
+
+# ---------------------------------------------------------------- Kubernetes, on paper, kept in step
+
+def config_as_jupyterhub_loads_it(monkeypatch, state: Path):
+    """What jupyterhub_config.py sets, loaded as JupyterHub loads it, with z2jh's cache path and model."""
+    from traitlets.config import loader  # JupyterHub's own config loader (traitlets comes with Jupyter)
+    checked = load_room()
+    monkeypatch.setattr(checked, "check", lambda settings: None)  # no cache or proxy needed to read the settings
+    monkeypatch.setattr(checked, "find_proxy", lambda environ: "configurable-http-proxy")
+    monkeypatch.setitem(sys.modules, "room", checked)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the config adds workshop/ to it
+    for name in list(os.environ):
+        if name.startswith(("QWEN_LAB_", "HF_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("QWEN_LAB_HUB_PASSWORD", PASSWORD)
+    monkeypatch.setenv("QWEN_LAB_HUB_THREADS", "2")
+    monkeypatch.setenv("QWEN_LAB_HUB_STATE", str(state))
+    return loader.PyFileConfigLoader(CONFIG.name, str(CONFIG.parent)).load_config()
+
+
+def test_kubernetes_config_agrees_with_the_tested_one(monkeypatch, tmp_path):
+    import yaml  # PyYAML comes with JupyterLab (jupyter-events)
+    z2jh = yaml.safe_load((WORKSHOP / "z2jh" / "config.yaml").read_text())
+    dockerfile = (WORKSHOP / "z2jh" / "Dockerfile").read_text()
+    c = config_as_jupyterhub_loads_it(monkeypatch, tmp_path)
+    single = z2jh["singleuser"]
+    # the login
+    hub = z2jh["hub"]["config"]
+    assert hub["JupyterHub"]["authenticator_class"] == c.JupyterHub.authenticator_class == "shared-password"
+    assert hub["Authenticator"]["allow_all"] is c.Authenticator.allow_all is True
+    assert hub["Authenticator"]["username_pattern"] == c.Authenticator.username_pattern
+    assert hub["SharedPasswordAuthenticator"]["user_password"] is None  # never a password in the repository
+    # the learners' environment: the same names and values (PATH is the image's own)
+    env = dict(c.Spawner.environment)
+    env.pop("PATH")
+    mount = next(m for m in single["storage"]["extraVolumeMounts"] if m["name"] == "hf-cache")
+    notebooks = re.search(r"^COPY notebooks/\*\.ipynb (\S+)/$", dockerfile, re.M).group(1)
+    expected = {**env, "HF_HUB_CACHE": mount["mountPath"], "QWEN_LAB_NOTEBOOKS": notebooks,
+                "QWEN_LAB_THREADS": str(single["cpu"]["limit"]), "OMP_NUM_THREADS": str(single["cpu"]["limit"])}
+    assert single["extraEnv"] == expected
+    assert env["QWEN_LAB_MODEL"] == single["extraEnv"]["QWEN_LAB_MODEL"] == room.DEFAULT_MODEL
+    assert env["HF_HUB_CACHE"] == mount["mountPath"] == room.DEFAULT_CACHE
+    assert env["HF_HUB_OFFLINE"] == single["extraEnv"]["HF_HUB_OFFLINE"] == "1"
+    assert re.search(rf"^ENV QWEN_LAB_NOTEBOOKS={re.escape(notebooks)}$", dockerfile, re.M)
+    # the cache is mounted read-only, from a claim mounted read-only
+    volume = next(v for v in single["storage"]["extraVolumes"] if v["name"] == "hf-cache")
+    assert mount["readOnly"] is True and volume["persistentVolumeClaim"]["readOnly"] is True
+    # the notebooks are copied by the same script, the start page is the same
+    script = single["cmd"][-1]
+    assert Path(script).name == Path(c.Spawner.cmd[-1]).name == "learner_start.py"
+    assert re.search(rf"^COPY workshop/learner_start.py {re.escape(script)}$", dockerfile, re.M)
+    assert re.search(rf'^CMD \["python", "{re.escape(script)}"\]$', dockerfile, re.M)
+    assert single["defaultUrl"] == c.Spawner.default_url
+    # and the image's torch is the CPU-only build
+    assert "--index-url https://download.pytorch.org/whl/cpu" in dockerfile

@@ -1,0 +1,186 @@
+"""The room's settings, for ``jupyterhub_config.py``: what every learner gets, checked before the hub starts.
+
+Everything is an environment variable of the ``jupyterhub`` process, so the config file itself is
+never edited (a systemd unit's ``Environment=`` lines, or ``export`` before ``make hub``):
+
+====================================  =====================================================================
+``QWEN_LAB_HUB_PASSWORD``             the room's shared password, 8 characters or more (required)
+``QWEN_LAB_HUB_ADMIN_PASSWORD``       optional, 32 characters or more: log in as ``instructor`` with it to
+                                      see and stop every learner's server (``/hub/admin``)
+``QWEN_LAB_MODEL``                    the model the notebooks use (default ``Qwen/Qwen2.5-1.5B-Instruct``)
+``QWEN_LAB_HUB_CACHE``                the shared Hugging Face cache, filled once with ``qwen-lab download
+                                      --cache-dir``; learners only read it (default ``/srv/qwen-lab/hf-cache``)
+``QWEN_LAB_HUB_LEARNERS``             how many learners work at once (default 30): each gets
+                                      cores / learners threads, at least one
+``QWEN_LAB_HUB_THREADS``              or the threads per learner, directly
+``QWEN_LAB_HUB_HOMES``                each learner's folder, ``{username}`` replaced
+                                      (default ``/srv/qwen-lab/learners/{username}``)
+``QWEN_LAB_HUB_STATE``                the hub's own files: database, cookie secret (default ``/srv/qwen-lab/hub``)
+``QWEN_LAB_HUB_PROXY``                ``configurable-http-proxy`` (default: ``workshop/node_modules``, then PATH)
+``QWEN_LAB_NOTEBOOKS``                the notebooks each learner gets a copy of (default: this checkout's)
+``QWEN_LAB_HUB_ALLOW_ROOT``           ``1`` lets the hub run as root (learners then run as root too: only in a
+                                      throwaway container or a test, never on a machine that matters)
+====================================  =====================================================================
+
+Every check raises ``RoomError`` with one line saying what is wrong and what to do; the config file
+prints it and stops, before JupyterHub starts anything.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
+DEFAULT_CACHE = "/srv/qwen-lab/hf-cache"
+DEFAULT_HOMES = "/srv/qwen-lab/learners/{username}"
+DEFAULT_STATE = "/srv/qwen-lab/hub"
+DEFAULT_LEARNERS = 30
+LOCAL_PROXY = HERE / "node_modules" / ".bin" / "configurable-http-proxy"
+MIN_PASSWORD = 8         # SharedPasswordAuthenticator's own minimums
+MIN_ADMIN_PASSWORD = 32
+ADMIN_USER = "instructor"
+#: Learners' names become folder names: lower-case letters, digits, '-' and '_', 1 to 32 of them.
+USERNAME_PATTERN = r"[a-z0-9][a-z0-9_-]{0,31}"
+
+
+class RoomError(Exception):
+    """A setting of the room is missing or wrong; the message says which, and what to do."""
+
+
+@dataclass
+class Room:
+    password: str
+    admin_password: str | None
+    model: str
+    cache: Path
+    threads: int
+    homes: str
+    state: Path
+    notebooks: Path
+    allow_root: bool
+
+    @classmethod
+    def from_environ(cls, environ=os.environ, cores: int | None = None) -> "Room":
+        """The settings from ``environ``; ``cores`` defaults to the CPUs this process may use."""
+        password = environ.get("QWEN_LAB_HUB_PASSWORD", "")
+        if len(password) < MIN_PASSWORD:
+            problem = "is not set" if not password else f"has {len(password)} characters"
+            raise RoomError(f"QWEN_LAB_HUB_PASSWORD {problem}: set the room's shared password, "
+                            f"{MIN_PASSWORD} characters or more, in the hub's environment")
+        admin = environ.get("QWEN_LAB_HUB_ADMIN_PASSWORD") or None
+        if admin is not None and (len(admin) < MIN_ADMIN_PASSWORD or admin == password):
+            raise RoomError(f"QWEN_LAB_HUB_ADMIN_PASSWORD must have {MIN_ADMIN_PASSWORD} characters or more and "
+                            f"differ from the learners' password (or leave it unset)")
+        homes = environ.get("QWEN_LAB_HUB_HOMES") or DEFAULT_HOMES
+        if "{username}" not in homes or not Path(homes).is_absolute():
+            raise RoomError(f"QWEN_LAB_HUB_HOMES={homes!r} must be an absolute path containing {{username}}, "
+                            f"e.g. {DEFAULT_HOMES}")
+        return cls(password=password, admin_password=admin,
+                   model=environ.get("QWEN_LAB_MODEL") or DEFAULT_MODEL,
+                   cache=Path(environ.get("QWEN_LAB_HUB_CACHE") or DEFAULT_CACHE),
+                   threads=_threads(environ, cores), homes=homes,
+                   state=Path(environ.get("QWEN_LAB_HUB_STATE") or DEFAULT_STATE),
+                   notebooks=Path(environ.get("QWEN_LAB_NOTEBOOKS") or REPO / "notebooks"),
+                   allow_root=environ.get("QWEN_LAB_HUB_ALLOW_ROOT") == "1")
+
+
+def threads_per_learner(cores: int, learners: int) -> int:
+    """Each learner's share of the cores, at least one thread.
+
+    Decoding reads every weight once per token, so learners generating at the same time share
+    the memory bandwidth whatever their thread counts; more threads than a learner's share of
+    the cores only makes threads wait for one another (``qwen_lab/threads.py``).
+
+    >>> threads_per_learner(64, 30), threads_per_learner(2, 4), threads_per_learner(16, 4)
+    (2, 1, 4)
+    """
+    return max(1, cores // max(1, learners))
+
+
+def _whole_number(environ, name: str, default: int | None) -> int | None:
+    value = environ.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise RoomError(f"{name}={value!r} is not a whole number of at least 1")
+    return int(value)
+
+
+def _threads(environ, cores: int | None) -> int:
+    direct = _whole_number(environ, "QWEN_LAB_HUB_THREADS", None)
+    if direct is not None:
+        return direct
+    learners = _whole_number(environ, "QWEN_LAB_HUB_LEARNERS", DEFAULT_LEARNERS)
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return threads_per_learner(cores, learners)
+
+
+def learner_environment(room: Room, python: str = sys.executable) -> dict[str, str]:
+    """The environment every learner's server and kernels get (``Spawner.environment``).
+
+    The same names and values appear in ``z2jh/config.yaml`` (``singleuser.extraEnv``);
+    ``tests/test_workshop_hub.py`` checks that they agree.
+    """
+    return {
+        "QWEN_LAB_MODEL": room.model,            # the notebooks' first cell reads it (hub.choose_model)
+        "HF_HUB_OFFLINE": "1",                   # nobody waits for the Hub: everything is in the cache
+        "HF_HUB_CACHE": str(room.cache),         # the one shared, read-only copy of the weights
+        "QWEN_LAB_THREADS": str(room.threads),   # qwen_lab's thread count (threads.choose_threads)
+        "OMP_NUM_THREADS": str(room.threads),    # and torch's own pool, from the start
+        "QWEN_LAB_NOTEBOOKS": str(room.notebooks),  # learner_start.py copies these into ~/notebooks
+        # the kit's commands (qwen-lab doctor...) in the learners' terminals
+        "PATH": os.pathsep.join([str(Path(python).parent), os.environ.get("PATH", os.defpath)]),
+    }
+
+
+def find_proxy(environ=os.environ) -> str:
+    """The ``configurable-http-proxy`` command JupyterHub will start, or a RoomError saying how to get it."""
+    chosen = environ.get("QWEN_LAB_HUB_PROXY")
+    candidates = [Path(chosen)] if chosen else [LOCAL_PROXY]
+    found = next((str(p) for p in candidates if p.is_file() and os.access(p, os.X_OK)), None)
+    if found is None and not chosen:
+        found = shutil.which("configurable-http-proxy")
+    if found is None:
+        where = f"QWEN_LAB_HUB_PROXY={chosen} is not an executable file" if chosen else "configurable-http-proxy not found"
+        raise RoomError(f"{where}: run `make workshop-proxy` (npm ci in workshop/) or "
+                        f"`npm install -g configurable-http-proxy`")
+    if shutil.which("node") is None:
+        raise RoomError("node not found: configurable-http-proxy runs on Node.js 18 or later "
+                        "(apt-get install nodejs, or https://nodejs.org)")
+    return found
+
+
+def check(room: Room) -> None:
+    """Refuse to start a hub whose learners would fail at their first cell."""
+    if hasattr(os, "geteuid") and os.geteuid() == 0 and not room.allow_root:
+        raise RoomError("the hub runs as root, and every learner's server would run as root too: run it as an "
+                        "unprivileged user (see docs/workshop.md), or set QWEN_LAB_HUB_ALLOW_ROOT=1 in a "
+                        "throwaway container")
+    if not any(room.notebooks.glob("*.ipynb")):
+        raise RoomError(f"no notebooks in {room.notebooks}: set QWEN_LAB_NOTEBOOKS to the kit's notebooks/ folder")
+    homes_root = Path(room.homes.split("{username}")[0])  # the part of the template before the name
+    for what, folder in (("QWEN_LAB_HUB_STATE", room.state), ("QWEN_LAB_HUB_HOMES", homes_root)):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RoomError(f"cannot create {folder} ({what}): {e.strerror}; create it, writable by the user "
+                            f"the hub runs as") from None
+    from qwen_lab.doctor import check_model  # the kit's own check: the files are there, and whole
+    result = check_model(room.model, room.cache, required=True)
+    if result.status == "FAIL":
+        raise RoomError(f"QWEN_LAB_MODEL: {result.detail}")
+
+
+def writable_cache_warning(room: Room) -> str | None:
+    """A warning when learners (who run as the hub's user here) could write into the shared cache."""
+    if room.cache.is_dir() and os.access(room.cache, os.W_OK):
+        return (f"the shared cache {room.cache} is writable by the learners (they run as this user): make it "
+                f"read-only, e.g. `chmod -R a-w {room.cache}` as its owner")
+    return None
