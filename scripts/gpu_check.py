@@ -34,8 +34,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 def device_report() -> dict:
     import torch
     from qwen_lab.load import choose_dtype
-    if not torch.cuda.is_available():
-        sys.exit("gpu_check: no CUDA GPU is visible to torch; nothing to check here")
+    if not torch.cuda.is_available():  # one line, before anything is written
+        build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+        sys.exit(f"gpu_check: error: no CUDA GPU is visible to torch {torch.__version__} ({build}): run `make "
+                 f"gpu-check` on a machine with an NVIDIA GPU, in a .venv made with a CUDA build of torch "
+                 f"(on Linux, PyPI's torch==2.13.0)")
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
     return {"gpu": props.name, "capability": ".".join(map(str, torch.cuda.get_device_capability(device))),
