@@ -66,8 +66,10 @@ doctor: $(VENV)/.notebooks
 # TORCH says, and the rest, binary wheels only, for this machine's Python and platform. The last
 # line checks that pip can install the kit from the folder alone. In the room:
 #   pip install --no-index --find-links wheelhouse "qwen-lab[notebooks]"
+# (build/ is setuptools' scratch, emptied first: a module deleted since the last build must not ride along.)
 wheelhouse: $(VENV)/.notebooks
 	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
+	rm -rf build/lib build/bdist.*
 	$(BIN)/python -m pip wheel -q --no-deps --wheel-dir $(WHEELHOUSE) .
 	$(BIN)/python -m pip download -q --only-binary=:all: --dest $(WHEELHOUSE) $(TORCH)
 	$(BIN)/python -m pip download -q --only-binary=:all: --dest $(WHEELHOUSE) --find-links $(WHEELHOUSE) \

@@ -6,9 +6,9 @@ runs only where QWEN_LAB_SLOW=1 or CI=true (.ci/run sets QWEN_LAB_SLOW=1). Build
 needs the package registry (it is what a machine with network does before the workshop).
 """
 import os
-import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -29,6 +29,11 @@ def clean_env(**more) -> dict:
 @pytest.fixture(scope="module")
 def wheelhouse(tmp_path_factory):
     folder = tmp_path_factory.mktemp("offline") / "wheelhouse"
+    # setuptools builds in build/lib and keeps what an earlier build left there: a module deleted since
+    # must not ride along into the room's wheel
+    stale = ROOT / "build" / "lib" / "qwen_lab" / "stale_module.py"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_text("raise ImportError('deleted long ago')\n")
     done = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "wheelhouse", f"WHEELHOUSE={folder}",
                            f"VENV={Path(sys.executable).parent.parent}"],
                           capture_output=True, text=True, timeout=900)
@@ -45,6 +50,10 @@ def test_a_fresh_venv_installs_the_kit_from_the_wheelhouse_alone_and_chats(wheel
     assert "+cpu" in torch_wheel.name  # the CPU-only build, not PyPI's CUDA one
     assert not list(wheelhouse.glob("*.tar.gz")) and not list(wheelhouse.glob("*.zip"))  # nothing to build in the room
     assert not [n for n in names if n.startswith("nvidia")]
+    [kit] = wheelhouse.glob("qwen_lab-*.whl")
+    with zipfile.ZipFile(kit) as wheel:  # the package's modules as they are now, no more, no fewer
+        modules = {n for n in wheel.namelist() if n.endswith(".py")}
+    assert modules == {str(p.relative_to(ROOT)) for p in (ROOT / "qwen_lab").rglob("*.py")}
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
