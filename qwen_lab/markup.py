@@ -105,7 +105,19 @@ def probability_color(p: float) -> str:
     return f"hsl({round(120 * max(0.0, min(1.0, p)))}, 75%, 82%)"
 
 
-def choice_spans(pieces: list[str], choices, describe) -> str:
+#: The English words of the "inside" view; the panel passes another language's (``panel.LABELS``).
+INSIDE_WORDS = {
+    "summary": "inside: the prompt ({tokens:,} tokens of the {context:,}-token context) · each token's probability "
+               "· ended: {finish}",
+    "prompt": "The prompt the chat template produced, exactly:",
+    "tokens": "Its tokens (special tokens marked; hover for the id):",
+    "reply": "The reply, token by token, coloured by probability (hover for the likeliest alternatives):",
+    "scale": "red: unlikely · yellow: one of several · green: near certain",
+    "likeliest": "likeliest",
+}
+
+
+def choice_spans(pieces: list[str], choices, describe, likeliest: str = INSIDE_WORDS["likeliest"]) -> str:
     """The reply, one span per token coloured by its probability; the top alternatives on hover.
 
     ``choices`` are ``sampling.TokenChoice``s; ``describe(token_id)`` gives a token's text.
@@ -113,21 +125,25 @@ def choice_spans(pieces: list[str], choices, describe) -> str:
     spans = []
     for piece, c in zip(pieces, choices):
         alternatives = ", ".join(f"{visible(describe(i))!r} {p:.3f}" for i, p in c.alternatives)
-        title = f"p = {c.prob:.3f} · id {c.token_id} · likeliest: {alternatives}"
+        title = f"p = {c.prob:.3f} · id {c.token_id} · {likeliest}: {alternatives}"
         spans.append(f"<span class='ql-tok' style='background: {probability_color(c.prob)}' "
                      f"title=\"{html.escape(title, quote=True)}\">{html.escape(visible(piece))}</span>")
     return "".join(spans)
 
 
 def inside_view(prompt_text: str, prompt_pieces: list[str], prompt_ids: list[int], special: set[int], context: int,
-                reply_pieces: list[str], choices, describe, finish: str) -> str:
-    """The panel's "inside" of one reply: the exact prompt and its tokens, the reply's probabilities, why it ended."""
-    return (f"<details class='ql-inside'><summary>inside: the prompt ({len(prompt_ids):,} tokens of the "
-            f"{context:,}-token context) · each token's probability · ended: {html.escape(finish)}</summary>"
-            f"<div>The prompt the chat template produced, exactly:</div>"
+                reply_pieces: list[str], choices, describe, finish: str, words: dict | None = None) -> str:
+    """The panel's "inside" of one reply: the exact prompt and its tokens, the reply's probabilities, why it ended.
+
+    ``words``: the view's text in the learner's language (``INSIDE_WORDS`` is the English).
+    """
+    w = {**INSIDE_WORDS, **(words or {})}
+    summary = w["summary"].format(tokens=len(prompt_ids), context=context, finish=html.escape(finish))
+    return (f"<details class='ql-inside'><summary>{summary}</summary>"
+            f"<div>{html.escape(w['prompt'])}</div>"
             f"<div class='ql-prompt-text'>{html.escape(prompt_text)}</div>"
-            f"<div>Its tokens (special tokens marked; hover for the id):</div>"
+            f"<div>{html.escape(w['tokens'])}</div>"
             f"<div class='ql-tokens'>{token_spans(prompt_pieces, prompt_ids, special)}</div>"
-            f"<div>The reply, token by token, coloured by probability (hover for the likeliest alternatives):</div>"
-            f"<div class='ql-tokens'>{choice_spans(reply_pieces, choices, describe)}</div>"
-            f"<div class='ql-scale'>red: unlikely · yellow: one of several · green: near certain</div></details>")
+            f"<div>{html.escape(w['reply'])}</div>"
+            f"<div class='ql-tokens'>{choice_spans(reply_pieces, choices, describe, w['likeliest'])}</div>"
+            f"<div class='ql-scale'>{html.escape(w['scale'])}</div></details>")

@@ -18,7 +18,11 @@ Design:
   the template produced and its tokens, and each new token's probability with
   its likeliest alternatives (``top_logprobs=5``), shown under the reply;
 * one ``ChatModel`` may serve several panels: ``ChatPanel.load`` caches it, and
-  its lock lets one reply be generated at a time.
+  its lock lets one reply be generated at a time;
+* every word the panel shows comes from ``LABELS``, in English or Traditional
+  Chinese: ``lang="zh-TW"``, or by default ``qwen_lab.lang.choose_language()``
+  (``QWEN_LAB_LANG``, or a notebook in ``notebooks/zh-TW/``). What the model and
+  the template write is shown as it is.
 """
 from __future__ import annotations
 
@@ -36,14 +40,89 @@ import ipywidgets as w
 
 from .errors import QwenLabError
 from .generation import ChatModel
+from .lang import choose_language
 from .markup import CSS as _INSIDE_CSS
-from .markup import inside_view, render_markdown
+from .markup import INSIDE_WORDS, inside_view, render_markdown
 
-__all__ = ["ChatPanel", "render_markdown"]
+__all__ = ["LABELS", "ChatPanel", "render_markdown"]
 
 CONTEXT_WARNING = 0.8  # share of the context window after which the panel warns
 
 _loaded: dict[tuple, ChatModel] = {}
+
+#: Every label, button, placeholder and status line of the panel, per language (``qwen_lab.lang``).
+#: The ``{...}`` fields are filled with ``str.format``; a language may leave one out (Chinese has no plural).
+LABELS = {
+    "en": {
+        "title": "<b>{name}</b> · context {context:,} tokens{shown}",
+        "system": "System",
+        "temperature": "temperature",
+        "top_p": "top-p",
+        "top_k": "top-k",
+        "max_new_tokens": "max new tokens",
+        "repetition_penalty": "repetition penalty",
+        "seed": "seed",
+        "inside": "Show inside: the exact prompt, and each token's probability",
+        "placeholder": "Type a message and press Enter",
+        "send": "Send",
+        "stop": "Stop",
+        "regenerate": "Regenerate",
+        "undo": "Undo",
+        "new_chat": "New chat",
+        "export": "Export",
+        "settings": "Settings",
+        "reply_meta": "{tokens} tokens · first token {ttft:.2f} s · {rate:.1f} tokens/s on {threads} thread{plural}",
+        "stopped": "stopped",
+        "half_character": "the message holds {char!r} at position {position}, half of a character (not valid "
+                          "Unicode); nothing was sent: remove it and send again",
+        "context_full": "The conversation ({prompt:,} tokens) fills the model's context of {context:,} tokens: "
+                        "press New chat or Undo to make room.",
+        "context_nearly_full": "Context nearly full: {used:.0%} ({prompt:,} of {context:,} tokens); this reply can "
+                               "have at most {max_new:,} tokens. Start a new chat soon.",
+        "context_end": "The reply reached the end of the context window: press New chat or Undo to go on.",
+        "error": "Error: ",
+        "inside_view": INSIDE_WORDS,
+    },
+    "zh-TW": {
+        "title": "<b>{name}</b> · 上下文 {context:,} 個 token{shown}",
+        "system": "系統提示",
+        "temperature": "溫度",
+        "top_p": "top-p",
+        "top_k": "top-k",
+        "max_new_tokens": "最多新 token 數",
+        "repetition_penalty": "重複懲罰",
+        "seed": "亂數種子",
+        "inside": "看看內部：確切的提示詞，以及每個 token 的機率",
+        "placeholder": "輸入訊息，按 Enter 送出",
+        "send": "送出",
+        "stop": "停止",
+        "regenerate": "重新產生",
+        "undo": "復原",
+        "new_chat": "新對話",
+        "export": "匯出",
+        "settings": "設定",
+        "reply_meta": "{tokens} 個 token · 第一個 token {ttft:.2f} 秒 · 每秒 {rate:.1f} 個 token，"
+                      "用 {threads} 個執行緒",
+        "stopped": "已停止",
+        "half_character": "訊息第 {position} 個位置是 {char!r}，只是半個字元（不是有效的 Unicode）；"
+                          "什麼都沒送出：刪掉它再送一次",
+        "context_full": "這段對話（{prompt:,} 個 token）已經填滿模型 {context:,} 個 token 的上下文："
+                        "按「新對話」或「復原」騰出空間。",
+        "context_nearly_full": "上下文快滿了：已用 {used:.0%}（{context:,} 個 token 中的 {prompt:,} 個）；"
+                               "這次回覆最多 {max_new:,} 個 token。請盡快開新對話。",
+        "context_end": "回覆寫到了上下文視窗的盡頭：按「新對話」或「復原」才能繼續。",
+        "error": "錯誤：",
+        "inside_view": {
+            "summary": "內部：提示詞（上下文 {context:,} 個 token 中的 {tokens:,} 個）· 每個 token 的機率 "
+                       "· 結束原因：{finish}",
+            "prompt": "聊天範本產生的提示詞，一字不差：",
+            "tokens": "它的 token（特殊 token 有標示；滑鼠停在上面可看 id）：",
+            "reply": "回覆，一個 token 一個 token，依機率上色（滑鼠停在上面可看最可能的其他選擇）：",
+            "scale": "紅：不太可能 · 黃：幾個選擇之一 · 綠：幾乎確定",
+            "likeliest": "最可能",
+        },
+    },
+}
 
 
 # ---------------------------------------------------------------- the panel
@@ -70,9 +149,12 @@ class ChatPanel:
     """
 
     def __init__(self, chat: ChatModel, *, system_prompt: str | None = None, refresh_s: float = 0.1,
-                 template_vars: dict | None = None, **overrides) -> None:
+                 template_vars: dict | None = None, lang: str | None = None, **overrides) -> None:
         """``overrides`` fix generation settings the controls do not show, e.g. ``eos_token_id=[]``;
-        ``template_vars`` go to the chat template, e.g. ``{"enable_thinking": False}`` for Qwen3."""
+        ``template_vars`` go to the chat template, e.g. ``{"enable_thinking": False}`` for Qwen3;
+        ``lang``: ``"en"`` or ``"zh-TW"`` (default: ``qwen_lab.lang.choose_language()``)."""
+        self.lang = choose_language(lang)
+        self.labels = L = LABELS[self.lang]
         self.chat, self.refresh_s, self.overrides = chat, refresh_s, overrides
         self.template_vars = dict(template_vars or {})
         self.messages: list[dict] = []
@@ -87,33 +169,33 @@ class ChatPanel:
         default_system = system_prompt if system_prompt is not None else _template_default_system(chat)
         shown = "".join(f" · {html.escape(k)}={html.escape(str(v))}"
                         for k, v in {**overrides, **self.template_vars}.items())
-        self.title = w.HTML(f"<b>{html.escape(chat.name)}</b> · context {chat.context_length:,} tokens{shown}")
-        self.system = w.Textarea(value=default_system, description="System", layout=w.Layout(width="98%"),
+        self.title = w.HTML(L["title"].format(name=html.escape(chat.name), context=chat.context_length, shown=shown))
+        self.system = w.Textarea(value=default_system, description=L["system"], layout=w.Layout(width="98%"),
                                  rows=2)
         slider = dict(continuous_update=False, style={"description_width": "initial"},
                       layout=w.Layout(width="230px"))
         self.temperature = w.FloatSlider(value=g.temperature if g.do_sample else 0.0, min=0.0, max=2.0, step=0.05,
-                                         description="temperature", **slider)
-        self.top_p = w.FloatSlider(value=g.top_p, min=0.05, max=1.0, step=0.05, description="top-p", **slider)
-        self.top_k = w.IntSlider(value=g.top_k, min=0, max=200, description="top-k", **slider)
+                                         description=L["temperature"], **slider)
+        self.top_p = w.FloatSlider(value=g.top_p, min=0.05, max=1.0, step=0.05, description=L["top_p"], **slider)
+        self.top_k = w.IntSlider(value=g.top_k, min=0, max=200, description=L["top_k"], **slider)
         self.max_new_tokens = w.IntSlider(value=min(g.max_new_tokens, 512), min=1,
-                                          max=min(4096, chat.context_length), description="max new tokens",
+                                          max=min(4096, chat.context_length), description=L["max_new_tokens"],
                                           **slider)
         self.repetition_penalty = w.FloatSlider(value=g.repetition_penalty, min=1.0, max=2.0, step=0.01,
-                                                description="repetition penalty", **slider)
-        self.seed = w.IntText(value=g.seed if g.seed is not None else 0, description="seed",
+                                                description=L["repetition_penalty"], **slider)
+        self.seed = w.IntText(value=g.seed if g.seed is not None else 0, description=L["seed"],
                               layout=w.Layout(width="160px"))
         self.inside = w.Checkbox(value=False, indent=False, layout=w.Layout(width="auto"),
-                                 description="Show inside: the exact prompt, and each token's probability")
+                                 description=L["inside"])
         self.transcript = w.HTML(layout=w.Layout(width="98%"))
         self.status = w.HTML()
-        self.input = w.Text(placeholder="Type a message and press Enter", layout=w.Layout(width="60%"))
-        self.send_button = w.Button(description="Send", button_style="primary", icon="paper-plane")
-        self.stop_button = w.Button(description="Stop", button_style="warning", icon="stop", disabled=True)
-        self.regenerate_button = w.Button(description="Regenerate", icon="redo")
-        self.undo_button = w.Button(description="Undo", icon="undo")
-        self.clear_button = w.Button(description="New chat", icon="trash")
-        self.export_button = w.Button(description="Export", icon="download")
+        self.input = w.Text(placeholder=L["placeholder"], layout=w.Layout(width="60%"))
+        self.send_button = w.Button(description=L["send"], button_style="primary", icon="paper-plane")
+        self.stop_button = w.Button(description=L["stop"], button_style="warning", icon="stop", disabled=True)
+        self.regenerate_button = w.Button(description=L["regenerate"], icon="redo")
+        self.undo_button = w.Button(description=L["undo"], icon="undo")
+        self.clear_button = w.Button(description=L["new_chat"], icon="trash")
+        self.export_button = w.Button(description=L["export"], icon="download")
         self.export_box = w.Textarea(layout=w.Layout(width="98%", display="none"), rows=6)
 
         self.send_button.on_click(lambda _: self.send())
@@ -133,7 +215,7 @@ class ChatPanel:
         actions = w.HBox([self.regenerate_button, self.undo_button, self.clear_button, self.export_button])
         settings = w.Accordion(children=[w.VBox([self.system, controls, controls2, self.inside])],
                                selected_index=None)
-        settings.set_title(0, "Settings")
+        settings.set_title(0, L["settings"])
         self.widget = w.VBox([self.title, settings, self.transcript, self.status, buttons, actions,
                               self.export_box])
         self.widget.add_class("qwen-lab-chat-panel")
@@ -166,8 +248,7 @@ class ChatPanel:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:  # half a character (a lone surrogate): no tokenizer can take it
-            self._fail(f"the message holds {text[e.start]!r} at position {e.start}, half of a character (not valid "
-                       f"Unicode); nothing was sent: remove it and send again")
+            self._fail(self.labels["half_character"].format(char=text[e.start], position=e.start))
             return
         self.input.value = ""
         self.messages.append({"role": "user", "content": text})
@@ -250,16 +331,15 @@ class ChatPanel:
         context = self.chat.context_length
         room = context - len(prompt)
         if room <= 0:
-            self.note = (f"The conversation ({len(prompt):,} tokens) fills the model's context of {context:,} "
-                         f"tokens: press New chat or Undo to make room.")
+            self.note = self.labels["context_full"].format(prompt=len(prompt), context=context)
             self._redraw()
             return False
         max_new = min(self.max_new_tokens.value, room)
         used = len(prompt) / context
         self.note = ""
         if used >= CONTEXT_WARNING:
-            self.note = (f"Context nearly full: {used:.0%} ({len(prompt):,} of {context:,} tokens); this reply can "
-                         f"have at most {max_new:,} tokens. Start a new chat soon.")
+            self.note = self.labels["context_nearly_full"].format(used=used, prompt=len(prompt), context=context,
+                                                                  max_new=max_new)
         settings = dict(do_sample=self.temperature.value > 0, temperature=self.temperature.value,
                         top_p=self.top_p.value, top_k=self.top_k.value, max_new_tokens=max_new,
                         repetition_penalty=self.repetition_penalty.value, seed=self.seed.value)
@@ -293,7 +373,7 @@ class ChatPanel:
             self.replies.append({**result.stats(), "stopped": result.finish_reason == "cancelled", "inside": inside})
             if result.finish_reason == "length" and \
                     result.prompt_tokens + result.generated_tokens >= self.chat.context_length:
-                self.note = "The reply reached the end of the context window: press New chat or Undo to go on."
+                self.note = self.labels["context_end"]
         except Exception as e:  # shown in the panel; the history stays as it was
             self._fail(f"{type(e).__name__}: {e}" if not isinstance(e, QwenLabError) else str(e))
         finally:
@@ -326,9 +406,11 @@ class ChatPanel:
                 r = next(replies, None)
                 if r:
                     threads = r["decode_threads"]
-                    meta = (f"<div class='ql-meta'>{r['generated_tokens']} tokens · first token "
-                            f"{r['ttft_s']:.2f} s · {r['decode_tokens_per_s']:.1f} tokens/s on {threads} "
-                            f"thread{'s' if threads != 1 else ''}{' · <b>stopped</b>' if r['stopped'] else ''}</div>")
+                    line = self.labels["reply_meta"].format(tokens=r["generated_tokens"], ttft=r["ttft_s"],
+                                                            rate=r["decode_tokens_per_s"], threads=threads,
+                                                            plural="s" if threads != 1 else "")
+                    stopped = f" · <b>{html.escape(self.labels['stopped'])}</b>" if r["stopped"] else ""
+                    meta = f"<div class='ql-meta'>{html.escape(line)}{stopped}</div>"
                 if r and r.get("inside"):
                     meta += self._inside_html(r["inside"])
             parts.append(f"<div class='ql-msg ql-{role}'>{body}{meta}</div>")
@@ -339,7 +421,7 @@ class ChatPanel:
         self.transcript.value = "".join(parts)
         status = html.escape(self.note, quote=False)
         if self.error:
-            status += f"<span class='ql-error'>Error: {html.escape(self.error)}</span>"
+            status += f"<span class='ql-error'>{html.escape(self.labels['error'] + self.error)}</span>"
         self.status.value = f"<div class='ql-note'>{status}</div>" if status else ""
 
 
@@ -349,7 +431,7 @@ class ChatPanel:
         reply = [tok.decode([c.token_id]) for c in inside["choices"]]
         return inside_view(inside["prompt_text"], pieces, inside["prompt_ids"], tok.special_ids,
                            self.chat.context_length, reply, inside["choices"], lambda i: tok.decode([i]),
-                           inside["finish"])
+                           inside["finish"], self.labels["inside_view"])
 
 
 def _write_atomically(path: Path, text: str) -> None:

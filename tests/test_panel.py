@@ -273,3 +273,73 @@ def test_the_inside_view_escapes_everything_the_model_wrote():
     assert set(parser.tags) == {"details", "summary", "div", "span"}  # only the tags markup.py writes
     assert set(parser.attributes) <= {"class", "title", "style"}      # no onerror, no src
     assert page.count("<span") == page.count("</span>") == 2 and page.count("</details>") == 1
+
+
+# ---------------------------------------------------------------- the panel's language
+
+def _words(panel):
+    """Every label, button text, placeholder and title the panel shows, in one list."""
+    return ([panel.system.description, panel.temperature.description, panel.top_p.description,
+             panel.top_k.description, panel.max_new_tokens.description, panel.repetition_penalty.description,
+             panel.seed.description, panel.inside.description, panel.input.placeholder]
+            + [b.description for b in (panel.send_button, panel.stop_button, panel.regenerate_button,
+                                       panel.undo_button, panel.clear_button, panel.export_button)]
+            + [panel.widget.children[1].get_title(0)])
+
+
+def test_the_labels_follow_lang(chat, monkeypatch):
+    from qwen_lab.panel import LABELS
+    monkeypatch.delenv("QWEN_LAB_LANG", raising=False)
+    english, chinese = ChatPanel(chat), ChatPanel(chat, lang="zh-TW")
+    assert english.lang == "en" and chinese.lang == "zh-TW"
+    assert english.send_button.description == "Send" and chinese.send_button.description == "送出"
+    assert chinese.input.placeholder == "輸入訊息，按 Enter 送出"
+    assert f"上下文 {chat.context_length:,} 個 token" in chinese.title.value
+    # every word differs, except the names of the settings that stay as they are (top-p, top-k)
+    same = {a for a, b in zip(_words(english), _words(chinese)) if a == b}
+    assert same == {"top-p", "top-k"}
+    assert set(LABELS["en"]) == set(LABELS["zh-TW"])  # no label missing in one language
+
+
+def test_status_lines_and_reply_meta_speak_the_panels_language(chat, monkeypatch):
+    panel = ChatPanel(chat, refresh_s=0.01, lang="zh-TW")
+    panel.send("bad \ud800 text")
+    assert "半個字元" in panel.status.value and "錯誤：" in panel.status.value
+    monkeypatch.setattr(chat, "stream", lambda *a, **k: fake_stream(["你好", "！"]))
+    panel.send("Hi")
+    panel.wait(30)
+    assert "個 token · 第一個 token" in panel.transcript.value and "tokens/s" not in panel.transcript.value
+    panel.send("Hello world " * chat.context_length)
+    assert f"已經填滿模型 {chat.context_length:,} 個 token 的上下文" in panel.status.value
+
+
+def test_the_inside_view_speaks_the_panels_language(chat):
+    panel = ChatPanel(chat, refresh_s=0.01, lang="zh-TW")
+    panel.temperature.value, panel.max_new_tokens.value, panel.inside.value = 0.0, 4, True
+    panel.send("Hi")
+    panel.wait(30)
+    page = panel.transcript.value
+    assert "聊天範本產生的提示詞" in page and "最可能:" in page and "結束原因：" in page
+    assert "likeliest" not in page and "The prompt the chat template produced" not in page
+
+
+def test_an_unknown_language_is_one_line(chat, monkeypatch):
+    from qwen_lab.errors import SettingError
+    with pytest.raises(SettingError, match=r"^lang must be 'en' or 'zh-TW', not 'fr'$"):
+        ChatPanel(chat, lang="fr")
+    monkeypatch.setenv("QWEN_LAB_LANG", "klingon")
+    with pytest.raises(SettingError) as caught:
+        ChatPanel(chat)
+    assert "QWEN_LAB_LANG" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_default_language_follows_qwen_lab_lang_then_the_folder(chat, monkeypatch, tmp_path):
+    monkeypatch.setenv("QWEN_LAB_LANG", "zh_tw")
+    assert ChatPanel(chat).lang == "zh-TW"
+    assert ChatPanel(chat, lang="en").lang == "en"       # an explicit lang wins
+    monkeypatch.delenv("QWEN_LAB_LANG")
+    (tmp_path / "zh-TW").mkdir()
+    monkeypatch.chdir(tmp_path / "zh-TW")                # where Jupyter runs a notebook of notebooks/zh-TW/
+    assert ChatPanel(chat).send_button.description == "送出"
+    monkeypatch.chdir(tmp_path)
+    assert ChatPanel(chat).send_button.description == "Send"
