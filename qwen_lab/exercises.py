@@ -22,7 +22,7 @@ notebook of ``notebooks/zh-TW/`` answers in Chinese with the very same code).
 
 >>> eos_ids = ...                  # the learner has not answered yet
 >>> check_eos_ids(eos_ids)
-✗ not yet: read files.generation_config with json and take its "eos_token_id"
+✗ not yet: find the file of `files` that holds the sampling defaults and the EOS ids (the table above), read it with json and take its eos_token_id
 >>> check_eos_ids(json.loads(resolve(EMBEDDED_MODEL_ID).generation_config.read_text())["eos_token_id"])
 ✓ right: eos_token_id [2047, 2045] = <|im_end|>, <|endoftext|>: a reply ends at the first of them the model writes
 
@@ -184,8 +184,9 @@ def check_eos_ids(eos_ids, files: ModelFiles | None = None):
     from .generation import GenerationConfig
     from .load import read_config
     from .tokenizer import Tokenizer
-    _answered(eos_ids, ('read files.generation_config with json and take its "eos_token_id"',
-                        '用 json 讀 files.generation_config，取出其中的 "eos_token_id"'))
+    _answered(eos_ids, ("find the file of `files` that holds the sampling defaults and the EOS ids (the table "
+                        "above), read it with json and take its eos_token_id",
+                        "從 `files` 找出存放取樣預設值與 EOS id 的檔案（見上面的表），用 json 讀它，取出 eos_token_id"))
     files = _files(files)
     expected = GenerationConfig.from_files(files).eos_token_id
     tok = Tokenizer.from_files(files)
@@ -252,8 +253,8 @@ def check_shard_names(my_shard_names):
 def check_blob_name(blob_name, files: ModelFiles | None = None):
     """Exercise 1.3: the SHA-256 of the weights file, the name of its blob in the Hub cache."""
     from .hub_server import git_blob_hash
-    _answered(blob_name, ("hash the bytes of the weights file: hashlib.sha256(path.read_bytes()).hexdigest()",
-                          "對權重檔的位元組做雜湊：hashlib.sha256(path.read_bytes()).hexdigest()"))
+    _answered(blob_name, ("hash the bytes of the weights file with hashlib's sha256, written as hex digits",
+                          "用 hashlib 的 sha256 對權重檔的位元組做雜湊，寫成十六進位數字"))
     if not isinstance(blob_name, str):
         raise NotYet(f"blob_name should be the hash as a string of hex digits, not {type(blob_name).__name__}",
                      f"blob_name 應該是十六進位數字組成的字串，而不是 {type(blob_name).__name__}")
@@ -430,8 +431,8 @@ def check_kv_cache_bytes(kv_bytes_per_token, config_path: str | Path | None = No
 @_check
 def check_kv_head(kv_head_of):
     """Exercise 3.2: ``kv_head_of(query_head, n_heads, n_kv_heads)`` -> the key/value head that query head reads."""
-    todo = ("write kv_head_of: the group size is n_heads // n_kv_heads, and neighbouring query heads share a KV head",
-            "寫出 kv_head_of：每組的大小是 n_heads // n_kv_heads，相鄰的查詢頭共用一個 KV 頭")
+    todo = ("write kv_head_of: look at how attend lines the KV heads up with the query heads (repeat_interleave)",
+            "寫出 kv_head_of：看看 attend 怎麼讓 KV 頭對齊查詢頭（repeat_interleave）")
     _answered(kv_head_of, todo)
     interleaved = True
     for n_heads, n_kv in ((4, 2), (12, 2), (14, 2), (16, 8), (24, 8), (32, 8), (8, 8), (8, 1)):
@@ -646,9 +647,9 @@ def check_top_p(my_top_p):
 def check_repetition_penalty(my_penalty):
     """Exercise 5.2: ``my_penalty(logits, previous, penalty)`` -> as ``apply_repetition_penalty``."""
     from .sampling import apply_repetition_penalty
-    todo = ("write my_penalty: for each id in previous, divide a positive logit by the penalty and multiply a "
-            "negative one",
-            "寫出 my_penalty：previous 裡每個 id，正的 logit 除以懲罰值，負的乘以懲罰值")
+    todo = ("write my_penalty: make each token of previous less likely — a positive logit is divided by the "
+            "penalty; and a negative one?",
+            "寫出 my_penalty：讓 previous 裡的每個 token 變得比較不可能——正的 logit 除以懲罰值；那負的呢？")
     _answered(my_penalty, todo)
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(30, generator=g) * 3
