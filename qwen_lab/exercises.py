@@ -465,23 +465,25 @@ def check_rows_changed(rows_changed, model=None):
     todo = ("write rows_changed(T, position): which of the T rows of logits can see the token at `position`?",
             "寫出 rows_changed(T, position)：T 列 logits 中，哪些列看得到位置 `position` 的 token？")
     _answered(rows_changed, todo)
+    T = 12
+    answers = {}
+    for position in (0, T // 2, T - 1):  # the learner's rule first: a stub costs no forward pass
+        got = _call(rows_changed, "rows_changed", todo, T, position)
+        try:
+            answers[position] = sorted(int(r) for r in got)
+        except (TypeError, ValueError):
+            raise NotYet(f"rows_changed should return a list of row numbers, not {got!r}"[:200],
+                         f"rows_changed 應該回傳列號的 list，而不是 {got!r}"[:200]) from None
     net = _causal_lm(_chat(None) if model is None else model)
-    device = net.lm_head.weight.device
-    T, vocab = 12, net.config.vocab_size
-    ids = torch.randint(0, min(vocab, 1000), (T,), generator=torch.Generator().manual_seed(0)).to(device)
+    vocab = min(net.config.vocab_size, 1000)
+    ids = torch.randint(0, vocab, (T,), generator=torch.Generator().manual_seed(0)).to(net.lm_head.weight.device)
     with torch.inference_mode():
         before = net(ids[None])[0]
-        for position in (0, T // 2, T - 1):
+        for position, got in answers.items():
             changed = ids.clone()
-            changed[position] = (int(ids[position]) + 1) % min(vocab, 1000)
+            changed[position] = (int(ids[position]) + 1) % vocab
             after = net(changed[None])[0]
             expected = [t for t in range(T) if not torch.equal(before[t], after[t])]
-            got = _call(rows_changed, "rows_changed", todo, T, position)
-            try:
-                got = sorted(int(r) for r in got)
-            except (TypeError, ValueError):
-                raise NotYet(f"rows_changed should return a list of row numbers, not {got!r}"[:200],
-                             f"rows_changed 應該回傳列號的 list，而不是 {got!r}"[:200]) from None
             if got == expected:
                 continue
             early = [r for r in got if r < position]
@@ -728,6 +730,7 @@ def check_cut_at_eos(cut_at_eos, chat=None):
     _answered(cut_at_eos, todo)
     chat = _chat(chat)
     eos = list(chat.generation_config.eos_token_id)
+    _call(cut_at_eos, "cut_at_eos", todo, [5, eos[0], 7], list(eos))  # a stub stops here, before any generation
     endoftext = chat.tokenizer.token_to_id("<|endoftext|>")
     ran_on = chat.generate(_QUESTION, eos_token_id=[endoftext] if endoftext is not None else [], do_sample=False,
                            max_new_tokens=40).token_ids
@@ -770,11 +773,11 @@ def check_context_used(context_used, panel):
     todo = ("write context_used(panel): render json.loads(panel.export()) with the chat template and count the tokens",
             "寫出 context_used(panel)：用聊天範本渲染 json.loads(panel.export())，再數 token")
     _answered(context_used, todo)
+    got = _whole(_call(context_used, "context_used", todo, panel), "context_used(panel)")
     conversation = json.loads(panel.export())
     chat = panel.chat
     closed = len(chat.prompt_ids(conversation, add_generation_prompt=False))
     opened = len(chat.prompt_ids(conversation, add_generation_prompt=True))
-    got = _whole(_call(context_used, "context_used", todo, panel), "context_used(panel)")
     if got in (closed, opened):
         return (f"{got:,} of {chat.context_length:,} tokens ({got / chat.context_length:.1%}); the panel warns at "
                 f"80% and stops at 100%",
