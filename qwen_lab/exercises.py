@@ -47,12 +47,12 @@ from .errors import SettingError
 from .hub import EMBEDDED_MODEL_ID, ModelFiles, resolve
 from .lang import choose_language
 
-__all__ = ["NotYet", "check_blob_name", "check_brief_panel", "check_context_used", "check_cut_at_eos",
+__all__ = ["REAL_MODEL_DIR", "NotYet", "real_model_file", "check_blob_name", "check_brief_panel", "check_context_used", "check_cut_at_eos",
            "check_eos_ids", "check_kv_cache_bytes", "check_kv_head", "check_next_role", "check_parameter_count",
            "check_render", "check_repetition_penalty", "check_reply_end_id", "check_rows_changed",
            "check_shard_names", "check_tensor_bytes", "check_top_p"]
 
-#: The real Qwen2.5-1.5B-Instruct's files, verbatim (``notebooks/data/.../SOURCE.md`` says from where).
+#: The real Qwen2.5-1.5B-Instruct's small files, verbatim, in the clone (``notebooks/data/.../SOURCE.md``).
 REAL_MODEL_DIR = Path(__file__).resolve().parent.parent / "notebooks" / "data" / "qwen2.5-1.5b-instruct"
 
 _VERDICTS = {"en": ("✓ right: ", "✗ not yet: ", "✗ cannot check: "), "zh-TW": ("✓ 答對了：", "✗ 還沒：", "✗ 無法檢查：")}
@@ -171,9 +171,28 @@ def _files(files: ModelFiles | None) -> ModelFiles:
     return files if files is not None else resolve(EMBEDDED_MODEL_ID)
 
 
+def real_model_file(name: str = "config.json") -> Path:
+    """A small file of the real Qwen2.5-1.5B-Instruct (``config.json``...), for the exercises about it.
+
+    The clone's verbatim copy (``REAL_MODEL_DIR``) when the kit runs from a clone; else the
+    Hugging Face cache, or the Hub (a kilobyte), as on Colab, where only the package is installed.
+    """
+    local = REAL_MODEL_DIR / name
+    if local.is_file():
+        return local
+    from huggingface_hub import hf_hub_download
+    from .errors import DownloadError
+    from .hub import WALKTHROUGH_MODEL_ID
+    try:
+        return Path(hf_hub_download(WALKTHROUGH_MODEL_ID, name))
+    except Exception as e:  # offline and not cached, no network...: one line
+        raise DownloadError(f"{WALKTHROUGH_MODEL_ID}'s {name} is not in this clone ({local}) and could not be "
+                            f"fetched ({type(e).__name__}); run from the kit's clone, or with network") from None
+
+
 def _real_config(path: str | Path | None = None) -> dict:
     from .load import read_config
-    return read_config(Path(path) if path is not None else REAL_MODEL_DIR / "config.json")
+    return read_config(Path(path) if path is not None else real_model_file("config.json"))
 
 
 # ---------------------------------------------------------------- 01 download

@@ -132,6 +132,23 @@ def test_every_check_is_tried_here(chat, panel):
     assert {check.__name__ for check, _, _ in exercises(chat, panel)} == {n for n in ex.__all__ if n.startswith("check_")}
 
 
+def test_the_real_models_files_come_from_the_clone_or_else_the_hub(monkeypatch, tmp_path):
+    assert ex.real_model_file("config.json") == ex.REAL_MODEL_DIR / "config.json"
+    import huggingface_hub
+    fetched = tmp_path / "config.json"
+    fetched.write_text("{}")
+    monkeypatch.setattr(ex, "REAL_MODEL_DIR", tmp_path / "not-a-clone")  # as on Colab: the package alone
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name: str(fetched))
+    assert ex.real_model_file("config.json") == fetched
+
+    def offline(repo, name):
+        raise OSError("offline")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    from qwen_lab.errors import DownloadError
+    with pytest.raises(DownloadError, match="is not in this clone .* and could not be fetched"):
+        ex.real_model_file("config.json")
+
+
 def test_right_answers_are_right(capsys, chat, panel):
     for check, answer, extra in exercises(chat, panel):
         line = verdict(capsys, check, answer, *extra)
