@@ -345,7 +345,7 @@ class ChatPanel:
                         repetition_penalty=self.repetition_penalty.value, seed=self.seed.value)
         settings = {**self.overrides, **settings}
         inside = None
-        if self.inside.value:  # the model's choices: 5 alternatives per token (about 1% slower decoding)
+        if self.inside.value:  # the model's choices: 5 alternatives per token (a cost too small to measure here: benchmarks/RESULTS.md)
             settings["top_logprobs"] = 5
             inside = {"prompt_text": prompt_text, "prompt_ids": prompt}
         self._cancel = threading.Event()
