@@ -42,7 +42,7 @@ demo: $(VENV)/.notebooks
 	@echo "Next: make lab  (JupyterLab on notebooks/, start with 01_download.ipynb)"
 
 test: $(VENV)/.test
-	$(OFFLINE) $(BIN)/python -m pytest tests qwen_lab --nbval notebooks --nbval-sanitize-with notebooks/sanitize.cfg
+	$(OFFLINE) $(BIN)/python -m pytest tests qwen_lab --nbval notebooks --nbval-sanitize-with notebooks/sanitize.cfg --nbval-cell-timeout 300
 
 lab: $(VENV)/.notebooks
 	$(BIN)/jupyter lab notebooks
