@@ -43,17 +43,15 @@ from pathlib import Path
 
 import torch
 
+from . import reference
 from .errors import SettingError
-from .hub import EMBEDDED_MODEL_ID, ModelFiles, resolve
+from .hub import EMBEDDED_MODEL_ID, WALKTHROUGH_MODEL_ID, ModelFiles, resolve
 from .lang import choose_language
 
-__all__ = ["REAL_MODEL_DIR", "NotYet", "real_model_file", "check_blob_name", "check_brief_panel", "check_context_used", "check_cut_at_eos",
+__all__ = ["NotYet", "real_model_file", "check_blob_name", "check_brief_panel", "check_context_used", "check_cut_at_eos",
            "check_eos_ids", "check_kv_cache_bytes", "check_kv_head", "check_next_role", "check_parameter_count",
            "check_render", "check_repetition_penalty", "check_reply_end_id", "check_rows_changed",
            "check_shard_names", "check_tensor_bytes", "check_top_p"]
-
-#: The real Qwen2.5-1.5B-Instruct's small files, verbatim, in the clone (``notebooks/data/.../SOURCE.md``).
-REAL_MODEL_DIR = Path(__file__).resolve().parent.parent / "notebooks" / "data" / "qwen2.5-1.5b-instruct"
 
 _VERDICTS = {"en": ("✓ right: ", "✗ not yet: ", "✗ cannot check: "), "zh-TW": ("✓ 答對了：", "✗ 還沒：", "✗ 無法檢查：")}
 _LONGEST = 400  # characters of a verdict line; a longer one is cut with "…"
@@ -174,20 +172,10 @@ def _files(files: ModelFiles | None) -> ModelFiles:
 def real_model_file(name: str = "config.json") -> Path:
     """A small file of the real Qwen2.5-1.5B-Instruct (``config.json``...), for the exercises about it.
 
-    The clone's verbatim copy (``REAL_MODEL_DIR``) when the kit runs from a clone; else the
-    Hugging Face cache, or the Hub (a kilobyte), as on Colab, where only the package is installed.
+    Its verbatim copy shipped with the package (``qwen_lab.reference``), so the exercises work
+    wherever the kit is installed, offline too: from a clone, on Colab, in the workshop's image.
     """
-    local = REAL_MODEL_DIR / name
-    if local.is_file():
-        return local
-    from huggingface_hub import hf_hub_download
-    from .errors import DownloadError
-    from .hub import WALKTHROUGH_MODEL_ID
-    try:
-        return Path(hf_hub_download(WALKTHROUGH_MODEL_ID, name))
-    except Exception as e:  # offline and not cached, no network...: one line
-        raise DownloadError(f"{WALKTHROUGH_MODEL_ID}'s {name} is not in this clone ({local}) and could not be "
-                            f"fetched ({type(e).__name__}); run from the kit's clone, or with network") from None
+    return reference.path(WALKTHROUGH_MODEL_ID, name)
 
 
 def _real_config(path: str | Path | None = None) -> dict:
@@ -410,9 +398,9 @@ def _numel(shape) -> int:
 def check_kv_cache_bytes(kv_bytes_per_token, config_path: str | Path | None = None):
     """Exercise 3.1: the KV-cache bytes one token takes in Qwen2.5-1.5B-Instruct, in its own dtype (bf16)."""
     from .load import build_model, checkpoint_dtype
-    _answered(kv_bytes_per_token, ("read the real config (notebooks/data/qwen2.5-1.5b-instruct/config.json) and count "
+    _answered(kv_bytes_per_token, ("read the real config (`real`, Qwen2.5-1.5B-Instruct's config.json) and count "
                                    "the numbers one token leaves in the cache, times their bytes",
-                                   "讀真正的 config（notebooks/data/qwen2.5-1.5b-instruct/config.json），數一個 token "
+                                   "讀真正的 config（`real`，Qwen2.5-1.5B-Instruct 的 config.json），數一個 token "
                                    "在快取裡留下多少數值，再乘上每個數值的位元組數"))
     got = _whole(kv_bytes_per_token, "kv_bytes_per_token")
     config = _real_config(config_path)

@@ -2,6 +2,7 @@
 import hashlib
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,21 +133,15 @@ def test_every_check_is_tried_here(chat, panel):
     assert {check.__name__ for check, _, _ in exercises(chat, panel)} == {n for n in ex.__all__ if n.startswith("check_")}
 
 
-def test_the_real_models_files_come_from_the_clone_or_else_the_hub(monkeypatch, tmp_path):
-    assert ex.real_model_file("config.json") == ex.REAL_MODEL_DIR / "config.json"
-    import huggingface_hub
-    fetched = tmp_path / "config.json"
-    fetched.write_text("{}")
-    monkeypatch.setattr(ex, "REAL_MODEL_DIR", tmp_path / "not-a-clone")  # as on Colab: the package alone
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name: str(fetched))
-    assert ex.real_model_file("config.json") == fetched
-
-    def offline(repo, name):
-        raise OSError("offline")
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    from qwen_lab.errors import DownloadError
-    with pytest.raises(DownloadError, match="is not in this clone .* and could not be fetched"):
-        ex.real_model_file("config.json")
+def test_the_real_models_files_ship_with_the_package():
+    """Colab and the workshop image install the package without the clone: the files are inside it."""
+    import qwen_lab
+    path = ex.real_model_file("config.json")
+    assert path.is_relative_to(Path(qwen_lab.__file__).parent / "reference")
+    assert json.loads(path.read_text())["architectures"] == ["Qwen2ForCausalLM"]
+    from qwen_lab.errors import QwenLabError
+    with pytest.raises(QwenLabError, match="has no reference file 'model.safetensors'"):
+        ex.real_model_file("model.safetensors")
 
 
 def test_right_answers_are_right(capsys, chat, panel):
@@ -228,7 +223,7 @@ def test_kv_cache_mistakes(capsys, answer, why):
 
 
 def test_kv_cache_answer_is_computed_from_the_config(capsys, tmp_path):
-    config = json.loads((ex.REAL_MODEL_DIR / "config.json").read_text())
+    config = json.loads(ex.real_model_file("config.json").read_text())
     other = tmp_path / "config.json"
     other.write_text(json.dumps({**config, "num_hidden_layers": 10}))
     assert verdict(capsys, ex.check_kv_cache_bytes, 2 * 10 * 2 * 128 * 2, other).startswith("✓ right: ")

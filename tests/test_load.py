@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import ROOT
+from qwen_lab import reference
 from qwen_lab.errors import CheckpointError, UnsupportedArchitectureError
 from qwen_lab.hub import resolve
 from qwen_lab.load import (ARCHITECTURES, architecture_of, build_model, choose_dtype, count_parameters, load_model,
@@ -378,11 +379,11 @@ def test_a_conversion_larger_than_the_memory_is_refused_with_figures(tiny_dir, m
     assert load_model(resolve(str(tiny_dir)), "float32", "cpu")  # its own dtype: mapped, nothing to copy
 
 
-@pytest.mark.parametrize("model", ["Qwen--Qwen3-0.6B", "HuggingFaceTB--SmolLM2-1.7B-Instruct",
-                                   "meta-llama--Llama-3.2-3B-Instruct"])
+@pytest.mark.parametrize("model", ["Qwen/Qwen3-0.6B", "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+                                   "meta-llama/Llama-3.2-3B-Instruct"])
 def test_real_configs_of_the_other_architectures_build_like_transformers(model):
     transformers = pytest.importorskip("transformers")
-    path = ROOT / "tests" / "data" / "models" / model / "config.json"
+    path = reference.path(model, "config.json")
     ours = build_model(read_config(path))
     with torch.device("meta"):
         theirs = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(path.parent))

@@ -1,25 +1,25 @@
 """The real chat templates of Qwen3, SmolLM2 and Llama 3.2 render byte-identically to transformers.
 
-The templates and configs are copies of the models' own files (tests/data/models/*/SOURCE.md says
-where each came from). Every conversation is rendered twice: by qwen_lab's ChatTemplate and by
-transformers' own renderer, called on the same template string with the same special-token
-variables that ``apply_chat_template`` would pass, so no tokenizer files are needed.
+The templates and configs are copies of the models' own files, shipped in ``qwen_lab/reference/``
+(each folder's SOURCE.md says where each came from). Every conversation is rendered twice: by
+qwen_lab's ChatTemplate and by transformers' own renderer, called on the same template string with
+the same special-token variables that ``apply_chat_template`` would pass, so no tokenizer files are
+needed.
 """
 import hashlib
 import json
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 
+from qwen_lab import reference as shipped
 from qwen_lab.chat_template import ChatTemplate
 from qwen_lab.errors import TemplateError
 from qwen_lab.tokenizer import special_tokens
 
-MODELS = Path(__file__).resolve().parent / "data" / "models"
-QWEN3 = "Qwen--Qwen3-0.6B"
-SMOLLM2 = "HuggingFaceTB--SmolLM2-1.7B-Instruct"
-LLAMA32 = "meta-llama--Llama-3.2-3B-Instruct"
+QWEN3 = "Qwen/Qwen3-0.6B"
+SMOLLM2 = "HuggingFaceTB/SmolLM2-1.7B-Instruct"
+LLAMA32 = "meta-llama/Llama-3.2-3B-Instruct"
 
 # sha256 of each chat template as stored; SOURCE.md says which public copies it was checked against.
 TEMPLATE_SHA256 = {
@@ -107,7 +107,7 @@ BATTERY = {QWEN3: {**COMMON, **QWEN3_CASES}, SMOLLM2: {**COMMON, **SMOLLM2_CASES
 
 
 def tokenizer_config(model):
-    return json.loads((MODELS / model / "tokenizer_config.json").read_text(encoding="utf-8"))
+    return json.loads(shipped.path(model, "tokenizer_config.json").read_text(encoding="utf-8"))
 
 
 def template_of(model):
@@ -145,7 +145,7 @@ CASES = [(model, name) for model, cases in BATTERY.items() for name in cases]
 
 
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
-@pytest.mark.parametrize("model, name", CASES, ids=[f"{m.split('--')[1]}: {n}" for m, n in CASES])
+@pytest.mark.parametrize("model, name", CASES, ids=[f"{m.split('/')[1]}: {n}" for m, n in CASES])
 def test_byte_identical_to_transformers(model, name, add_generation_prompt, reference):
     messages, extra = BATTERY[model][name]
     if model == LLAMA32:
@@ -241,7 +241,7 @@ REQUIRED = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attent
 
 
 def config_of(model, name="config.json"):
-    return json.loads((MODELS / model / name).read_text(encoding="utf-8"))
+    return json.loads(shipped.path(model, name).read_text(encoding="utf-8"))
 
 
 @pytest.mark.parametrize("model", list(ARCHITECTURES))

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from conftest import ROOT, qwen_template, reference_file
+from qwen_lab import reference
 
 
 @pytest.mark.parametrize("model", ["qwen2.5-0.5b-instruct", "qwen2.5-1.5b-instruct"])
@@ -20,10 +21,10 @@ def test_config_copies_are_verbatim(model, copy):
 
 
 @pytest.mark.parametrize("name", ["config.json", "generation_config.json", "tokenizer_config.json"])
-def test_notebook_copies_are_verbatim(name):
-    """notebooks/data holds the real model's small files for learners, who have no reference folder."""
+def test_package_copies_are_verbatim(name):
+    """qwen_lab/reference ships the real model's small files to learners, who have no reference folder."""
     import hashlib
-    folder = ROOT / "notebooks" / "data" / "qwen2.5-1.5b-instruct"
-    data = (folder / name).read_bytes()
-    assert hashlib.sha256(data).hexdigest() in (folder / "SOURCE.md").read_text()  # the stated hash
+    data = reference.path("Qwen/Qwen2.5-1.5B-Instruct", name).read_bytes()
+    source = reference.path("Qwen/Qwen2.5-1.5B-Instruct", "SOURCE.md").read_text()
+    assert hashlib.sha256(data).hexdigest() in source  # the stated hash
     assert data == reference_file("qwen2.5-1.5b-instruct", name).read_bytes()

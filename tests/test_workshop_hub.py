@@ -294,16 +294,19 @@ def test_four_learners_chat_from_one_shared_read_only_cache(hub, cache):
     blob = weights_blob(cache)
     threads = room.threads_per_learner(len(os.sched_getaffinity(0)), len(LEARNERS))
     notebooks = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
+    chinese = sorted(p.name for p in (ROOT / "notebooks" / "zh-TW").glob("*.ipynb"))
     for name, report in reports.items():
         assert LEARNERS[name][1] in report["reply"], (name, report["reply"])
         assert report["model"] == REPO_ID and report["why"] == "chosen by QWEN_LAB_MODEL"
         assert report["env"] == {"QWEN_LAB_MODEL": REPO_ID, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache),
                                  "QWEN_LAB_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
         assert report["threads"] == threads
-        # their own folder, with their own copy of every notebook
+        # their own folder, with their own copy of every notebook, the glossary and the Chinese edition;
+        # not the solutions (QWEN_LAB_HUB_SOLUTIONS is not set)
         home = hub.folder / "homes" / name
-        assert report["home"] == str(home) and report["notebooks"] == notebooks
+        assert report["home"] == str(home) and report["notebooks"] == sorted(notebooks + ["GLOSSARY.md", "zh-TW"])
         assert sorted(p.name for p in (home / "notebooks").glob("*.ipynb")) == notebooks
+        assert sorted(p.name for p in (home / "notebooks" / "zh-TW").glob("*.ipynb")) == chinese == notebooks
         # the weights are the cache's one file, memory-mapped (bf16, the file's own dtype: no private copy)
         mapped = {line.split(None, 5)[5] for line in report["maps"].splitlines() if len(line.split(None, 5)) == 6}
         assert str(blob) in mapped, f"{name}'s kernel does not map {blob}"
@@ -381,6 +384,8 @@ def test_find_proxy_without_npm_s_proxy_or_node(monkeypatch, tmp_path):
     ({"QWEN_LAB_HUB_PASSWORD": PASSWORD, "QWEN_LAB_HUB_HOMES": "/srv/learners"},
      "QWEN_LAB_HUB_HOMES='/srv/learners' must be an absolute path containing {username}, e.g. "
      "/srv/qwen-lab/learners/{username}"),
+    ({"QWEN_LAB_HUB_PASSWORD": PASSWORD, "QWEN_LAB_HUB_SOLUTIONS": "yes"},
+     "QWEN_LAB_HUB_SOLUTIONS='yes' must be 1 (learners get notebooks/solutions/) or 0 (they do not, the default)"),
     ({"QWEN_LAB_HUB_PASSWORD": PASSWORD, "QWEN_LAB_HUB_ADMIN_PASSWORD": "too-short-for-an-admin"},
      "QWEN_LAB_HUB_ADMIN_PASSWORD must have 32 characters or more and differ from the learners' password (or leave "
      "it unset)"),
@@ -404,13 +409,34 @@ def test_learner_start_copies_the_notebooks_without_overwriting_edits(tmp_path):
     learner_start = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(learner_start)
     dest = tmp_path / "notebooks"
-    dest.mkdir()
+    (dest / "zh-TW").mkdir(parents=True)
     (dest / "05_generate.ipynb").write_text("my edits")
-    copied = learner_start.copy_notebooks(ROOT / "notebooks", dest)
-    every = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
-    assert copied == [n for n in every if n != "05_generate.ipynb"]
+    (dest / "zh-TW" / "02_load.ipynb").write_text("我的筆記")
+    source = ROOT / "notebooks"
+    copied = learner_start.copy_notebooks(source, dest)
+    english = sorted(p.name for p in source.glob("*.ipynb"))
+    chinese = sorted(f"zh-TW/{p.name}" for p in (source / "zh-TW").glob("*.ipynb"))
+    assert copied == [n for n in english if n != "05_generate.ipynb"] + ["GLOSSARY.md"] + \
+        [n for n in chinese if n != "zh-TW/02_load.ipynb"]
     assert (dest / "05_generate.ipynb").read_text() == "my edits"
-    assert learner_start.copy_notebooks(ROOT / "notebooks", dest) == []  # a restart copies nothing more
+    assert (dest / "zh-TW" / "02_load.ipynb").read_text() == "我的筆記"
+    assert (dest / "GLOSSARY.md").read_bytes() == (source / "GLOSSARY.md").read_bytes()
+    assert not (dest / "solutions").exists()  # the instructor's choice, off unless asked
+    assert learner_start.copy_notebooks(source, dest) == []  # a restart copies nothing more
+    # the instructor hands out the solutions: the next start adds them, and only them
+    solutions = sorted(f"solutions/{p.name}" for p in (source / "solutions").glob("*.ipynb"))
+    assert len(solutions) == len(english) and learner_start.copy_notebooks(source, dest, solutions=True) == solutions
+
+
+def test_solutions_asked_for_but_not_there_is_one_line(tmp_path):
+    (tmp_path / "01_download.ipynb").write_text("{}")
+    settings = room.Room.from_environ({"QWEN_LAB_HUB_PASSWORD": PASSWORD, "QWEN_LAB_HUB_SOLUTIONS": "1",
+                                       "QWEN_LAB_NOTEBOOKS": str(tmp_path), "QWEN_LAB_HUB_ALLOW_ROOT": "1"}, cores=8)
+    assert settings.solutions and room.learner_environment(settings)["QWEN_LAB_SOLUTIONS"] == "1"
+    with pytest.raises(room.RoomError) as e:
+        room.check(settings)
+    assert str(e.value) == (f"QWEN_LAB_HUB_SOLUTIONS=1 but {tmp_path}/solutions holds no notebooks: set "
+                            f"QWEN_LAB_NOTEBOOKS to the kit's notebooks/ folder, or QWEN_LAB_HUB_SOLUTIONS=0")
 
 
 # ---------------------------------------------------------------- Kubernetes, on paper, kept in step
@@ -448,7 +474,7 @@ def test_kubernetes_config_agrees_with_the_tested_one(monkeypatch, tmp_path):
     env = dict(c.Spawner.environment)
     env.pop("PATH")
     mount = next(m for m in single["storage"]["extraVolumeMounts"] if m["name"] == "hf-cache")
-    notebooks = re.search(r"^COPY notebooks/\*\.ipynb (\S+)/$", dockerfile, re.M).group(1)
+    notebooks = re.search(r"^COPY notebooks (\S+)$", dockerfile, re.M).group(1)  # all of it: zh-TW/, solutions/...
     expected = {**env, "HF_HUB_CACHE": mount["mountPath"], "QWEN_LAB_NOTEBOOKS": notebooks,
                 "QWEN_LAB_THREADS": str(single["cpu"]["limit"]), "OMP_NUM_THREADS": str(single["cpu"]["limit"])}
     assert single["extraEnv"] == expected

@@ -2,10 +2,13 @@
 
 JupyterHub runs this as the learner, in the learner's home (the spawner's ``cmd``): on one server
 (``jupyterhub_config.py``) and in the Kubernetes image (``z2jh/Dockerfile``) alike, so both rooms
-give the same folder. The notebooks come from ``QWEN_LAB_NOTEBOOKS``. A notebook already in
-``~/notebooks`` is never overwritten, so a learner's edits survive a restart of their server; one
-they deleted comes back fresh. Then this process becomes ``jupyterhub-singleuser`` with the
-arguments JupyterHub gave.
+give the same folder. The notebooks come from ``QWEN_LAB_NOTEBOOKS`` (the kit's ``notebooks/``),
+laid out as there: the English notebooks, ``GLOSSARY.md``, the Traditional Chinese edition in
+``zh-TW/`` (a notebook run from a folder of that name speaks Chinese: ``qwen_lab/lang.py``), and the
+worked solutions in ``solutions/`` only where ``QWEN_LAB_SOLUTIONS=1`` (the instructor's choice:
+``QWEN_LAB_HUB_SOLUTIONS`` in ``room.py``). A file already in ``~/notebooks`` is never overwritten,
+so a learner's edits survive a restart of their server; one they deleted comes back fresh. Then
+this process becomes ``jupyterhub-singleuser`` with the arguments JupyterHub gave.
 
     python learner_start.py [jupyterhub-singleuser arguments...]
 """
@@ -17,25 +20,31 @@ import sys
 from pathlib import Path
 
 FOLDER = "notebooks"  # in the learner's home; also the start page's folder (Spawner.default_url)
+#: What every learner gets, relative to the notebooks folder; the solutions only when the room says so.
+GIVEN = ("*.ipynb", "GLOSSARY.md", "zh-TW/*.ipynb")
+SOLUTIONS = "solutions/*.ipynb"
 
 
-def copy_notebooks(source: Path, dest: Path) -> list[str]:
-    """Copy each ``*.ipynb`` of ``source`` that ``dest`` lacks; return the names copied."""
+def copy_notebooks(source: Path, dest: Path, solutions: bool = False) -> list[str]:
+    """Copy each file of ``GIVEN`` (and ``SOLUTIONS`` if asked) that ``dest`` lacks; return the paths copied."""
     dest.mkdir(parents=True, exist_ok=True)
     copied = []
-    for notebook in sorted(source.glob("*.ipynb")):
-        target = dest / notebook.name
-        if not target.exists():
-            shutil.copyfile(notebook, target)  # contents only: the copy is the learner's, with their permissions
-            copied.append(notebook.name)
+    for pattern in GIVEN + ((SOLUTIONS,) if solutions else ()):
+        for file in sorted(source.glob(pattern)):
+            target = dest / file.relative_to(source)
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(file, target)  # contents only: the copy is the learner's, with their permissions
+                copied.append(file.relative_to(source).as_posix())
     return copied
 
 
 def main(argv: list[str]) -> None:
     source = os.environ.get("QWEN_LAB_NOTEBOOKS")
     if source and Path(source).is_dir():
-        copied = copy_notebooks(Path(source), Path.home() / FOLDER)
-        print(f"learner_start: copied {len(copied)} notebook(s) into ~/{FOLDER}", file=sys.stderr, flush=True)
+        solutions = os.environ.get("QWEN_LAB_SOLUTIONS") == "1"
+        copied = copy_notebooks(Path(source), Path.home() / FOLDER, solutions)
+        print(f"learner_start: copied {len(copied)} file(s) into ~/{FOLDER}", file=sys.stderr, flush=True)
     else:  # the server still starts: a learner without notebooks can still be helped
         print(f"learner_start: warning: QWEN_LAB_NOTEBOOKS={source!r} is not a folder: no notebooks copied",
               file=sys.stderr, flush=True)

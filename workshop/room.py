@@ -17,7 +17,10 @@ never edited (a systemd unit's ``Environment=`` lines, or ``export`` before ``ma
                                       (default ``/srv/qwen-lab/learners/{username}``)
 ``QWEN_LAB_HUB_STATE``                the hub's own files: database, cookie secret (default ``/srv/qwen-lab/hub``)
 ``QWEN_LAB_HUB_PROXY``                ``configurable-http-proxy`` (default: ``workshop/node_modules``, then PATH)
-``QWEN_LAB_NOTEBOOKS``                the notebooks each learner gets a copy of (default: this checkout's)
+``QWEN_LAB_NOTEBOOKS``                the notebooks each learner gets a copy of (default: this checkout's): the
+                                      English ones, ``GLOSSARY.md`` and the Traditional Chinese ``zh-TW/``
+``QWEN_LAB_HUB_SOLUTIONS``            ``1`` also gives every learner the worked solutions (``solutions/``), at
+                                      their server's next start; ``0``, the default, does not
 ``QWEN_LAB_HUB_ALLOW_ROOT``           ``1`` lets the hub run as root (learners then run as root too: only in a
                                       throwaway container or a test, never on a machine that matters)
 ====================================  =====================================================================
@@ -64,6 +67,7 @@ class Room:
     state: Path
     notebooks: Path
     allow_root: bool
+    solutions: bool
 
     @classmethod
     def from_environ(cls, environ=os.environ, cores: int | None = None) -> "Room":
@@ -87,7 +91,16 @@ class Room:
                    threads=_threads(environ, cores), homes=homes,
                    state=Path(environ.get("QWEN_LAB_HUB_STATE") or DEFAULT_STATE),
                    notebooks=Path(environ.get("QWEN_LAB_NOTEBOOKS") or REPO / "notebooks"),
-                   allow_root=environ.get("QWEN_LAB_HUB_ALLOW_ROOT") == "1")
+                   allow_root=environ.get("QWEN_LAB_HUB_ALLOW_ROOT") == "1", solutions=_solutions(environ))
+
+
+def _solutions(environ) -> bool:
+    """Whether learners get the solutions: a typo must not hand them out, nor silently keep them back."""
+    value = environ.get("QWEN_LAB_HUB_SOLUTIONS", "").strip()
+    if value not in ("", "0", "1"):
+        raise RoomError(f"QWEN_LAB_HUB_SOLUTIONS={value!r} must be 1 (learners get notebooks/solutions/) or 0 "
+                        f"(they do not, the default)"[:300])
+    return value == "1"
 
 
 def threads_per_learner(cores: int, learners: int) -> int:
@@ -135,6 +148,7 @@ def learner_environment(room: Room, python: str = sys.executable) -> dict[str, s
         "QWEN_LAB_THREADS": str(room.threads),   # qwen_lab's thread count (threads.choose_threads)
         "OMP_NUM_THREADS": str(room.threads),    # and torch's own pool, from the start
         "QWEN_LAB_NOTEBOOKS": str(room.notebooks),  # learner_start.py copies these into ~/notebooks
+        "QWEN_LAB_SOLUTIONS": "1" if room.solutions else "0",  # and their solutions/ too, if "1"
         # the kit's commands (qwen-lab doctor...) in the learners' terminals
         "PATH": os.pathsep.join([str(Path(python).parent), os.environ.get("PATH", os.defpath)]),
     }
@@ -165,6 +179,9 @@ def check(room: Room) -> None:
                         "throwaway container")
     if not any(room.notebooks.glob("*.ipynb")):
         raise RoomError(f"no notebooks in {room.notebooks}: set QWEN_LAB_NOTEBOOKS to the kit's notebooks/ folder")
+    if room.solutions and not any(room.notebooks.glob("solutions/*.ipynb")):
+        raise RoomError(f"QWEN_LAB_HUB_SOLUTIONS=1 but {room.notebooks / 'solutions'} holds no notebooks: set "
+                        f"QWEN_LAB_NOTEBOOKS to the kit's notebooks/ folder, or QWEN_LAB_HUB_SOLUTIONS=0")
     homes_root = Path(room.homes.split("{username}")[0])  # the part of the template before the name
     for what, folder in (("QWEN_LAB_HUB_STATE", room.state), ("QWEN_LAB_HUB_HOMES", homes_root)):
         try:
