@@ -97,8 +97,28 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-@functools.lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL:
+    """The built kernels, loaded once per process; raises KernelUnavailable (the same reason
+    every time) where they cannot run. A failed build is remembered too: a model has ~50
+    modules asking, and retrying a compile that failed cost 30 s per load (a missing header)."""
+    lib, why = _outcome()
+    if why is not None:
+        raise KernelUnavailable(why)
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def _outcome() -> tuple[ctypes.CDLL | None, str | None]:
+    try:
+        return _load_library(), None
+    except (KernelUnavailable, OSError) as error:  # OSError: a built library the loader refuses
+        return None, str(error)
+
+
+_library.cache_clear = _outcome.cache_clear  # tests and measurements build afresh
+
+
+def _load_library() -> ctypes.CDLL:
     if os.environ.get("QWEN_LAB_KERNELS", "").lower() in ("0", "off", "torch"):
         raise KernelUnavailable("turned off by QWEN_LAB_KERNELS")
     if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):

@@ -431,3 +431,22 @@ def test_a_loaded_model_says_which_plan_each_shape_uses(tmp_path, monkeypatch):
     plans = tuning.describe(model)
     assert plans["float32 2048x192"] in {str(p) for p in tuning.candidates()}  # lm_head: measured
     assert plans["float32 192x192"] == str(kernels.DEFAULT_PLAN)             # small: the default
+
+
+@needs_kernel  # where the kernels build, a planted compile failure stands for a real one
+def test_a_failed_build_is_tried_once_per_process(fresh_build, monkeypatch):
+    """Every module of a model asks for the kernels; a compile that failed must not run again for each."""
+    calls = []
+    real_build = kernels._build
+
+    def failing_build(cc, target):
+        calls.append(target)
+        raise kernels.KernelUnavailable("cc could not build kernels.c: planted failure")
+
+    monkeypatch.setattr(kernels, "_build", failing_build)
+    for _ in range(5):
+        with pytest.raises(kernels.KernelUnavailable, match="planted failure"):
+            kernels._library()
+    assert not kernels.available() and "planted failure" in kernels.status()
+    assert len(calls) == 1
+    monkeypatch.setattr(kernels, "_build", real_build)
