@@ -38,15 +38,8 @@ REPLY_TOKENS = 16   # per decode unit (after a 16-token prompt)
 
 def cpu_description() -> str:
     """The CPU's model name and the instruction sets that matter to the kernels."""
-    name, flags = "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and name == "unknown CPU":
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    from qwen_lab.kernels import cpu_flags, cpu_model
+    name, flags = cpu_model() or "unknown CPU", cpu_flags()
     shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     return f"{name} ({', '.join(shown) or 'no AVX2'}), {os.cpu_count()} logical CPUs"
 

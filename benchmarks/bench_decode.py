@@ -27,14 +27,8 @@ CACHE = HERE / ".cache"
 
 
 def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from qwen_lab.kernels import cpu_model
+    model = cpu_model() or "unknown CPU"
     import torch
     from qwen_lab.load import native_bf16
     model += " (bf16 in hardware)" if native_bf16() else " (no bf16 instructions)"

@@ -86,15 +86,25 @@ class KernelUnavailable(RuntimeError):
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_flags() -> frozenset[str]:
-    """The instruction-set flags of this CPU, as Linux lists them (``avx2``, ``avx512f``...)."""
+def _cpuinfo(field: str) -> str:
+    """The first value of ``field`` in /proc/cpuinfo ("" where there is none, or no Linux)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
+            if line.split(":", 1)[0].strip() == field:
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return frozenset()
+    return ""
+
+
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags of this CPU, as Linux lists them (``avx2``, ``avx512f``...)."""
+    return frozenset(_cpuinfo("flags").split())
+
+
+def cpu_model() -> str:
+    """This CPU's model name, as Linux gives it ("" where it does not)."""
+    return _cpuinfo("model name")
 
 
 def _library() -> ctypes.CDLL:

@@ -48,17 +48,9 @@ def candidates() -> list[kernels.Plan]:
 
 def _machine_key() -> str:
     """The CPU, the threads and the kernel build that a measurement holds for."""
-    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("model name")), "")
-    parts = [model, " ".join(sorted(kernels.cpu_flags())), str(kernels.num_threads()), str(kernels._library()._name),
+    parts = [kernels.cpu_model(), " ".join(sorted(kernels.cpu_flags())), str(kernels.num_threads()), str(kernels._library()._name),
              torch.__version__]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-
-
-def _cpuinfo_lines() -> list[str]:
-    try:
-        return Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return []
 
 
 def _cache_file() -> Path:
