@@ -245,7 +245,7 @@ def status() -> str:
     """One line: are the kernels in use here, which variants this CPU runs, and if not, why not."""
     try:
         _library()
-    except (KernelUnavailable, OSError) as e:
+    except KernelUnavailable as e:  # _library turns a loader's OSError into one too
         return f"torch alone (the C kernels are not used: {e})"
     return (f"qwen_lab's C kernels (csrc/, for {', '.join(variants())}; each weight shape uses whichever of them "
             f"or torch measured fastest here: qwen_lab.tuning)")
@@ -254,7 +254,7 @@ def status() -> str:
 def available() -> bool:
     try:
         _library()
-    except (KernelUnavailable, OSError):
+    except KernelUnavailable:
         return False
     return True
 
