@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
 #include "pool.h"
 
 #ifndef VEC
@@ -77,16 +78,6 @@ static inline float hsum(vf v) {
     float s = 0.0f;
     for (int i = 0; i < VEC; i++) s += v[i];
     return s;
-}
-
-static inline float bf16_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
-
-static inline uint16_t f32_bf16(float f) {  /* round to nearest even, as torch does; NaN stays NaN */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
 }
 
 #define PREFETCH_AHEAD 1024  /* bytes */
@@ -150,7 +141,7 @@ static inline void NAME_(const uint16_t *w, const float *xs, int64_t K, int pref
         vf total = acc[r][0];                                                                        \
         for (int a = 1; a < 2 * PAIRS; a++) total += acc[r][a];                                      \
         float s = hsum(total);                                                                       \
-        for (int64_t t = k; t < K; t++) s += bf16_f32(w[r * K + t]) * xs[t];  /* tail: unshuffled */ \
+        for (int64_t t = k; t < K; t++) s += bf16_to_f32(w[r * K + t]) * xs[t];  /* tail: unshuffled */ \
         out[r] = s;                                                                                  \
     }                                                                                                \
 }
@@ -166,8 +157,8 @@ static void shuffle_x(const uint16_t *x16, float *xs, int64_t K) {
     const int64_t block = 2 * VEC;
     int64_t k = 0;
     for (; k + block <= K; k += block)
-        for (int i = 0; i < block; i++) xs[k + i] = bf16_f32(x16[k + ORDER[i]]);
-    for (; k < K; k++) xs[k] = bf16_f32(x16[k]);
+        for (int i = 0; i < block; i++) xs[k + i] = bf16_to_f32(x16[k + ORDER[i]]);
+    for (; k < K; k++) xs[k] = bf16_to_f32(x16[k]);
 }
 
 struct gemv_job {
@@ -192,8 +183,8 @@ static void gemv_chunk(const void *job, int64_t c) {
             else if (take == 2) dot2_bf16(w, j->x, K, j->prefetch, out);
             else dot1_bf16(w, j->x, K, j->prefetch, out);
             for (int r = 0; r < take; r++) {
-                float b = j->bias ? bf16_f32(((const uint16_t *)j->bias)[n + r]) : 0.0f;
-                ((uint16_t *)j->y)[n + r] = f32_bf16(out[r] + b);
+                float b = j->bias ? bf16_to_f32(((const uint16_t *)j->bias)[n + r]) : 0.0f;
+                ((uint16_t *)j->y)[n + r] = f32_to_bf16(out[r] + b);
             }
         } else {
             const float *w = (const float *)j->W + n * K;

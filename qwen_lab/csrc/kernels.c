@@ -11,6 +11,7 @@
 #include <math.h>
 #include <stdatomic.h>
 
+#include "bf16.h"
 #include "pool.h"
 
 static inline float hsum(__m256 v) {
@@ -20,20 +21,6 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-static inline float bf16_to_f32(uint16_t h) {  /* a bfloat16 is the top half of a float32 */
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch does */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 /* Attention is arithmetic more than memory (each cached key serves a group of query heads, with an
  * exp per score), so it is shared over the pool once heads x positions x head_dim passes solo_work
