@@ -9,14 +9,16 @@ instead: each thread takes a block of rows of the row-major weight and reads
 them front to back with AVX2 fused multiply-adds, summing in float32, for
 float32 and bfloat16 weights (``benchmarks/bench_gemv.py`` compares the two).
 It also does in one call each what takes many small torch operations per token:
-RMSNorm of one row, and a layer's attention step for one new token (rotary,
-KV-cache write, softmax(q K^T / sqrt(d)) V). Each small operation costs a few
-microseconds whatever its size, and a 24-layer step runs about 1,500 of them.
+RMSNorm of one row, a layer's attention step for one new token (rotary,
+KV-cache write, softmax(q K^T / sqrt(d)) V), and a decoder layer's whole
+one-token step (norms, products, attention, residual adds, silu x up). Each
+small operation costs a few microseconds whatever its size, and a 24-layer step
+runs about 1,500 of them.
 
 The C files are compiled on first use with the system's C compiler (about a
 second) into a per-user cache, and called through ``ctypes``; calls are shared
 over threads by the pool of ``csrc/pool.c``. The classes at the end (``Linear``,
-``RMSNorm``, ``Attention``) are twins of ``nn.Linear`` and of ``qwen_lab.layers``'
+``RMSNorm``, ``Attention``, ``DecoderLayer``) are twins of ``nn.Linear`` and of ``qwen_lab.layers``'
 pieces that use them: same parameters, same math up to float rounding.
 ``qwen_lab.runtime.convert_for_runtime`` swaps them in, once, after a CPU model is
 loaded. Where the C code cannot be used — no compiler, a CPU without AVX2, a GPU,
@@ -66,10 +68,12 @@ VARIANTS = {
 DTYPES = (torch.float32, torch.bfloat16)
 #: How a call is shared over threads (measured in benchmarks/bench_contention.py): a job that
 #: reads fewer bytes than SOLO_BYTES runs on the calling thread alone (waking a helper would cost
-#: more than it saves); larger ones are cut into chunks of about CHUNK_BYTES that threads claim
-#: one at a time, so a thread that loses its core to another program leaves little undone.
+#: more than it saves); larger ones are cut into chunks that threads claim one at a time, so a
+#: thread that loses its core to another program leaves little undone: about an eighth of each
+#: thread's share, from CHUNK_BYTES up to CHUNK_MAX_BYTES (csrc/gemv.c: larger chunks stream faster).
 SOLO_BYTES = 256 * 1024
 CHUNK_BYTES = 64 * 1024
+CHUNK_MAX_BYTES = 1024 * 1024
 #: The attention step is shared over threads from this many multiply-adds (heads x positions x head_dim).
 SOLO_WORK = 1 << 16
 
@@ -145,7 +149,7 @@ def _load_library() -> ctypes.CDLL:
         _build(cc.split(), target)
     lib = ctypes.CDLL(str(target))
     lib.variants = [v for v in VARIANTS if hasattr(lib, f"qwen_gemv_f32_{v}")]  # those the compiler could build
-    gemv_args = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 3 + [ctypes.c_int64] * 2
+    gemv_args = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 3 + [ctypes.c_int64] * 3
     lib.gemv = {}  # (bf16?, variant) -> the function, looked up once: _run is on the hot path
     for v in lib.variants:
         for bf16, name in ((False, f"qwen_gemv_f32_{v}"), (True, f"qwen_gemv_bf16_{v}")):
@@ -159,6 +163,13 @@ def _load_library() -> ctypes.CDLL:
                    + [ctypes.c_int])
     for fn in (lib.qwen_attend_one_f32, lib.qwen_attend_one_bf16):
         fn.argtypes, fn.restype = attend_args, ctypes.c_int
+    lib.gemv_group = {v: ctypes.cast(getattr(lib, f"qwen_gemv_group_{v}"), ctypes.c_void_p).value
+                      for v in lib.variants}  # addresses the layer step calls through
+    lib.qwen_layer_step.argtypes, lib.qwen_layer_step.restype = [ctypes.c_void_p], ctypes.c_int
+    lib.qwen_layer_step_size.argtypes, lib.qwen_layer_step_size.restype = [], ctypes.c_int64
+    if lib.qwen_layer_step_size() != ctypes.sizeof(LayerStep):  # the two declarations drifted apart
+        raise KernelUnavailable(f"csrc/kernels.c's layer_step is {lib.qwen_layer_step_size()} bytes, "
+                                f"kernels.LayerStep {ctypes.sizeof(LayerStep)}: reinstall qwen_lab")
     lib.qwen_pool_stats.argtypes, lib.qwen_pool_stats.restype = [ctypes.c_void_p], None
     lib.qwen_pool_configure.argtypes, lib.qwen_pool_configure.restype = [ctypes.c_int64] * 2, None
     lib.qwen_kernels_configure.argtypes, lib.qwen_kernels_configure.restype = [ctypes.c_int64], None
@@ -201,17 +212,24 @@ def variants() -> list[str]:
     return [v for v in _library().variants if set(VARIANTS[v][2]) <= flags]
 
 
-_sharing = {"solo": SOLO_BYTES, "chunk": CHUNK_BYTES, "solo_work": SOLO_WORK}
+_sharing = {"solo": SOLO_BYTES, "chunk": CHUNK_BYTES, "chunk_max": CHUNK_MAX_BYTES, "solo_work": SOLO_WORK}
 
 
-def configure(solo_bytes: int = SOLO_BYTES, chunk_bytes: int = CHUNK_BYTES, solo_work: int | None = None) -> None:
+def configure(solo_bytes: int = SOLO_BYTES, chunk_bytes: int = CHUNK_BYTES, solo_work: int | None = None,
+              chunk_max_bytes: int | None = None) -> None:
     """Change how calls are shared over threads (for tests and measurements; see SOLO_BYTES).
 
     ``solo_work`` defaults to SOLO_WORK, or 0 (share every attention step) when ``solo_bytes`` is 0.
+    ``chunk_max_bytes`` defaults to CHUNK_MAX_BYTES with the default ``chunk_bytes``, else to
+    ``chunk_bytes`` (every chunk that size, as a test of chunk edges wants).
     """
     if solo_work is None:
         solo_work = 0 if solo_bytes == 0 else SOLO_WORK
-    _sharing.update(solo=int(solo_bytes), chunk=max(1, int(chunk_bytes)), solo_work=int(solo_work))
+    chunk = max(1, int(chunk_bytes))
+    if chunk_max_bytes is None:
+        chunk_max_bytes = CHUNK_MAX_BYTES if chunk_bytes == CHUNK_BYTES else chunk
+    _sharing.update(solo=int(solo_bytes), chunk=chunk, chunk_max=max(chunk, int(chunk_max_bytes)),
+                    solo_work=int(solo_work))
     _library().qwen_kernels_configure(_sharing["solo_work"])
 
 
@@ -318,7 +336,7 @@ def _run(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     fn = lib.gemv[weight.dtype == torch.bfloat16, plan.variant]
     failed = fn(weight.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
                 out_features, in_features, _threads or num_threads(), plan.rows, plan.prefetch, _sharing["solo"],
-                _sharing["chunk"])
+                _sharing["chunk"], _sharing["chunk_max"])
     if failed:
         raise MemoryError(f"gemv: no memory for a float32 copy of {in_features} inputs") if failed == -1 else \
             ValueError(f"gemv refused the plan {plan}")
@@ -401,6 +419,93 @@ class Attention(layers.Attention):
         if failed:  # attention_applies() keeps head_dim in range; the C code checks again
             raise RuntimeError(f"attention kernel refused head_dim {self.head_dim}")
         return self.o_proj(y)
+
+
+class _Product(ctypes.Structure):
+    _fields_ = [("fn", ctypes.c_void_p), ("rows", ctypes.c_int64), ("prefetch", ctypes.c_int64)]
+
+
+class LayerStep(ctypes.Structure):
+    """``struct layer_step`` of csrc/kernels.c, field for field (all 8 bytes wide: no padding)."""
+
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("in_norm", "post_norm", "wq", "bq", "wk", "bk", "wv", "bv", "wo",
+                                                "bo", "qnorm", "knorm", "wg", "bg", "wu", "bu", "wd", "bd")]
+                + [("eps", ctypes.c_double), ("qk_eps", ctypes.c_double)]
+                + [(n, _Product) for n in ("qkv", "o", "gate_up", "down")]
+                + [(n, ctypes.c_int64) for n in ("hidden", "inter", "H", "KV", "d", "bf16")]
+                + [(n, ctypes.c_void_p) for n in ("x", "cos", "sin", "out", "kc", "vc", "scratch")]
+                + [(n, ctypes.c_int64) for n in ("pos", "max_len", "scratch_bytes", "threads", "solo_bytes",
+                                                 "chunk_bytes", "chunk_max")])
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def layer_applies(layer: layers.DecoderLayer) -> bool:
+    """Is ``layer`` built of the twins the one-call step drives (checked once, at conversion)?"""
+    attention, mlp = layer.self_attn, layer.mlp
+    linears = [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj,
+               getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None), getattr(mlp, "down_proj", None)]
+    parts = [layer.input_layernorm, layer.post_attention_layernorm, attention.q_norm, attention.k_norm, *linears]
+    params = [p for m in parts if m is not None for p in m.parameters(recurse=False)]
+    return (type(attention) is Attention and type(mlp) is layers.SwiGLU
+            and type(layer.input_layernorm) is RMSNorm and type(layer.post_attention_layernorm) is RMSNorm
+            and all(type(m) is Linear for m in linears)
+            and len({p.dtype for p in params}) == 1 and params[0].dtype in DTYPES
+            and all(p.is_contiguous() and p.device.type == "cpu" for p in params))
+
+
+class DecoderLayer(layers.DecoderLayer):
+    """``layers.DecoderLayer`` whose one-token step is one C call (``qwen_layer_step``): the two
+    norms, the q/k/v products as one shared job, attention, o_proj, the residual adds, gate and up
+    as one job, silu x up and down_proj. It runs the same kernels as the module-by-module path;
+    what it saves is ~15 Python calls and small torch operations per layer, and the memory's idle
+    time between them: 3-7% of a 0.5B decode step here (``benchmarks/bench_step.py``). A prompt,
+    gradients, a plan that chose torch for a shape: the modules run."""
+
+    def forward(self, x, cos, sin, cache, start):
+        a, mlp = self.self_attn, self.mlp
+        linears = (a.q_proj, a.o_proj, mlp.gate_proj, mlp.down_proj)
+        if not (_applies(x, a.q_proj.weight) and not torch.is_grad_enabled() and cache is not None
+                and cache.k.dtype == x.dtype and cache.k.is_contiguous() and cache.v.is_contiguous()
+                and cache.k.shape[:2] == (1, a.n_kv_heads) and start < cache.max_len
+                and all(m.use_kernel and m.plan.variant != "torch" for m in (*linears, a.k_proj, a.v_proj, mlp.up_proj))):
+            return super().forward(x, cos, sin, cache, start)
+        lib = _library()
+        x = x.contiguous()
+        cos, sin = cos.contiguous(), sin.contiguous()
+        bf16 = x.dtype == torch.bfloat16
+        hidden, inter, q_dim, kv_dim = x.shape[-1], mlp.gate_proj.out_features, a.n_heads * a.head_dim, \
+            a.n_kv_heads * a.head_dim
+        nbytes = x.element_size() * (4 * hidden + 2 * q_dim + 2 * kv_dim + 3 * inter)
+        scratch = torch.empty(nbytes, dtype=torch.uint8)  # per call: two threads may share a model
+        out = torch.empty_like(x)
+        s = LayerStep()
+        s.in_norm, s.post_norm = _ptr(self.input_layernorm.weight), _ptr(self.post_attention_layernorm.weight)
+        s.wq, s.bq, s.wk, s.bk = _ptr(a.q_proj.weight), _ptr(a.q_proj.bias), _ptr(a.k_proj.weight), _ptr(a.k_proj.bias)
+        s.wv, s.bv, s.wo, s.bo = _ptr(a.v_proj.weight), _ptr(a.v_proj.bias), _ptr(a.o_proj.weight), _ptr(a.o_proj.bias)
+        s.qnorm = None if a.q_norm is None else a.q_norm.weight.data_ptr()
+        s.knorm = None if a.k_norm is None else a.k_norm.weight.data_ptr()
+        s.wg, s.bg, s.wu = _ptr(mlp.gate_proj.weight), _ptr(mlp.gate_proj.bias), _ptr(mlp.up_proj.weight)
+        s.bu, s.wd, s.bd = _ptr(mlp.up_proj.bias), _ptr(mlp.down_proj.weight), _ptr(mlp.down_proj.bias)
+        s.eps = self.input_layernorm.eps
+        s.qk_eps = 0.0 if a.q_norm is None else a.q_norm.eps
+        for field, m in zip(("qkv", "o", "gate_up", "down"), linears):
+            product = getattr(s, field)
+            product.fn, product.rows, product.prefetch = lib.gemv_group[m.plan.variant], m.plan.rows, m.plan.prefetch
+        s.hidden, s.inter, s.H, s.KV, s.d, s.bf16 = hidden, inter, a.n_heads, a.n_kv_heads, a.head_dim, bf16
+        s.x, s.cos, s.sin, s.out = x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr()
+        s.kc, s.vc, s.scratch = cache.k.data_ptr(), cache.v.data_ptr(), scratch.data_ptr()
+        s.pos, s.max_len, s.scratch_bytes = start, cache.max_len, nbytes
+        s.threads, s.solo_bytes, s.chunk_bytes = _threads or num_threads(), _sharing["solo"], _sharing["chunk"]
+        s.chunk_max = _sharing["chunk_max"]
+        failed = lib.qwen_layer_step(ctypes.byref(s))
+        if failed == -1:
+            raise MemoryError(f"layer step: no memory for {start + 1} attention scores")
+        if failed:  # layer_applies() and the plans' checks keep this from happening
+            raise RuntimeError(f"the layer step refused its inputs (code {failed})")
+        return out
 
 
 def in_use(model: nn.Module) -> bool:

@@ -11,6 +11,8 @@ reference. ``convert_for_runtime`` then replaces some modules of a loaded model 
                                                                 where the CPU lacks bf16
                every ``layers.RMSNorm`` -> ``kernels.RMSNorm``   one row in one C call
                every ``layers.Attention`` -> ``kernels.Attention`` a token's attention step in one C call
+               every ``layers.DecoderLayer`` -> ``kernels.DecoderLayer`` a token's whole layer in one C call,
+                                                                once its parts are the twins above
 
 A twin holds the very same parameter tensors (nothing is copied, tied weights stay tied)
 and falls back to its original's code whenever its fast path does not apply (a prompt,
@@ -63,6 +65,8 @@ def choose_twin(module: nn.Module, device: torch.device, matvec: str) -> type[nn
     elif c_kernels and type(module) is layers.Attention and kernels.attention_applies(module) \
             and module.q_proj.weight.dtype in kernels.DTYPES:
         return kernels.Attention
+    elif c_kernels and type(module) is layers.DecoderLayer and kernels.layer_applies(module):
+        return kernels.DecoderLayer
     return None
 
 

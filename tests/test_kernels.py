@@ -127,7 +127,9 @@ def test_conversion_keeps_tied_weights_tied_and_converts_children_first():
     names = [name for name, _, _ in replaced]
     assert names.index("model.layers.0.self_attn.q_proj") < names.index("model.layers.0.self_attn")
     assert runtime.summary(replaced) == ["layers.Attention -> kernels.Attention (x4)",
+                                         "layers.DecoderLayer -> kernels.DecoderLayer (x4)",
                                          "layers.RMSNorm -> kernels.RMSNorm (x9)", "nn.Linear -> kernels.Linear (x29)"]
+    assert names.index("model.layers.0.self_attn") < names.index("model.layers.0")
 
 
 def test_conversion_refuses_an_unknown_matvec():
@@ -261,6 +263,121 @@ def test_one_token_attention_matches_the_reference(hidden, heads, kv_heads, head
             torch.testing.assert_close(got.float(), want.float(), **tol)
         for name in ("k", "v"):  # both wrote the same keys and values into their caches
             torch.testing.assert_close(getattr(caches[1], name).float(), getattr(caches[0], name).float(), **tol)
+
+
+def make_layer(hidden, heads, kv_heads, head_dim, inter, *, qkv_bias, o_bias, mlp_bias, qk_norm, dtype, seed):
+    """A decoder layer with random weights (norm gains near 1), as layers builds it."""
+    torch.manual_seed(seed)
+    attention = layers.Attention(hidden, heads, kv_heads, head_dim, qkv_bias=qkv_bias, o_bias=o_bias,
+                                 qk_norm_eps=1e-6 if qk_norm else None)
+    layer = layers.DecoderLayer(attention, layers.SwiGLU(hidden, inter, bias=mlp_bias), hidden, 1e-6)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn(p.shape))
+    return layer.to(dtype)
+
+
+def converted(layer: nn.Module) -> nn.Module:
+    holder = nn.Module()
+    holder.layer = layer
+    runtime.convert_for_runtime(holder, "cpu")
+    return holder.layer
+
+
+# Qwen2 (q/k/v bias), Llama (no bias; mlp_bias and attention_bias variants), Qwen3 (q/k norms, head_dim of its own)
+LAYER_SHAPES = {"qwen2": dict(hidden=64, heads=4, kv_heads=2, head_dim=16, inter=160, qkv_bias=True, o_bias=False,
+                              mlp_bias=False, qk_norm=False),
+                "llama-biases": dict(hidden=96, heads=6, kv_heads=2, head_dim=16, inter=200, qkv_bias=True,
+                                     o_bias=True, mlp_bias=True, qk_norm=False),
+                "llama": dict(hidden=64, heads=8, kv_heads=8, head_dim=8, inter=96, qkv_bias=False, o_bias=False,
+                              mlp_bias=False, qk_norm=False),
+                "qwen3": dict(hidden=64, heads=4, kv_heads=1, head_dim=32, inter=128, qkv_bias=False, o_bias=False,
+                              mlp_bias=False, qk_norm=True)}
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", LAYER_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [64 * 1024, 96])  # 96 bytes: chunks of a row or two, across q, k and v
+def test_one_call_layer_step_matches_the_module_path(shape, dtype, chunk, pool_settings):
+    plain = make_layer(**LAYER_SHAPES[shape], dtype=dtype, seed=len(shape))
+    fast = make_layer(**LAYER_SHAPES[shape], dtype=dtype, seed=len(shape))
+    fast = converted(fast)
+    assert type(fast) is kernels.DecoderLayer
+    kernels.set_num_threads(2)
+    kernels.configure(0, chunk)
+    cfg = LAYER_SHAPES[shape]
+    rotary = layers.RotaryEmbedding(cfg["head_dim"], 10000.0)
+    caches = [layers.KVCache(1, cfg["kv_heads"], 48, cfg["head_dim"], dtype) for _ in range(3)]
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=5e-2)
+    with torch.inference_mode():
+        prompt = torch.randn(1, 5, cfg["hidden"]).to(dtype)
+        cos, sin = rotary(torch.arange(5), dtype)
+        for cache in caches[:2]:
+            fast(prompt, cos, sin, cache, 0)  # a prompt: the modules, for both
+        plain(prompt, cos, sin, caches[2], 0)
+        for pos in range(5, 45):
+            x = torch.randn(1, 1, cfg["hidden"]).to(dtype)
+            cos, sin = rotary(torch.tensor([pos]), dtype)
+            got = fast(x, cos, sin, caches[0], pos)  # one C call
+            by_modules = layers.DecoderLayer.forward(fast, x, cos, sin, caches[1], pos)  # the same kernels, one by one
+            reference = plain(x, cos, sin, caches[2], pos)  # torch alone
+            # the same products and roundings as the module path; only silu's exp is C's rather than torch's
+            torch.testing.assert_close(got, by_modules, rtol=1e-6 if dtype == torch.float32 else 8e-3, atol=1e-6)
+            torch.testing.assert_close(got.float(), reference.float(), **tol)
+        for name in ("k", "v"):
+            assert torch.equal(getattr(caches[0], name), getattr(caches[1], name))
+
+
+@needs_kernel
+def test_layer_step_runs_every_plan_and_leaves_torch_plans_to_the_modules(pool_settings):
+    from qwen_lab import tuning
+    fast = converted(make_layer(**LAYER_SHAPES["qwen2"], dtype=torch.float32, seed=3))
+    rotary = layers.RotaryEmbedding(16, 10000.0)
+    kernels.configure(0, 256)
+    calls = []
+    real_run = kernels._run
+    kernels._run = lambda *a: calls.append(a[-1]) or real_run(*a)  # the module path's products
+    try:
+        with torch.inference_mode():
+            x = torch.randn(1, 1, 64)
+            cos, sin = rotary(torch.tensor([0]), torch.float32)
+            want = layers.DecoderLayer.forward(fast, x, cos, sin, layers.KVCache(1, 2, 4, 16, torch.float32), 0)
+            for plan in tuning.candidates():
+                for m in fast.modules():
+                    if isinstance(m, kernels.Linear):
+                        m.plan = plan
+                calls.clear()
+                got = fast(x, cos, sin, layers.KVCache(1, 2, 4, 16, torch.float32), 0)
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=str(plan))
+                # a C plan: one call and no product through Python; torch: the modules, each product by F.linear
+                assert calls == ([plan] * 7 if plan.variant == "torch" else []), plan
+    finally:
+        kernels._run = real_run
+
+
+@needs_kernel
+def test_a_layer_with_a_part_the_kernels_cannot_take_stays_as_it_is():
+    odd = converted(make_layer(hidden=96, heads=8, kv_heads=8, head_dim=12, inter=64, qkv_bias=True, o_bias=False,
+                               mlp_bias=False, qk_norm=False, dtype=torch.float32, seed=0))  # head_dim 12
+    assert type(odd.self_attn) is layers.Attention and type(odd) is layers.DecoderLayer
+    half = converted(make_layer(**LAYER_SHAPES["qwen2"], dtype=torch.float16, seed=0))  # float16: no kernel
+    assert type(half) is layers.DecoderLayer
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_greedy_tokens_are_the_same_with_the_one_call_layer_step(dtype, monkeypatch):
+    files = resolve("qwen-lab/tiny-chat")
+    model, tok = load_model(files, dtype, "cpu"), Tokenizer.from_files(files)
+    assert sum(type(m) is kernels.DecoderLayer for m in model.modules()) == model.config.num_hidden_layers
+    prompt = tok.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    gen = GenerationConfig(max_new_tokens=40, do_sample=False, eos_token_id=[], top_logprobs=3)
+    fused = generate_stream(model, tok, prompt, gen).result
+    monkeypatch.setattr(kernels.DecoderLayer, "forward", layers.DecoderLayer.forward)
+    by_modules = generate_stream(model, tok, prompt, gen).result
+    assert fused.token_ids == by_modules.token_ids
 
 
 # ---------------------------------------------------------------- the thread pool

@@ -1,6 +1,7 @@
 /* Kernels for decoding one token on a CPU (AVX2), called by qwen_lab/kernels.py: RMSNorm of one
- * row, and a layer's attention step for one new token. Each replaces a dozen or more small torch
- * operations of a few microseconds. (The matrix-vector product is gemv.c; the threads, pool.c.)
+ * row, a layer's attention step for one new token, and a decoder layer's whole one-token step. Each
+ * replaces a dozen or more small torch operations of a few microseconds. (The matrix-vector product
+ * is gemv.c, reached from the layer step through a pointer to the variant chosen; the threads, pool.c.)
  *
  * Built on first use (cc -O3 -mavx2 -mfma) and called through ctypes.
  */
@@ -216,3 +217,106 @@ int qwen_attend_one_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v
                          int threads) {
     return attend(q, k, v, cos, sin, qnorm, knorm, eps, kc, vc, y, H, KV, d, pos, max_len, 1, threads);
 }
+
+/* ---- a whole decoder layer for one new token ---------------------------------------------- */
+
+/* A gemv.c group product (qwen_gemv_group_<variant>): the instruction set is chosen per machine. */
+typedef int (*gemv_group_fn)(int bf16, int count, const void *const *W, const void *const *bias, void *const *y,
+                             const int64_t *N, int64_t K, const void *x, int threads, int rows_in_flight,
+                             int prefetch, int64_t solo_bytes, int64_t chunk_bytes, int64_t chunk_max);
+
+/* How one product of the layer runs: the variant's function and the plan kernels.py measured for it. */
+struct product { gemv_group_fn fn; int64_t rows, prefetch; };
+
+/* What kernels.DecoderLayer fills in for one call (kernels.py: LayerStep, field for field; every
+ * field is 8 bytes, so the two layouts cannot drift apart through padding). */
+struct layer_step {
+    /* the layer's parameters (a bias or a q/k norm may be NULL) */
+    const void *in_norm, *post_norm, *wq, *bq, *wk, *bk, *wv, *bv, *wo, *bo, *qnorm, *knorm;
+    const void *wg, *bg, *wu, *bu, *wd, *bd;
+    double eps, qk_eps;
+    struct product qkv, o, gate_up, down;
+    int64_t hidden, inter, H, KV, d, bf16;
+    /* this token */
+    const void *x, *cos, *sin;
+    void *out, *kc, *vc, *scratch;
+    int64_t pos, max_len, scratch_bytes, threads, solo_bytes, chunk_bytes, chunk_max;
+};
+
+static inline float get(const void *p, int64_t i, int bf16) { return load_any(p, i, bf16); }
+
+static inline void put(void *p, int64_t i, float v, int bf16) {
+    if (bf16) ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else ((float *)p)[i] = v;
+}
+
+/* out = x + a, rounded once to the model's dtype (what torch's `x + a` does). */
+static void add(const void *x, const void *a, void *out, int64_t n, int bf16) {
+    for (int64_t i = 0; i < n; i++) put(out, i, get(x, i, bf16) + get(a, i, bf16), bf16);
+}
+
+static int norm(const void *x, const void *w, void *y, int64_t n, float eps, int bf16) {
+    if (bf16) return qwen_rmsnorm_bf16(x, w, y, n, eps);
+    qwen_rmsnorm_f32(x, w, y, n, eps);
+    return 0;
+}
+
+/* layers.DecoderLayer.forward for one token, as the module-by-module path computes it (the same
+ * products, attention and roundings), in one call: the ~15 Python calls and small torch operations
+ * of a layer cost more than its attention at short contexts. Scratch holds the intermediate rows:
+ * 4 x hidden + 2 x H*d + 2 x KV*d + 3 x inter values. Returns 0, -1 (no memory), -2 (a refused
+ * plan or head size), -3 (scratch too small). */
+int qwen_layer_step(const struct layer_step *s) {
+    const int bf16 = (int)s->bf16, threads = (int)s->threads;
+    const int64_t es = bf16 ? 2 : 4, D = s->hidden, I = s->inter, Q = s->H * s->d, KVD = s->KV * s->d;
+    if (s->scratch_bytes < es * (4 * D + 2 * Q + 2 * KVD + 3 * I)) return -3;
+    char *p = s->scratch;
+    void *h = p, *q = (p += es * D), *k = (p += es * Q), *v = (p += es * KVD), *y = (p += es * KVD);
+    void *o = (p += es * Q), *x1 = (p += es * D), *g = (p += es * D), *u = (p += es * I), *act = (p += es * I);
+    void *m = (p += es * I);
+    int failed;
+    /* attention */
+    if ((failed = norm(s->x, s->in_norm, h, D, (float)s->eps, bf16))) return failed;
+    {
+        const void *W[3] = {s->wq, s->wk, s->wv}, *B[3] = {s->bq, s->bk, s->bv};
+        void *Y[3] = {q, k, v};
+        int64_t N[3] = {Q, KVD, KVD};
+        if ((failed = s->qkv.fn(bf16, 3, W, B, Y, N, D, h, threads, (int)s->qkv.rows, (int)s->qkv.prefetch,
+                                s->solo_bytes, s->chunk_bytes, s->chunk_max))) return failed;
+    }
+    if ((failed = attend(q, k, v, s->cos, s->sin, s->qnorm, s->knorm, (float)s->qk_eps, s->kc, s->vc, y, s->H,
+                         s->KV, s->d, s->pos, s->max_len, bf16, threads))) return failed;
+    {
+        const void *W[1] = {s->wo}, *B[1] = {s->bo};
+        void *Y[1] = {o};
+        if ((failed = s->o.fn(bf16, 1, W, B, Y, &D, Q, y, threads, (int)s->o.rows, (int)s->o.prefetch,
+                              s->solo_bytes, s->chunk_bytes, s->chunk_max))) return failed;
+    }
+    add(s->x, o, x1, D, bf16);
+    /* MLP: down(silu(gate(h)) * up(h)) */
+    if ((failed = norm(x1, s->post_norm, h, D, (float)s->eps, bf16))) return failed;
+    {
+        const void *W[2] = {s->wg, s->wu}, *B[2] = {s->bg, s->bu};
+        void *Y[2] = {g, u};
+        int64_t N[2] = {I, I};
+        if ((failed = s->gate_up.fn(bf16, 2, W, B, Y, N, D, h, threads, (int)s->gate_up.rows,
+                                    (int)s->gate_up.prefetch, s->solo_bytes, s->chunk_bytes, s->chunk_max))) return failed;
+    }
+    for (int64_t i = 0; i < I; i++) {  /* silu, rounded, then the product, rounded: two torch operations */
+        float a = get(g, i, bf16);
+        float silu = a / (1.0f + expf(-a));
+        if (bf16) silu = bf16_to_f32(f32_to_bf16(silu));
+        put(act, i, silu * get(u, i, bf16), bf16);
+    }
+    {
+        const void *W[1] = {s->wd}, *B[1] = {s->bd};
+        void *Y[1] = {m};
+        if ((failed = s->down.fn(bf16, 1, W, B, Y, &D, I, act, threads, (int)s->down.rows, (int)s->down.prefetch,
+                                 s->solo_bytes, s->chunk_bytes, s->chunk_max))) return failed;
+    }
+    add(x1, m, s->out, D, bf16);
+    return 0;
+}
+
+/* sizeof(struct layer_step): kernels.py refuses to call qwen_layer_step through a struct of another size. */
+int64_t qwen_layer_step_size(void) { return (int64_t)sizeof(struct layer_step); }

@@ -1,0 +1,98 @@
+"""One decode step, its ways of running side by side in one process, against the memory's read speed.
+
+    python benchmarks/bench_step.py                          # Qwen2.5-0.5B shapes, bf16 and f32
+    python benchmarks/bench_step.py --config benchmarks/configs/qwen2.5-1.5b.json --dtypes bfloat16
+
+A decode step reads every weight once, so its floor is weight bytes / read bandwidth. This script
+times the model's one-token forward (the KV cache holding a 256-token prompt), alternating in
+rounds between:
+
+- ``one call per layer``: ``kernels.DecoderLayer``, the layer's whole step in one C call, with
+  chunks sized per job (up to ``kernels.CHUNK_MAX_BYTES``) — what ``load_model`` gives;
+- ``module by module``: the same kernels called layer part by layer part from Python (the path
+  before the one-call step);
+- ``64 KB chunks``: the one-call step with every chunk 64 KB (the pool's sharing before);
+
+and, in the same rounds, ``torch.sum`` over a float32 tensor of the same bytes as the weights,
+right before each timed step: the bandwidth a plain read gets at that moment. Utilisation is the
+step's weight bytes over its time, over that probe (median of the rounds). On a shared machine the
+bandwidth moves from second to second; alternating is what makes the columns comparable.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", type=Path, default=HERE / "configs" / "qwen2.5-0.5b.json")
+    p.add_argument("--dtypes", default="bfloat16,float32")
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--steps", type=int, default=4, help="decode steps per measurement")
+    args = p.parse_args()
+
+    import torch
+    from bench_decode import machine, make_checkpoint, weights_only
+    from qwen_lab import kernels, layers
+    from qwen_lab.load import load_model
+
+    directory = make_checkpoint(args.config)
+    print(machine())
+    print(f"model: random weights, shapes of {args.config.stem}; KV cache holding 256 positions; "
+          f"{args.rounds} rounds of {args.steps} steps each way, alternating")
+    fused = kernels.DecoderLayer.forward
+    ways = {
+        "one call per layer": (fused, None),
+        "module by module": (layers.DecoderLayer.forward, None),
+        "64 KB chunks": (fused, kernels.CHUNK_BYTES),
+    }
+    for dtype in args.dtypes.split(","):
+        model = load_model(weights_only(directory), dtype, "cpu")
+        nbytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
+                     if isinstance(m, torch.nn.Linear))
+        probe = torch.ones(nbytes // 4)
+        caches = model.new_caches(1, 256 + args.rounds * len(ways) * args.steps + 8)
+        times = {name: [] for name in ways}
+        reads = {name: [] for name in ways}
+        torch.set_num_threads(kernels.num_threads())
+        with torch.inference_mode():
+            model(torch.arange(100, 356)[None], caches, 0, last_only=True)
+            pos = 256
+            token = torch.tensor([[5]])
+            for _ in range(args.rounds):
+                for name, (forward, chunk_max) in ways.items():
+                    torch.set_num_threads(kernels.num_threads())
+                    start = time.perf_counter()
+                    probe.sum()
+                    reads[name].append(nbytes / (time.perf_counter() - start))
+                    torch.set_num_threads(1)  # as generation decodes: torch on one thread, the kernels on all
+                    kernels.DecoderLayer.forward = forward
+                    kernels.configure(chunk_max_bytes=chunk_max)
+                    start = time.perf_counter()
+                    for _ in range(args.steps):
+                        model(token, caches, pos, last_only=True)
+                        pos += 1
+                    times[name].append((time.perf_counter() - start) / args.steps)
+        kernels.DecoderLayer.forward = fused
+        kernels.configure()
+        print(f"\n{dtype}: {nbytes / 1e9:.2f} GB of weights per token")
+        print(f"  {'way':<20} {'ms/step':>9} {'tok/s':>7} {'GB/s':>6} {'read GB/s':>10} {'used':>6}   (medians; "
+              f"step range)")
+        for name in ways:
+            t = statistics.median(times[name])
+            used = statistics.median(nbytes / s / r for s, r in zip(times[name], reads[name]))
+            print(f"  {name:<20} {t * 1e3:9.1f} {1 / t:7.2f} {nbytes / t / 1e9:6.1f} "
+                  f"{statistics.median(reads[name]) / 1e9:10.1f} {used:6.0%}   "
+                  f"({min(times[name]) * 1e3:.1f}-{max(times[name]) * 1e3:.1f} ms)")
+
+
+if __name__ == "__main__":
+    main()
