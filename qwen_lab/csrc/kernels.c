@@ -243,8 +243,6 @@ struct layer_step {
     int64_t pos, max_len, scratch_bytes, threads, solo_bytes, chunk_bytes, chunk_max;
 };
 
-static inline float get(const void *p, int64_t i, int bf16) { return load_any(p, i, bf16); }
-
 static inline void put(void *p, int64_t i, float v, int bf16) {
     if (bf16) ((uint16_t *)p)[i] = f32_to_bf16(v);
     else ((float *)p)[i] = v;
@@ -252,7 +250,7 @@ static inline void put(void *p, int64_t i, float v, int bf16) {
 
 /* out = x + a, rounded once to the model's dtype (what torch's `x + a` does). */
 static void add(const void *x, const void *a, void *out, int64_t n, int bf16) {
-    for (int64_t i = 0; i < n; i++) put(out, i, get(x, i, bf16) + get(a, i, bf16), bf16);
+    for (int64_t i = 0; i < n; i++) put(out, i, load_any(x, i, bf16) + load_any(a, i, bf16), bf16);
 }
 
 static int norm(const void *x, const void *w, void *y, int64_t n, float eps, int bf16) {
@@ -303,10 +301,10 @@ int qwen_layer_step(const struct layer_step *s) {
                                     (int)s->gate_up.prefetch, s->solo_bytes, s->chunk_bytes, s->chunk_max))) return failed;
     }
     for (int64_t i = 0; i < I; i++) {  /* silu, rounded, then the product, rounded: two torch operations */
-        float a = get(g, i, bf16);
+        float a = load_any(g, i, bf16);
         float silu = a / (1.0f + expf(-a));
         if (bf16) silu = bf16_to_f32(f32_to_bf16(silu));
-        put(act, i, silu * get(u, i, bf16), bf16);
+        put(act, i, silu * load_any(u, i, bf16), bf16);
     }
     {
         const void *W[1] = {s->wd}, *B[1] = {s->bd};
