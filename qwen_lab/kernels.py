@@ -398,10 +398,14 @@ class Attention(layers.Attention):
     attention over the cache — is one C call between the projections and ``o_proj`` (instead
     of ~30 small ops). It writes the cache in ``layers.KVCache``'s declared layout."""
 
-    def forward(self, x, cos, sin, cache, start):
-        if not (_applies(x, self.q_proj.weight) and not torch.is_grad_enabled() and cache is not None
+    def one_token_applies(self, x, cache, start) -> bool:
+        """Can the C attention step take this call: one row, no gradients, a cache in the layout it writes?"""
+        return (_applies(x, self.q_proj.weight) and not torch.is_grad_enabled() and cache is not None
                 and cache.k.dtype == x.dtype and cache.k.is_contiguous() and cache.v.is_contiguous()
-                and cache.k.shape[:2] == (1, self.n_kv_heads) and start < cache.max_len):
+                and cache.k.shape[:2] == (1, self.n_kv_heads) and start < cache.max_len)
+
+    def forward(self, x, cos, sin, cache, start):
+        if not self.one_token_applies(x, cache, start):
             return super().forward(x, cos, sin, cache, start)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # one row each: the gemv kernel
         cos, sin = cos.contiguous(), sin.contiguous()
@@ -467,9 +471,7 @@ class DecoderLayer(layers.DecoderLayer):
     def forward(self, x, cos, sin, cache, start):
         a, mlp = self.self_attn, self.mlp
         linears = (a.q_proj, a.o_proj, mlp.gate_proj, mlp.down_proj)
-        if not (_applies(x, a.q_proj.weight) and not torch.is_grad_enabled() and cache is not None
-                and cache.k.dtype == x.dtype and cache.k.is_contiguous() and cache.v.is_contiguous()
-                and cache.k.shape[:2] == (1, a.n_kv_heads) and start < cache.max_len
+        if not (a.one_token_applies(x, cache, start)
                 and all(m.use_kernel and m.plan.variant != "torch" for m in (*linears, a.k_proj, a.v_proj, mlp.up_proj))):
             return super().forward(x, cos, sin, cache, start)
         lib = _library()
