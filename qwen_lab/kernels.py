@@ -6,8 +6,10 @@ memory. torch's CPU BLAS is built for matrix-matrix products and, measured on
 the shapes of a Qwen2.5 decode step, streams them at about half the machine's
 read bandwidth (``benchmarks/RESULTS.md``). ``csrc/kernels.c`` is the plain loop
 instead: each thread takes a block of rows of the row-major weight and reads
-them front to back with AVX2 fused multiply-adds, summing in float32, for
-float32 and bfloat16 weights (``benchmarks/bench_gemv.py`` compares the two).
+them front to back with fused multiply-adds (AVX2 or AVX-512, picked by the
+CPU's flags at run time; bfloat16 pairs by AVX512-BF16 where the CPU has it),
+summing in float32, for float32 and bfloat16 weights (``benchmarks/bench_gemv.py``
+compares them with torch).
 It also does in one call each what takes many small torch operations per token:
 RMSNorm of one row, a layer's attention step for one new token (rotary,
 KV-cache write, softmax(q K^T / sqrt(d)) V), and a decoder layer's whole
@@ -56,13 +58,19 @@ CSRC = Path(__file__).with_name("csrc")
 FLAGS = ["-O3", "-pthread", "-fno-math-errno", "-ffp-contract=fast", "-fPIC", "-std=gnu11", "-Wno-psabi"]
 AVX2 = ["-mavx2", "-mfma"]
 #: The instruction sets csrc/gemv.c is compiled for: name -> (floats per vector register, compiler
-#: flags, CPU flags it needs). ``avx2x16`` is the 16-wide code on pairs of AVX2 registers: it is how the
-#: AVX-512 code is tested on CPUs without AVX-512, and on some CPUs it is the fastest AVX2 variant.
+#: flags, CPU flags it needs, macros). ``avx512bf16`` multiplies bf16 weights in pairs against the bf16 x
+#: with AVX512-BF16's ``vdpbf16ps`` (``-DDPBF16=2``) instead of widening them. Two stand-ins run the same
+#: C code with AVX2 alone, so that it is tested on every CPU: ``avx2x16``, the 16-wide code of ``avx512``
+#: on pairs of AVX2 registers (on some shapes also the fastest AVX2 variant), and ``avx2dp``, the pair walk
+#: of ``avx512bf16`` with the pair sums done by AVX2 arithmetic (``-DDPBF16=1``).
+AVX512 = AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+AVX512_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq")
 VARIANTS = {
-    "avx2": (8, AVX2, ("avx2", "fma")),
-    "avx2x16": (16, AVX2, ("avx2", "fma")),
-    "avx512": (16, AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
-               ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq")),
+    "avx2": (8, AVX2, ("avx2", "fma"), []),
+    "avx2x16": (16, AVX2, ("avx2", "fma"), []),
+    "avx2dp": (8, AVX2, ("avx2", "fma"), ["-DDPBF16=1"]),
+    "avx512": (16, AVX512, AVX512_FLAGS, []),
+    "avx512bf16": (16, AVX512 + ["-mavx512bf16"], AVX512_FLAGS + ("avx512_bf16",), ["-DDPBF16=2"]),
 }
 #: Weight dtypes the kernel handles; float16 and others go to F.linear.
 DTYPES = (torch.float32, torch.bfloat16)
@@ -190,7 +198,8 @@ def _build(cc: list[str], target: Path) -> None:
 
         objects = []
         for source, out, flags in [("kernels.c", "kernels.o", AVX2), ("pool.c", "pool.o", AVX2)] + [
-                ("gemv.c", f"gemv_{v}.o", [*f, f"-DVEC={width}", f"-DVARIANT={v}"]) for v, (width, f, _) in VARIANTS.items()]:
+                ("gemv.c", f"gemv_{v}.o", [*f, *macros, f"-DVEC={width}", f"-DVARIANT={v}"])
+                for v, (width, f, _, macros) in VARIANTS.items()]:
             done = compile_(source, out, flags)
             if done.returncode == 0:
                 objects.append(f"{work}/{out}")
@@ -207,7 +216,7 @@ def _build(cc: list[str], target: Path) -> None:
 
 @functools.lru_cache(maxsize=None)
 def variants() -> list[str]:
-    """The gemv variants built here that this CPU can run, e.g. ``['avx2', 'avx2x16', 'avx512']``."""
+    """The gemv variants built here that this CPU can run, e.g. ``['avx2', 'avx2x16', 'avx2dp', 'avx512']``."""
     flags = cpu_flags()
     return [v for v in _library().variants if set(VARIANTS[v][2]) <= flags]
 

@@ -484,12 +484,28 @@ def test_every_plan_matches_f_linear(out_features, in_features, pool_settings):
     w, x, b = (torch.randn(out_features, in_features, generator=g), torch.randn(in_features, generator=g),
                torch.randn(out_features, generator=g))
     plans = tuning.candidates()
-    assert {p.variant for p in plans} >= {"avx2", "avx2x16", "torch"}  # the 16-wide code runs here too
+    assert {p.variant for p in plans} >= {"avx2", "avx2x16", "avx2dp", "torch"}  # the stand-ins run here too
     for plan in plans:
         got = kernels.gemv(x, w, b, plan=plan)
         torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5 * in_features ** 0.5, msg=str(plan))
         bf16_close(kernels.gemv(x.bfloat16(), w.bfloat16(), b.bfloat16(), plan=plan), x.bfloat16(), w.bfloat16(),
                    b.bfloat16())
+
+
+@needs_kernel
+def test_the_avx512_bf16_variant_is_built_with_its_instruction():
+    """Compiled wherever the compiler knows AVX512-BF16 (and run only where the CPU has it): its pair
+    walk must use vdpbf16ps itself, not the widening arithmetic of its stand-in avx2dp."""
+    import shutil
+    import subprocess
+    lib = kernels._library()
+    if "avx512bf16" not in lib.variants:
+        pytest.skip("this compiler does not build -mavx512bf16")
+    objdump = shutil.which("objdump")
+    if not objdump:
+        pytest.skip("no objdump to read the built code")
+    code = subprocess.run([objdump, "-d", lib._name], capture_output=True, text=True, check=True).stdout
+    assert "vdpbf16ps" in code  # only gemv_avx512bf16.o is compiled with -mavx512bf16
 
 
 @needs_kernel

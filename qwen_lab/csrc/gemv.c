@@ -17,8 +17,10 @@
  * (kernels.py: VARIANTS): VEC = 8 floats as AVX2 ymm registers, VEC = 16 as AVX-512 zmm
  * registers — or, with -DVEC=16 and AVX2 flags, as pairs of ymm registers, which is how the
  * 16-wide code is tested on machines without AVX-512. Sums are float32; bf16 weights are
- * widened by a 16-bit shift (a bf16 is the top half of a float32). Work is shared over the
- * pool of pool.c in chunks of rows.
+ * widened by a 16-bit shift (a bf16 is the top half of a float32), or, with -DDPBF16, multiplied
+ * in pairs against the bf16 x as they are (AVX512-BF16's vdpbf16ps; DPBF16=1 does the same sums
+ * with AVX2 arithmetic, to test that walk anywhere). Work is shared over the pool of pool.c in
+ * chunks of rows.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -26,6 +28,9 @@
 
 #include "bf16.h"
 #include "pool.h"
+#if DPBF16 == 2
+#include <immintrin.h>
+#endif
 
 #ifndef VEC
 #define VEC 8
@@ -60,7 +65,7 @@ static inline void load_bf16_pair(const uint16_t *p, vf *lo, vf *hi) {
 }
 
 /* x as float32, each block of 2*VEC values reordered to match load_bf16_pair (the tail stays in order). */
-static void shuffle_x(const uint16_t *x16, float *xs, int64_t K);
+static void shuffle_x(const uint16_t *x16, float *xs, int64_t K) __attribute__((unused));  /* not with DPBF16 */
 
 static inline float hsum(vf v) {
     float s = 0.0f;
@@ -98,8 +103,59 @@ static inline void NAME_(const float *w, const float *x, int64_t K, int prefetch
     }                                                                                                \
 }
 
+#ifdef DPBF16
+/* acc + the pair sums of 2*VEC bf16 weights w and 2*VEC bf16 values x: lane i gets
+ * w[2i+1]*x[2i+1] + w[2i]*x[2i]. DPBF16 == 2: one vdpbf16ps (AVX512-BF16; it treats subnormal
+ * inputs and results as zero). DPBF16 == 1: the same sums, in the same order, by widening both
+ * (shift for the even, mask for the odd values): the products of two bf16 are exact in float32. */
+static inline vf dot_pairs(vf acc, const uint16_t *w, const uint16_t *x) {
+#if DPBF16 == 2 && VEC == 16
+    __m512i a, b;
+    memcpy(&a, w, sizeof a);
+    memcpy(&b, x, sizeof b);
+    return (vf)_mm512_dpbf16_ps((__m512)acc, (__m512bh)a, (__m512bh)b);
+#else
+    vu a, b;
+    memcpy(&a, w, sizeof a);
+    memcpy(&b, x, sizeof b);
+    vu wo = a & 0xffff0000u, xo = b & 0xffff0000u, we = a << 16, xe = b << 16;
+    vf fwo, fxo, fwe, fxe;
+    memcpy(&fwo, &wo, sizeof wo); memcpy(&fxo, &xo, sizeof xo);
+    memcpy(&fwe, &we, sizeof we); memcpy(&fxe, &xe, sizeof xe);
+    acc += fwo * fxo;
+    return acc + fwe * fxe;
+#endif
+}
+
+/* R rows dotted with the bf16 x as it came (no widened copy): 2*VEC weights a step per accumulator. */
+#define DOT_DP(NAME_, R, ACC)                                                                        \
+static inline void NAME_(const uint16_t *w, const void *xv, int64_t K, int prefetch, float *out) {   \
+    const uint16_t *x = xv;                                                                          \
+    vf acc[R][ACC];                                                                                  \
+    for (int r = 0; r < R; r++) for (int a = 0; a < ACC; a++) acc[r][a] = (vf){0};                   \
+    int64_t k = 0;                                                                                   \
+    for (; k + 2 * VEC * ACC <= K; k += 2 * VEC * ACC) {                                            \
+        if (prefetch) for (int r = 0; r < R; r++)                                                    \
+            __builtin_prefetch((const char *)(w + r * K + k) + PREFETCH_AHEAD, 0, 0);                \
+        for (int a = 0; a < ACC; a++)                                                                \
+            for (int r = 0; r < R; r++)                                                              \
+                acc[r][a] = dot_pairs(acc[r][a], w + r * K + k + 2 * VEC * a, x + k + 2 * VEC * a); \
+    }                                                                                                \
+    for (; k + 2 * VEC <= K; k += 2 * VEC)                                                           \
+        for (int r = 0; r < R; r++) acc[r][0] = dot_pairs(acc[r][0], w + r * K + k, x + k);         \
+    for (int r = 0; r < R; r++) {                                                                    \
+        vf total = acc[r][0];                                                                        \
+        for (int a = 1; a < ACC; a++) total += acc[r][a];                                            \
+        float s = hsum(total);                                                                       \
+        for (int64_t t = k; t < K; t++) s += bf16_to_f32(w[r * K + t]) * bf16_to_f32(x[t]);         \
+        out[r] = s;                                                                                  \
+    }                                                                                                \
+}
+#endif
+
 #define DOT_BF16(NAME_, R, PAIRS)                                                                    \
-static inline void NAME_(const uint16_t *w, const float *xs, int64_t K, int prefetch, float *out) {  \
+static inline void NAME_(const uint16_t *w, const void *xv, int64_t K, int prefetch, float *out) {   \
+    const float *xs = xv;                                                                            \
     vf acc[R][2 * PAIRS];                                                                            \
     for (int r = 0; r < R; r++) for (int a = 0; a < 2 * PAIRS; a++) acc[r][a] = (vf){0};             \
     int64_t k = 0;                                                                                   \
@@ -137,9 +193,15 @@ static inline void NAME_(const uint16_t *w, const float *xs, int64_t K, int pref
 DOT_F32(dot1_f32, 1, 4)
 DOT_F32(dot2_f32, 2, 2)
 DOT_F32(dot4_f32, 4, 2)
+#ifdef DPBF16
+DOT_DP(dot1_bf16, 1, 2)
+DOT_DP(dot2_bf16, 2, 1)
+DOT_DP(dot4_bf16, 4, 1)
+#else
 DOT_BF16(dot1_bf16, 1, 2)
 DOT_BF16(dot2_bf16, 2, 1)
 DOT_BF16(dot4_bf16, 4, 1)
+#endif
 
 static void shuffle_x(const uint16_t *x16, float *xs, int64_t K) {
     const int64_t block = 2 * VEC;
@@ -158,7 +220,7 @@ static void shuffle_x(const uint16_t *x16, float *xs, int64_t K) {
 #define GROUP_MAX 3
 
 struct gemv_job {
-    const float *x;
+    const void *x;  /* float32; for bf16 weights the widened, shuffled x, or with DPBF16 the bf16 x itself */
     int64_t K, rows;  /* rows per chunk */
     int count, bf16, rows_in_flight, prefetch;
     const void *W[GROUP_MAX], *bias[GROUP_MAX];
@@ -189,9 +251,10 @@ static void gemv_chunk(const void *job, int64_t c) {
             }
         } else {
             const float *w = (const float *)W + n * K;
-            if (take == 4) dot4_f32(w, j->x, K, j->prefetch, out);
-            else if (take == 2) dot2_f32(w, j->x, K, j->prefetch, out);
-            else dot1_f32(w, j->x, K, j->prefetch, out);
+            const float *x = j->x;
+            if (take == 4) dot4_f32(w, x, K, j->prefetch, out);
+            else if (take == 2) dot2_f32(w, x, K, j->prefetch, out);
+            else dot1_f32(w, x, K, j->prefetch, out);
             for (int r = 0; r < take; r++) ((float *)y)[n + r] = out[r] + (bias ? ((const float *)bias)[n + r] : 0.0f);
         }
         n += take;
@@ -245,6 +308,11 @@ int NAME(qwen_gemv_group, VARIANT)(int bf16, int count, const void *const *W, co
         job.N[m] = N[m];
     }
     float stack[8192], *xf = NULL;
+#ifdef DPBF16
+    if (bf16) {
+        job.x = x;  /* multiplied in pairs as it is */
+    } else
+#endif
     if (bf16) {
         xf = K <= 8192 ? stack : (float *)malloc((size_t)K * sizeof(float));
         if (!xf) return -1;
