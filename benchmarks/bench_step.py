@@ -12,6 +12,9 @@ rounds between:
 - ``module by module``: the same kernels called layer part by layer part from Python (the path
   before the one-call step);
 - ``64 KB chunks``: the one-call step with every chunk 64 KB (the pool's sharing before);
+- ``bf16 widened, no pairs`` (bf16 only): the one-call step with each shape's plan measured without
+  the pair variants (``kernels.PAIR_VARIANTS``), i.e. every bf16 weight widened to float32 before its
+  multiply-add, as before those variants;
 
 and, in the same rounds, ``torch.sum`` over a float32 tensor of the same bytes as the weights,
 right before each timed step: the bandwidth a plain read gets at that moment. Utilisation is the
@@ -41,7 +44,7 @@ def main() -> None:
 
     import torch
     from bench_decode import machine, make_checkpoint, weights_only
-    from qwen_lab import kernels, layers
+    from qwen_lab import kernels, layers, tuning
     from qwen_lab.load import load_model
 
     directory = make_checkpoint(args.config)
@@ -49,13 +52,27 @@ def main() -> None:
     print(f"model: random weights, shapes of {args.config.stem}; KV cache holding 256 positions; "
           f"{args.rounds} rounds of {args.steps} steps each way, alternating")
     fused = kernels.DecoderLayer.forward
-    ways = {
-        "one call per layer": (fused, None),
-        "module by module": (layers.DecoderLayer.forward, None),
-        "64 KB chunks": (fused, kernels.CHUNK_BYTES),
-    }
     for dtype in args.dtypes.split(","):
+        ways = {  # name -> (the layer's forward, chunk_max_bytes, plans: None as loaded, else per Linear)
+            "one call per layer": (fused, None, None),
+            "module by module": (layers.DecoderLayer.forward, None, None),
+            "64 KB chunks": (fused, kernels.CHUNK_BYTES, None),
+        }
         model = load_model(weights_only(directory), dtype, "cpu")
+        linears = [m for m in model.modules() if isinstance(m, kernels.Linear) and m.use_kernel]
+        tuned = {m: m.plan for m in linears}
+        if dtype == "bfloat16" and any(p.variant in kernels.PAIR_VARIANTS for p in tuned.values()):
+            widened = {}
+            for m in linears:
+                shape = (m.out_features, m.in_features)
+                if shape not in widened:
+                    plans = [p for p in tuning.candidates(torch.bfloat16) if p.variant not in kernels.PAIR_VARIANTS]
+                    widened[shape] = (tuning.measure(*shape, torch.bfloat16, plans)[0]
+                                      if m.plan.variant in kernels.PAIR_VARIANTS else m.plan)
+            ways["bf16 widened, no pairs"] = (fused, None, {m: widened[m.out_features, m.in_features] for m in linears})
+            print("bf16 plans, tuned / without pairs:", ", ".join(
+                f"{o}x{i}: {tuned[m]} / {widened[o, i]}" for (o, i), m in
+                {(m.out_features, m.in_features): m for m in linears}.items()))
         nbytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
                      if isinstance(m, torch.nn.Linear))
         probe = torch.ones(nbytes // 4)
@@ -68,7 +85,9 @@ def main() -> None:
             pos = 256
             token = torch.tensor([[5]])
             for _ in range(args.rounds):
-                for name, (forward, chunk_max) in ways.items():
+                for name, (forward, chunk_max, plans) in ways.items():
+                    for m in linears:
+                        m.plan = (plans or tuned)[m]
                     torch.set_num_threads(kernels.num_threads())
                     start = time.perf_counter()
                     probe.sum()
@@ -83,13 +102,15 @@ def main() -> None:
                     times[name].append((time.perf_counter() - start) / args.steps)
         kernels.DecoderLayer.forward = fused
         kernels.configure()
+        for m in linears:
+            m.plan = tuned[m]
         print(f"\n{dtype}: {nbytes / 1e9:.2f} GB of weights per token")
-        print(f"  {'way':<20} {'ms/step':>9} {'tok/s':>7} {'GB/s':>6} {'read GB/s':>10} {'used':>6}   (medians; "
+        print(f"  {'way':<24} {'ms/step':>9} {'tok/s':>7} {'GB/s':>6} {'read GB/s':>10} {'used':>6}   (medians; "
               f"step range)")
         for name in ways:
             t = statistics.median(times[name])
             used = statistics.median(nbytes / s / r for s, r in zip(times[name], reads[name]))
-            print(f"  {name:<20} {t * 1e3:9.1f} {1 / t:7.2f} {nbytes / t / 1e9:6.1f} "
+            print(f"  {name:<24} {t * 1e3:9.1f} {1 / t:7.2f} {nbytes / t / 1e9:6.1f} "
                   f"{statistics.median(reads[name]) / 1e9:10.1f} {used:6.0%}   "
                   f"({min(times[name]) * 1e3:.1f}-{max(times[name]) * 1e3:.1f} ms)")
 

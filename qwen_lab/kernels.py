@@ -72,6 +72,9 @@ VARIANTS = {
     "avx512": (16, AVX512, AVX512_FLAGS, []),
     "avx512bf16": (16, AVX512 + ["-mavx512bf16"], AVX512_FLAGS + ("avx512_bf16",), ["-DDPBF16=2"]),
 }
+#: The variants that walk bf16 weights in pairs; on float32 weights they run the code of their width's plain
+#: variant, so they are measured for bf16 shapes only (tuning.candidates).
+PAIR_VARIANTS = frozenset(v for v, (*_, macros) in VARIANTS.items() if any(m.startswith("-DDPBF16") for m in macros))
 #: Weight dtypes the kernel handles; float16 and others go to F.linear.
 DTYPES = (torch.float32, torch.bfloat16)
 #: How a call is shared over threads (measured in benchmarks/bench_contention.py): a job that

@@ -493,6 +493,15 @@ def test_every_plan_matches_f_linear(out_features, in_features, pool_settings):
 
 
 @needs_kernel
+def test_pair_variants_are_tuning_candidates_for_bf16_weights_only():
+    from qwen_lab import tuning
+    pairs = {p.variant for p in tuning.candidates(torch.bfloat16)} & kernels.PAIR_VARIANTS
+    assert "avx2dp" in pairs  # its stand-in runs on every AVX2 CPU
+    assert not {p.variant for p in tuning.candidates(torch.float32)} & kernels.PAIR_VARIANTS
+    assert {p.variant for p in tuning.candidates(torch.float32)} >= {"avx2", "torch"}
+
+
+@needs_kernel
 def test_the_avx512_bf16_variant_is_built_with_its_instruction():
     """Compiled wherever the compiler knows AVX512-BF16 (and run only where the CPU has it): its pair
     walk must use vdpbf16ps itself, not the widening arithmetic of its stand-in avx2dp."""
