@@ -518,6 +518,27 @@ def test_the_avx512_bf16_variant_is_built_with_its_instruction():
 
 
 @needs_kernel
+def test_the_pair_walk_at_avx512_width_matches_f_linear(fresh_build, monkeypatch, pool_settings):
+    """avx512bf16's walk is 16 floats wide, avx2dp's 8: build the 16-wide pair walk with AVX2
+    arithmetic (as avx2x16 does for avx512) so that its steps, tails and rows are tested here too."""
+    monkeypatch.setitem(kernels.VARIANTS, "dp16", (16, kernels.AVX2, ("avx2", "fma"), ["-DDPBF16=1"]))
+    kernels.variants.cache_clear()
+    monkeypatch.setattr(kernels, "PAIR_VARIANTS", kernels.PAIR_VARIANTS | {"dp16"})
+    try:
+        assert "dp16" in kernels.variants()
+        kernels.configure(0, 4096)  # small chunks: chunk edges and leftover rows too
+        for out_features, in_features in [(1, 1), (3, 31), (7, 33), (13, 95), (130, 4864), (9, 9000), (64, 96)]:
+            g = torch.Generator().manual_seed(out_features * in_features)
+            w, x, b = (torch.randn(out_features, in_features, generator=g).bfloat16(),
+                       torch.randn(in_features, generator=g).bfloat16(), torch.randn(out_features, generator=g).bfloat16())
+            for rows in (1, 2, 4):
+                for prefetch in (0, 1):
+                    bf16_close(kernels.gemv(x, w, b, plan=kernels.Plan("dp16", rows, prefetch)), x, w, b)
+    finally:
+        kernels.variants.cache_clear()
+
+
+@needs_kernel
 def test_a_variant_this_cpu_cannot_run_is_refused():
     missing = [v for v in kernels.VARIANTS if v not in kernels.variants()]
     if not missing:
