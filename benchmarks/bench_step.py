@@ -4,7 +4,7 @@
     python benchmarks/bench_step.py --config benchmarks/configs/qwen2.5-1.5b.json --dtypes bfloat16
 
 A decode step reads every weight once, so its floor is weight bytes / read bandwidth. This script
-times the model's one-token forward (the KV cache holding a 256-token prompt), alternating in
+times the model's one-token forward (the KV cache holding a 256-token prompt, or ``--context``), alternating in
 rounds between:
 
 - ``one call per layer``: ``kernels.DecoderLayer``, the layer's whole step in one C call, with
@@ -40,6 +40,7 @@ def main() -> None:
     p.add_argument("--dtypes", default="bfloat16,float32")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--steps", type=int, default=4, help="decode steps per measurement")
+    p.add_argument("--context", type=int, default=256, help="positions already in the KV cache")
     args = p.parse_args()
 
     import torch
@@ -49,7 +50,7 @@ def main() -> None:
 
     directory = make_checkpoint(args.config)
     print(machine())
-    print(f"model: random weights, shapes of {args.config.stem}; KV cache holding 256 positions; "
+    print(f"model: random weights, shapes of {args.config.stem}; KV cache holding {args.context} positions; "
           f"{args.rounds} rounds of {args.steps} steps each way, alternating")
     fused = kernels.DecoderLayer.forward
     for dtype in args.dtypes.split(","):
@@ -76,13 +77,15 @@ def main() -> None:
         nbytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
                      if isinstance(m, torch.nn.Linear))
         probe = torch.ones(nbytes // 4)
-        caches = model.new_caches(1, 256 + args.rounds * len(ways) * args.steps + 8)
+        caches = model.new_caches(1, args.context + args.rounds * len(ways) * args.steps + 8)
         times = {name: [] for name in ways}
         reads = {name: [] for name in ways}
         torch.set_num_threads(kernels.num_threads())
         with torch.inference_mode():
-            model(torch.arange(100, 356)[None], caches, 0, last_only=True)
-            pos = 256
+            for start in range(0, args.context, 512):  # the prompt, 512 positions at a time
+                count = min(512, args.context - start)
+                model(torch.arange(100, 100 + count)[None], caches, start, last_only=True)
+            pos = args.context
             token = torch.tensor([[5]])
             for _ in range(args.rounds):
                 for name, (forward, chunk_max, plans) in ways.items():

@@ -143,14 +143,28 @@ static void attend_head(const void *job, int64_t h) {
     for (int64_t i = 0; i < d; i++) qr[i] = (bf16 ? bf16_to_f32(f32_to_bf16(qr[i])) : qr[i]) * scale;
     int64_t base = (h / j->group) * j->max_len * d;
     float top = -INFINITY;
-    for (int64_t l = 0; l < L; l++) {  /* scores */
+    int64_t l = 0;
+    for (; l + 4 <= L; l += 4) {  /* scores, four positions at a time: four independent chains of adds */
+        const int64_t row = base + l * d;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t i = 0; i < d; i += 8) {
+            const __m256 qv = _mm256_loadu_ps(qr + i);
+            a0 = _mm256_fmadd_ps(load8(j->kc, row + i, bf16), qv, a0);
+            a1 = _mm256_fmadd_ps(load8(j->kc, row + d + i, bf16), qv, a1);
+            a2 = _mm256_fmadd_ps(load8(j->kc, row + 2 * d + i, bf16), qv, a2);
+            a3 = _mm256_fmadd_ps(load8(j->kc, row + 3 * d + i, bf16), qv, a3);
+        }
+        s[l] = hsum(a0), s[l + 1] = hsum(a1), s[l + 2] = hsum(a2), s[l + 3] = hsum(a3);
+        for (int r = 0; r < 4; r++) if (s[l + r] > top) top = s[l + r];
+    }
+    for (; l < L; l++) {  /* the last few, one by one (the same sums) */
         __m256 a = _mm256_setzero_ps();
         for (int64_t i = 0; i < d; i += 8) a = _mm256_fmadd_ps(load8(j->kc, base + l * d + i, bf16), _mm256_loadu_ps(qr + i), a);
         s[l] = hsum(a);
         if (s[l] > top) top = s[l];
     }
     __m256 total8 = _mm256_setzero_ps();  /* softmax numerators and their sum */
-    int64_t l = 0;
+    l = 0;
     for (; l + 8 <= L; l += 8) {
         __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + l), _mm256_set1_ps(top)));
         _mm256_storeu_ps(s + l, e);
@@ -159,10 +173,22 @@ static void attend_head(const void *job, int64_t h) {
     float total = hsum(total8);
     for (; l < L; l++) { s[l] = expf(s[l] - top); total += s[l]; }
     for (int64_t i = 0; i < d; i++) acc[i] = 0.0f;
-    for (l = 0; l < L; l++) {  /* weighted sum of values */
-        __m256 p = _mm256_set1_ps(s[l]);
-        for (int64_t i = 0; i < d; i += 8)
-            _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(p, load8(j->vc, base + l * d + i, bf16), _mm256_loadu_ps(acc + i)));
+    for (int64_t i0 = 0; i0 < d; i0 += 64) {  /* weighted sum of values, 64 columns at a time in registers */
+        if (d - i0 >= 64) {
+            __m256 v[8];
+            for (int c = 0; c < 8; c++) v[c] = _mm256_setzero_ps();
+            for (l = 0; l < L; l++) {
+                const __m256 p = _mm256_set1_ps(s[l]);
+                for (int c = 0; c < 8; c++) v[c] = _mm256_fmadd_ps(p, load8(j->vc, base + l * d + i0 + 8 * c, bf16), v[c]);
+            }
+            for (int c = 0; c < 8; c++) _mm256_storeu_ps(acc + i0 + 8 * c, v[c]);
+        } else {
+            for (l = 0; l < L; l++) {
+                const __m256 p = _mm256_set1_ps(s[l]);
+                for (int64_t i = i0; i < d; i += 8)
+                    _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(p, load8(j->vc, base + l * d + i, bf16), _mm256_loadu_ps(acc + i)));
+            }
+        }
     }
     for (int64_t i = 0; i < d; i++) {
         float out = acc[i] / total;
