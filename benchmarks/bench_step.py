@@ -4,8 +4,8 @@
     python benchmarks/bench_step.py --config benchmarks/configs/qwen2.5-1.5b.json --dtypes bfloat16
 
 A decode step reads every weight once, so its floor is weight bytes / read bandwidth. This script
-times the model's one-token forward (the KV cache holding a 256-token prompt, or ``--context``), alternating in
-rounds between:
+times the model's one-token forward (the KV cache holding a 256-token prompt, or ``--context``
+positions), alternating in rounds between:
 
 - ``one call per layer``: ``kernels.DecoderLayer``, the layer's whole step in one C call, with
   chunks sized per job (up to ``kernels.CHUNK_MAX_BYTES``) — what ``load_model`` gives;
