@@ -229,7 +229,9 @@ def test_loaded_model_uses_both_kernels():
 @needs_kernel
 @pytest.mark.parametrize("hidden, heads, kv_heads, head_dim, qk_norm", [
     (64, 4, 2, 16, False), (256, 2, 1, 128, False), (96, 8, 8, 12, False), (96, 4, 2, 24, False),
-    (64, 4, 2, 32, True), (64, 4, 1, 128, True)])  # Qwen3: q/k norms and a head_dim of its own
+    (64, 4, 2, 32, True), (64, 4, 1, 128, True),  # Qwen3: q/k norms and a head_dim of its own
+    (64, 4, 4, 16, False), (112, 7, 1, 16, False), (96, 6, 1, 16, False)])  # no GQA; 7 heads a KV head: chunks
+    # of 4 + 3 query heads; 6: 3 + 3
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_token_attention_matches_the_reference(hidden, heads, kv_heads, head_dim, qk_norm, dtype):
     # head_dim 12 is not a multiple of 8: the conversion leaves that one to the torch code

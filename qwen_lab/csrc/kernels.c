@@ -118,84 +118,130 @@ static void head_norm(float *x, const void *w, float eps, int64_t d, int bf16) {
     }
 }
 
+/* Query heads one attention chunk takes together: heads that share a KV head (GQA) read its cached
+ * keys once per chunk instead of once each (at 8,192 positions a 0.5B layer's keys and values
+ * are 4 MB, read 7 times over otherwise). */
+#define HEADS_PER_CHUNK 4
+
 struct attend_job {
     const void *q, *kc, *vc, *qnorm;
     void *y;
     const float *cs, *sn;
     float eps;
-    int64_t d, L, max_len, group;
+    int64_t d, L, max_len, group, per_chunk, chunks_per_group;
     int bf16;
     _Atomic int failed;
 };
 
-/* One query head (chunk h): y_h = softmax(q_h K^T / sqrt(d)) V over positions 0..L-1 of its KV head. */
-static void attend_head(const void *job, int64_t h) {
-    struct attend_job *j = (struct attend_job *)job;
-    const int64_t d = j->d, L = j->L;
-    const int bf16 = j->bf16;
-    float qx[512], qr[512], acc[512], stack[4096];
-    float *s = L <= 4096 ? stack : (float *)malloc((size_t)L * sizeof(float));
-    if (!s) { atomic_store(&j->failed, 1); return; }
-    for (int64_t i = 0; i < d; i++) qx[i] = load_any(j->q, h * d + i, bf16);
-    if (j->qnorm) head_norm(qx, j->qnorm, j->eps, d, bf16);
-    rotate(qx, j->cs, j->sn, qr, d);
-    const float scale = 1.0f / sqrtf((float)d);
-    for (int64_t i = 0; i < d; i++) qr[i] = (bf16 ? bf16_to_f32(f32_to_bf16(qr[i])) : qr[i]) * scale;
-    int64_t base = (h / j->group) * j->max_len * d;
-    float top = -INFINITY;
+/* s[l] = K_l . q for one query head, four cached positions per pass (four independent chains of
+ * adds); `top` becomes the largest. */
+static void scores_one(const void *kc, int64_t base, const float *q, float *s, int64_t L, int64_t d, int bf16,
+                       float *top) {
     int64_t l = 0;
-    for (; l + 4 <= L; l += 4) {  /* scores, four positions at a time: four independent chains of adds */
+    for (; l + 4 <= L; l += 4) {
         const int64_t row = base + l * d;
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int64_t i = 0; i < d; i += 8) {
-            const __m256 qv = _mm256_loadu_ps(qr + i);
-            a0 = _mm256_fmadd_ps(load8(j->kc, row + i, bf16), qv, a0);
-            a1 = _mm256_fmadd_ps(load8(j->kc, row + d + i, bf16), qv, a1);
-            a2 = _mm256_fmadd_ps(load8(j->kc, row + 2 * d + i, bf16), qv, a2);
-            a3 = _mm256_fmadd_ps(load8(j->kc, row + 3 * d + i, bf16), qv, a3);
+            const __m256 qv = _mm256_loadu_ps(q + i);
+            a0 = _mm256_fmadd_ps(load8(kc, row + i, bf16), qv, a0);
+            a1 = _mm256_fmadd_ps(load8(kc, row + d + i, bf16), qv, a1);
+            a2 = _mm256_fmadd_ps(load8(kc, row + 2 * d + i, bf16), qv, a2);
+            a3 = _mm256_fmadd_ps(load8(kc, row + 3 * d + i, bf16), qv, a3);
         }
         s[l] = hsum(a0), s[l + 1] = hsum(a1), s[l + 2] = hsum(a2), s[l + 3] = hsum(a3);
-        for (int r = 0; r < 4; r++) if (s[l + r] > top) top = s[l + r];
+        for (int r = 0; r < 4; r++) if (s[l + r] > *top) *top = s[l + r];
     }
-    for (; l < L; l++) {  /* the last few, one by one (the same sums) */
+    for (; l < L; l++) {
         __m256 a = _mm256_setzero_ps();
-        for (int64_t i = 0; i < d; i += 8) a = _mm256_fmadd_ps(load8(j->kc, base + l * d + i, bf16), _mm256_loadu_ps(qr + i), a);
+        for (int64_t i = 0; i < d; i += 8) a = _mm256_fmadd_ps(load8(kc, base + l * d + i, bf16), _mm256_loadu_ps(q + i), a);
         s[l] = hsum(a);
-        if (s[l] > top) top = s[l];
+        if (s[l] > *top) *top = s[l];
     }
-    __m256 total8 = _mm256_setzero_ps();  /* softmax numerators and their sum */
-    l = 0;
-    for (; l + 8 <= L; l += 8) {
-        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + l), _mm256_set1_ps(top)));
-        _mm256_storeu_ps(s + l, e);
-        total8 = _mm256_add_ps(total8, e);
-    }
-    float total = hsum(total8);
-    for (; l < L; l++) { s[l] = expf(s[l] - top); total += s[l]; }
-    for (int64_t i = 0; i < d; i++) acc[i] = 0.0f;
-    for (int64_t i0 = 0; i0 < d; i0 += 64) {  /* weighted sum of values, 64 columns at a time in registers */
-        if (d - i0 >= 64) {
-            __m256 v[8];
-            for (int c = 0; c < 8; c++) v[c] = _mm256_setzero_ps();
-            for (l = 0; l < L; l++) {
-                const __m256 p = _mm256_set1_ps(s[l]);
-                for (int c = 0; c < 8; c++) v[c] = _mm256_fmadd_ps(p, load8(j->vc, base + l * d + i0 + 8 * c, bf16), v[c]);
-            }
-            for (int c = 0; c < 8; c++) _mm256_storeu_ps(acc + i0 + 8 * c, v[c]);
-        } else {
-            for (l = 0; l < L; l++) {
-                const __m256 p = _mm256_set1_ps(s[l]);
-                for (int64_t i = i0; i < d; i += 8)
-                    _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(p, load8(j->vc, base + l * d + i, bf16), _mm256_loadu_ps(acc + i)));
-            }
+}
+
+/* The same for N query heads of one KV head (q[t], s[t], top[t]): each cached key is loaded once and
+ * serves the N heads (N independent chains); each head's sums are those of scores_one. */
+static inline __attribute__((always_inline)) void scores_group(int N, const void *kc, int64_t base, float (*q)[512],
+                                                               float **s, int64_t L, int64_t d, int bf16, float *top) {
+    for (int64_t l = 0; l < L; l++) {
+        __m256 a[HEADS_PER_CHUNK];
+        for (int t = 0; t < N; t++) a[t] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < d; i += 8) {
+            const __m256 k = load8(kc, base + l * d + i, bf16);
+            for (int t = 0; t < N; t++) a[t] = _mm256_fmadd_ps(k, _mm256_loadu_ps(q[t] + i), a[t]);
+        }
+        for (int t = 0; t < N; t++) {
+            s[t][l] = hsum(a[t]);
+            if (s[t][l] > top[t]) top[t] = s[t][l];
         }
     }
-    for (int64_t i = 0; i < d; i++) {
-        float out = acc[i] / total;
-        if (bf16) ((uint16_t *)j->y)[h * d + i] = f32_to_bf16(out);
-        else ((float *)j->y)[h * d + i] = out;
+}
+
+/* One chunk: query heads first .. first+n-1, all of KV head g: y_h = softmax(q_h K^T / sqrt(d)) V over
+ * positions 0..L-1. */
+static void attend_heads(const void *job, int64_t c) {
+    struct attend_job *j = (struct attend_job *)job;
+    const int64_t d = j->d, L = j->L, g = c / j->chunks_per_group;
+    const int64_t first = g * j->group + (c % j->chunks_per_group) * j->per_chunk;
+    const int n = (int)(first + j->per_chunk <= (g + 1) * j->group ? j->per_chunk : (g + 1) * j->group - first);
+    const int bf16 = j->bf16;
+    float qx[512], qr[HEADS_PER_CHUNK][512], acc[512], stack[4096], top[HEADS_PER_CHUNK], *s[HEADS_PER_CHUNK];
+    float *scores = (int64_t)n * L <= 4096 ? stack : (float *)malloc((size_t)n * (size_t)L * sizeof(float));
+    if (!scores) { atomic_store(&j->failed, 1); return; }
+    const float scale = 1.0f / sqrtf((float)d);
+    for (int t = 0; t < n; t++) {
+        const int64_t h = first + t;
+        for (int64_t i = 0; i < d; i++) qx[i] = load_any(j->q, h * d + i, bf16);
+        if (j->qnorm) head_norm(qx, j->qnorm, j->eps, d, bf16);
+        rotate(qx, j->cs, j->sn, qr[t], d);
+        for (int64_t i = 0; i < d; i++) qr[t][i] = (bf16 ? bf16_to_f32(f32_to_bf16(qr[t][i])) : qr[t][i]) * scale;
+        s[t] = scores + t * L;
+        top[t] = -INFINITY;
     }
-    if (s != stack) free(s);
+    const int64_t base = g * j->max_len * d;
+    switch (n) {  /* scores; a constant N lets the compiler keep the N sums in registers */
+        case 1: scores_one(j->kc, base, qr[0], s[0], L, d, bf16, &top[0]); break;
+        case 2: scores_group(2, j->kc, base, qr, s, L, d, bf16, top); break;
+        case 3: scores_group(3, j->kc, base, qr, s, L, d, bf16, top); break;
+        default: scores_group(4, j->kc, base, qr, s, L, d, bf16, top); break;
+    }
+    for (int t = 0; t < n; t++) {
+        float *st = s[t];
+        __m256 total8 = _mm256_setzero_ps();  /* softmax numerators and their sum */
+        int64_t l = 0;
+        for (; l + 8 <= L; l += 8) {
+            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(st + l), _mm256_set1_ps(top[t])));
+            _mm256_storeu_ps(st + l, e);
+            total8 = _mm256_add_ps(total8, e);
+        }
+        float total = hsum(total8);
+        for (; l < L; l++) { st[l] = expf(st[l] - top[t]); total += st[l]; }
+        for (int64_t i = 0; i < d; i++) acc[i] = 0.0f;
+        for (int64_t i0 = 0; i0 < d; i0 += 64) {  /* weighted sum of values, 64 columns at a time in registers */
+            if (d - i0 >= 64) {
+                __m256 v[8];
+                for (int k = 0; k < 8; k++) v[k] = _mm256_setzero_ps();
+                for (l = 0; l < L; l++) {
+                    const __m256 p = _mm256_set1_ps(st[l]);
+                    for (int k = 0; k < 8; k++) v[k] = _mm256_fmadd_ps(p, load8(j->vc, base + l * d + i0 + 8 * k, bf16), v[k]);
+                }
+                for (int k = 0; k < 8; k++) _mm256_storeu_ps(acc + i0 + 8 * k, v[k]);
+            } else {
+                for (l = 0; l < L; l++) {
+                    const __m256 p = _mm256_set1_ps(st[l]);
+                    for (int64_t i = i0; i < d; i += 8)
+                        _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(p, load8(j->vc, base + l * d + i, bf16), _mm256_loadu_ps(acc + i)));
+                }
+            }
+        }
+        const int64_t h = first + t;
+        for (int64_t i = 0; i < d; i++) {
+            float out = acc[i] / total;
+            if (bf16) ((uint16_t *)j->y)[h * d + i] = f32_to_bf16(out);
+            else ((float *)j->y)[h * d + i] = out;
+        }
+    }
+    if (scores != stack) free(scores);
 }
 
 /* Everything layers.Attention does for one new token between the projections and o_proj:
@@ -226,8 +272,11 @@ static int attend(const void *q_, const void *k_, const void *v_, const void *co
             }
         }
     }
-    struct attend_job job = {q_, kc_, vc_, qnorm, y_, cs, sn, eps, d, pos + 1, max_len, H / KV, bf16, 0};
-    qwen_pool_run(attend_head, &job, H, H * (pos + 1) * d < solo_work ? 1 : threads);
+    const int64_t group = H / KV, chunks_per_group = (group + HEADS_PER_CHUNK - 1) / HEADS_PER_CHUNK;
+    const int64_t per_chunk = (group + chunks_per_group - 1) / chunks_per_group;  /* 7 heads: 4 + 3 */
+    struct attend_job job = {q_, kc_, vc_, qnorm, y_, cs, sn, eps, d, pos + 1, max_len, group, per_chunk,
+                             chunks_per_group, bf16, 0};
+    qwen_pool_run(attend_heads, &job, KV * chunks_per_group, H * (pos + 1) * d < solo_work ? 1 : threads);
     return atomic_load(&job.failed) ? -1 : 0;
 }
 
