@@ -177,6 +177,61 @@ static inline __attribute__((always_inline)) void scores_group(int N, const void
     }
 }
 
+/* acc = sum over positions l of p[l] V_l for one query head: 64 columns at a time in registers. */
+static void values_one(const void *vc, int64_t base, const float *p, float *acc, int64_t L, int64_t d, int bf16) {
+    for (int64_t i = 0; i < d; i++) acc[i] = 0.0f;
+    for (int64_t i0 = 0; i0 < d; i0 += 64) {
+        if (d - i0 >= 64) {
+            __m256 v[8];
+            for (int k = 0; k < 8; k++) v[k] = _mm256_setzero_ps();
+            for (int64_t l = 0; l < L; l++) {
+                const __m256 w = _mm256_set1_ps(p[l]);
+                for (int k = 0; k < 8; k++) v[k] = _mm256_fmadd_ps(w, load8(vc, base + l * d + i0 + 8 * k, bf16), v[k]);
+            }
+            for (int k = 0; k < 8; k++) _mm256_storeu_ps(acc + i0 + 8 * k, v[k]);
+        } else {
+            for (int64_t l = 0; l < L; l++) {
+                const __m256 w = _mm256_set1_ps(p[l]);
+                for (int64_t i = i0; i < d; i += 8)
+                    _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(w, load8(vc, base + l * d + i, bf16), _mm256_loadu_ps(acc + i)));
+            }
+        }
+    }
+}
+
+/* acc[t] = sum over positions l of p[t][l] V_l, for N query heads of one KV head: 16 columns at a time,
+ * each cached value loaded once for the N heads; each element's sum runs over l in order, as for one
+ * head alone. */
+static inline __attribute__((always_inline)) void values_group(int N, const void *vc, int64_t base, float **p,
+                                                               float (*acc)[512], int64_t L, int64_t d, int bf16) {
+    int64_t i0 = 0;
+    for (; i0 + 16 <= d; i0 += 16) {
+        __m256 a[HEADS_PER_CHUNK][2];
+        for (int t = 0; t < N; t++) a[t][0] = a[t][1] = _mm256_setzero_ps();
+        for (int64_t l = 0; l < L; l++) {
+            const __m256 v0 = load8(vc, base + l * d + i0, bf16), v1 = load8(vc, base + l * d + i0 + 8, bf16);
+            for (int t = 0; t < N; t++) {
+                const __m256 w = _mm256_set1_ps(p[t][l]);
+                a[t][0] = _mm256_fmadd_ps(w, v0, a[t][0]);
+                a[t][1] = _mm256_fmadd_ps(w, v1, a[t][1]);
+            }
+        }
+        for (int t = 0; t < N; t++) {
+            _mm256_storeu_ps(acc[t] + i0, a[t][0]);
+            _mm256_storeu_ps(acc[t] + i0 + 8, a[t][1]);
+        }
+    }
+    if (i0 < d) {  /* head_dim an odd multiple of 8: the last 8 columns */
+        __m256 a[HEADS_PER_CHUNK];
+        for (int t = 0; t < N; t++) a[t] = _mm256_setzero_ps();
+        for (int64_t l = 0; l < L; l++) {
+            const __m256 v0 = load8(vc, base + l * d + i0, bf16);
+            for (int t = 0; t < N; t++) a[t] = _mm256_fmadd_ps(_mm256_set1_ps(p[t][l]), v0, a[t]);
+        }
+        for (int t = 0; t < N; t++) _mm256_storeu_ps(acc[t] + i0, a[t]);
+    }
+}
+
 /* One chunk: query heads first .. first+n-1, all of KV head g: y_h = softmax(q_h K^T / sqrt(d)) V over
  * positions 0..L-1. */
 static void attend_heads(const void *job, int64_t c) {
@@ -185,7 +240,7 @@ static void attend_heads(const void *job, int64_t c) {
     const int64_t first = g * j->group + (c % j->chunks_per_group) * j->per_chunk;
     const int n = (int)(first + j->per_chunk <= (g + 1) * j->group ? j->per_chunk : (g + 1) * j->group - first);
     const int bf16 = j->bf16;
-    float qx[512], qr[HEADS_PER_CHUNK][512], acc[512], stack[4096], top[HEADS_PER_CHUNK], *s[HEADS_PER_CHUNK];
+    float qx[512], qr[HEADS_PER_CHUNK][512], acc[HEADS_PER_CHUNK][512], stack[4096], top[HEADS_PER_CHUNK], *s[HEADS_PER_CHUNK];
     float *scores = (int64_t)n * L <= 4096 ? stack : (float *)malloc((size_t)n * (size_t)L * sizeof(float));
     if (!scores) { atomic_store(&j->failed, 1); return; }
     const float scale = 1.0f / sqrtf((float)d);
@@ -205,38 +260,29 @@ static void attend_heads(const void *job, int64_t c) {
         case 3: scores_group(3, j->kc, base, qr, s, L, d, bf16, top); break;
         default: scores_group(4, j->kc, base, qr, s, L, d, bf16, top); break;
     }
-    for (int t = 0; t < n; t++) {
+    float total[HEADS_PER_CHUNK];
+    for (int t = 0; t < n; t++) {  /* softmax numerators and their sum, head by head */
         float *st = s[t];
-        __m256 total8 = _mm256_setzero_ps();  /* softmax numerators and their sum */
+        __m256 total8 = _mm256_setzero_ps();
         int64_t l = 0;
         for (; l + 8 <= L; l += 8) {
             __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(st + l), _mm256_set1_ps(top[t])));
             _mm256_storeu_ps(st + l, e);
             total8 = _mm256_add_ps(total8, e);
         }
-        float total = hsum(total8);
-        for (; l < L; l++) { st[l] = expf(st[l] - top[t]); total += st[l]; }
-        for (int64_t i = 0; i < d; i++) acc[i] = 0.0f;
-        for (int64_t i0 = 0; i0 < d; i0 += 64) {  /* weighted sum of values, 64 columns at a time in registers */
-            if (d - i0 >= 64) {
-                __m256 v[8];
-                for (int k = 0; k < 8; k++) v[k] = _mm256_setzero_ps();
-                for (l = 0; l < L; l++) {
-                    const __m256 p = _mm256_set1_ps(st[l]);
-                    for (int k = 0; k < 8; k++) v[k] = _mm256_fmadd_ps(p, load8(j->vc, base + l * d + i0 + 8 * k, bf16), v[k]);
-                }
-                for (int k = 0; k < 8; k++) _mm256_storeu_ps(acc + i0 + 8 * k, v[k]);
-            } else {
-                for (l = 0; l < L; l++) {
-                    const __m256 p = _mm256_set1_ps(st[l]);
-                    for (int64_t i = i0; i < d; i += 8)
-                        _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(p, load8(j->vc, base + l * d + i, bf16), _mm256_loadu_ps(acc + i)));
-                }
-            }
-        }
+        total[t] = hsum(total8);
+        for (; l < L; l++) { st[l] = expf(st[l] - top[t]); total[t] += st[l]; }
+    }
+    switch (n) {  /* weighted sums of values */
+        case 1: values_one(j->vc, base, s[0], acc[0], L, d, bf16); break;
+        case 2: values_group(2, j->vc, base, s, acc, L, d, bf16); break;
+        case 3: values_group(3, j->vc, base, s, acc, L, d, bf16); break;
+        default: values_group(4, j->vc, base, s, acc, L, d, bf16); break;
+    }
+    for (int t = 0; t < n; t++) {
         const int64_t h = first + t;
         for (int64_t i = 0; i < d; i++) {
-            float out = acc[i] / total;
+            float out = acc[t][i] / total[t];
             if (bf16) ((uint16_t *)j->y)[h * d + i] = f32_to_bf16(out);
             else ((float *)j->y)[h * d + i] = out;
         }
