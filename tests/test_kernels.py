@@ -267,6 +267,34 @@ def test_one_token_attention_matches_the_reference(hidden, heads, kv_heads, head
             torch.testing.assert_close(getattr(caches[1], name).float(), getattr(caches[0], name).float(), **tol)
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_token_attention_past_the_stack_buffer(dtype, pool_settings):
+    """1,100 cached positions x 4 heads per chunk: the scores no longer fit the step's stack buffer."""
+    kernels.configure(0, 4096)  # share the heads over the threads too
+    torch.manual_seed(3)
+    plain = layers.Attention(64, 4, 1, 16, qkv_bias=True).to(dtype)
+    holder = nn.Module()
+    holder.attn = layers.Attention(64, 4, 1, 16, qkv_bias=True).to(dtype)
+    holder.attn.load_state_dict(plain.state_dict())
+    runtime.convert_for_runtime(holder, "cpu")
+    fast = holder.attn
+    assert type(fast) is kernels.Attention
+    rotary = layers.RotaryEmbedding(16, 10000.0)
+    caches = [layers.KVCache(1, 1, 1110, 16, dtype) for _ in range(2)]
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=3e-2)
+    with torch.inference_mode():
+        prompt = torch.randn(1, 1100, 64).to(dtype)
+        cos, sin = rotary(torch.arange(1100), dtype)
+        for attn, cache in zip((plain, fast), caches):
+            attn(prompt, cos, sin, cache, 0)
+        for pos in (1100, 1101):
+            x = torch.randn(1, 1, 64).to(dtype)
+            cos, sin = rotary(torch.tensor([pos]), dtype)
+            torch.testing.assert_close(fast(x, cos, sin, caches[1], pos).float(),
+                                       plain(x, cos, sin, caches[0], pos).float(), **tol)
+
+
 def make_layer(hidden, heads, kv_heads, head_dim, inter, *, qkv_bias, o_bias, mlp_bias, qk_norm, dtype, seed):
     """A decoder layer with random weights (norm gains near 1), as layers builds it."""
     torch.manual_seed(seed)
