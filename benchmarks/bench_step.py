@@ -62,18 +62,14 @@ def main() -> None:
         model = load_model(weights_only(directory), dtype, "cpu")
         linears = [m for m in model.modules() if isinstance(m, kernels.Linear) and m.use_kernel]
         tuned = {m: m.plan for m in linears}
-        if dtype == "bfloat16" and any(p.variant in kernels.PAIR_VARIANTS for p in tuned.values()):
-            widened = {}
-            for m in linears:
-                shape = (m.out_features, m.in_features)
-                if shape not in widened:
-                    plans = [p for p in tuning.candidates(torch.bfloat16) if p.variant not in kernels.PAIR_VARIANTS]
-                    widened[shape] = (tuning.measure(*shape, torch.bfloat16, plans)[0]
-                                      if m.plan.variant in kernels.PAIR_VARIANTS else m.plan)
+        by_shape = {(m.out_features, m.in_features): m.plan for m in linears}  # the plan tuning chose per shape
+        if dtype == "bfloat16" and any(p.variant in kernels.PAIR_VARIANTS for p in by_shape.values()):
+            plans = [p for p in tuning.candidates(torch.bfloat16) if p.variant not in kernels.PAIR_VARIANTS]
+            widened = {shape: tuning.measure(*shape, torch.bfloat16, plans)[0]
+                       if plan.variant in kernels.PAIR_VARIANTS else plan for shape, plan in by_shape.items()}
             ways["bf16 widened, no pairs"] = (fused, None, {m: widened[m.out_features, m.in_features] for m in linears})
-            print("bf16 plans, tuned / without pairs:", ", ".join(
-                f"{o}x{i}: {tuned[m]} / {widened[o, i]}" for (o, i), m in
-                {(m.out_features, m.in_features): m for m in linears}.items()))
+            print("bf16 plans, tuned / without pairs:",
+                  ", ".join(f"{o}x{i}: {by_shape[o, i]} / {widened[o, i]}" for o, i in by_shape))
         nbytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
                      if isinstance(m, torch.nn.Linear))
         probe = torch.ones(nbytes // 4)
