@@ -5,15 +5,21 @@
 1. the device: name, compute capability, the dtype ``auto`` picks there (bf16 from 8.0 up,
    float16 below), torch and CUDA versions;
 2. the device-agnostic tests on CUDA (``tests/test_static_decode.py``, ``tests/test_gpu.py``:
-   greedy tokens of the CUDA-graph path equal the eager path's, notebooks' code patterns);
-3. the notebooks, executed on CUDA (nbval in lax mode: outputs may differ in the last digits
-   from the CPU-made ones, errors may not); skipped, and said so, where nbval is not installed;
-4. the benchmark of issue 15: random weights at Qwen2.5-1.5B's shapes, bf16, a 512-token
+   greedy tokens of the CUDA-graph path equal the eager path's; the panel, its Stop, and the
+   CLI decode through the graph; notebooks' code patterns);
+3. the benchmark of issue 15: random weights at Qwen2.5-1.5B's shapes, bf16, a 512-token
    prompt and 256 new tokens, greedy: qwen_lab (CUDA graph), qwen_lab eager, and
    transformers' eager ``generate``, side by side in this one process, with the share of the
-   GPU's memory bandwidth (measured here by a device-to-device copy) that each reaches.
+   GPU's memory bandwidth (measured here by a device-to-device copy) that each reaches; and the
+   captured step replayed back to back, without the Python loop around it (the GPU's own rate);
+4. (not with ``--quick``) the CPU kernels on this machine's processor (``tests/test_kernels.py``,
+   2 threads): GPU machines' server CPUs often have the AVX-512 / AVX512-BF16 that CI's lacks;
+5. (not with ``--quick``) the notebooks (English edition) executed on CUDA, nbval in lax mode
+   (outputs may differ in the last digits from the CPU-made ones, errors may not); skipped, and
+   said so, where nbval is not installed.
 
-Results are printed and, with ``--out``, written to ``DIR/gpu_check.json`` and ``.md``.
+Results are printed and, with ``--out``, written to ``DIR/gpu_check.json`` and ``.md`` after
+every step, so a run cut short keeps what it measured.
 """
 from __future__ import annotations
 
@@ -46,11 +52,11 @@ def device_report() -> dict:
             "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
 
 
-def run_step(name: str, argv: list[str], timeout: int) -> dict:
+def run_step(name: str, argv: list[str], timeout: int, **env: str) -> dict:
     start = time.monotonic()
     try:
         done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                              env=dict(os.environ, QWEN_LAB_MODEL="qwen-lab/tiny-chat", HF_HUB_OFFLINE="1"))
+                              env=dict(os.environ, QWEN_LAB_MODEL="qwen-lab/tiny-chat", HF_HUB_OFFLINE="1", **env))
         ok, tail = done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     except subprocess.TimeoutExpired:
         ok, tail = False, f"timed out after {timeout} s"
@@ -96,7 +102,18 @@ def benchmark(prompt_tokens: int, new_tokens: int, config_name: str) -> dict:
         results[label] = {"decode_tokens_per_s": r.decode_tokens_per_s, "prefill_tokens_per_s": r.prefill_tokens_per_s,
                           "path": r.decode_path}
         token_lists[label] = r.token_ids
-    del model
+    from qwen_lab.static_decode import decoder_for
+    decoder = decoder_for(model, prompt_tokens + new_tokens)
+    if decoder.graph is not None:  # the step alone: what the generation loop's Python costs on top
+        decoder.graph.replay()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(200):
+            decoder.graph.replay()
+        torch.cuda.synchronize()
+        results["qwen_lab graph replay only"] = {"decode_tokens_per_s": 200 / (time.perf_counter() - start),
+                                                 "prefill_tokens_per_s": float("nan"), "path": "replay x200"}
+    del model, decoder
     torch.cuda.empty_cache()
     ref = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).cuda().eval()
     kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0, temperature=None, top_p=None, top_k=None)
@@ -125,47 +142,73 @@ def benchmark(prompt_tokens: int, new_tokens: int, config_name: str) -> dict:
             / results["transformers eager"]["decode_tokens_per_s"]}
 
 
+def summary(report: dict) -> str:
+    d = report["device"]
+    lines = [f"GPU check on {d['gpu']} (compute capability {d['capability']}, torch {d['torch']}, CUDA {d['cuda']}); "
+             f"auto dtype: {d['auto_dtype']}; CPU: {d.get('cpu', '?')}", ""]
+    lines += [f"- {s['name']}: {'ok' if s['ok'] else 'skipped' if s['ok'] is None else 'FAILED'}" for s in report["steps"]]
+    b = report.get("benchmark")
+    if b and "error" in b:
+        lines += ["", f"benchmark FAILED: {b['error']}"]
+    elif b:
+        lines += ["", f"Random weights at {b['config']} shapes, bf16 ({b['weight_gib']} GiB), prompt "
+                  f"{b['prompt_tokens']}, {b['new_tokens']} new tokens, greedy; device-to-device copy "
+                  f"{b['copy_bandwidth_gb_s']} GB/s", "",
+                  "| implementation | path | prefill tok/s | decode tok/s | bandwidth used |", "|---|---|---|---|---|"]
+        for name, r in b["results"].items():
+            lines.append(f"| {name} | {r['path']} | {r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} | "
+                         f"{r['bandwidth_share']:.0%} |")
+        lines += ["", f"CUDA graph vs transformers: {b['speedup_vs_transformers']:.2f}x; greedy tokens of the graph "
+                  f"equal the eager path's: {b['graph_equals_eager']}"]
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, help="write gpu_check.json and gpu_check.md here")
-    p.add_argument("--quick", action="store_true", help="tests and benchmark only, no notebooks")
+    p.add_argument("--out", type=Path, help="write gpu_check.json and gpu_check.md here (after every step)")
+    p.add_argument("--quick", action="store_true", help="tests and benchmark only: no CPU kernels, no notebooks")
     args = p.parse_args()
     report = {"device": device_report(), "steps": []}
     print(json.dumps(report["device"]), flush=True)
+
+    def save() -> None:  # after every step, so a run cut short still leaves what it measured
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+            (args.out / "gpu_check.md").write_text(summary(report) + "\n")
+
     py = sys.executable
     report["steps"].append(run_step("device-agnostic tests on CUDA",
                                     [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_static_decode.py",
                                      "tests/test_gpu.py"], 300))
+    save()
+    try:
+        report["benchmark"] = benchmark(512, 256, "qwen2.5-1.5b")
+    except Exception as e:  # recorded; the other steps still run
+        report["benchmark"] = {"error": f"{type(e).__name__}: {e}"}
+    print("\n" + summary(report) + "\n", flush=True)
+    save()
     if not args.quick:
+        from bench_contention import cpu_description
+        from qwen_lab import kernels
+        report["device"]["cpu"] = cpu_description()
+        report["steps"].append(run_step(f"CPU kernels on {cpu_description()} (2 threads)",
+                                        [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py"],
+                                        240, QWEN_LAB_THREADS="2"))
+        report["device"]["cpu_kernels"] = kernels.status()
+        save()
         try:
             import nbval  # noqa: F401
+            # the English edition: zh-TW and solutions/ run the same code (tests/test_notebook_editions.py)
             report["steps"].append(run_step("notebooks on CUDA (nbval-lax)",
                                             [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
-                                             "notebooks"], 300))
+                                             *sorted(str(p) for p in (ROOT / "notebooks").glob("*.ipynb"))], 300))
         except ImportError:
             report["steps"].append({"name": "notebooks on CUDA", "ok": None, "tail": "nbval is not installed here"})
             print("[skipped] notebooks: nbval is not installed here (carry its wheels)", flush=True)
-    report["benchmark"] = benchmark(512, 256, "qwen2.5-1.5b")
-    b = report["benchmark"]
-    lines = [f"GPU check on {report['device']['gpu']} (compute capability {report['device']['capability']}, "
-             f"torch {report['device']['torch']}, CUDA {report['device']['cuda']}); auto dtype: "
-             f"{report['device']['auto_dtype']}", ""]
-    lines += [f"- {s['name']}: {'ok' if s['ok'] else 'skipped' if s['ok'] is None else 'FAILED'}" for s in report["steps"]]
-    lines += ["", f"Random weights at {b['config']} shapes, bf16 ({b['weight_gib']} GiB), prompt {b['prompt_tokens']}, "
-              f"{b['new_tokens']} new tokens, greedy; device-to-device copy {b['copy_bandwidth_gb_s']} GB/s", "",
-              "| implementation | path | prefill tok/s | decode tok/s | bandwidth used |", "|---|---|---|---|---|"]
-    for name, r in b["results"].items():
-        lines.append(f"| {name} | {r['path']} | {r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} | "
-                     f"{r['bandwidth_share']:.0%} |")
-    lines += ["", f"CUDA graph vs transformers: {b['speedup_vs_transformers']:.2f}x; greedy tokens of the graph equal "
-              f"the eager path's: {b['graph_equals_eager']}"]
-    text = "\n".join(lines)
-    print("\n" + text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2))
-        (args.out / "gpu_check.md").write_text(text + "\n")
-    if not all(s["ok"] is not False for s in report["steps"]):
+    save()
+    print("\n" + summary(report))
+    if not all(s["ok"] is not False for s in report["steps"]) or "error" in report.get("benchmark", {}):
         sys.exit(1)
 
 

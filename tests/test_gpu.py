@@ -43,3 +43,47 @@ def test_sampling_and_stop_on_the_gpu(chat):
     result = chat.generate([{"role": "user", "content": "Explain the KV cache."}], seed=42, max_new_tokens=40)
     again = chat.generate([{"role": "user", "content": "Explain the KV cache."}], seed=42, max_new_tokens=40)
     assert result.text == again.text and result.finish_reason in ("eos", "length")
+
+
+def test_the_panel_decodes_through_a_graph_and_stops(chat):
+    pytest.importorskip("ipywidgets")
+    import time
+    from qwen_lab.panel import ChatPanel
+    panel = ChatPanel(chat, refresh_s=0.01)
+    panel.temperature.value = 0.0
+    panel.max_new_tokens.value = 24
+    panel.send("What is the capital of France?")
+    panel.wait(60)
+    assert panel.replies[-1]["decode_path"] == "cuda-graph", panel.replies[-1]
+    assert panel.messages[-1] == {"role": "assistant", "content": "The capital of France is Paris."}
+    # Stop mid-reply on the graph path: the partial reply is kept and marked, and the next reply is whole again
+    panel = ChatPanel(chat, refresh_s=0.01, eos_token_id=[])
+    panel.max_new_tokens.value = 400
+    panel.send("Tell me a long story")
+    deadline = time.time() + 60
+    while not panel._partial and time.time() < deadline:
+        time.sleep(0.005)
+    panel.stop_button.click()
+    panel.wait(60)
+    assert panel.replies[-1]["stopped"] and 0 < panel.replies[-1]["generated_tokens"] < 400
+    assert panel.replies[-1]["decode_path"] == "cuda-graph" and panel.messages[-1]["role"] == "assistant"
+
+
+def choose_dtype_name():
+    from qwen_lab.load import choose_dtype
+    return str(choose_dtype("auto", torch.device("cuda"))).removeprefix("torch.")
+
+
+def test_the_cli_decodes_through_a_graph():
+    import json
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-m", "qwen_lab.cli", "generate", "--model", "qwen-lab/tiny-chat", "--prompt",
+                           "What is the capital of France?", "--temperature", "0", "--max-new-tokens", "24",
+                           "--stats"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    stats = json.loads(done.stderr.strip().splitlines()[-1])  # dtype auto: bf16 from compute capability 8.0 up
+    assert stats["decode_path"] == "cuda-graph" and stats["dtype"] == str(choose_dtype_name()), stats
+    assert done.stdout.strip() and 0 < stats["generated_tokens"] <= 24
