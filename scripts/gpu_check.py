@@ -53,15 +53,22 @@ def device_report() -> dict:
 
 
 def run_step(name: str, argv: list[str], timeout: int, **env: str) -> dict:
+    # qwen_lab importable from this checkout, installed or not (a notebook's kernel starts in notebooks/)
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     start = time.monotonic()
     try:
         done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                              env=dict(os.environ, QWEN_LAB_MODEL="qwen-lab/tiny-chat", HF_HUB_OFFLINE="1", **env))
-        ok, tail = done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    except subprocess.TimeoutExpired:
-        ok, tail = False, f"timed out after {timeout} s"
-    print(f"[{'ok' if ok else 'FAILED'}] {name} ({time.monotonic() - start:.0f} s)\n{tail if not ok else ''}", flush=True)
-    return {"name": name, "ok": ok, "seconds": round(time.monotonic() - start, 1), "tail": tail[-1500:]}
+                              env=dict(os.environ, QWEN_LAB_MODEL="qwen-lab/tiny-chat", HF_HUB_OFFLINE="1",
+                                       PYTHONPATH=path, **env))
+        ok, output = done.returncode == 0, done.stdout + done.stderr
+    except subprocess.TimeoutExpired as e:
+        ok, output = False, f"{e.stdout or ''}{e.stderr or ''}\ntimed out after {timeout} s"
+    print(f"[{'ok' if ok else 'FAILED'}] {name} ({time.monotonic() - start:.0f} s)\n{output[-3000:] if not ok else ''}",
+          flush=True)
+    step = {"name": name, "ok": ok, "seconds": round(time.monotonic() - start, 1), "tail": output[-1500:]}
+    if not ok:  # the whole of it: the first failure's cause is rarely in the tail
+        step["output"] = output[:300_000]
+    return step
 
 
 def copy_bandwidth(gib: float = 2.0) -> float:
@@ -80,6 +87,20 @@ def copy_bandwidth(gib: float = 2.0) -> float:
     return 2 * a.numel() / best
 
 
+def agreeing(a: list[int], b: list[int]) -> int:
+    """How many tokens two generations share before they first differ."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def greedy(decoder, ids: list[int], n: int) -> list[int]:
+    """``n`` greedy tokens from a ``StaticDecoder``: the argmax of each step, nothing else."""
+    logits, out = decoder.prefill(ids), []
+    for pos in range(len(ids), len(ids) + n):
+        out.append(int(logits.argmax()))
+        logits = decoder.step(out[-1], pos)
+    return out
+
+
 def benchmark(prompt_tokens: int, new_tokens: int, config_name: str) -> dict:
     import torch
     from bench_decode import _word_tokenizer, make_checkpoint, weights_only
@@ -96,13 +117,15 @@ def benchmark(prompt_tokens: int, new_tokens: int, config_name: str) -> dict:
     gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=[])
     token_lists = {}
     for label, static in (("qwen_lab cuda-graph", True), ("qwen_lab eager", False)):
-        generate_stream(model, tok, prompt[0, :32].tolist(), GenerationConfig(max_new_tokens=8), static=static).result
+        # warm-up at the same length: the graph of this length's bucket is captured here, not in the timed run
+        generate_stream(model, tok, prompt[0].tolist(), GenerationConfig(max_new_tokens=8), static=static).result
         r = generate_stream(model, tok, prompt[0].tolist(), gen, static=static).result
         torch.cuda.synchronize()
         results[label] = {"decode_tokens_per_s": r.decode_tokens_per_s, "prefill_tokens_per_s": r.prefill_tokens_per_s,
                           "path": r.decode_path}
         token_lists[label] = r.token_ids
-    from qwen_lab.static_decode import decoder_for
+    from qwen_lab.static_decode import StaticDecoder, decoder_for
+    static_check = {}
     decoder = decoder_for(model, prompt_tokens + new_tokens)
     if decoder.graph is not None:  # the step alone: what the generation loop's Python costs on top
         decoder.graph.replay()
@@ -113,6 +136,26 @@ def benchmark(prompt_tokens: int, new_tokens: int, config_name: str) -> dict:
         torch.cuda.synchronize()
         results["qwen_lab graph replay only"] = {"decode_tokens_per_s": 200 / (time.perf_counter() - start),
                                                  "prefill_tokens_per_s": float("nan"), "path": "replay x200"}
+        start = time.perf_counter()  # what a first reply in a new length bucket pays once
+        fresh = StaticDecoder(model, decoder.max_len)
+        torch.cuda.synchronize()
+        static_check["capture_s"] = round(time.perf_counter() - start, 3)
+        del fresh
+        # Capture itself changes nothing: the first step's logits equal the same step run uncaptured, bit for
+        # bit. Over many greedy tokens of random bf16 weights (near-tied logits) the uncaptured step run twice
+        # can part from itself on CUDA, so that run-to-run agreement is printed beside the graph's, as its floor.
+        uncaptured = StaticDecoder(model, decoder.max_len, graph=False)
+        ids = prompt[0].tolist()
+        token = int(decoder.prefill(ids).argmax())
+        uncaptured.prefill(ids)
+        graph_logits = decoder.step(token, len(ids)).float().clone()
+        plain_logits = uncaptured.step(token, len(ids)).float()
+        static_check["first_step_max_difference"] = (graph_logits - plain_logits).abs().max().item()
+        graph_tokens = greedy(decoder, ids, new_tokens)
+        plain_tokens, plain_again = greedy(uncaptured, ids, new_tokens), greedy(uncaptured, ids, new_tokens)
+        static_check["tokens_agreeing"] = {"graph vs uncaptured": agreeing(graph_tokens, plain_tokens),
+                                           "uncaptured vs itself": agreeing(plain_tokens, plain_again)}
+        del uncaptured
     del model, decoder
     torch.cuda.empty_cache()
     ref = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).cuda().eval()
@@ -138,6 +181,7 @@ def benchmark(prompt_tokens: int, new_tokens: int, config_name: str) -> dict:
             "weight_gib": round(weight_bytes / 2**30, 2), "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
             "results": results, "graph_equals_eager": graph == eager,
             "first_difference_vs_eager": next((i for i, (a, b) in enumerate(zip(graph, eager)) if a != b), None),
+            **static_check,
             "speedup_vs_transformers": results["qwen_lab cuda-graph"]["decode_tokens_per_s"]
             / results["transformers eager"]["decode_tokens_per_s"]}
 
@@ -146,7 +190,8 @@ def summary(report: dict) -> str:
     d = report["device"]
     lines = [f"GPU check on {d['gpu']} (compute capability {d['capability']}, torch {d['torch']}, CUDA {d['cuda']}); "
              f"auto dtype: {d['auto_dtype']}; CPU: {d.get('cpu', '?')}", ""]
-    lines += [f"- {s['name']}: {'ok' if s['ok'] else 'skipped' if s['ok'] is None else 'FAILED'}" for s in report["steps"]]
+    lines += [f"- {s['name']}: {'ok' if s['ok'] else 'skipped' if s['ok'] is None else 'FAILED'}"
+              for s in report["steps"]]
     b = report.get("benchmark")
     if b and "error" in b:
         lines += ["", f"benchmark FAILED: {b['error']}"]
@@ -159,7 +204,10 @@ def summary(report: dict) -> str:
             lines.append(f"| {name} | {r['path']} | {r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} | "
                          f"{r['bandwidth_share']:.0%} |")
         lines += ["", f"CUDA graph vs transformers: {b['speedup_vs_transformers']:.2f}x; greedy tokens of the graph "
-                  f"equal the eager path's: {b['graph_equals_eager']}"]
+                  f"equal the eager path's: {b['graph_equals_eager']} (first difference at token "
+                  f"{b['first_difference_vs_eager']})", f"First step, graph vs the same step uncaptured: largest logit "
+                  f"difference {b.get('first_step_max_difference')}; greedy tokens agreeing of {b['new_tokens']}: "
+                  f"{b.get('tokens_agreeing')}; capturing a new bucket's graph took {b.get('capture_s')} s"]
     return "\n".join(lines)
 
 

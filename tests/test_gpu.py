@@ -80,8 +80,8 @@ def test_the_cli_decodes_through_a_graph():
     import subprocess
     import sys
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    done = subprocess.run([sys.executable, "-m", "qwen_lab.cli", "generate", "--model", "qwen-lab/tiny-chat", "--prompt",
-                           "What is the capital of France?", "--temperature", "0", "--max-new-tokens", "24",
+    done = subprocess.run([sys.executable, "-m", "qwen_lab.cli", "generate", "--model", "qwen-lab/tiny-chat",
+                           "--prompt", "What is the capital of France?", "--temperature", "0", "--max-new-tokens", "24",
                            "--stats"], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     stats = json.loads(done.stderr.strip().splitlines()[-1])  # dtype auto: bf16 from compute capability 8.0 up
