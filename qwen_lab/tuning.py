@@ -33,9 +33,14 @@ import torch.nn.functional as F
 from . import kernels
 
 TUNE_MIN_BYTES = 1 << 20
-#: The timed matrices cycle through copies adding up to at least this many bytes (> any cache).
-STREAM_BYTES = 128 << 20
+#: The timed matrices cycle through copies adding up to at least this many bytes, so that each is
+#: out of the caches when its turn comes; None: three times this CPU's last-level cache, within
+#: 128-512 MiB (``stream_bytes``).
+STREAM_BYTES: int | None = None
 ROUNDS = 5
+#: Part of the cache's key: a change to how plans are measured measures them again (2: timed copies
+#: never the matrix the checks just read, which on a CPU with a large L3 could still be there).
+METHOD = 2
 
 _memory: dict[str, kernels.Plan] = {}
 
@@ -48,9 +53,29 @@ def candidates(dtype: torch.dtype | None = None) -> list[kernels.Plan]:
     return plans + [kernels.Plan("torch")]
 
 
+def last_level_cache_bytes() -> int | None:
+    """The largest CPU cache this machine reports (``/sys/devices/system/cpu/cpu0/cache``), or None."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        except (OSError, ValueError):
+            continue
+    return max(sizes, default=None)
+
+
+def stream_bytes() -> int:
+    """How many bytes of copies the timed matrices cycle through (``STREAM_BYTES``)."""
+    if STREAM_BYTES is not None:
+        return STREAM_BYTES
+    return min(max(3 * (last_level_cache_bytes() or 0), 128 << 20), 512 << 20)
+
+
 def _machine_key() -> str:
     """The CPU, the threads and the kernel build that a measurement holds for."""
-    parts = [kernels.cpu_model(), " ".join(sorted(kernels.cpu_flags())), str(kernels.num_threads()), str(kernels._library()._name),
+    parts = [f"method {METHOD}", kernels.cpu_model(), " ".join(sorted(kernels.cpu_flags())), str(kernels.num_threads()), str(kernels._library()._name),
              torch.__version__]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
@@ -114,12 +139,17 @@ def measure(out_features: int, in_features: int, dtype: torch.dtype,
         got = kernels._run(kernels._library(), x, weight, None, plan).double()
         if torch.allclose(got, want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-4, atol=1e-2):
             correct.append(plan)
-    copies = [weight] + [weight.clone() for _ in range(max(0, STREAM_BYTES // nbytes - 1))]
+    # Timed on copies the checks above never read, each last read (or written) a whole cycle of
+    # stream_bytes() earlier: a matrix still in the cache would time its plan at the cache's speed.
+    # A matrix larger than that cycle is itself out of the caches; it is timed as it is, with no copy.
+    wanted = stream_bytes()
+    copies = [weight] if nbytes >= wanted else [weight.clone() for _ in range(-(-wanted // nbytes))]
     best = {plan: float("inf") for plan in correct}
     turn = 0
     with torch.inference_mode():
-        for _ in range(ROUNDS):  # rounds of every plan in turn: a noisy moment hurts them all alike
-            for plan in correct:
+        for r in range(ROUNDS):  # rounds of every plan in turn: a noisy moment hurts them all alike;
+            order = correct[r % len(correct):] + correct[:r % len(correct)]  # and no plan is always first
+            for plan in order:
                 w = copies[turn % len(copies)]
                 turn += 1
                 start = time.perf_counter()

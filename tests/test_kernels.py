@@ -599,6 +599,52 @@ def test_tuning_measures_once_and_remembers(tmp_path, monkeypatch):
 
 
 @needs_kernel
+@pytest.mark.parametrize("stream_mib, copies", [(12, 3), (2, 0)])
+def test_plans_are_timed_on_matrices_out_of_the_cache(monkeypatch, stream_mib, copies):
+    """Never on the matrix the correctness checks just read (a large L3 can still hold it, and the
+    plan timed on it first would win at the cache's speed): on copies made after them, each used
+    once a cycle, with no plan first in every round; a matrix as large as the cycle is timed as is."""
+    from qwen_lab import tuning
+    monkeypatch.setattr(tuning, "STREAM_BYTES", stream_mib << 20)
+    monkeypatch.setattr(tuning, "ROUNDS", 3)
+    real, calls = kernels._run, []
+
+    def run(lib, x, w, b, plan):
+        calls.append((torch.is_inference_mode_enabled(), w.data_ptr(), plan))
+        return real(lib, x, w, b, plan)
+    monkeypatch.setattr(kernels, "_run", run)
+    plans = [kernels.Plan("avx2", rows, 0) for rows in (1, 2, 4)]
+    tuning.measure(1024, 1024, torch.float32, plans)  # 4 MiB
+    checks = [c for c in calls if not c[0]]
+    timed = [c for c in calls if c[0]]
+    assert [c[2] for c in checks] == plans and len({c[1] for c in checks}) == 1
+    assert len(timed) == 3 * len(plans)
+    if copies:
+        assert checks[0][1] not in {c[1] for c in timed}
+        assert len({c[1] for c in timed}) == copies  # 12 MiB of 4 MiB copies, in turn
+        assert all(timed[i][1] != timed[i + 1][1] for i in range(len(timed) - 1))
+    else:
+        assert {c[1] for c in timed} == {checks[0][1]}
+    assert len({timed[r * len(plans)][2] for r in range(3)}) == 3  # each round starts with another plan
+
+
+def test_the_copies_outsize_the_last_level_cache(monkeypatch):
+    from qwen_lab import tuning
+    monkeypatch.setattr(tuning, "STREAM_BYTES", None)
+    for llc, want in ((32 << 20, 128 << 20), (105 << 20, 315 << 20), (1 << 30, 512 << 20), (None, 128 << 20)):
+        monkeypatch.setattr(tuning, "last_level_cache_bytes", lambda llc=llc: llc)
+        assert tuning.stream_bytes() == want
+
+
+@needs_kernel
+def test_a_new_way_of_measuring_measures_again(monkeypatch):
+    from qwen_lab import tuning
+    before = tuning._cache_file()
+    monkeypatch.setattr(tuning, "METHOD", tuning.METHOD + 1)  # plans kept from the old way are not read
+    assert tuning._cache_file() != before
+
+
+@needs_kernel
 def test_a_plan_that_computes_wrong_is_never_chosen(monkeypatch):
     from qwen_lab import tuning
     monkeypatch.setattr(tuning, "STREAM_BYTES", 4 << 20)
