@@ -187,6 +187,41 @@ def test_sampling_draws_from_the_processed_distribution():
     torch.testing.assert_close(counts / counts.sum(), expected, atol=0.015, rtol=0)
 
 
+@pytest.mark.parametrize("k, p, penalty, temperature", [(1, 1.0, 1.0, 1.0), (5, 0.8, 1.1, 0.7), (20, 0.8, 1.05, 0.7),
+                                                      (50, 0.95, 1.0, 1.3), (20, 1.0, 1.0, 0.5), (3, 0.3, 1.2, 1.0)])
+def test_top_k_draws_from_its_candidates_are_the_whole_vocabulary_draws(k, p, penalty, temperature):
+    """The sampling fast path (top-k's k candidates, not the masked vocabulary) draws the very token the
+    processors-then-draw path draws from the same generator, or steps aside (ties at the k-th)."""
+    from qwen_lab import sampling
+    config = GenerationConfig(do_sample=True, top_k=k, top_p=p, repetition_penalty=penalty, temperature=temperature)
+    fast_count = 0
+    for seed in range(60):
+        g = torch.Generator().manual_seed(seed)
+        logits = torch.randn(3000, generator=g) * 3
+        if seed % 3 == 0:  # bf16 logits, as a bf16 model gives them: ties are common
+            logits = logits.to(torch.bfloat16)
+        previous = torch.randint(0, 3000, (50,), generator=g)
+        want = sampling._draw(sampling._process_checked(logits, previous, config), config,
+                              torch.Generator().manual_seed(seed))
+        fast = sampling._draw_top_k(logits, previous, config, torch.Generator().manual_seed(seed))
+        assert fast in (None, want)
+        assert sampling.next_token(logits, previous, config, torch.Generator().manual_seed(seed)) == want
+        fast_count += fast is not None
+    assert fast_count >= 30  # the fast path did the drawing in most cases
+
+
+def test_the_fast_path_steps_aside_for_a_tie_or_minus_infinity():
+    from qwen_lab import sampling
+    config = GenerationConfig(do_sample=True, top_k=3, top_p=1.0, repetition_penalty=1.0, temperature=1.0)
+    none = torch.tensor([], dtype=torch.long)
+    tie = torch.tensor([5.0, 4.0, 3.0, 3.0, 1.0, 0.0])  # the 3rd and 4th tie: top-k keeps both
+    assert sampling._draw_top_k(tie, none, config, torch.Generator()) is None
+    assert set(process_logits(tie, none, config).isfinite().nonzero().flatten().tolist()) == {0, 1, 2, 3}
+    few = torch.tensor([5.0, 4.0, float("-inf"), float("-inf"), float("-inf")])  # fewer than k finite
+    assert sampling._draw_top_k(few, none, config, torch.Generator()) is None
+    assert sampling.next_token(few, none, config, torch.Generator().manual_seed(0)) in (0, 1)
+
+
 # ---------------------------------------------------------------- what the model weighed: top logprobs
 
 def test_top_logprobs_equal_transformers_scores(tiny_dir):
