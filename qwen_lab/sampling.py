@@ -94,9 +94,9 @@ def next_token(logits: torch.Tensor, previous: torch.Tensor, config, generator: 
 def _draw_top_k(logits: torch.Tensor, previous: torch.Tensor, config, generator: torch.Generator | None) -> int | None:
     """The draw of ``_draw(process_logits(...))`` when top-k samples, computed on the k candidates.
 
-    Masking the whole vocabulary to -inf and finding the survivors again (twice) took ~2.5 ms per
-    token on a 2-core CPU, more than the rest of the choice; on a GPU, whose decode step takes a few
-    ms, that is most of a token. Here the survivors come from ``topk`` itself, in ascending id order
+    Masking the whole vocabulary to -inf and finding the survivors again (twice) costs 1.5-2.5 ms
+    per token more than this on a 2-core CPU (``benchmarks/bench_sampling.py``): on a GPU, whose
+    decode step takes a few ms, that is a large part of a token. Here the survivors come from ``topk`` itself, in ascending id order
     as ``_alive`` lists them, with the same values: the same distribution and, from the same
     generator, the same token. None where that does not hold (a tie with the k-th logit, -inf
     logits among the k): the caller takes the whole-vocabulary way.
@@ -112,15 +112,8 @@ def _draw_top_k(logits: torch.Tensor, previous: torch.Tensor, config, generator:
     if not math.isfinite(float(values[k - 1])) or values[k] == values[k - 1]:
         return None
     ids = ids[:k].sort().values
-    values = scaled[ids]
-    if config.top_p < 1.0:  # apply_top_p on the candidates: the same sort, sums and cut
-        ordered, order = torch.sort(values)
-        drop = ordered.softmax(-1).cumsum(-1) <= 1 - config.top_p
-        drop[-1] = False
-        keep = torch.ones(len(ids), dtype=torch.bool)
-        keep[order[drop]] = False
-        ids, values = ids[keep], values[keep]
-    return int(ids[torch.multinomial(values.softmax(-1), 1, generator=generator)])
+    # top-p and the draw, as on the whole vocabulary: the same values in the same order
+    return int(ids[_draw(apply_top_p(scaled[ids], config.top_p), config, generator)])
 
 
 def _process_checked(logits: torch.Tensor, previous: torch.Tensor, config) -> torch.Tensor:

@@ -75,8 +75,8 @@ def stream_bytes() -> int:
 
 def _machine_key() -> str:
     """The CPU, the threads and the kernel build that a measurement holds for."""
-    parts = [f"method {METHOD}", kernels.cpu_model(), " ".join(sorted(kernels.cpu_flags())), str(kernels.num_threads()), str(kernels._library()._name),
-             torch.__version__]
+    parts = [f"method {METHOD}", kernels.cpu_model(), " ".join(sorted(kernels.cpu_flags())), str(kernels.num_threads()),
+             str(kernels._library()._name), torch.__version__]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
