@@ -18,6 +18,22 @@ def reference_file(model: str, name: str) -> Path:
         pytest.skip(f"{path} is not here (the real models' reference files)")
     return path
 
+def stop_a_long_reply(chat, timeout: float = 30):
+    """A chat panel that never stops by itself, asked for a long story and stopped once text has
+    streamed, as a learner clicks Stop; returns the panel after its worker has finished."""
+    import time
+    from qwen_lab.panel import ChatPanel
+    panel = ChatPanel(chat, refresh_s=0.01, eos_token_id=[])
+    panel.max_new_tokens.value = 400
+    panel.send("Tell me a long story")
+    deadline = time.time() + timeout
+    while not panel._partial and time.time() < deadline:
+        time.sleep(0.005)
+    panel.stop_button.click()
+    panel.wait(timeout)
+    return panel
+
+
 SAMPLE_TEXTS = [
     "Hello! How are you today? I am a small model.",
     "The capital of France is Paris. The capital of Italy is Rome.",

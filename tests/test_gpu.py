@@ -47,7 +47,7 @@ def test_sampling_and_stop_on_the_gpu(chat):
 
 def test_the_panel_decodes_through_a_graph_and_stops(chat):
     pytest.importorskip("ipywidgets")
-    import time
+    from conftest import stop_a_long_reply
     from qwen_lab.panel import ChatPanel
     panel = ChatPanel(chat, refresh_s=0.01)
     panel.temperature.value = 0.0
@@ -56,15 +56,8 @@ def test_the_panel_decodes_through_a_graph_and_stops(chat):
     panel.wait(60)
     assert panel.replies[-1]["decode_path"] == "cuda-graph", panel.replies[-1]
     assert panel.messages[-1] == {"role": "assistant", "content": "The capital of France is Paris."}
-    # Stop mid-reply on the graph path: the partial reply is kept and marked, and the next reply is whole again
-    panel = ChatPanel(chat, refresh_s=0.01, eos_token_id=[])
-    panel.max_new_tokens.value = 400
-    panel.send("Tell me a long story")
-    deadline = time.time() + 60
-    while not panel._partial and time.time() < deadline:
-        time.sleep(0.005)
-    panel.stop_button.click()
-    panel.wait(60)
+    # Stop mid-reply on the graph path: the partial reply is kept and marked
+    panel = stop_a_long_reply(chat, timeout=60)
     assert panel.replies[-1]["stopped"] and 0 < panel.replies[-1]["generated_tokens"] < 400
     assert panel.replies[-1]["decode_path"] == "cuda-graph" and panel.messages[-1]["role"] == "assistant"
 

@@ -1,11 +1,11 @@
 """The chat panel, driven from Python: set widget values, click buttons, wait for the worker."""
 import json
-import time
 
 import pytest
 
 pytest.importorskip("ipywidgets")
 
+from conftest import stop_a_long_reply
 from qwen_lab.generation import ChatModel, GenerationResult, GenerationStream
 from qwen_lab.panel import ChatPanel, render_markdown
 
@@ -71,15 +71,8 @@ def test_default_system_prompt_is_the_templates(panel):
 
 
 def test_stop_keeps_the_partial_reply_and_marks_it(chat):
-    panel = ChatPanel(chat, refresh_s=0.01, eos_token_id=[])  # never stops by itself
-    assert "eos_token_id=[]" in panel.title.value
-    panel.max_new_tokens.value = 400
-    panel.send("Tell me a long story")
-    deadline = time.time() + 30
-    while not panel._partial and time.time() < deadline:
-        time.sleep(0.005)
-    panel.stop_button.click()
-    panel.wait(30)
+    panel = stop_a_long_reply(chat)
+    assert "eos_token_id=[]" in panel.title.value  # never stops by itself
     assert panel.replies[-1]["stopped"] and panel.replies[-1]["finish_reason"] == "cancelled"
     assert 0 < panel.replies[-1]["generated_tokens"] < 400
     assert panel.messages[-1]["role"] == "assistant"
