@@ -167,12 +167,11 @@ def benchmark(prompt_tokens: int, new_tokens: int, config_name: str) -> dict:
     torch.cuda.synchronize()
     prefill = time.perf_counter() - start
     start = time.perf_counter()
-    out = ref.generate(prompt.cuda(), max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+    ref.generate(prompt.cuda(), max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
     torch.cuda.synchronize()
     total = time.perf_counter() - start
     results["transformers eager"] = {"decode_tokens_per_s": (new_tokens - 1) / (total - prefill),
                                      "prefill_tokens_per_s": prompt_tokens / prefill, "path": "eager generate"}
-    token_lists["transformers eager"] = out[0, prompt_tokens:].tolist()
     bandwidth = copy_bandwidth()
     for r in results.values():
         r["bandwidth_share"] = weight_bytes * r["decode_tokens_per_s"] / bandwidth
@@ -189,7 +188,7 @@ def benchmark(prompt_tokens: int, new_tokens: int, config_name: str) -> dict:
 def summary(report: dict) -> str:
     d = report["device"]
     lines = [f"GPU check on {d['gpu']} (compute capability {d['capability']}, torch {d['torch']}, CUDA {d['cuda']}); "
-             f"auto dtype: {d['auto_dtype']}; CPU: {d.get('cpu', '?')}", ""]
+             f"auto dtype: {d['auto_dtype']}; CPU: {d['cpu']}", ""]
     lines += [f"- {s['name']}: {'ok' if s['ok'] else 'skipped' if s['ok'] is None else 'FAILED'}"
               for s in report["steps"]]
     b = report.get("benchmark")
@@ -216,7 +215,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="write gpu_check.json and gpu_check.md here (after every step)")
     p.add_argument("--quick", action="store_true", help="tests and benchmark only: no CPU kernels, no notebooks")
     args = p.parse_args()
-    report = {"device": device_report(), "steps": []}
+    from bench_contention import cpu_description
+    report = {"device": {**device_report(), "cpu": cpu_description()}, "steps": []}
     print(json.dumps(report["device"]), flush=True)
 
     def save() -> None:  # after every step, so a run cut short still leaves what it measured
@@ -237,10 +237,8 @@ def main() -> None:
     print("\n" + summary(report) + "\n", flush=True)
     save()
     if not args.quick:
-        from bench_contention import cpu_description
         from qwen_lab import kernels
-        report["device"]["cpu"] = cpu_description()
-        report["steps"].append(run_step(f"CPU kernels on {cpu_description()} (2 threads)",
+        report["steps"].append(run_step(f"CPU kernels on {report['device']['cpu']} (2 threads)",
                                         [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py"],
                                         240, QWEN_LAB_THREADS="2"))
         report["device"]["cpu_kernels"] = kernels.status()
