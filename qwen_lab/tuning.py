@@ -14,6 +14,9 @@ that computes a wrong answer on this CPU is never chosen.
 The answers are kept in ``kernels.cache_dir()`` per CPU, thread count and kernel build: a
 machine measures once (about a second for the five shapes of a Qwen2.5 model). Matrices under
 ``TUNE_MIN_BYTES`` stay in the caches whatever the walk, so they take the default plan untimed.
+A measurement taken while something else used the memory can keep a worse plan: run once with
+``QWEN_LAB_TUNING=again`` to measure every shape afresh (and keep the new answers);
+``QWEN_LAB_TUNING=off`` uses the default plan everywhere, nothing measured.
 
 >>> plan_for(64, 64, torch.float32)        # small: the default, nothing measured
 Plan(variant='avx2', rows=1, prefetch=0)
@@ -110,12 +113,13 @@ def _save(key: str, plan: kernels.Plan, speeds: dict[str, float]) -> None:
 
 def plan_for(out_features: int, in_features: int, dtype: torch.dtype) -> kernels.Plan:
     """The plan for an (out x in) weight of ``dtype``: remembered, read from the cache, or measured now."""
+    setting = os.environ.get("QWEN_LAB_TUNING", "").lower()
     if out_features * in_features * torch.empty((), dtype=dtype).element_size() < TUNE_MIN_BYTES \
-            or os.environ.get("QWEN_LAB_TUNING", "").lower() in ("0", "off"):
+            or setting in ("0", "off"):
         return kernels.DEFAULT_PLAN
     key = f"{str(dtype).removeprefix('torch.')} {out_features}x{in_features}"
     if key not in _memory:
-        cached = _load().get(key)
+        cached = _load().get(key) if setting != "again" else None  # again: once per shape and process
         if isinstance(cached, dict) and cached.get("variant") in ("torch", *kernels.variants()):
             _memory[key] = kernels.Plan(cached["variant"], int(cached.get("rows", 1)), int(cached.get("prefetch", 0)))
         else:

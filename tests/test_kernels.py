@@ -596,6 +596,17 @@ def test_tuning_measures_once_and_remembers(tmp_path, monkeypatch):
     (cache,) = tmp_path.glob("plans-*.json")
     entry = json.loads(cache.read_text())["bfloat16 1024x512"]
     assert entry["variant"] == plan.variant and "torch" in entry["gb_per_s"]
+    # QWEN_LAB_TUNING=again: measured afresh in a new process (not read from disk), once, and kept
+    monkeypatch.setattr(tuning, "_memory", {})
+    monkeypatch.setenv("QWEN_LAB_TUNING", "again")
+    planted = {**json.loads(cache.read_text()), "bfloat16 1024x512": {"variant": "torch", "gb_per_s": {"torch": 0.1}}}
+    cache.write_text(json.dumps(planted))  # as if an earlier, noisy measurement had chosen torch
+    again = tuning.plan_for(1024, 512, torch.bfloat16)
+    assert len(calls) == 2 and tuning.plan_for(1024, 512, torch.bfloat16) == again and len(calls) == 2
+    assert json.loads(cache.read_text())["bfloat16 1024x512"]["gb_per_s"] != {"torch": 0.1}
+    monkeypatch.setenv("QWEN_LAB_TUNING", "off")
+    monkeypatch.setattr(tuning, "_memory", {})
+    assert tuning.plan_for(1024, 512, torch.bfloat16) == kernels.DEFAULT_PLAN and len(calls) == 2
 
 
 @needs_kernel
