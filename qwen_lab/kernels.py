@@ -177,6 +177,8 @@ def _load_library() -> ctypes.CDLL:
     lib.gemv_group = {v: ctypes.cast(getattr(lib, f"qwen_gemv_group_{v}"), ctypes.c_void_p).value
                       for v in lib.variants}  # addresses the layer step calls through
     lib.qwen_layer_step.argtypes, lib.qwen_layer_step.restype = [ctypes.c_void_p], ctypes.c_int
+    lib.qwen_silu_times.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int]
+    lib.qwen_silu_times.restype = None
     lib.qwen_layer_step_size.argtypes, lib.qwen_layer_step_size.restype = [], ctypes.c_int64
     if lib.qwen_layer_step_size() != ctypes.sizeof(LayerStep):  # the two declarations drifted apart
         raise KernelUnavailable(f"csrc/kernels.c's layer_step is {lib.qwen_layer_step_size()} bytes, "

@@ -361,6 +361,33 @@ def test_one_call_layer_step_matches_the_module_path(shape, dtype, chunk, pool_s
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_times_is_torchs_two_operations(dtype):
+    """The layer step's silu(g) * up, eight values at a time (and the odd tail one by one), against
+    torch's F.silu(g) * u in the same dtype: equal but where C's exp and torch's differ in the last bit
+    (then one rounding of the dtype apart), and exactly torch's at infinities, NaN, overflow and zero."""
+    g = torch.Generator().manual_seed(7)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 88.0, -88.0, 88.5, -88.5,
+                            89.0, -89.0, 100.0, -100.0, 1e-30, -1e-30, 3e38, -3e38])
+    gate = torch.cat([special, 6 * torch.randn(20000, generator=g), special]).to(dtype)  # 20034: a tail of 2
+    up = torch.cat([torch.ones(len(special)), torch.randn(20000, generator=g), 2 * torch.ones(len(special))]).to(dtype)
+    got = torch.empty_like(gate)
+    kernels._library().qwen_silu_times(gate.data_ptr(), up.data_ptr(), got.data_ptr(), gate.numel(),
+                                       int(dtype == torch.bfloat16))
+    want = F.silu(gate) * up
+    n = len(special)
+    for part in (slice(0, n), slice(-n, None)):  # the special values, in the vector loop and in the tail
+        assert torch.equal(got[part].isnan(), want[part].isnan())
+        torch.testing.assert_close(got[part].nan_to_num(), want[part].nan_to_num(), rtol=0, atol=1e-30)
+    differ = (got != want) & ~(got.isnan() & want.isnan())
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-30, equal_nan=True)
+    else:  # a silu one bf16 rounding apart, times up: within two roundings of the result
+        assert differ.float().mean() < 2e-3, differ.float().mean()
+        assert ((got.float() - want.float()).abs() <= want.float().abs() * 2 ** -7 + 1e-30)[differ].all()
+
+
+@needs_kernel
 def test_layer_step_runs_every_plan_and_leaves_torch_plans_to_the_modules(pool_settings):
     from qwen_lab import tuning
     fast = converted(make_layer(**LAYER_SHAPES["qwen2"], dtype=torch.float32, seed=3))
