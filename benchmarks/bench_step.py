@@ -12,6 +12,8 @@ positions), alternating in rounds between:
 - ``module by module``: the same kernels called layer part by layer part from Python (the path
   before the one-call step);
 - ``64 KB chunks``: the one-call step with every chunk 64 KB (the pool's sharing before);
+- ``no tail split``: the one-call step with a job's last chunks as large as the others
+  (``kernels.TAIL_SPLIT`` = 1, as before it);
 - ``bf16 widened, no pairs`` (bf16 only): the one-call step with each shape's plan measured without
   the pair variants (``kernels.PAIR_VARIANTS``), i.e. every bf16 weight widened to float32 before its
   multiply-add, as before those variants;
@@ -41,6 +43,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--steps", type=int, default=4, help="decode steps per measurement")
     p.add_argument("--context", type=int, default=256, help="positions already in the KV cache")
+    p.add_argument("--ways", help="only these ways, comma-separated (default: all)")
     args = p.parse_args()
 
     import torch
@@ -54,10 +57,11 @@ def main() -> None:
           f"{args.rounds} rounds of {args.steps} steps each way, alternating")
     fused = kernels.DecoderLayer.forward
     for dtype in args.dtypes.split(","):
-        ways = {  # name -> (the layer's forward, chunk_max_bytes, plans: None as loaded, else per Linear)
-            "one call per layer": (fused, None, None),
-            "module by module": (layers.DecoderLayer.forward, None, None),
-            "64 KB chunks": (fused, kernels.CHUNK_BYTES, None),
+        ways = {  # name -> (the layer's forward, kernels.configure's settings, plans: None as loaded, else per Linear)
+            "one call per layer": (fused, {}, None),
+            "module by module": (layers.DecoderLayer.forward, {}, None),
+            "64 KB chunks": (fused, {"chunk_max_bytes": kernels.CHUNK_BYTES}, None),
+            "no tail split": (fused, {"tail_split": 1}, None),
         }
         model = load_model(weights_only(directory), dtype, "cpu")
         linears = [m for m in model.modules() if isinstance(m, kernels.Linear) and m.use_kernel]
@@ -67,9 +71,11 @@ def main() -> None:
             plans = [p for p in tuning.candidates(torch.bfloat16) if p.variant not in kernels.PAIR_VARIANTS]
             widened = {shape: tuning.measure(*shape, torch.bfloat16, plans)[0]
                        if plan.variant in kernels.PAIR_VARIANTS else plan for shape, plan in by_shape.items()}
-            ways["bf16 widened, no pairs"] = (fused, None, {m: widened[m.out_features, m.in_features] for m in linears})
+            ways["bf16 widened, no pairs"] = (fused, {}, {m: widened[m.out_features, m.in_features] for m in linears})
             print("bf16 plans, tuned / without pairs:",
                   ", ".join(f"{o}x{i}: {by_shape[o, i]} / {widened[o, i]}" for o, i in by_shape))
+        if args.ways:
+            ways = {name: way for name, way in ways.items() if name in args.ways.split(",")}
         nbytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
                      if isinstance(m, torch.nn.Linear))
         probe = torch.ones(nbytes // 4)
@@ -84,7 +90,7 @@ def main() -> None:
             pos = args.context
             token = torch.tensor([[5]])
             for _ in range(args.rounds):
-                for name, (forward, chunk_max, plans) in ways.items():
+                for name, (forward, sharing, plans) in ways.items():
                     for m in linears:
                         m.plan = (plans or tuned)[m]
                     torch.set_num_threads(kernels.num_threads())
@@ -93,7 +99,7 @@ def main() -> None:
                     reads[name].append(nbytes / (time.perf_counter() - start))
                     torch.set_num_threads(1)  # as generation decodes: torch on one thread, the kernels on all
                     kernels.DecoderLayer.forward = forward
-                    kernels.configure(chunk_max_bytes=chunk_max)
+                    kernels.configure(**sharing)
                     start = time.perf_counter()
                     for _ in range(args.steps):
                         model(token, caches, pos, last_only=True)

@@ -85,6 +85,9 @@ DTYPES = (torch.float32, torch.bfloat16)
 SOLO_BYTES = 256 * 1024
 CHUNK_BYTES = 64 * 1024
 CHUNK_MAX_BYTES = 1024 * 1024
+#: The last chunks of a job (a chunk per thread's worth of rows) are this many times smaller, so that
+#: threads finish a job together (csrc/gemv.c); 1: every chunk the same size.
+TAIL_SPLIT = 4
 #: The attention step is shared over threads from this many multiply-adds (heads x positions x head_dim).
 SOLO_WORK = 1 << 16
 
@@ -160,7 +163,7 @@ def _load_library() -> ctypes.CDLL:
         _build(cc.split(), target)
     lib = ctypes.CDLL(str(target))
     lib.variants = [v for v in VARIANTS if hasattr(lib, f"qwen_gemv_f32_{v}")]  # those the compiler could build
-    gemv_args = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 3 + [ctypes.c_int64] * 3
+    gemv_args = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 3 + [ctypes.c_int64] * 4
     lib.gemv = {}  # (bf16?, variant) -> the function, looked up once: _run is on the hot path
     for v in lib.variants:
         for bf16, name in ((False, f"qwen_gemv_f32_{v}"), (True, f"qwen_gemv_bf16_{v}")):
@@ -226,16 +229,17 @@ def variants() -> list[str]:
     return [v for v in _library().variants if set(VARIANTS[v][2]) <= flags]
 
 
-_sharing = {"solo": SOLO_BYTES, "chunk": CHUNK_BYTES, "chunk_max": CHUNK_MAX_BYTES, "solo_work": SOLO_WORK}
+_sharing = {"solo": SOLO_BYTES, "chunk": CHUNK_BYTES, "chunk_max": CHUNK_MAX_BYTES, "solo_work": SOLO_WORK,
+            "tail_split": TAIL_SPLIT}
 
 
 def configure(solo_bytes: int = SOLO_BYTES, chunk_bytes: int = CHUNK_BYTES, solo_work: int | None = None,
-              chunk_max_bytes: int | None = None) -> None:
+              chunk_max_bytes: int | None = None, tail_split: int = TAIL_SPLIT) -> None:
     """Change how calls are shared over threads (for tests and measurements; see SOLO_BYTES).
 
     ``solo_work`` defaults to SOLO_WORK, or 0 (share every attention step) when ``solo_bytes`` is 0.
     ``chunk_max_bytes`` defaults to CHUNK_MAX_BYTES with the default ``chunk_bytes``, else to
-    ``chunk_bytes`` (every chunk that size, as a test of chunk edges wants).
+    ``chunk_bytes`` (every chunk that size, as a test of chunk edges wants). ``tail_split``: see TAIL_SPLIT.
     """
     if solo_work is None:
         solo_work = 0 if solo_bytes == 0 else SOLO_WORK
@@ -243,7 +247,7 @@ def configure(solo_bytes: int = SOLO_BYTES, chunk_bytes: int = CHUNK_BYTES, solo
     if chunk_max_bytes is None:
         chunk_max_bytes = CHUNK_MAX_BYTES if chunk_bytes == CHUNK_BYTES else chunk
     _sharing.update(solo=int(solo_bytes), chunk=chunk, chunk_max=max(chunk, int(chunk_max_bytes)),
-                    solo_work=int(solo_work))
+                    solo_work=int(solo_work), tail_split=max(1, int(tail_split)))
     _library().qwen_kernels_configure(_sharing["solo_work"])
 
 
@@ -350,7 +354,7 @@ def _run(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     fn = lib.gemv[weight.dtype == torch.bfloat16, plan.variant]
     failed = fn(weight.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
                 out_features, in_features, _threads or num_threads(), plan.rows, plan.prefetch, _sharing["solo"],
-                _sharing["chunk"], _sharing["chunk_max"])
+                _sharing["chunk"], _sharing["chunk_max"], _sharing["tail_split"])
     if failed:
         raise MemoryError(f"gemv: no memory for a float32 copy of {in_features} inputs") if failed == -1 else \
             ValueError(f"gemv refused the plan {plan}")
@@ -453,7 +457,7 @@ class LayerStep(ctypes.Structure):
                 + [(n, ctypes.c_int64) for n in ("hidden", "inter", "H", "KV", "d", "bf16")]
                 + [(n, ctypes.c_void_p) for n in ("x", "cos", "sin", "out", "kc", "vc", "scratch")]
                 + [(n, ctypes.c_int64) for n in ("pos", "max_len", "scratch_bytes", "threads", "solo_bytes",
-                                                 "chunk_bytes", "chunk_max")])
+                                                 "chunk_bytes", "chunk_max", "tail_split")])
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -515,7 +519,7 @@ class DecoderLayer(layers.DecoderLayer):
         s.kc, s.vc, s.scratch = cache.k.data_ptr(), cache.v.data_ptr(), scratch.data_ptr()
         s.pos, s.max_len, s.scratch_bytes = start, cache.max_len, nbytes
         s.threads, s.solo_bytes, s.chunk_bytes = _threads or num_threads(), _sharing["solo"], _sharing["chunk"]
-        s.chunk_max = _sharing["chunk_max"]
+        s.chunk_max, s.tail_split = _sharing["chunk_max"], _sharing["tail_split"]
         failed = lib.qwen_layer_step(ctypes.byref(s))
         if failed == -1:
             raise MemoryError(f"layer step: no memory for {start + 1} attention scores")

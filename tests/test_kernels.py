@@ -329,7 +329,8 @@ LAYER_SHAPES = {"qwen2": dict(hidden=64, heads=4, kv_heads=2, head_dim=16, inter
 @needs_kernel
 @pytest.mark.parametrize("shape", LAYER_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("chunk", [64 * 1024, 96])  # 96 bytes: chunks of a row or two, across q, k and v
+# 96 bytes: chunks of a row or two, across q, k and v; 2048: 8-row chunks, the last ones of up and v split in 4
+@pytest.mark.parametrize("chunk", [64 * 1024, 96, 2048])
 def test_one_call_layer_step_matches_the_module_path(shape, dtype, chunk, pool_settings):
     plain = make_layer(**LAYER_SHAPES[shape], dtype=dtype, seed=len(shape))
     fast = make_layer(**LAYER_SHAPES[shape], dtype=dtype, seed=len(shape))
@@ -458,6 +459,34 @@ def test_the_same_bits_whatever_the_threads_and_chunks(pool_settings, dtype):
         kernels.set_num_threads(threads)
         kernels.configure(solo, chunk)
         assert torch.equal(kernels.gemv(x, w, b), want), (threads, solo, chunk)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_row_once_when_the_last_chunks_are_split(pool_settings, dtype):
+    """The job's last chunks cut tail_split times smaller (csrc/gemv.c): every row computed, the same bits as
+    one thread alone, for rows walked 1, 2 or 4 at a time and splits that do not divide the chunk."""
+    g = torch.Generator().manual_seed(11)
+    lib = kernels._library()
+
+    def product(x, w, rows, threads):  # into an output full of NaN, so that a row left out shows
+        y = torch.full((w.shape[0],), float("nan"), dtype=dtype)
+        s = kernels._sharing
+        assert lib.gemv[dtype == torch.bfloat16, "avx2"](w.data_ptr(), x.data_ptr(), None, y.data_ptr(), w.shape[0],
+                                                         w.shape[1], threads, rows, 0, s["solo"], s["chunk"],
+                                                         s["chunk_max"], s["tail_split"]) == 0
+        return y
+
+    for out_features in (3001, 1024, 37):
+        w = torch.randn(out_features, 300, generator=g).to(dtype)
+        x = torch.randn(300, generator=g).to(dtype)
+        for rows in (1, 2, 4):
+            want = product(x, w, rows, 1)
+            assert not want.isnan().any()
+            for threads, chunk, split in [(2, 8 * 1024, 4), (2, 8 * 1024, 3), (3, 6000, 7), (2, 20000, 2),
+                                          (2, 4096, 64), (2, 8 * 1024, 1)]:
+                kernels.configure(0, chunk, tail_split=split)
+                assert torch.equal(product(x, w, rows, threads), want), (out_features, rows, threads, chunk, split)
 
 
 @needs_kernel

@@ -226,6 +226,7 @@ struct gemv_job {
     const void *W[GROUP_MAX], *bias[GROUP_MAX];
     void *y[GROUP_MAX];
     int64_t N[GROUP_MAX], first[GROUP_MAX + 1];  /* first[i]: matrix i's first chunk */
+    int64_t body, tail_rows;  /* the last matrix: `body` chunks of `rows`, then chunks of tail_rows (0: none) */
 };
 
 static void gemv_chunk(const void *job, int64_t c) {
@@ -233,11 +234,16 @@ static void gemv_chunk(const void *job, int64_t c) {
     int m = 0;
     while (c >= j->first[m + 1]) m++;
     c -= j->first[m];
-    const int64_t K = j->K, N = j->N[m], end = (c + 1) * j->rows < N ? (c + 1) * j->rows : N;
+    const int64_t K = j->K, N = j->N[m];
+    int64_t n = c * j->rows, end = n + j->rows;
+    if (m == j->count - 1 && j->tail_rows && c >= j->body) {  /* the job's last rows, in smaller chunks */
+        n = j->body * j->rows + (c - j->body) * j->tail_rows;
+        end = n + j->tail_rows;
+    }
+    if (end > N) end = N;
     const void *W = j->W[m], *bias = j->bias[m];
     void *y = j->y[m];
     float out[4];
-    int64_t n = c * j->rows;
     while (n < end) {
         int take = end - n >= j->rows_in_flight ? j->rows_in_flight : 1;  /* the chunk's leftover rows: one by one */
         if (j->bf16) {
@@ -266,11 +272,17 @@ static void gemv_chunk(const void *job, int64_t c) {
  * 64 KB chunks read at 82% of `sum`'s speed, 1 MB chunks at 92%: each chunk costs two contended
  * atomic operations and a fresh start for the prefetcher). Several chunks per thread leave a thread
  * that loses its CPU mid-job little that the others must wait for. A job smaller than `solo_bytes`
- * in all runs on the calling thread alone. */
+ * in all runs on the calling thread alone.
+ *
+ * The last `threads` chunks' worth of rows are cut `tail_split` times smaller: the job ends when its
+ * last chunk does, and a thread that finds none left waits for the others' last ones. With 1 MB chunks
+ * that wait was half a chunk on average (tens of microseconds per job, and the caller, done spinning,
+ * slept on a futex in a quarter of the jobs); a tail of quarter chunks shortens it fourfold and leaves
+ * the large chunks everywhere else. */
 #define CHUNKS_PER_THREAD 8
 
 static void run(struct gemv_job *job, int64_t row_bytes, int threads, int64_t solo_bytes, int64_t chunk_bytes,
-                int64_t chunk_max) {
+                int64_t chunk_max, int64_t tail_split) {
     int64_t total = 0, rows = 0;
     for (int m = 0; m < job->count; m++) {
         total += job->N[m];
@@ -287,6 +299,13 @@ static void run(struct gemv_job *job, int64_t row_bytes, int threads, int64_t so
     job->rows = rows;
     job->first[0] = 0;
     for (int m = 0; m < job->count; m++) job->first[m + 1] = job->first[m] + (job->N[m] + rows - 1) / rows;
+    const int L = job->count - 1;
+    const int64_t body = (job->N[L] + rows - 1) / rows - threads, tail = rows / (tail_split > 1 ? tail_split : 1);
+    if (threads > 1 && tail_split > 1 && body > 0 && tail >= job->rows_in_flight) {
+        job->body = body;
+        job->tail_rows = tail - tail % job->rows_in_flight;
+        job->first[L + 1] = job->first[L] + body + (job->N[L] - body * rows + job->tail_rows - 1) / job->tail_rows;
+    }
     qwen_pool_run(gemv_chunk, job, job->first[job->count], threads);
 }
 
@@ -298,7 +317,8 @@ static int valid(int rows_in_flight) { return rows_in_flight == 1 || rows_in_fli
  * Returns 0, -1 if memory for the float32 copy of a bf16 x ran out, or -2 for a bad mode or count. */
 int NAME(qwen_gemv_group, VARIANT)(int bf16, int count, const void *const *W, const void *const *bias, void *const *y,
                                    const int64_t *N, int64_t K, const void *x, int threads, int rows_in_flight,
-                                   int prefetch, int64_t solo_bytes, int64_t chunk_bytes, int64_t chunk_max) {
+                                   int prefetch, int64_t solo_bytes, int64_t chunk_bytes, int64_t chunk_max,
+                                   int64_t tail_split) {
     if (!valid(rows_in_flight) || count < 1 || count > GROUP_MAX) return -2;
     struct gemv_job job = {.K = K, .count = count, .bf16 = bf16, .rows_in_flight = rows_in_flight, .prefetch = prefetch};
     for (int m = 0; m < count; m++) {
@@ -321,7 +341,7 @@ int NAME(qwen_gemv_group, VARIANT)(int bf16, int count, const void *const *W, co
     } else {
         job.x = x;
     }
-    run(&job, K * (bf16 ? 2 : 4), threads, solo_bytes, chunk_bytes, chunk_max);
+    run(&job, K * (bf16 ? 2 : 4), threads, solo_bytes, chunk_bytes, chunk_max, tail_split);
     if (xf && xf != stack) free(xf);
     return 0;
 }
@@ -329,20 +349,20 @@ int NAME(qwen_gemv_group, VARIANT)(int bf16, int count, const void *const *W, co
 /* y[n] = sum_k W[n, k] x[k] + (bias ? bias[n] : 0), W row-major (N x K). Returns 0, or -2 for a bad mode. */
 int NAME(qwen_gemv_f32, VARIANT)(const float *W, const float *x, const float *bias, float *y, int64_t N, int64_t K,
                                  int threads, int rows_in_flight, int prefetch, int64_t solo_bytes, int64_t chunk_bytes,
-                                 int64_t chunk_max) {
+                                 int64_t chunk_max, int64_t tail_split) {
     const void *w[1] = {W}, *b[1] = {bias};
     void *out[1] = {y};
     return NAME(qwen_gemv_group, VARIANT)(0, 1, w, b, out, &N, K, x, threads, rows_in_flight, prefetch, solo_bytes,
-                                          chunk_bytes, chunk_max);
+                                          chunk_bytes, chunk_max, tail_split);
 }
 
 /* The same with bfloat16 W, x, bias and y; x is widened to float32 once, sums are float32, y rounded once.
  * Returns 0, -1 if memory for the float32 copy of x ran out, or -2 for a bad mode. */
 int NAME(qwen_gemv_bf16, VARIANT)(const uint16_t *W, const uint16_t *x16, const uint16_t *bias, uint16_t *y,
                                   int64_t N, int64_t K, int threads, int rows_in_flight, int prefetch,
-                                  int64_t solo_bytes, int64_t chunk_bytes, int64_t chunk_max) {
+                                  int64_t solo_bytes, int64_t chunk_bytes, int64_t chunk_max, int64_t tail_split) {
     const void *w[1] = {W}, *b[1] = {bias};
     void *out[1] = {y};
     return NAME(qwen_gemv_group, VARIANT)(1, 1, w, b, out, &N, K, x16, threads, rows_in_flight, prefetch, solo_bytes,
-                                          chunk_bytes, chunk_max);
+                                          chunk_bytes, chunk_max, tail_split);
 }

@@ -345,7 +345,8 @@ int qwen_attend_one_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v
 /* A gemv.c group product (qwen_gemv_group_<variant>): the instruction set is chosen per machine. */
 typedef int (*gemv_group_fn)(int bf16, int count, const void *const *W, const void *const *bias, void *const *y,
                              const int64_t *N, int64_t K, const void *x, int threads, int rows_in_flight,
-                             int prefetch, int64_t solo_bytes, int64_t chunk_bytes, int64_t chunk_max);
+                             int prefetch, int64_t solo_bytes, int64_t chunk_bytes, int64_t chunk_max,
+                             int64_t tail_split);
 
 /* How one product of the layer runs: the variant's function and the plan kernels.py measured for it. */
 struct product { gemv_group_fn fn; int64_t rows, prefetch; };
@@ -362,7 +363,7 @@ struct layer_step {
     /* this token */
     const void *x, *cos, *sin;
     void *out, *kc, *vc, *scratch;
-    int64_t pos, max_len, scratch_bytes, threads, solo_bytes, chunk_bytes, chunk_max;
+    int64_t pos, max_len, scratch_bytes, threads, solo_bytes, chunk_bytes, chunk_max, tail_split;
 };
 
 static inline void put(void *p, int64_t i, float v, int bf16) {
@@ -448,7 +449,7 @@ int qwen_layer_step(const struct layer_step *s) {
         void *Y[3] = {q, k, v};
         int64_t N[3] = {Q, KVD, KVD};
         if ((failed = s->qkv.fn(bf16, 3, W, B, Y, N, D, h, threads, (int)s->qkv.rows, (int)s->qkv.prefetch,
-                                s->solo_bytes, s->chunk_bytes, s->chunk_max))) return failed;
+                                s->solo_bytes, s->chunk_bytes, s->chunk_max, s->tail_split))) return failed;
     }
     if ((failed = attend(q, k, v, s->cos, s->sin, s->qnorm, s->knorm, (float)s->qk_eps, s->kc, s->vc, y, s->H,
                          s->KV, s->d, s->pos, s->max_len, bf16, threads))) return failed;
@@ -456,7 +457,7 @@ int qwen_layer_step(const struct layer_step *s) {
         const void *W[1] = {s->wo}, *B[1] = {s->bo};
         void *Y[1] = {o};
         if ((failed = s->o.fn(bf16, 1, W, B, Y, &D, Q, y, threads, (int)s->o.rows, (int)s->o.prefetch,
-                              s->solo_bytes, s->chunk_bytes, s->chunk_max))) return failed;
+                              s->solo_bytes, s->chunk_bytes, s->chunk_max, s->tail_split))) return failed;
     }
     add(s->x, o, x1, D, bf16);
     /* MLP: down(silu(gate(h)) * up(h)) */
@@ -466,14 +467,14 @@ int qwen_layer_step(const struct layer_step *s) {
         void *Y[2] = {g, u};
         int64_t N[2] = {I, I};
         if ((failed = s->gate_up.fn(bf16, 2, W, B, Y, N, D, h, threads, (int)s->gate_up.rows,
-                                    (int)s->gate_up.prefetch, s->solo_bytes, s->chunk_bytes, s->chunk_max))) return failed;
+                                    (int)s->gate_up.prefetch, s->solo_bytes, s->chunk_bytes, s->chunk_max, s->tail_split))) return failed;
     }
     silu_times(g, u, act, I, bf16);
     {
         const void *W[1] = {s->wd}, *B[1] = {s->bd};
         void *Y[1] = {m};
         if ((failed = s->down.fn(bf16, 1, W, B, Y, &D, I, act, threads, (int)s->down.rows, (int)s->down.prefetch,
-                                 s->solo_bytes, s->chunk_bytes, s->chunk_max))) return failed;
+                                 s->solo_bytes, s->chunk_bytes, s->chunk_max, s->tail_split))) return failed;
     }
     add(x1, m, s->out, D, bf16);
     return 0;
