@@ -487,45 +487,74 @@ class DecoderLayer(layers.DecoderLayer):
     gradients, a plan that chose torch for a shape: the modules run."""
 
     def forward(self, x, cos, sin, cache, start):
-        a, mlp = self.self_attn, self.mlp
-        linears = (a.q_proj, a.o_proj, mlp.gate_proj, mlp.down_proj)
-        if not (a.one_token_applies(x, cache, start)
-                and all(m.use_kernel and m.plan.variant != "torch" for m in (*linears, a.k_proj, a.v_proj, mlp.up_proj))):
+        prepared = self._prepared()
+        if prepared is None or x.shape[-1] != prepared.hidden or not self.self_attn.one_token_applies(x, cache, start):
             return super().forward(x, cos, sin, cache, start)
-        lib = _library()
-        x = x.contiguous()
-        cos, sin = cos.contiguous(), sin.contiguous()
-        bf16 = x.dtype == torch.bfloat16
-        hidden, inter, q_dim, kv_dim = x.shape[-1], mlp.gate_proj.out_features, a.n_heads * a.head_dim, \
-            a.n_kv_heads * a.head_dim
-        nbytes = x.element_size() * (4 * hidden + 2 * q_dim + 2 * kv_dim + 3 * inter)
-        scratch = torch.empty(nbytes, dtype=torch.uint8)  # per call: two threads may share a model
+        s = LayerStep.from_buffer_copy(prepared)  # a copy: two threads may call one model
+        x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
+        scratch = torch.empty(s.scratch_bytes, dtype=torch.uint8)
         out = torch.empty_like(x)
-        s = LayerStep()
-        s.in_norm, s.post_norm = _ptr(self.input_layernorm.weight), _ptr(self.post_attention_layernorm.weight)
-        s.wq, s.bq, s.wk, s.bk = _ptr(a.q_proj.weight), _ptr(a.q_proj.bias), _ptr(a.k_proj.weight), _ptr(a.k_proj.bias)
-        s.wv, s.bv, s.wo, s.bo = _ptr(a.v_proj.weight), _ptr(a.v_proj.bias), _ptr(a.o_proj.weight), _ptr(a.o_proj.bias)
-        s.qnorm = None if a.q_norm is None else a.q_norm.weight.data_ptr()
-        s.knorm = None if a.k_norm is None else a.k_norm.weight.data_ptr()
-        s.wg, s.bg, s.wu = _ptr(mlp.gate_proj.weight), _ptr(mlp.gate_proj.bias), _ptr(mlp.up_proj.weight)
-        s.bu, s.wd, s.bd = _ptr(mlp.up_proj.bias), _ptr(mlp.down_proj.weight), _ptr(mlp.down_proj.bias)
-        s.eps = self.input_layernorm.eps
-        s.qk_eps = 0.0 if a.q_norm is None else a.q_norm.eps
-        for field, m in zip(("qkv", "o", "gate_up", "down"), linears):
-            product = getattr(s, field)
-            product.fn, product.rows, product.prefetch = lib.gemv_group[m.plan.variant], m.plan.rows, m.plan.prefetch
-        s.hidden, s.inter, s.H, s.KV, s.d, s.bf16 = hidden, inter, a.n_heads, a.n_kv_heads, a.head_dim, bf16
         s.x, s.cos, s.sin, s.out = x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr()
-        s.kc, s.vc, s.scratch = cache.k.data_ptr(), cache.v.data_ptr(), scratch.data_ptr()
-        s.pos, s.max_len, s.scratch_bytes = start, cache.max_len, nbytes
+        s.kc, s.vc, s.scratch, s.pos, s.max_len = cache.k.data_ptr(), cache.v.data_ptr(), scratch.data_ptr(), start, \
+            cache.max_len
         s.threads, s.solo_bytes, s.chunk_bytes = _threads or num_threads(), _sharing["solo"], _sharing["chunk"]
         s.chunk_max, s.tail_split = _sharing["chunk_max"], _sharing["tail_split"]
-        failed = lib.qwen_layer_step(ctypes.byref(s))
+        failed = _library().qwen_layer_step(ctypes.byref(s))
         if failed == -1:
             raise MemoryError(f"layer step: no memory for {start + 1} attention scores")
         if failed:  # layer_applies() and the plans' checks keep this from happening
             raise RuntimeError(f"the layer step refused its inputs (code {failed})")
         return out
+
+    def _parts(self) -> tuple:
+        """The norms and products the step reads, through the modules' own dictionaries: this runs on every
+        call, and ``nn.Module.__getattr__`` costs a microsecond a time."""
+        a, mlp = self._modules["self_attn"], self._modules["mlp"]
+        am, mm = a._modules, mlp._modules
+        return (self._modules["input_layernorm"], self._modules["post_attention_layernorm"], am["q_proj"],
+                am["k_proj"], am["v_proj"], am["o_proj"], am.get("q_norm"), am.get("k_norm"), mm["gate_proj"],
+                mm["up_proj"], mm["down_proj"])
+
+    def _prepared(self) -> LayerStep | None:
+        """The call's fields that belong to the layer (its tensors, plans, sizes), filled once and filled again
+        whenever something they come from changes: a part replaced, a tensor's memory (``.to()`` swaps it), a
+        plan. None when a part must run as a module (a product whose plan is torch's, or ``use_kernel`` off).
+        Filling them took ~150 us of Python per layer and call, 5-10% of a 0.5B bf16 step, during which the
+        memory streamed nothing."""
+        parts = self._parts()
+        norms, linears = (parts[0], parts[1], parts[6], parts[7]), parts[2:6] + parts[8:]
+        key = (tuple(None if m is None else (m._parameters["weight"].data_ptr(), m.eps) for m in norms),
+               tuple((m._parameters["weight"].data_ptr(), _ptr(m._parameters["bias"]), m.plan, m.use_kernel)
+                     for m in linears))
+        cached = self.__dict__.get("_step")
+        if cached is None or cached[0] != key:
+            cached = (key, self._fill(parts))
+            self.__dict__["_step"] = cached
+        return cached[1]
+
+    def _fill(self, parts: tuple) -> LayerStep | None:
+        in_norm, post_norm, wq, wk, wv, wo, q_norm, k_norm, wg, wu, wd = parts
+        if not all(m.use_kernel and m.plan.variant != "torch" for m in (wq, wk, wv, wo, wg, wu, wd)):
+            return None
+        lib, a = _library(), self.self_attn
+        s = LayerStep()
+        s.in_norm, s.post_norm = _ptr(in_norm.weight), _ptr(post_norm.weight)
+        s.wq, s.bq, s.wk, s.bk = _ptr(wq.weight), _ptr(wq.bias), _ptr(wk.weight), _ptr(wk.bias)
+        s.wv, s.bv, s.wo, s.bo = _ptr(wv.weight), _ptr(wv.bias), _ptr(wo.weight), _ptr(wo.bias)
+        s.qnorm = None if q_norm is None else q_norm.weight.data_ptr()
+        s.knorm = None if k_norm is None else k_norm.weight.data_ptr()
+        s.wg, s.bg, s.wu = _ptr(wg.weight), _ptr(wg.bias), _ptr(wu.weight)
+        s.bu, s.wd, s.bd = _ptr(wu.bias), _ptr(wd.weight), _ptr(wd.bias)
+        s.eps = in_norm.eps
+        s.qk_eps = 0.0 if q_norm is None else q_norm.eps
+        for field, m in zip(("qkv", "o", "gate_up", "down"), (wq, wo, wg, wd)):
+            product = getattr(s, field)
+            product.fn, product.rows, product.prefetch = lib.gemv_group[m.plan.variant], m.plan.rows, m.plan.prefetch
+        hidden, inter, q_dim, kv_dim = wq.in_features, wg.out_features, a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+        s.hidden, s.inter, s.H, s.KV, s.d = hidden, inter, a.n_heads, a.n_kv_heads, a.head_dim
+        s.bf16 = wq.weight.dtype == torch.bfloat16
+        s.scratch_bytes = wq.weight.element_size() * (4 * hidden + 2 * q_dim + 2 * kv_dim + 3 * inter)
+        return s
 
 
 def in_use(model: nn.Module) -> bool:

@@ -416,6 +416,49 @@ def test_layer_step_runs_every_plan_and_leaves_torch_plans_to_the_modules(pool_s
 
 
 @needs_kernel
+def test_the_one_call_step_follows_changes_to_the_layer(pool_settings):
+    """The step's fields are filled once per layer and kept: a weight replaced, a layer moved to another dtype
+    (``.to`` swaps each tensor's memory) or a part replaced must be seen on the next call, not the old memory."""
+    fast = converted(make_layer(**LAYER_SHAPES["qwen2"], dtype=torch.float32, seed=5))
+    rotary = layers.RotaryEmbedding(16, 10000.0)
+    calls = []
+    real = kernels._library().qwen_layer_step
+
+    def step(dtype):
+        with torch.inference_mode():
+            x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
+            cos, sin = rotary(torch.tensor([0]), dtype)
+            lib = kernels._library()
+            lib.qwen_layer_step = lambda s: calls.append(1) or real(s)
+            try:
+                got = fast(x, cos, sin, layers.KVCache(1, 2, 4, 16, dtype), 0)
+            finally:
+                lib.qwen_layer_step = real
+            want = layers.DecoderLayer.forward(fast, x, cos, sin, layers.KVCache(1, 2, 4, 16, dtype), 0)
+        return got, want
+
+    first, want = step(torch.float32)
+    torch.testing.assert_close(first, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # a new down_proj weight, in new memory
+        fast.mlp.down_proj.weight = nn.Parameter(torch.randn_like(fast.mlp.down_proj.weight))
+    got, want = step(torch.float32)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, first)
+    new_up = kernels.Linear(64, 160, bias=False)  # a part replaced
+    new_up.plan = fast.mlp.up_proj.plan
+    fast.mlp.up_proj = new_up
+    got, want = step(torch.float32)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    fast.to(torch.bfloat16)  # every tensor in new memory, and another dtype
+    got, want = step(torch.bfloat16)
+    torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=1e-6)
+    assert len(calls) == 4  # each of them by the one C call
+    fast.self_attn.o_proj.use_kernel = False  # a product taken off the kernel: the modules run
+    got, want = step(torch.bfloat16)
+    assert torch.equal(got, want) and len(calls) == 4
+
+
+@needs_kernel
 def test_a_layer_with_a_part_the_kernels_cannot_take_stays_as_it_is():
     odd = converted(make_layer(hidden=96, heads=8, kv_heads=8, head_dim=12, inter=64, qkv_bias=True, o_bias=False,
                                mlp_bias=False, qk_norm=False, dtype=torch.float32, seed=0))  # head_dim 12
