@@ -45,7 +45,8 @@ MATVECS = ("auto", "torch", "none")
 def twin(cls: type[nn.Module], module: nn.Module) -> nn.Module:
     """A new module of class ``cls`` holding ``module``'s very parameters, buffers and submodules."""
     new = cls.__new__(cls)
-    new.__dict__.update({k: dict(v) if isinstance(v, dict) else v for k, v in module.__dict__.items()})
+    # each dict copied as its own type: torch keeps hooks in OrderedDicts that a hook's handle refers to weakly
+    new.__dict__.update({k: v.copy() if isinstance(v, dict) else v for k, v in module.__dict__.items()})
     return new
 
 

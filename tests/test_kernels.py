@@ -132,6 +132,16 @@ def test_conversion_keeps_tied_weights_tied_and_converts_children_first():
     assert names.index("model.layers.0.self_attn") < names.index("model.layers.0")
 
 
+def test_a_converted_module_takes_forward_hooks():
+    model = load_model(resolve("qwen-lab/tiny-chat"), "float32", "cpu")  # converted: every layer a twin
+    seen = []
+    handle = model.model.layers[1].register_forward_hook(lambda m, i, out: seen.append(out.shape))
+    with torch.inference_mode():
+        model(torch.tensor([[5, 17, 300]]))
+    handle.remove()  # the handle refers weakly to the twin's own hook dictionary
+    assert seen == [torch.Size([1, 3, model.config.hidden_size])]
+
+
 def test_conversion_refuses_an_unknown_matvec():
     with pytest.raises(ValueError, match="matvec 'blas' is not one of auto, torch, none"):
         runtime.convert_for_runtime(nn.Linear(2, 2), "cpu", "blas")
