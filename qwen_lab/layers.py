@@ -217,6 +217,9 @@ class KVCache(nn.Module):
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v at positions start.. and return everything stored so far."""
         end = start + k.shape[2]
+        if end > self.max_len:  # slicing past the end would store nothing, silently
+            raise ValueError(f"the KV cache holds {self.max_len} positions; positions {start}-{end - 1} do not fit "
+                             f"(make the cache longer, or the conversation shorter)")
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]

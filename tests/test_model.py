@@ -158,3 +158,13 @@ def test_checkpoints_written_by_qwen_lab_load_in_transformers(which, request):
     ids = prompt(ours.config.vocab_size)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), reference(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_kv_cache_refuses_positions_past_its_end():
+    from qwen_lab.layers import KVCache
+    cache = KVCache(1, 2, 4, 8, torch.float32)
+    k = v = torch.ones(1, 2, 1, 8)
+    cache.update(3, k, v)  # the last position fits
+    with pytest.raises(ValueError, match="holds 4 positions; positions 4-4 do not fit"):
+        cache.update(4, k, v)  # a slice past the end would have stored nothing, silently
+    assert cache.k[0, 0, 3].eq(1).all() and cache.k[0, 0, :3].eq(0).all()
