@@ -7,14 +7,16 @@ A decode step reads every weight once, so its floor is weight bytes / read bandw
 times the model's one-token forward (the KV cache holding a 256-token prompt, or ``--context``
 positions), alternating in rounds between:
 
-- ``one call per layer``: ``kernels.DecoderLayer``, the layer's whole step in one C call, with
+- ``whole stack in one call``: ``kernels.DecoderModel``, every layer's step from one C call, with
   chunks sized per job (up to ``kernels.CHUNK_MAX_BYTES``) — what ``load_model`` gives;
+- ``one call per layer``: ``kernels.DecoderLayer``, one C call per layer from Python (as before the
+  whole-stack call);
 - ``module by module``: the same kernels called layer part by layer part from Python (the path
   before the one-call step);
-- ``64 KB chunks``: the one-call step with every chunk 64 KB (the pool's sharing before);
-- ``no tail split``: the one-call step with a job's last chunks as large as the others
+- ``64 KB chunks``: the whole-stack step with every chunk 64 KB (the pool's sharing before);
+- ``no tail split``: the whole-stack step with a job's last chunks as large as the others
   (``kernels.TAIL_SPLIT`` = 1, as before it);
-- ``bf16 widened, no pairs`` (bf16 only): the one-call step with each shape's plan measured without
+- ``bf16 widened, no pairs`` (bf16 only): the whole-stack step with each shape's plan measured without
   the pair variants (``kernels.PAIR_VARIANTS``), i.e. every bf16 weight widened to float32 before its
   multiply-add, as before those variants;
 
@@ -55,27 +57,32 @@ def main() -> None:
     print(machine())
     print(f"model: random weights, shapes of {args.config.stem}; KV cache holding {args.context} positions; "
           f"{args.rounds} rounds of {args.steps} steps each way, alternating")
-    fused = kernels.DecoderLayer.forward
+    stack, fused = kernels.DecoderModel.forward, kernels.DecoderLayer.forward
+    by_layer, by_modules = layers.DecoderModel.forward, layers.DecoderLayer.forward
     for dtype in args.dtypes.split(","):
-        ways = {  # name -> (the layer's forward, kernels.configure's settings, plans: None as loaded, else per Linear)
-            "one call per layer": (fused, {}, None),
-            "module by module": (layers.DecoderLayer.forward, {}, None),
-            "64 KB chunks": (fused, {"chunk_max_bytes": kernels.CHUNK_BYTES}, None),
-            "no tail split": (fused, {"tail_split": 1}, None),
+        ways = {  # name -> ((the stack's forward, the layer's), kernels.configure's settings, plans: None as loaded)
+            "whole stack in one call": ((stack, fused), {}, None),
+            "one call per layer": ((by_layer, fused), {}, None),
+            "module by module": ((by_layer, by_modules), {}, None),
+            "64 KB chunks": ((stack, fused), {"chunk_max_bytes": kernels.CHUNK_BYTES}, None),
+            "no tail split": ((stack, fused), {"tail_split": 1}, None),
         }
         model = load_model(weights_only(directory), dtype, "cpu")
         linears = [m for m in model.modules() if isinstance(m, kernels.Linear) and m.use_kernel]
         tuned = {m: m.plan for m in linears}
         by_shape = {(m.out_features, m.in_features): m.plan for m in linears}  # the plan tuning chose per shape
-        if dtype == "bfloat16" and any(p.variant in kernels.PAIR_VARIANTS for p in by_shape.values()):
+        wanted = args.ways.split(",") if args.ways else None
+        if dtype == "bfloat16" and any(p.variant in kernels.PAIR_VARIANTS for p in by_shape.values()) \
+                and (wanted is None or "bf16 widened, no pairs" in wanted):
             plans = [p for p in tuning.candidates(torch.bfloat16) if p.variant not in kernels.PAIR_VARIANTS]
             widened = {shape: tuning.measure(*shape, torch.bfloat16, plans)[0]
                        if plan.variant in kernels.PAIR_VARIANTS else plan for shape, plan in by_shape.items()}
-            ways["bf16 widened, no pairs"] = (fused, {}, {m: widened[m.out_features, m.in_features] for m in linears})
+            ways["bf16 widened, no pairs"] = ((stack, fused), {}, {m: widened[m.out_features, m.in_features]
+                                                                   for m in linears})
             print("bf16 plans, tuned / without pairs:",
                   ", ".join(f"{o}x{i}: {by_shape[o, i]} / {widened[o, i]}" for o, i in by_shape))
-        if args.ways:
-            ways = {name: way for name, way in ways.items() if name in args.ways.split(",")}
+        if wanted:
+            ways = {name: way for name, way in ways.items() if name in wanted}
         nbytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
                      if isinstance(m, torch.nn.Linear))
         probe = torch.ones(nbytes // 4)
@@ -90,7 +97,7 @@ def main() -> None:
             pos = args.context
             token = torch.tensor([[5]])
             for _ in range(args.rounds):
-                for name, (forward, sharing, plans) in ways.items():
+                for name, (forwards, sharing, plans) in ways.items():
                     for m in linears:
                         m.plan = (plans or tuned)[m]
                     torch.set_num_threads(kernels.num_threads())
@@ -98,14 +105,14 @@ def main() -> None:
                     probe.sum()
                     reads[name].append(nbytes / (time.perf_counter() - start))
                     torch.set_num_threads(1)  # as generation decodes: torch on one thread, the kernels on all
-                    kernels.DecoderLayer.forward = forward
+                    kernels.DecoderModel.forward, kernels.DecoderLayer.forward = forwards
                     kernels.configure(**sharing)
                     start = time.perf_counter()
                     for _ in range(args.steps):
                         model(token, caches, pos, last_only=True)
                         pos += 1
                     times[name].append((time.perf_counter() - start) / args.steps)
-        kernels.DecoderLayer.forward = fused
+        kernels.DecoderModel.forward, kernels.DecoderLayer.forward = stack, fused
         kernels.configure()
         for m in linears:
             m.plan = tuned[m]

@@ -183,9 +183,13 @@ def _load_library() -> ctypes.CDLL:
     lib.qwen_silu_times.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int]
     lib.qwen_silu_times.restype = None
     lib.qwen_layer_step_size.argtypes, lib.qwen_layer_step_size.restype = [], ctypes.c_int64
-    if lib.qwen_layer_step_size() != ctypes.sizeof(LayerStep):  # the two declarations drifted apart
-        raise KernelUnavailable(f"csrc/kernels.c's layer_step is {lib.qwen_layer_step_size()} bytes, "
-                                f"kernels.LayerStep {ctypes.sizeof(LayerStep)}: reinstall qwen_lab")
+    lib.qwen_stack_step.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.qwen_stack_step.restype = ctypes.c_int
+    lib.qwen_stack_call_size.argtypes, lib.qwen_stack_call_size.restype = [], ctypes.c_int64
+    for c_size, py in ((lib.qwen_layer_step_size(), LayerStep), (lib.qwen_stack_call_size(), StackCall)):
+        if c_size != ctypes.sizeof(py):  # the two declarations drifted apart
+            raise KernelUnavailable(f"csrc/kernels.c's struct for {py.__name__} is {c_size} bytes, "
+                                    f"kernels.{py.__name__} {ctypes.sizeof(py)}: reinstall qwen_lab")
     lib.qwen_pool_stats.argtypes, lib.qwen_pool_stats.restype = [ctypes.c_void_p], None
     lib.qwen_pool_configure.argtypes, lib.qwen_pool_configure.restype = [ctypes.c_int64] * 2, None
     lib.qwen_kernels_configure.argtypes, lib.qwen_kernels_configure.restype = [ctypes.c_int64], None
@@ -418,9 +422,8 @@ class Attention(layers.Attention):
 
     def one_token_applies(self, x, cache, start) -> bool:
         """Can the C attention step take this call: one row, no gradients, a cache in the layout it writes?"""
-        return (_applies(x, self.q_proj.weight) and not torch.is_grad_enabled() and cache is not None
-                and cache.k.dtype == x.dtype and cache.k.is_contiguous() and cache.v.is_contiguous()
-                and cache.k.shape[:2] == (1, self.n_kv_heads) and start < cache.max_len)
+        return (_applies(x, self.q_proj.weight) and not torch.is_grad_enabled()
+                and _cache_fits(cache, x.dtype, self.n_kv_heads, self.head_dim, start))
 
     def forward(self, x, cos, sin, cache, start):
         if not self.one_token_applies(x, cache, start):
@@ -443,6 +446,12 @@ class Attention(layers.Attention):
         return self.o_proj(y)
 
 
+def _cache_fits(cache, dtype: torch.dtype, kv_heads: int, head_dim: int, start: int) -> bool:
+    """Is ``cache`` one the C attention step can write position ``start`` of (layers.KVCache's layout)?"""
+    return (cache is not None and cache.k.dtype == dtype and cache.k.is_contiguous() and cache.v.is_contiguous()
+            and cache.k.shape[:2] == (1, kv_heads) and cache.k.shape[-1] == head_dim and start < cache.max_len)
+
+
 class _Product(ctypes.Structure):
     _fields_ = [("fn", ctypes.c_void_p), ("rows", ctypes.c_int64), ("prefetch", ctypes.c_int64)]
 
@@ -458,6 +467,14 @@ class LayerStep(ctypes.Structure):
                 + [(n, ctypes.c_void_p) for n in ("x", "cos", "sin", "out", "kc", "vc", "scratch")]
                 + [(n, ctypes.c_int64) for n in ("pos", "max_len", "scratch_bytes", "threads", "solo_bytes",
                                                  "chunk_bytes", "chunk_max", "tail_split")])
+
+
+class StackCall(ctypes.Structure):
+    """``struct stack_call`` of csrc/kernels.c: what one token's call gives every layer (all 8 bytes wide)."""
+
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("x", "cos", "sin", "out", "scratch", "between")]
+                + [(n, ctypes.c_int64) for n in ("pos", "threads", "solo_bytes", "chunk_bytes", "chunk_max",
+                                                 "tail_split")])
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -555,6 +572,55 @@ class DecoderLayer(layers.DecoderLayer):
         s.bf16 = wq.weight.dtype == torch.bfloat16
         s.scratch_bytes = wq.weight.element_size() * (4 * hidden + 2 * q_dim + 2 * kv_dim + 3 * inter)
         return s
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Does something wait to see ``module`` called (a forward hook on it, or on every module)?"""
+    from torch.nn.modules import module as torch_module
+    return bool(module._forward_hooks or module._forward_pre_hooks or torch_module._global_forward_hooks
+                or torch_module._global_forward_pre_hooks)
+
+
+class DecoderModel(layers.DecoderModel):
+    """``layers.DecoderModel`` whose one-token step runs the whole stack of layers in one C call
+    (``qwen_stack_step``): each layer as ``DecoderLayer``'s one call, from the fields each layer keeps,
+    with no Python between them (~150 us a layer inside a step, while the memory streamed nothing).
+    Whenever a layer could not take its one call (a prompt, gradients, a part on torch's product, a
+    forward hook on a layer, a cache of another layout), the layers run one by one, as in the original."""
+
+    def forward(self, input_ids, caches, start):
+        stack = list(self._modules["layers"]._modules.values())
+        if (caches is None or input_ids.numel() != 1 or torch.is_grad_enabled() or len(caches) != len(stack)
+                or not all(type(layer) is DecoderLayer and not _hooked(layer) for layer in stack)):
+            return super().forward(input_ids, caches, start)
+        prepared = [layer._prepared() for layer in stack]
+        first = prepared[0]
+        dtype = torch.bfloat16 if first is not None and first.bf16 else torch.float32
+        if (any(p is None or p.bf16 != first.bf16 or p.hidden != first.hidden for p in prepared)
+                or not all(_cache_fits(c, dtype, p.KV, p.d, start) for c, p in zip(caches, prepared))):
+            return super().forward(input_ids, caches, start)
+        x = self.embed_tokens(input_ids)
+        if x.dtype != dtype or x.shape[-1] != first.hidden or not available():
+            return super().forward(input_ids, caches, start)
+        cos, sin = self.rotary_emb(torch.arange(start, start + 1, device=input_ids.device), x.dtype)
+        cos, sin, x = cos.contiguous(), sin.contiguous(), x.contiguous()
+        out, between = torch.empty_like(x), x.new_empty(2, x.shape[-1])
+        scratch = torch.empty(max(p.scratch_bytes for p in prepared), dtype=torch.uint8)
+        kept = self.__dict__.get("_stack")  # the array of the layers' kept fields, while they are the same
+        if kept is None or len(kept[0]) != len(prepared) or any(a is not b for a, b in zip(kept[0], prepared)):
+            kept = (prepared, (ctypes.POINTER(LayerStep) * len(prepared))(*map(ctypes.pointer, prepared)))
+            self.__dict__["_stack"] = kept
+        kv = (ctypes.c_void_p * (2 * len(caches)))(*[t.data_ptr() for c in caches for t in (c.k, c.v)])
+        lengths = (ctypes.c_int64 * len(caches))(*[c.max_len for c in caches])
+        call = StackCall(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), scratch.data_ptr(),
+                         between.data_ptr(), start, _threads or num_threads(), _sharing["solo"], _sharing["chunk"],
+                         _sharing["chunk_max"], _sharing["tail_split"])
+        failed = _library().qwen_stack_step(kept[1], len(prepared), kv, lengths, ctypes.byref(call))
+        if failed == -1:
+            raise MemoryError(f"layer step: no memory for {start + 1} attention scores")
+        if failed:  # the checks above keep this from happening
+            raise RuntimeError(f"the layer step refused its inputs (code {failed})")
+        return self.norm(out)
 
 
 def in_use(model: nn.Module) -> bool:

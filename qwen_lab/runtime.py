@@ -13,6 +13,8 @@ reference. ``convert_for_runtime`` then replaces some modules of a loaded model 
                every ``layers.Attention`` -> ``kernels.Attention`` a token's attention step in one C call
                every ``layers.DecoderLayer`` -> ``kernels.DecoderLayer`` a token's whole layer in one C call,
                                                                 once its parts are the twins above
+               ``layers.DecoderModel`` -> ``kernels.DecoderModel``  and every layer in one, once each
+                                                                layer is that twin
 
 A twin holds the very same parameter tensors (nothing is copied, tied weights stay tied)
 and falls back to its original's code whenever its fast path does not apply (a prompt,
@@ -68,6 +70,9 @@ def choose_twin(module: nn.Module, device: torch.device, matvec: str) -> type[nn
         return kernels.Attention
     elif c_kernels and type(module) is layers.DecoderLayer and kernels.layer_applies(module):
         return kernels.DecoderLayer
+    elif c_kernels and type(module) is layers.DecoderModel \
+            and all(type(layer) is kernels.DecoderLayer for layer in module.layers):
+        return kernels.DecoderModel
     return None
 
 

@@ -128,8 +128,9 @@ def test_conversion_keeps_tied_weights_tied_and_converts_children_first():
     assert names.index("model.layers.0.self_attn.q_proj") < names.index("model.layers.0.self_attn")
     assert runtime.summary(replaced) == ["layers.Attention -> kernels.Attention (x4)",
                                          "layers.DecoderLayer -> kernels.DecoderLayer (x4)",
+                                         "layers.DecoderModel -> kernels.DecoderModel",
                                          "layers.RMSNorm -> kernels.RMSNorm (x9)", "nn.Linear -> kernels.Linear (x29)"]
-    assert names.index("model.layers.0.self_attn") < names.index("model.layers.0")
+    assert names.index("model.layers.0.self_attn") < names.index("model.layers.0") < names.index("model")
 
 
 def test_a_converted_module_takes_forward_hooks():
@@ -483,12 +484,55 @@ def test_greedy_tokens_are_the_same_with_the_one_call_layer_step(dtype, monkeypa
     files = resolve("qwen-lab/tiny-chat")
     model, tok = load_model(files, dtype, "cpu"), Tokenizer.from_files(files)
     assert sum(type(m) is kernels.DecoderLayer for m in model.modules()) == model.config.num_hidden_layers
+    assert type(model.model) is kernels.DecoderModel
     prompt = tok.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
     gen = GenerationConfig(max_new_tokens=40, do_sample=False, eos_token_id=[], top_logprobs=3)
+    stack = generate_stream(model, tok, prompt, gen).result
+    monkeypatch.setattr(kernels.DecoderModel, "forward", layers.DecoderModel.forward)  # layer by layer
     fused = generate_stream(model, tok, prompt, gen).result
-    monkeypatch.setattr(kernels.DecoderLayer, "forward", layers.DecoderLayer.forward)
+    monkeypatch.setattr(kernels.DecoderLayer, "forward", layers.DecoderLayer.forward)  # part by part
     by_modules = generate_stream(model, tok, prompt, gen).result
-    assert fused.token_ids == by_modules.token_ids
+    assert stack.token_ids == fused.token_ids == by_modules.token_ids
+    assert stack.choices == fused.choices  # the same C calls in the same order: the same bits
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_whole_stack_in_one_call_gives_the_layer_by_layer_bits(dtype):
+    """kernels.DecoderModel runs every layer's one-call step from one C call: the same logits, bit for bit, as
+    calling the layers one by one; and one by one whenever a layer has a forward hook or the caches do not fit."""
+    model = load_model(resolve("qwen-lab/tiny-chat"), dtype, "cpu")
+    stack = []
+    real = kernels._library().qwen_stack_step
+    kernels._library().qwen_stack_step = lambda *a: stack.append(1) or real(*a)
+    try:
+        caches = [model.new_caches(1, 64) for _ in range(2)]
+        with torch.inference_mode():
+            ids = torch.tensor([[5, 17, 300, 42]])
+            for c in caches:
+                model(ids, c, 0)  # a prompt: layer by layer, for both
+            assert stack == []
+            for pos in range(4, 24):
+                token = torch.tensor([[(pos * 37) % 1000]])
+                got = model(token, caches[0], pos)
+                want = model.lm_head(layers.DecoderModel.forward(model.model, token, caches[1], pos))
+                assert torch.equal(got, want), pos
+            assert len(stack) == 20
+            for a, b in zip(*caches):
+                assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+            seen = []
+            hook = model.model.layers[2].register_forward_hook(lambda m, i, o: seen.append(o))
+            got = model(torch.tensor([[7]]), caches[0], 24)
+            hook.remove()
+            assert len(seen) == 1 and len(stack) == 20  # the hook saw its layer: the layers ran one by one
+            assert torch.equal(got, model.lm_head(layers.DecoderModel.forward(model.model, torch.tensor([[7]]),
+                                                                             caches[1], 24)))
+            short = model.new_caches(1, 25)  # position 25 does not fit: one by one, and its error
+            with pytest.raises(ValueError, match="KV cache holds 25 positions"):
+                model(torch.tensor([[7]]), short, 25)
+            assert len(stack) == 20
+    finally:
+        kernels._library().qwen_stack_step = real
 
 
 # ---------------------------------------------------------------- the thread pool

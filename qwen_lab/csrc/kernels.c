@@ -480,5 +480,37 @@ int qwen_layer_step(const struct layer_step *s) {
     return 0;
 }
 
-/* sizeof(struct layer_step): kernels.py refuses to call qwen_layer_step through a struct of another size. */
+/* ---- the whole stack of layers for one new token ------------------------------------------ */
+
+/* What changes from one token to the next and is the same for every layer (kernels.py: StackCall). */
+struct stack_call {
+    const void *x, *cos, *sin;
+    void *out, *scratch, *between;  /* between: two rows of hidden values, the stream between layers */
+    int64_t pos, threads, solo_bytes, chunk_bytes, chunk_max, tail_split;
+};
+
+/* Every layer for one token, in one call: x -> layer 0 -> ... -> layer n-1 -> out, each as
+ * qwen_layer_step with the fields kernels.DecoderLayer keeps for it (`layers`, read only) and this
+ * token's (`call`; layer i's KV cache at kv[2i], kv[2i + 1], max_len[i]). Between layers the Python of
+ * one layer call (~150 us inside a step, where the memory streams nothing) is gone. Returns 0 or
+ * the first failing layer's code. */
+int qwen_stack_step(const struct layer_step *const *layers, int64_t n, void *const *kv, const int64_t *max_len,
+                    const struct stack_call *call) {
+    const int64_t row = layers[0]->hidden * (layers[0]->bf16 ? 2 : 4);
+    for (int64_t i = 0; i < n; i++) {
+        struct layer_step s = *layers[i];
+        s.x = i == 0 ? call->x : (const char *)call->between + ((i - 1) % 2) * row;
+        s.out = i == n - 1 ? call->out : (char *)call->between + (i % 2) * row;
+        s.cos = call->cos, s.sin = call->sin, s.scratch = call->scratch;
+        s.kc = kv[2 * i], s.vc = kv[2 * i + 1], s.max_len = max_len[i], s.pos = call->pos;
+        s.threads = call->threads, s.solo_bytes = call->solo_bytes, s.chunk_bytes = call->chunk_bytes;
+        s.chunk_max = call->chunk_max, s.tail_split = call->tail_split;
+        int failed = qwen_layer_step(&s);
+        if (failed) return failed;
+    }
+    return 0;
+}
+
+/* sizeof(struct layer_step) and of struct stack_call: kernels.py refuses to call through structs of other sizes. */
 int64_t qwen_layer_step_size(void) { return (int64_t)sizeof(struct layer_step); }
+int64_t qwen_stack_call_size(void) { return (int64_t)sizeof(struct stack_call); }
