@@ -119,6 +119,7 @@ def worker(impl: str, dtype_name: str, directory: Path, prompt_tokens: int, new_
         result = generate_stream(model, tok, prompt[0].tolist(), gen).result
         assert result.generated_tokens == new_tokens
         ttft, decode = result.ttft_s, result.decode_tokens_per_s
+        prompt_threads = result.prefill_threads  # fewer than torch's when another program held a CPU just then
         params = sum(p.numel() for p in model.parameters())
         elem = model.lm_head.weight.element_size()
     else:
@@ -147,12 +148,13 @@ def worker(impl: str, dtype_name: str, directory: Path, prompt_tokens: int, new_
         assert out.shape[1] - prompt_tokens == new_tokens
         first = clock.times[1]  # times[0] is the prompt being "put"
         ttft, decode = first - start, (new_tokens - 1) / (end - first)
+        prompt_threads = torch.get_num_threads()
         params = sum(p.numel() for p in model.parameters())
         elem = next(model.parameters()).element_size()
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     del model
     return {"impl": impl, "dtype": dtype_name, "load_s": load_s, "ttft_s": ttft,
-            "prefill_tokens_per_s": prompt_tokens / ttft, "decode_tokens_per_s": decode,
+            "prefill_tokens_per_s": prompt_tokens / ttft, "decode_tokens_per_s": decode, "prompt_threads": prompt_threads,
             "weight_bytes": params * elem, "peak_rss_bytes": peak_rss, "baseline_rss_bytes": baseline_rss,
             "bandwidth": read_bandwidth()}  # right after decoding, once peak RSS is recorded
 
@@ -199,7 +201,8 @@ def main() -> None:
                 runs.setdefault((impl, dtype), []).append(result)
                 bandwidths.append(result["bandwidth"])
                 print(f"round {r + 1} {impl:12} {dtype:8} decode {result['decode_tokens_per_s']:6.2f} tok/s  "
-                      f"prefill {result['prefill_tokens_per_s']:7.1f} tok/s  load {result['load_s']:.2f} s  "
+                      f"prefill {result['prefill_tokens_per_s']:7.1f} tok/s ({result['prompt_threads']} threads)  "
+                      f"load {result['load_s']:.2f} s  "
                       f"read bandwidth just after {result['bandwidth'] / 1e9:.1f} GB/s", flush=True)
 
     def med(impl, dtype, key):

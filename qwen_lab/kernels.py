@@ -12,15 +12,16 @@ summing in float32, for float32 and bfloat16 weights (``benchmarks/bench_gemv.py
 compares them with torch).
 It also does in one call each what takes many small torch operations per token:
 RMSNorm of one row, a layer's attention step for one new token (rotary,
-KV-cache write, softmax(q K^T / sqrt(d)) V), and a decoder layer's whole
-one-token step (norms, products, attention, residual adds, silu x up). Each
-small operation costs a few microseconds whatever its size, and a 24-layer step
-runs about 1,500 of them.
+KV-cache write, softmax(q K^T / sqrt(d)) V), a decoder layer's whole
+one-token step (norms, products, attention, residual adds, silu x up), and the
+whole stack of layers for one token. Each small operation costs a few
+microseconds whatever its size, and a 24-layer step runs about 1,500 of them;
+even one Python call per layer left the memory idle for ~5% of a step.
 
 The C files are compiled on first use with the system's C compiler (about a
 second) into a per-user cache, and called through ``ctypes``; calls are shared
 over threads by the pool of ``csrc/pool.c``. The classes at the end (``Linear``,
-``RMSNorm``, ``Attention``, ``DecoderLayer``) are twins of ``nn.Linear`` and of ``qwen_lab.layers``'
+``RMSNorm``, ``Attention``, ``DecoderLayer``, ``DecoderModel``) are twins of ``nn.Linear`` and of ``qwen_lab.layers``'
 pieces that use them: same parameters, same math up to float rounding.
 ``qwen_lab.runtime.convert_for_runtime`` swaps them in, once, after a CPU model is
 loaded. Where the C code cannot be used — no compiler, a CPU without AVX2, a GPU,
