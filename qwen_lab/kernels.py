@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _torch_module  # its global forward hooks (_hooked)
 
 from . import layers, threads
 from .errors import SettingError
@@ -482,6 +483,14 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _step_succeeded(failed: int, start: int) -> None:
+    """Raise for a failure code of qwen_layer_step or qwen_stack_step (0: done)."""
+    if failed == -1:
+        raise MemoryError(f"layer step: no memory for {start + 1} attention scores")
+    if failed:  # the checks before the call (layer_applies, the plans', the caches') keep this from happening
+        raise RuntimeError(f"the layer step refused its inputs (code {failed})")
+
+
 def layer_applies(layer: layers.DecoderLayer) -> bool:
     """Is ``layer`` built of the twins the one-call step drives (checked once, at conversion)?"""
     attention, mlp = layer.self_attn, layer.mlp
@@ -517,11 +526,7 @@ class DecoderLayer(layers.DecoderLayer):
             cache.max_len
         s.threads, s.solo_bytes, s.chunk_bytes = _threads or num_threads(), _sharing["solo"], _sharing["chunk"]
         s.chunk_max, s.tail_split = _sharing["chunk_max"], _sharing["tail_split"]
-        failed = _library().qwen_layer_step(ctypes.byref(s))
-        if failed == -1:
-            raise MemoryError(f"layer step: no memory for {start + 1} attention scores")
-        if failed:  # layer_applies() and the plans' checks keep this from happening
-            raise RuntimeError(f"the layer step refused its inputs (code {failed})")
+        _step_succeeded(_library().qwen_layer_step(ctypes.byref(s)), start)
         return out
 
     def _parts(self) -> tuple:
@@ -577,9 +582,8 @@ class DecoderLayer(layers.DecoderLayer):
 
 def _hooked(module: nn.Module) -> bool:
     """Does something wait to see ``module`` called (a forward hook on it, or on every module)?"""
-    from torch.nn.modules import module as torch_module
-    return bool(module._forward_hooks or module._forward_pre_hooks or torch_module._global_forward_hooks
-                or torch_module._global_forward_pre_hooks)
+    return bool(module._forward_hooks or module._forward_pre_hooks or _torch_module._global_forward_hooks
+                or _torch_module._global_forward_pre_hooks)
 
 
 class DecoderModel(layers.DecoderModel):
@@ -616,11 +620,7 @@ class DecoderModel(layers.DecoderModel):
         call = StackCall(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), scratch.data_ptr(),
                          between.data_ptr(), start, _threads or num_threads(), _sharing["solo"], _sharing["chunk"],
                          _sharing["chunk_max"], _sharing["tail_split"])
-        failed = _library().qwen_stack_step(kept[1], len(prepared), kv, lengths, ctypes.byref(call))
-        if failed == -1:
-            raise MemoryError(f"layer step: no memory for {start + 1} attention scores")
-        if failed:  # the checks above keep this from happening
-            raise RuntimeError(f"the layer step refused its inputs (code {failed})")
+        _step_succeeded(_library().qwen_stack_step(kept[1], len(prepared), kv, lengths, ctypes.byref(call)), start)
         return self.norm(out)
 
 
