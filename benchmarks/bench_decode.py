@@ -154,7 +154,8 @@ def worker(impl: str, dtype_name: str, directory: Path, prompt_tokens: int, new_
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     del model
     return {"impl": impl, "dtype": dtype_name, "load_s": load_s, "ttft_s": ttft,
-            "prefill_tokens_per_s": prompt_tokens / ttft, "decode_tokens_per_s": decode, "prompt_threads": prompt_threads,
+            "prefill_tokens_per_s": prompt_tokens / ttft, "decode_tokens_per_s": decode,
+            "prompt_threads": prompt_threads,
             "weight_bytes": params * elem, "peak_rss_bytes": peak_rss, "baseline_rss_bytes": baseline_rss,
             "bandwidth": read_bandwidth()}  # right after decoding, once peak RSS is recorded
 

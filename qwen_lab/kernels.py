@@ -573,7 +573,8 @@ class DecoderLayer(layers.DecoderLayer):
         for field, m in zip(("qkv", "o", "gate_up", "down"), (wq, wo, wg, wd)):
             product = getattr(s, field)
             product.fn, product.rows, product.prefetch = lib.gemv_group[m.plan.variant], m.plan.rows, m.plan.prefetch
-        hidden, inter, q_dim, kv_dim = wq.in_features, wg.out_features, a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+        hidden, inter = wq.in_features, wg.out_features
+        q_dim, kv_dim = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
         s.hidden, s.inter, s.H, s.KV, s.d = hidden, inter, a.n_heads, a.n_kv_heads, a.head_dim
         s.bf16 = wq.weight.dtype == torch.bfloat16
         s.scratch_bytes = wq.weight.element_size() * (4 * hidden + 2 * q_dim + 2 * kv_dim + 3 * inter)
