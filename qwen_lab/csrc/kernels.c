@@ -425,7 +425,7 @@ static void silu_times(const void *g, const void *u, void *act, int64_t n, int b
     }
 }
 
-/* silu_times for tests (kernels.silu_times). */
+/* silu_times, exported for tests/test_kernels.py. */
 void qwen_silu_times(const void *g, const void *u, void *act, int64_t n, int bf16) { silu_times(g, u, act, n, bf16); }
 
 /* layers.DecoderLayer.forward for one token, as the module-by-module path computes it (the same
@@ -467,7 +467,8 @@ int qwen_layer_step(const struct layer_step *s) {
         void *Y[2] = {g, u};
         int64_t N[2] = {I, I};
         if ((failed = s->gate_up.fn(bf16, 2, W, B, Y, N, D, h, threads, (int)s->gate_up.rows,
-                                    (int)s->gate_up.prefetch, s->solo_bytes, s->chunk_bytes, s->chunk_max, s->tail_split))) return failed;
+                                    (int)s->gate_up.prefetch, s->solo_bytes, s->chunk_bytes, s->chunk_max,
+                                    s->tail_split))) return failed;
     }
     silu_times(g, u, act, I, bf16);
     {
