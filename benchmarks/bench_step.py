@@ -45,7 +45,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--steps", type=int, default=4, help="decode steps per measurement")
     p.add_argument("--context", type=int, default=256, help="positions already in the KV cache")
-    p.add_argument("--ways", help="only these ways, comma-separated (default: all)")
+    p.add_argument("--ways", help="only these ways, separated by ';' (a name may hold a comma; default: all)")
     args = p.parse_args()
 
     import torch
@@ -53,25 +53,30 @@ def main() -> None:
     from qwen_lab import kernels, layers, tuning
     from qwen_lab.load import load_model
 
+    stack, fused = kernels.DecoderModel.forward, kernels.DecoderLayer.forward
+    by_layer, by_modules = layers.DecoderModel.forward, layers.DecoderLayer.forward
+    every_way = {  # name -> ((the stack's forward, the layer's), kernels.configure's settings, plans: None as loaded)
+        "whole stack in one call": ((stack, fused), {}, None),
+        "one call per layer": ((by_layer, fused), {}, None),
+        "module by module": ((by_layer, by_modules), {}, None),
+        "64 KB chunks": ((stack, fused), {"chunk_max_bytes": kernels.CHUNK_BYTES}, None),
+        "no tail split": ((stack, fused), {"tail_split": 1}, None),
+    }
+    wanted = [name.strip() for name in args.ways.split(";")] if args.ways else None
+    known = {*every_way, "bf16 widened, no pairs"}
+    if wanted and not set(wanted) <= known:
+        p.error(f"--ways: no way named {'; '.join(sorted(set(wanted) - known))}; "
+                f"the ways are: {'; '.join(sorted(known))}")
     directory = make_checkpoint(args.config)
     print(machine())
     print(f"model: random weights, shapes of {args.config.stem}; KV cache holding {args.context} positions; "
           f"{args.rounds} rounds of {args.steps} steps each way, alternating")
-    stack, fused = kernels.DecoderModel.forward, kernels.DecoderLayer.forward
-    by_layer, by_modules = layers.DecoderModel.forward, layers.DecoderLayer.forward
     for dtype in args.dtypes.split(","):
-        ways = {  # name -> ((the stack's forward, the layer's), kernels.configure's settings, plans: None as loaded)
-            "whole stack in one call": ((stack, fused), {}, None),
-            "one call per layer": ((by_layer, fused), {}, None),
-            "module by module": ((by_layer, by_modules), {}, None),
-            "64 KB chunks": ((stack, fused), {"chunk_max_bytes": kernels.CHUNK_BYTES}, None),
-            "no tail split": ((stack, fused), {"tail_split": 1}, None),
-        }
+        ways = dict(every_way)
         model = load_model(weights_only(directory), dtype, "cpu")
         linears = [m for m in model.modules() if isinstance(m, kernels.Linear) and m.use_kernel]
         tuned = {m: m.plan for m in linears}
         by_shape = {(m.out_features, m.in_features): m.plan for m in linears}  # the plan tuning chose per shape
-        wanted = args.ways.split(",") if args.ways else None
         if dtype == "bfloat16" and any(p.variant in kernels.PAIR_VARIANTS for p in by_shape.values()) \
                 and (wanted is None or "bf16 widened, no pairs" in wanted):
             plans = [p for p in tuning.candidates(torch.bfloat16) if p.variant not in kernels.PAIR_VARIANTS]
