@@ -7,8 +7,11 @@ A decode step reads every weight once, so its floor is weight bytes / read bandw
 times the model's one-token forward (the KV cache holding a 256-token prompt, or ``--context``
 positions), alternating in rounds between:
 
+- ``token step``: ``kernels.TokenStep``, made once as a generation makes it: the embedding row, the
+  stack, the final norm and the head from one C call, with no per-token checks — what ``generate``
+  decodes with;
 - ``whole stack in one call``: ``kernels.DecoderModel``, every layer's step from one C call, with
-  chunks sized per job (up to ``kernels.CHUNK_MAX_BYTES``) — what ``load_model`` gives;
+  chunks sized per job (up to ``kernels.CHUNK_MAX_BYTES``) — what calling ``load_model``'s model gives;
 - ``one call per layer``: ``kernels.DecoderLayer``, one C call per layer from Python (as before the
   whole-stack call);
 - ``module by module``: the same kernels called layer part by layer part from Python (the path
@@ -34,6 +37,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+TOKEN_STEP = "token step"
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
@@ -56,6 +60,7 @@ def main() -> None:
     stack, fused = kernels.DecoderModel.forward, kernels.DecoderLayer.forward
     by_layer, by_modules = layers.DecoderModel.forward, layers.DecoderLayer.forward
     every_way = {  # name -> ((the stack's forward, the layer's), kernels.configure's settings, plans: None as loaded)
+        TOKEN_STEP: ((stack, fused), {}, None),
         "whole stack in one call": ((stack, fused), {}, None),
         "one call per layer": ((by_layer, fused), {}, None),
         "module by module": ((by_layer, by_modules), {}, None),
@@ -92,6 +97,9 @@ def main() -> None:
                      if isinstance(m, torch.nn.Linear))
         probe = torch.ones(nbytes // 4)
         caches = model.new_caches(1, args.context + args.rounds * len(ways) * args.steps + 8)
+        token_step = kernels.TokenStep.for_model(model, caches) if TOKEN_STEP in ways else None
+        if TOKEN_STEP in ways and token_step is None:
+            raise SystemExit("kernels.TokenStep does not apply to this model here (no kernels?)")
         times = {name: [] for name in ways}
         reads = {name: [] for name in ways}
         torch.set_num_threads(kernels.num_threads())
@@ -114,7 +122,10 @@ def main() -> None:
                     kernels.configure(**sharing)
                     start = time.perf_counter()
                     for _ in range(args.steps):
-                        model(token, caches, pos, last_only=True)
+                        if name == TOKEN_STEP:
+                            token_step(5, pos)
+                        else:
+                            model(token, caches, pos, last_only=True)
                         pos += 1
                     times[name].append((time.perf_counter() - start) / args.steps)
         kernels.DecoderModel.forward, kernels.DecoderLayer.forward = stack, fused

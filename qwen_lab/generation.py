@@ -236,6 +236,8 @@ class _Eager:
         self.prefill_threads, decode_threads = thread_plan(model)
         self.step_threads = (1 if kernels.in_use(model) else decode_threads) if use_cache else self.prefill_threads
         self.decode_threads = decode_threads
+        # with the C kernels: one generation's step, checked once (kernels.TokenStep), else the model's forward
+        self.token_step = kernels.TokenStep.for_model(model, self.caches) if use_cache else None
         on_cpu = model.lm_head.weight.device.type == "cpu"
         self.path = ("kernels" if kernels.in_use(model) else "torch" if on_cpu else "eager") if use_cache \
             else "no-cache"
@@ -246,6 +248,9 @@ class _Eager:
     def step(self, token: int, pos: int) -> torch.Tensor:
         if self.caches is None:
             return _forward(self.model, self.history[:pos + 1].tolist(), None, 0, self.step_threads)
+        if self.token_step is not None:
+            with torch.inference_mode():
+                return self.token_step(token, pos)
         return _forward(self.model, [token], self.caches, pos, self.step_threads)
 
 

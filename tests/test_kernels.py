@@ -487,13 +487,15 @@ def test_greedy_tokens_are_the_same_with_the_one_call_layer_step(dtype, monkeypa
     assert type(model.model) is kernels.DecoderModel
     prompt = tok.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
     gen = GenerationConfig(max_new_tokens=40, do_sample=False, eos_token_id=[], top_logprobs=3)
+    token_step = generate_stream(model, tok, prompt, gen).result
+    monkeypatch.setattr(kernels.TokenStep, "for_model", classmethod(lambda cls, m, c: None))  # the model's forward
     stack = generate_stream(model, tok, prompt, gen).result
     monkeypatch.setattr(kernels.DecoderModel, "forward", layers.DecoderModel.forward)  # layer by layer
     fused = generate_stream(model, tok, prompt, gen).result
     monkeypatch.setattr(kernels.DecoderLayer, "forward", layers.DecoderLayer.forward)  # part by part
     by_modules = generate_stream(model, tok, prompt, gen).result
-    assert stack.token_ids == fused.token_ids == by_modules.token_ids
-    assert stack.choices == fused.choices  # the same C calls in the same order: the same bits
+    assert token_step.token_ids == stack.token_ids == fused.token_ids == by_modules.token_ids
+    assert token_step.choices == stack.choices == fused.choices  # the same C calls in the same order: the same bits
 
 
 @needs_kernel
@@ -533,6 +535,109 @@ def test_the_whole_stack_in_one_call_gives_the_layer_by_layer_bits(dtype):
             assert len(stack) == 20
     finally:
         kernels._library().qwen_stack_step = real
+
+
+def _step_and_forward(model, caches, tokens_at):
+    """(TokenStep's logits, the model's forward's logits) for each (token, position), into two sets of caches."""
+    step = kernels.TokenStep.for_model(model, caches[0])
+    assert step is not None
+    for token, pos in tokens_at:
+        got = step(token, pos)
+        want = model(torch.tensor([[token]]), caches[1], pos, last_only=True)[0, -1]
+        yield pos, got, want
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("head", ["kernel", "torch"])
+def test_a_generation_s_token_step_gives_the_forward_s_bits(dtype, head, pool_settings):
+    """kernels.TokenStep (embedding row, the stack, final norm and head in one C call, checked once per
+    generation): the logits and caches of the model's forward, bit for bit, across a block of rotary rows
+    (TokenStep.ROTARY_BLOCK), with the head by the kernel or, where its plan says so, by torch."""
+    model = load_model(resolve("qwen-lab/tiny-chat"), dtype, "cpu")
+    if head == "torch":
+        model.lm_head.plan = kernels.Plan("torch")
+    caches = [model.new_caches(1, 300) for _ in range(2)]
+    with torch.inference_mode():
+        for c in caches:
+            model(torch.tensor([[5, 17, 300, 42]]), c, 0)
+        tokens_at = [((pos * 37) % model.config.vocab_size, pos) for pos in [*range(4, 20), *range(250, 262), 299]]
+        for pos, got, want in _step_and_forward(model, caches, tokens_at):
+            assert got.shape == want.shape == (model.config.vocab_size,) and got.dtype == want.dtype
+            assert torch.equal(got, want), pos
+    for a, b in zip(*caches):
+        assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+
+
+@needs_kernel
+def test_the_token_step_is_not_made_where_the_modules_must_run(monkeypatch):
+    model = load_model(resolve("qwen-lab/tiny-chat"), "float32", "cpu")
+    caches = model.new_caches(1, 64)
+    assert kernels.TokenStep.for_model(model, caches) is not None
+    hook = model.model.norm.register_forward_hook(lambda m, i, o: None)  # a hook anywhere in the model
+    assert kernels.TokenStep.for_model(model, caches) is None
+    hook.remove()
+    assert kernels.TokenStep.for_model(model, caches[:-1]) is None  # a cache short
+    assert kernels.TokenStep.for_model(model, model.new_caches(1, 64)[:1] * len(caches)) is not None
+    bf16_caches = [layers.KVCache(1, c.k.shape[1], 64, c.k.shape[-1], torch.bfloat16) for c in caches]
+    assert kernels.TokenStep.for_model(model, bf16_caches) is None  # caches of another dtype
+    model.lm_head.use_kernel = False
+    assert kernels.TokenStep.for_model(model, caches) is None
+    model.lm_head.use_kernel = True
+    model.model.layers[1].mlp.down_proj.plan = kernels.Plan("torch")  # a layer that runs as modules
+    assert kernels.TokenStep.for_model(model, caches) is None
+    assert kernels.TokenStep.for_model(load_model(resolve("qwen-lab/tiny-chat"), "float32", "cpu", matvec="torch"),
+                                       caches) is None
+    monkeypatch.setenv("QWEN_LAB_KERNELS", "off")
+    kernels._library.cache_clear()
+    try:
+        assert kernels.TokenStep.for_model(model, caches) is None
+    finally:
+        monkeypatch.delenv("QWEN_LAB_KERNELS")
+        kernels._library.cache_clear()
+
+
+@needs_kernel
+def test_the_token_step_refuses_what_would_reach_outside_its_tensors():
+    model = load_model(resolve("qwen-lab/tiny-chat"), "float32", "cpu")
+    step = kernels.TokenStep.for_model(model, model.new_caches(1, 16))
+    vocab = model.config.vocab_size
+    for token, pos in [(vocab, 0), (-1, 0), (0, 16), (0, -1)]:
+        with pytest.raises(ValueError, match="this step takes ids below"):
+            step(token, pos)
+    assert step(vocab - 1, 15).shape == (vocab,)
+
+
+@needs_kernel
+def test_the_token_step_keeps_the_weights_it_started_with():
+    """A model moved to another dtype mid-generation frees its old tensors; the step keeps them alive and
+    goes on with them (no freed memory read): the logits of a model that was never moved."""
+    model, still = (load_model(resolve("qwen-lab/tiny-chat"), "float32", "cpu") for _ in range(2))
+    with torch.inference_mode():
+        step, twin = (kernels.TokenStep.for_model(m, m.new_caches(1, 32)) for m in (model, still))
+        assert torch.equal(step(7, 0), twin(7, 0))
+        model.to(torch.bfloat16)
+        [torch.randn(1000, 1000) for _ in range(4)]  # reuse freed memory, if it were freed
+        assert torch.equal(step(9, 1), twin(9, 1))
+
+
+@needs_kernel
+def test_the_token_step_sees_a_hook_on_every_module_at_once():
+    model = load_model(resolve("qwen-lab/tiny-chat"), "float32", "cpu")
+    caches = [model.new_caches(1, 32) for _ in range(2)]
+    with torch.inference_mode():
+        model(torch.tensor([[5, 17]]), caches[0], 0)
+        model(torch.tensor([[5, 17]]), caches[1], 0)
+        step = kernels.TokenStep.for_model(model, caches[0])
+        seen = []
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(type(m)))
+        try:
+            got = step(11, 2)
+        finally:
+            handle.remove()
+        assert kernels.DecoderModel in seen and kernels.Linear in seen  # the modules ran, with the hook
+        assert torch.equal(got, model(torch.tensor([[11]]), caches[1], 2, last_only=True)[0, -1])
+        assert torch.equal(step(12, 3), model(torch.tensor([[12]]), caches[1], 3, last_only=True)[0, -1])
 
 
 # ---------------------------------------------------------------- the thread pool

@@ -490,13 +490,24 @@ struct stack_call {
     int64_t pos, threads, solo_bytes, chunk_bytes, chunk_max, tail_split;
 };
 
+/* What may follow the stack in the same call (kernels.py: StackTail): the final norm of `out` into
+ * `normed`, then the head's product into `logits` (vocab values), by the variant and plan of `head`
+ * (none where head.fn is NULL: a head measured faster by torch's product runs in Python). */
+struct stack_tail {
+    const void *norm, *head_w, *head_b;
+    void *normed, *logits;
+    double eps;
+    struct product head;
+    int64_t vocab;
+};
+
 /* Every layer for one token, in one call: x -> layer 0 -> ... -> layer n-1 -> out, each as
  * qwen_layer_step with the fields kernels.DecoderLayer keeps for it (`layers`, read only) and this
  * token's (`call`; layer i's KV cache at kv[2i], kv[2i + 1], max_len[i]). Between layers the Python of
- * one layer call (~150 us inside a step, where the memory streams nothing) is gone. Returns 0 or
- * the first failing layer's code. */
+ * one layer call (~150 us inside a step, where the memory streams nothing) is gone. With a `tail`
+ * (or NULL), the final norm and the head too. Returns 0 or the first failing layer's (or product's) code. */
 int qwen_stack_step(const struct layer_step *const *layers, int64_t n, void *const *kv, const int64_t *max_len,
-                    const struct stack_call *call) {
+                    const struct stack_call *call, const struct stack_tail *tail) {
     const int64_t row = layers[0]->hidden * (layers[0]->bf16 ? 2 : 4);
     for (int64_t i = 0; i < n; i++) {
         struct layer_step s = *layers[i];
@@ -509,9 +520,19 @@ int qwen_stack_step(const struct layer_step *const *layers, int64_t n, void *con
         int failed = qwen_layer_step(&s);
         if (failed) return failed;
     }
-    return 0;
+    if (!tail) return 0;
+    const int bf16 = (int)layers[0]->bf16;
+    int failed = norm(call->out, tail->norm, tail->normed, layers[0]->hidden, (float)tail->eps, bf16);
+    if (failed || !tail->head.fn) return failed;  /* no head function: the caller runs the head */
+    const void *W[1] = {tail->head_w}, *B[1] = {tail->head_b};
+    void *Y[1] = {tail->logits};
+    return tail->head.fn(bf16, 1, W, B, Y, &tail->vocab, layers[0]->hidden, tail->normed, (int)call->threads,
+                         (int)tail->head.rows, (int)tail->head.prefetch, call->solo_bytes, call->chunk_bytes,
+                         call->chunk_max, call->tail_split);
 }
 
-/* sizeof(struct layer_step) and of struct stack_call: kernels.py refuses to call through structs of other sizes. */
+/* The sizes of struct layer_step, stack_call and stack_tail: kernels.py refuses to call through structs of
+ * other sizes. */
 int64_t qwen_layer_step_size(void) { return (int64_t)sizeof(struct layer_step); }
 int64_t qwen_stack_call_size(void) { return (int64_t)sizeof(struct stack_call); }
+int64_t qwen_stack_tail_size(void) { return (int64_t)sizeof(struct stack_tail); }
