@@ -188,6 +188,7 @@ def _load_library() -> ctypes.CDLL:
     lib.qwen_layer_step_size.argtypes, lib.qwen_layer_step_size.restype = [], ctypes.c_int64
     lib.qwen_stack_step.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 4
     lib.qwen_stack_step.restype = ctypes.c_int
+    lib.qwen_argmax.argtypes, lib.qwen_argmax.restype = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int], ctypes.c_int64
     for name in ("qwen_stack_call_size", "qwen_stack_tail_size"):
         getattr(lib, name).argtypes, getattr(lib, name).restype = [], ctypes.c_int64
     for c_size, py in ((lib.qwen_layer_step_size(), LayerStep), (lib.qwen_stack_call_size(), StackCall),
@@ -634,6 +635,17 @@ class DecoderModel(layers.DecoderModel):
         _step_succeeded(_library().qwen_stack_step(kept[1], len(prepared), kv, lengths, ctypes.byref(call), None),
                         start)
         return self.norm(out)
+
+
+def argmax(logits: torch.Tensor) -> int | None:
+    """``int(logits.argmax())`` of one row of float32 or bfloat16 CPU logits by one C pass (the first of equal
+    largest values, as torch), or None: where the largest is not finite (a NaN, an infinity: the caller says
+    what is wrong) or the kernels cannot take the row (another dtype or device, no kernels here)."""
+    if (logits.dim() != 1 or logits.dtype not in DTYPES or logits.device.type != "cpu"
+            or not logits.is_contiguous() or not logits.numel() or not available()):
+        return None
+    at = _library().qwen_argmax(logits.data_ptr(), logits.numel(), logits.dtype == torch.bfloat16)
+    return None if at < 0 else at
 
 
 class TokenStep:

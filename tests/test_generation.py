@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from conftest import reference_file
-from qwen_lab.errors import ContextTooLongError
+from qwen_lab.errors import ContextTooLongError, NumericalError
 from qwen_lab.generation import (ChatModel, GenerationConfig, generate_stream, apply_repetition_penalty, apply_top_k, apply_top_p,
                                  process_logits)
+from qwen_lab.sampling import next_token
 from qwen_lab.hub import ModelFiles
 
 
@@ -85,6 +86,26 @@ def test_repeat_last_n_penalises_only_the_window():
     config = GenerationConfig(repetition_penalty=2.0, repeat_last_n=2)
     out = process_logits(logits, torch.tensor([1, 2, 3]), config)
     assert out.tolist() == [1, 1, 0.5, 0.5, 1, 1, 1, 1, 1, 1]  # 1 fell out of the window
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_greedy_choice_is_the_argmax_after_the_penalty_and_refuses_broken_logits(dtype):
+    """Greedy without a penalty takes kernels.argmax's one pass where the kernels run; with one, or where they
+    do not, torch's way: the same token either way, and NaN or infinite logits are a NumericalError."""
+    g = torch.Generator().manual_seed(3)
+    plain, penalised = GenerationConfig(do_sample=False), GenerationConfig(do_sample=False, repetition_penalty=3.0)
+    for _ in range(10):
+        logits = torch.randn(1001, generator=g).to(dtype)
+        best = int(logits.argmax())
+        assert next_token(logits, torch.tensor([best]), plain, None) == best
+        want = int(process_logits(logits.float(), torch.tensor([best]), penalised).argmax())
+        assert want != best  # the penalty (a third of the largest logit) changes the choice
+        assert next_token(logits, torch.tensor([best]), penalised, None) == want
+    for bad in (float("nan"), float("inf")):
+        logits = torch.zeros(1001, dtype=dtype)
+        logits[500] = bad
+        with pytest.raises(NumericalError, match=f"the model computed {bad} logits"):
+            next_token(logits, torch.tensor([], dtype=torch.long), plain, None)
 
 
 def test_greedy_ignores_sampling_settings(chat):

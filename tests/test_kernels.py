@@ -640,6 +640,38 @@ def test_the_token_step_sees_a_hook_on_every_module_at_once():
         assert torch.equal(step(12, 3), model(torch.tensor([[12]]), caches[1], 3, last_only=True)[0, -1])
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 151936])
+def test_argmax_is_torch_s_first_largest(dtype, n):
+    g = torch.Generator().manual_seed(n)
+    for trial in range(20):
+        x = torch.randn(n, generator=g).to(dtype)
+        if trial % 4 == 1:
+            x = x.round()  # many equal values: the first of the largest
+        if trial % 4 == 2:
+            x[n - 1] = x.max() + 1  # the largest in the tail past the last eight
+        if trial % 4 == 3:
+            x[:] = -0.0
+            x[n // 2] = 0.0  # -0 == +0: the first
+        assert kernels.argmax(x) == int(x.argmax()), (trial, x)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_says_none_where_torch_must_say_what_is_wrong(dtype):
+    for bad in [float("nan"), float("inf"), float("-inf")]:
+        for at in (0, 9, 20):
+            x = torch.zeros(21, dtype=dtype)
+            x[at] = bad
+            assert (kernels.argmax(x) is None) == (bad != float("-inf")), (bad, at)
+    assert kernels.argmax(torch.full((21,), float("-inf"), dtype=dtype)) is None
+    assert kernels.argmax(torch.zeros(4, 5, dtype=dtype)) is None  # not one row
+    assert kernels.argmax(torch.zeros(8, dtype=torch.float16)) is None
+    assert kernels.argmax(torch.zeros(16, dtype=dtype)[::2]) is None
+    assert kernels.argmax(torch.zeros(0, dtype=dtype)) is None
+
+
 # ---------------------------------------------------------------- the thread pool
 
 @pytest.fixture

@@ -531,6 +531,40 @@ int qwen_stack_step(const struct layer_step *const *layers, int64_t n, void *con
                          call->chunk_max, call->tail_split);
 }
 
+/* The greedy choice: the index of the largest of n logits (float32 or bfloat16), the first one where
+ * several are equal, as torch.argmax; -1 where the largest is not a finite number (a NaN anywhere, or
+ * an infinity), which the caller reports. Two passes, eight lanes at a time, over the row the head has
+ * just written (in the cache): the largest value, then where it first is. Torch's way (a max for the
+ * check, a float32 copy, an argmax) took 0.5-0.7 ms a token on a 2-core Zen 3;
+ * the whole choice takes 0.1-0.2 ms with this one. */
+int64_t qwen_argmax(const void *logits, int64_t n, int bf16) {
+    __m256 best8 = _mm256_set1_ps(-INFINITY), nan8 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = load8(logits, i, bf16);
+        nan8 = _mm256_or_ps(nan8, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        best8 = _mm256_max_ps(best8, v);
+    }
+    float lanes[8], best = -INFINITY;
+    _mm256_storeu_ps(lanes, best8);
+    int nan = _mm256_movemask_ps(nan8);
+    for (int l = 0; l < 8; l++) best = lanes[l] > best ? lanes[l] : best;
+    for (int64_t t = i; t < n; t++) {
+        const float v = load_any(logits, t, bf16);
+        nan |= v != v;
+        best = v > best ? v : best;
+    }
+    if (nan || !isfinite(best)) return -1;
+    const __m256 target = _mm256_set1_ps(best);
+    for (i = 0; i + 8 <= n; i += 8) {
+        const int hit = _mm256_movemask_ps(_mm256_cmp_ps(load8(logits, i, bf16), target, _CMP_EQ_OQ));
+        if (hit) return i + __builtin_ctz(hit);
+    }
+    for (; i < n; i++)
+        if (load_any(logits, i, bf16) == best) return i;
+    return -1;
+}
+
 /* The sizes of struct layer_step, stack_call and stack_tail: kernels.py refuses to call through structs of
  * other sizes. */
 int64_t qwen_layer_step_size(void) { return (int64_t)sizeof(struct layer_step); }
