@@ -6,8 +6,10 @@ With Qwen2.5-Instruct's own settings (``generation_config.json``: temperature 0.
 top-p 0.8, repetition penalty 1.05), one torch thread as in a decode step, 700 tokens of history.
 Alternates, in one process, ``_draw(_process_checked(...))`` (mask the vocabulary, find the
 survivors, twice) and ``_draw_top_k`` (work on the 20 candidates; the same token from the same
-generator, tests/test_generation.py), and greedy's argmax for scale; prints the median
-milliseconds per choice. On a GPU the logits come to the CPU for this choice, every token.
+generator, tests/test_generation.py) with its top-k by torch's operations or by ``kernels.top_k``'s
+one C pass, and greedy's argmax (with the penalty: torch's way; without: torch's or
+``kernels.argmax``); prints the median milliseconds per choice. On a GPU the logits come to the CPU
+for this choice, every token.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=100)
     args = p.parse_args()
     import torch
-    from qwen_lab import sampling
+    from qwen_lab import kernels, sampling
     from qwen_lab.generation import GenerationConfig
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
@@ -36,12 +38,31 @@ def main() -> None:
     history = torch.randint(0, 151936, (700,), generator=g)
     qwen = GenerationConfig(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05)
     greedy = GenerationConfig(do_sample=False, repetition_penalty=1.05)
+    plain = GenerationConfig(do_sample=False)
+    c_top_k = kernels.top_k
+
+    def by_torch(way):  # the way with kernels.top_k and kernels.argmax taken away
+        def run(gen):
+            kernels.top_k, kernels.argmax = (lambda *a: None), (lambda *a: None)
+            try:
+                return way(gen)
+            finally:
+                kernels.top_k, kernels.argmax = c_top_k, c_argmax
+        return run
+
+    c_argmax = kernels.argmax
+    top_k = lambda gen: sampling._draw_top_k(logits, history, qwen, gen)  # noqa: E731
     ways = {
         "sampling, whole vocabulary": lambda gen: sampling._draw(sampling._process_checked(logits, history, qwen),
                                                                  qwen, gen),
-        "sampling, top-k candidates": lambda gen: sampling._draw_top_k(logits, history, qwen, gen),
-        "greedy (argmax)": lambda gen: sampling.next_token(logits, history, greedy, gen),
+        "sampling, top-k by torch": by_torch(top_k),
+        "sampling, top-k in C": top_k,
+        "greedy, penalty (torch)": lambda gen: sampling.next_token(logits, history, greedy, gen),
+        "greedy, no penalty (torch)": by_torch(lambda gen: sampling.next_token(logits, history, plain, gen)),
+        "greedy, no penalty (C)": lambda gen: sampling.next_token(logits, history, plain, gen),
     }
+    if not kernels.available():
+        raise SystemExit(f"the C kernels do not run here ({kernels.status()}): only torch's ways would be measured")
     times: dict[str, list[float]] = {name: [] for name in ways}
     for r in range(args.rounds):
         for name, way in ways.items():

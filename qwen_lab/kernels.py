@@ -189,6 +189,9 @@ def _load_library() -> ctypes.CDLL:
     lib.qwen_stack_step.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 4
     lib.qwen_stack_step.restype = ctypes.c_int
     lib.qwen_argmax.argtypes, lib.qwen_argmax.restype = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int], ctypes.c_int64
+    lib.qwen_top_k.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64]
+                               + [ctypes.c_float] * 2 + [ctypes.c_int64] + [ctypes.c_void_p] * 2)
+    lib.qwen_top_k.restype = ctypes.c_int64
     for name in ("qwen_stack_call_size", "qwen_stack_tail_size"):
         getattr(lib, name).argtypes, getattr(lib, name).restype = [], ctypes.c_int64
     for c_size, py in ((lib.qwen_layer_step_size(), LayerStep), (lib.qwen_stack_call_size(), StackCall),
@@ -646,6 +649,25 @@ def argmax(logits: torch.Tensor) -> int | None:
         return None
     at = _library().qwen_argmax(logits.data_ptr(), logits.numel(), logits.dtype == torch.bfloat16)
     return None if at < 0 else at
+
+
+def top_k(logits: torch.Tensor, seen: torch.Tensor, penalty: float, temperature: float, k: int
+          ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``torch.topk(scaled, k)`` of one row of float32 or bfloat16 CPU logits, where ``scaled`` is what
+    ``sampling``'s repetition penalty (on the ids in ``seen``) and temperature make of them in float32: the
+    same values, bit for bit, in one C pass. ``(values, ids)``, values descending (among equal values the
+    lower id first); None where a logit is NaN or infinite (the caller says what is wrong) or the kernels
+    cannot take the row."""
+    if (logits.dim() != 1 or logits.dtype not in DTYPES or logits.device.type != "cpu" or not logits.is_contiguous()
+            or not 0 < k <= logits.numel() or not available()):
+        return None
+    seen = seen.to(torch.int64).contiguous()
+    values, ids = torch.empty(k), torch.empty(k, dtype=torch.int64)
+    got = _library().qwen_top_k(logits.data_ptr(), logits.numel(), logits.dtype == torch.bfloat16, seen.data_ptr(),
+                                seen.numel(), penalty, temperature, k, values.data_ptr(), ids.data_ptr())
+    if got == -1:
+        raise MemoryError(f"top_k: no memory to mark {seen.numel()} ids")
+    return None if got < 0 else (values, ids)
 
 
 class TokenStep:

@@ -80,10 +80,13 @@ def process_logits(logits: torch.Tensor, previous: torch.Tensor, config) -> torc
 
 def _scaled(logits: torch.Tensor, previous: torch.Tensor, config) -> torch.Tensor:
     """The first two processors: repetition penalty, then (when sampling) temperature."""
-    logits = logits.float()
-    recent = previous if config.repeat_last_n is None else previous[len(previous) - config.repeat_last_n:]
-    logits = apply_repetition_penalty(logits, recent, config.repetition_penalty)
+    logits = apply_repetition_penalty(logits.float(), _recent(previous, config), config.repetition_penalty)
     return logits if config.greedy else logits / config.temperature
+
+
+def _recent(previous: torch.Tensor, config) -> torch.Tensor:
+    """The ids the repetition penalty looks at: all of them, or the last ``repeat_last_n``."""
+    return previous if config.repeat_last_n is None else previous[len(previous) - config.repeat_last_n:]
 
 
 def next_token(logits: torch.Tensor, previous: torch.Tensor, config, generator: torch.Generator | None) -> int:
@@ -109,24 +112,29 @@ def _draw_top_k(logits: torch.Tensor, previous: torch.Tensor, config, generator:
 
     Masking the whole vocabulary to -inf and finding the survivors again (twice) costs 1.5-2.5 ms
     per token more than this on a 2-core CPU (``benchmarks/bench_sampling.py``): on a GPU, whose
-    decode step takes a few ms, that is a large part of a token. Here the survivors come from ``topk`` itself, in ascending id order
-    as ``_alive`` lists them, with the same values: the same distribution and, from the same
+    decode step takes a few ms, that is a large part of a token. Here the survivors come from a top-k
+    (``kernels.top_k``'s one C pass, or torch's operations where the kernels do not run), in ascending
+    id order as ``_alive`` lists them, with the same values: the same distribution and, from the same
     generator, the same token. None where that does not hold (a tie with the k-th logit, -inf
     logits among the k): the caller takes the whole-vocabulary way.
     """
     k = config.top_k
     if config.greedy or not 0 < k < logits.shape[-1]:
         return None
-    top = float(logits.max())
-    if not math.isfinite(top):
-        return None  # _process_checked says what is wrong
-    scaled = _scaled(logits, previous, config)
-    values, ids = torch.topk(scaled, k + 1)  # one more: a tie with the k-th shows as an equal (k+1)-th
+    # one more than k: a tie with the k-th shows as an equal (k+1)-th. The C pass computes the penalty and
+    # the temperature as _scaled's torch operations do; it says None for NaN or infinite logits, as here
+    best = kernels.top_k(logits, _recent(previous, config) if config.repetition_penalty != 1.0 else previous[:0],
+                         config.repetition_penalty, config.temperature, k + 1)
+    if best is None:
+        if not math.isfinite(float(logits.max())):
+            return None  # _process_checked says what is wrong
+        best = torch.topk(_scaled(logits, previous, config), k + 1)
+    values, ids = best
     if not math.isfinite(float(values[k - 1])) or values[k] == values[k - 1]:
         return None
-    ids = ids[:k].sort().values
+    ids, order = ids[:k].sort()
     # top-p and the draw, as on the whole vocabulary: the same values in the same order
-    return int(ids[_draw(apply_top_p(scaled[ids], config.top_p), config, generator)])
+    return int(ids[_draw(apply_top_p(values[:k][order], config.top_p), config, generator)])
 
 
 def _process_checked(logits: torch.Tensor, previous: torch.Tensor, config) -> torch.Tensor:

@@ -91,7 +91,8 @@ def test_repeat_last_n_penalises_only_the_window():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_greedy_choice_is_the_argmax_after_the_penalty_and_refuses_broken_logits(dtype):
     """Greedy without a penalty takes kernels.argmax's one pass where the kernels run; with one, or where they
-    do not, torch's way: the same token either way, and NaN or infinite logits are a NumericalError."""
+    do not, torch's way: the same token either way; and NaN or infinite logits are a NumericalError, greedy
+    or sampled."""
     g = torch.Generator().manual_seed(3)
     plain, penalised = GenerationConfig(do_sample=False), GenerationConfig(do_sample=False, repetition_penalty=3.0)
     for _ in range(10):
@@ -101,11 +102,13 @@ def test_the_greedy_choice_is_the_argmax_after_the_penalty_and_refuses_broken_lo
         want = int(process_logits(logits.float(), torch.tensor([best]), penalised).argmax())
         assert want != best  # the penalty (a third of the largest logit) changes the choice
         assert next_token(logits, torch.tensor([best]), penalised, None) == want
+    sampled = GenerationConfig(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05)
     for bad in (float("nan"), float("inf")):
         logits = torch.zeros(1001, dtype=dtype)
         logits[500] = bad
-        with pytest.raises(NumericalError, match=f"the model computed {bad} logits"):
-            next_token(logits, torch.tensor([], dtype=torch.long), plain, None)
+        for config in (plain, sampled):  # kernels.argmax's and kernels.top_k's None, then torch's way's error
+            with pytest.raises(NumericalError, match=f"the model computed {bad} logits"):
+                next_token(logits, torch.tensor([3], dtype=torch.long), config, torch.Generator().manual_seed(0))
 
 
 def test_greedy_ignores_sampling_settings(chat):

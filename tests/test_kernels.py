@@ -672,6 +672,51 @@ def test_argmax_says_none_where_torch_must_say_what_is_wrong(dtype):
     assert kernels.argmax(torch.zeros(0, dtype=dtype)) is None
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [5, 8, 13, 151936])
+@pytest.mark.parametrize("penalty, temperature", [(1.0, 1.0), (1.05, 0.7), (1.3, 1.7), (0.8, 0.3)])
+def test_top_k_is_sampling_s_penalty_temperature_and_topk(dtype, n, penalty, temperature):
+    """kernels.top_k: the values torch.topk finds in what sampling._scaled computes, bit for bit, and the same
+    ids wherever values are not equal (equal values: the lower id first)."""
+    from qwen_lab.generation import GenerationConfig
+    from qwen_lab.sampling import _scaled
+    config = GenerationConfig(do_sample=True, temperature=temperature, repetition_penalty=penalty, top_k=5)
+    g = torch.Generator().manual_seed(n)
+    for trial in range(6):
+        logits = (torch.randn(n, generator=g) * 4).to(dtype)
+        if trial % 3 == 1:
+            logits = logits.round()  # many equal values
+        seen = torch.randint(0, n, (min(n, 40),), generator=g)
+        seen = torch.cat([seen, seen[:5], logits.topk(3).indices])  # repeats, and the best ones penalised
+        k = min(n, 21)
+        got = kernels.top_k(logits, seen, penalty, temperature, k)
+        scaled = _scaled(logits, seen, config)
+        want = torch.topk(scaled, k)
+        assert torch.equal(got[0], want.values), (trial, got[0], want.values)
+        assert torch.equal(scaled[got[1]], got[0])  # each id with its own value
+        assert len(set(got[1].tolist())) == k
+        for a, b in zip(got[1].tolist(), got[1].tolist()[1:]):  # the lower id first among equal values
+            assert scaled[a] > scaled[b] or a < b
+
+
+@needs_kernel
+def test_top_k_takes_only_what_it_can():
+    x = torch.randn(10)
+    assert kernels.top_k(x, torch.tensor([3]), 1.1, 0.7, 11) is None  # more than there are
+    assert kernels.top_k(x, torch.tensor([3]), 1.1, 0.7, 0) is None
+    assert kernels.top_k(x.half(), torch.tensor([3]), 1.1, 0.7, 3) is None
+    assert kernels.top_k(x[::2], torch.tensor([3]), 1.1, 0.7, 3) is None
+    values, ids = kernels.top_k(x, torch.tensor([-1, 10, 99]), 1.5, 1.0, 10)  # ids outside: no penalty
+    assert torch.equal(values, x.sort(descending=True).values)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for at in (0, 9, 20):  # in a block of eight, in the tail
+            y = torch.zeros(21)
+            y[at] = bad
+            assert kernels.top_k(y, torch.tensor([], dtype=torch.long), 1.0, 1.0, 3) is None, (bad, at)
+            assert kernels.top_k(y.bfloat16(), torch.tensor([at]), 1.2, 0.5, 3) is None, (bad, at)
+
+
 # ---------------------------------------------------------------- the thread pool
 
 @pytest.fixture
