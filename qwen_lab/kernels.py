@@ -15,7 +15,8 @@ RMSNorm of one row, a layer's attention step for one new token (rotary,
 KV-cache write, softmax(q K^T / sqrt(d)) V), a decoder layer's whole
 one-token step (norms, products, attention, residual adds, silu x up), the
 whole stack of layers for one token, and with it the final norm and the head
-(``TokenStep``, a generation's step). Each small operation costs a few
+(``TokenStep``, a generation's step); and the token's choice from the logits
+(``argmax`` when greedy, ``top_k`` for sampling's candidates). Each small operation costs a few
 microseconds whatever its size, and a 24-layer step runs about 1,500 of them;
 even one Python call per layer left the memory idle for ~5% of a step.
 
