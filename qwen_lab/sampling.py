@@ -86,7 +86,9 @@ def _scaled(logits: torch.Tensor, previous: torch.Tensor, config) -> torch.Tenso
 
 def _recent(previous: torch.Tensor, config) -> torch.Tensor:
     """The ids the repetition penalty looks at: all of them, or the last ``repeat_last_n``."""
-    return previous if config.repeat_last_n is None else previous[len(previous) - config.repeat_last_n:]
+    if config.repeat_last_n is None:
+        return previous
+    return previous[max(0, len(previous) - config.repeat_last_n):]  # fewer ids than the window: all of them
 
 
 def next_token(logits: torch.Tensor, previous: torch.Tensor, config, generator: torch.Generator | None) -> int:

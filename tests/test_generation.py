@@ -86,6 +86,13 @@ def test_repeat_last_n_penalises_only_the_window():
     config = GenerationConfig(repetition_penalty=2.0, repeat_last_n=2)
     out = process_logits(logits, torch.tensor([1, 2, 3]), config)
     assert out.tolist() == [1, 1, 0.5, 0.5, 1, 1, 1, 1, 1, 1]  # 1 fell out of the window
+    wide = GenerationConfig(repetition_penalty=2.0, repeat_last_n=5)  # a window longer than the text so far
+    assert process_logits(logits, torch.tensor([1, 2, 3]), wide).tolist() == [1, .5, .5, .5, 1, 1, 1, 1, 1, 1]
+    sampled = GenerationConfig(do_sample=True, top_k=3, top_p=1.0, temperature=1.0, repetition_penalty=100.0,
+                               repeat_last_n=5)
+    best = torch.tensor([9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 0.0, 0.0, 0.0, 0.0])
+    for seed in range(5):  # the three best were all seen: penalised, they are not drawn
+        assert next_token(best, torch.tensor([0, 1, 2]), sampled, torch.Generator().manual_seed(seed)) in (3, 4, 5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
