@@ -94,6 +94,8 @@ CHUNK_MAX_BYTES = 1024 * 1024
 TAIL_SPLIT = 4
 #: The attention step is shared over threads from this many multiply-adds (heads x positions x head_dim).
 SOLO_WORK = 1 << 16
+#: The largest k ``top_k`` takes (Qwen2.5 samples with top-k 20; past a few hundred, torch's topk wins).
+TOP_K_MAX = 256
 
 
 def cache_dir() -> Path:
@@ -377,7 +379,7 @@ def _run(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 def _applies(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Can a kernel take ``x`` (one row) with parameter ``w``? Else the torch code runs."""
-    return (x.numel() == x.shape[-1] and x.dtype == w.dtype and w.dtype in DTYPES and not w.is_cuda
+    return (x.numel() == x.shape[-1] == w.shape[-1] and x.dtype == w.dtype and w.dtype in DTYPES and not w.is_cuda
             and w.is_contiguous() and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
             and available())
 
@@ -501,7 +503,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 def _step_succeeded(failed: int, start: int) -> None:
     """Raise for a failure code of qwen_layer_step or qwen_stack_step (0: done)."""
     if failed == -1:
-        raise MemoryError(f"layer step: no memory for {start + 1} attention scores")
+        raise MemoryError(f"layer step: no memory for {start + 1} attention scores or a float32 copy of a row")
     if failed:  # the checks before the call (layer_applies, the plans', the caches') keep this from happening
         raise RuntimeError(f"the layer step refused its inputs (code {failed})")
 
@@ -534,7 +536,7 @@ class DecoderLayer(layers.DecoderLayer):
             return super().forward(x, cos, sin, cache, start)
         s = LayerStep.from_buffer_copy(prepared)  # a copy: two threads may call one model
         x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
-        scratch = torch.empty(s.scratch_bytes, dtype=torch.uint8)
+        scratch = torch.empty(s.scratch_bytes, dtype=torch.uint8, device="cpu")
         out = torch.empty_like(x)
         s.x, s.cos, s.sin, s.out = x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr()
         s.kc, s.vc, s.scratch, s.pos, s.max_len = cache.k.data_ptr(), cache.v.data_ptr(), scratch.data_ptr(), start, \
@@ -572,9 +574,18 @@ class DecoderLayer(layers.DecoderLayer):
 
     def _fill(self, parts: tuple) -> LayerStep | None:
         in_norm, post_norm, wq, wk, wv, wo, q_norm, k_norm, wg, wu, wd = parts
-        if not all(m.use_kernel and m.plan.variant != "torch" for m in (wq, wk, wv, wo, wg, wu, wd)):
+        if not all(m.use_kernel and m.plan.variant != "torch" for m in (wq, wk, wv, wo, wg, wu, wd)) \
+                or not layer_applies(self):  # a part or a weight replaced since the conversion checked them
             return None
         lib, a = _library(), self.self_attn
+        hidden, inter = in_norm.weight.numel(), wg.weight.shape[0]
+        q_dim, kv_dim = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+        shapes = {wq: (q_dim, hidden), wk: (kv_dim, hidden), wv: (kv_dim, hidden), wo: (hidden, q_dim),
+                  wg: (inter, hidden), wu: (inter, hidden), wd: (hidden, inter)}
+        if (any(m.weight.shape != shape or (m.bias is not None and m.bias.shape != shape[:1])
+                for m, shape in shapes.items()) or post_norm.weight.shape != (hidden,)
+                or any(n is not None and n.weight.shape != (a.head_dim,) for n in (q_norm, k_norm))):
+            return None  # a weight replaced by one of another shape: the modules run, and say what is wrong
         s = LayerStep()
         s.in_norm, s.post_norm = _ptr(in_norm.weight), _ptr(post_norm.weight)
         s.wq, s.bq, s.wk, s.bk = _ptr(wq.weight), _ptr(wq.bias), _ptr(wk.weight), _ptr(wk.bias)
@@ -588,8 +599,6 @@ class DecoderLayer(layers.DecoderLayer):
         for field, m in zip(("qkv", "o", "gate_up", "down"), (wq, wo, wg, wd)):
             product = getattr(s, field)
             product.fn, product.rows, product.prefetch = lib.gemv_group[m.plan.variant], m.plan.rows, m.plan.prefetch
-        hidden, inter = wq.in_features, wg.out_features
-        q_dim, kv_dim = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
         s.hidden, s.inter, s.H, s.KV, s.d = hidden, inter, a.n_heads, a.n_kv_heads, a.head_dim
         s.bf16 = wq.weight.dtype == torch.bfloat16
         s.scratch_bytes = wq.weight.element_size() * (4 * hidden + 2 * q_dim + 2 * kv_dim + 3 * inter)
@@ -626,7 +635,7 @@ class DecoderModel(layers.DecoderModel):
         cos, sin = self.rotary_emb(torch.arange(start, start + 1, device=input_ids.device), x.dtype)
         cos, sin, x = cos.contiguous(), sin.contiguous(), x.contiguous()
         out, between = torch.empty_like(x), x.new_empty(2, x.shape[-1])
-        scratch = torch.empty(max(p.scratch_bytes for p in prepared), dtype=torch.uint8)
+        scratch = torch.empty(max(p.scratch_bytes for p in prepared), dtype=torch.uint8, device="cpu")
         kept = self.__dict__.get("_stack")  # the array of the layers' kept fields, while they are the same
         if kept is None or len(kept[0]) != len(prepared) or any(a is not b for a, b in zip(kept[0], prepared)):
             kept = (prepared, (ctypes.POINTER(LayerStep) * len(prepared))(*map(ctypes.pointer, prepared)))
@@ -657,13 +666,18 @@ def top_k(logits: torch.Tensor, seen: torch.Tensor, penalty: float, temperature:
     """``torch.topk(scaled, k)`` of one row of float32 or bfloat16 CPU logits, where ``scaled`` is what
     ``sampling``'s repetition penalty (on the ids in ``seen``) and temperature make of them in float32: the
     same values, bit for bit, in one C pass. ``(values, ids)``, values descending (among equal values the
-    lower id first); None where a logit is NaN or infinite (the caller says what is wrong) or the kernels
+    lower id first); None where a logit is NaN or infinite (the caller says what is wrong), where an id
+    in ``seen`` is not one of the row's, where ``k`` is above ``TOP_K_MAX`` (the pass keeps its best
+    values sorted by insertion, k steps each: torch's topk is faster for a large k), or where the kernels
     cannot take the row."""
     if (logits.dim() != 1 or logits.dtype not in DTYPES or logits.device.type != "cpu" or not logits.is_contiguous()
-            or not 0 < k <= logits.numel() or not available()):
+            or not 0 < k <= min(logits.numel(), TOP_K_MAX) or seen.device.type != "cpu" or not available()):
         return None
     seen = seen.to(torch.int64).contiguous()
-    values, ids = torch.empty(k), torch.empty(k, dtype=torch.int64)
+    if seen.numel() and not 0 <= int(seen.min()) <= int(seen.max()) < logits.numel():
+        return None  # ids outside the row: torch's indexing says what it makes of them
+    values = torch.empty(k, dtype=torch.float32, device="cpu")  # explicit: torch's defaults may say otherwise
+    ids = torch.empty(k, dtype=torch.int64, device="cpu")
     got = _library().qwen_top_k(logits.data_ptr(), logits.numel(), logits.dtype == torch.bfloat16, seen.data_ptr(),
                                 seen.numel(), penalty, temperature, k, values.data_ptr(), ids.data_ptr())
     if got == -1:
@@ -684,10 +698,12 @@ class TokenStep:
     choice of the token and the loop around it. The logits are the same numbers, bit for bit
     (``tests/test_kernels.py``); ``benchmarks/bench_step.py`` times it beside ``DecoderModel``.
 
-    What the model is made of is read once: a weight, a plan or a hook changed during a generation
-    counts from the next one (the step keeps the tensors it started with alive, so it never reads
-    freed memory). A hook registered for every module (``register_module_forward_hook``) is seen at
-    once: while there is one, the token runs through the modules.
+    What the model is made of is read once: a weight replaced, a plan or a hook changed during a
+    generation counts from the next one (the step keeps the tensors it started with alive, so it
+    never reads freed memory; a weight's values changed in place are read at the next token). A hook
+    registered for every module (``register_module_forward_hook``) is seen at once: while there is
+    one, the token runs through the modules. A model whose forward is its own (a subclass's, or one
+    set on the object) is left to it: ``for_model`` says None.
     """
 
     ROTARY_BLOCK = 256  #: positions whose cos/sin are computed at once, when the first of them is reached
@@ -696,9 +712,11 @@ class TokenStep:
     def for_model(cls, model: nn.Module, caches: list) -> "TokenStep | None":
         """The step for ``model`` decoding into ``caches``, or None where only the modules can run it."""
         inner, head = getattr(model, "model", None), getattr(model, "lm_head", None)
-        if (type(inner) is not DecoderModel or type(head) is not Linear or not head.use_kernel or not available()
+        if (not isinstance(model, layers.CausalLM) or type(model).forward is not layers.CausalLM.forward
+                or type(inner) is not DecoderModel or type(head) is not Linear or not head.use_kernel
+                or any("forward" in m.__dict__ for m in (model, inner)) or not available()
                 or any(_hooked(m) for m in model.modules())):
-            return None
+            return None  # a forward of its own (a subclass's, or patched on the object) must run
         embed, norm, stack = inner.embed_tokens, inner.norm, list(inner.layers)
         if (type(embed) is not nn.Embedding or embed.max_norm is not None or type(norm) is not RMSNorm
                 or type(inner.rotary_emb) is not layers.RotaryEmbedding or not stack or len(caches) != len(stack)
@@ -708,10 +726,12 @@ class TokenStep:
         first = prepared[0]
         if first is None or any(p is None or p.bf16 != first.bf16 or p.hidden != first.hidden for p in prepared):
             return None
-        dtype = torch.bfloat16 if first.bf16 else torch.float32
+        dtype, hidden = torch.bfloat16 if first.bf16 else torch.float32, first.hidden
         tensors = [embed.weight, norm.weight, head.weight] + ([] if head.bias is None else [head.bias])
+        vocab = head.weight.shape[0]  # the weight's own shape: a replaced weight leaves out_features as it was
         if (any(t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu" for t in tensors)
-                or embed.weight.shape[1] != first.hidden or head.in_features != first.hidden
+                or embed.weight.dim() != 2 or embed.weight.shape[1] != hidden or norm.weight.shape != (hidden,)
+                or head.weight.shape != (vocab, hidden) or (head.bias is not None and head.bias.shape != (vocab,))
                 or not all(_cache_fits(c, dtype, p.KV, p.d, 0) for c, p in zip(caches, prepared))):
             return None
         return cls(model, caches, prepared, dtype)
@@ -721,7 +741,7 @@ class TokenStep:
         lib = self.lib = _library()
         self.model, self.caches, self.rotary, self.dtype = model, caches, inner.rotary_emb, dtype
         self.embed = inner.embed_tokens.weight.detach()
-        self.vocab, self.max_len = head.out_features, min(c.max_len for c in caches)
+        self.vocab, self.max_len = head.weight.shape[0], min(c.max_len for c in caches)
         self.tokens = self.embed.shape[0]
         self.row_bytes = prepared[0].hidden * self.embed.element_size()
         # every tensor a pointer below reaches into, alive for as long as this step is
@@ -731,9 +751,11 @@ class TokenStep:
         self.kv = (ctypes.c_void_p * (2 * len(caches)))(*[t.data_ptr() for c in caches for t in (c.k, c.v)])
         self.lengths = (ctypes.c_int64 * len(caches))(*[c.max_len for c in caches])
         hidden = prepared[0].hidden
-        self.out, self.normed = torch.empty(1, 1, hidden, dtype=dtype), torch.empty(1, 1, hidden, dtype=dtype)
-        self.between = torch.empty(2, hidden, dtype=dtype)
-        self.scratch = torch.empty(max(p.scratch_bytes for p in prepared), dtype=torch.uint8)
+        # explicitly on the CPU, whatever torch.set_default_device says: C writes here
+        self.out = torch.empty(1, 1, hidden, dtype=dtype, device="cpu")
+        self.normed = torch.empty(1, 1, hidden, dtype=dtype, device="cpu")
+        self.between = torch.empty(2, hidden, dtype=dtype, device="cpu")
+        self.scratch = torch.empty(max(p.scratch_bytes for p in prepared), dtype=torch.uint8, device="cpu")
         self.call = StackCall(0, 0, 0, self.out.data_ptr(), self.scratch.data_ptr(), self.between.data_ptr())
         self.tail = StackTail(_ptr(inner.norm.weight), _ptr(head.weight), _ptr(head.bias), self.normed.data_ptr(),
                               0, inner.norm.eps)
@@ -753,7 +775,7 @@ class TokenStep:
         if cos is None or not first <= pos < first + self.ROTARY_BLOCK:
             first = pos - pos % self.ROTARY_BLOCK
             with threads.torch_threads(1):
-                cos, sin = self.rotary(torch.arange(first, first + self.ROTARY_BLOCK), self.dtype)
+                cos, sin = self.rotary(torch.arange(first, first + self.ROTARY_BLOCK, device="cpu"), self.dtype)
             cos, sin = cos.contiguous(), sin.contiguous()
             self.block = (first, cos, sin)
         offset = (pos - first) * cos.shape[-1] * cos.element_size()
@@ -766,14 +788,14 @@ class TokenStep:
                              f"positions below {self.max_len} (the caches' length)")
         if _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks:
             with threads.torch_threads(1):
-                return self.model(torch.tensor([[token]]), self.caches, pos, last_only=True)[0, -1]
+                return self.model(torch.tensor([[token]], device="cpu"), self.caches, pos, last_only=True)[0, -1]
         call, tail = self.call, self.tail
         call.x = self.embed.data_ptr() + token * self.row_bytes
         call.cos, call.sin = self._rotary(pos)
         call.pos, call.threads = pos, _threads or num_threads()
         call.solo_bytes, call.chunk_bytes = _sharing["solo"], _sharing["chunk"]
         call.chunk_max, call.tail_split = _sharing["chunk_max"], _sharing["tail_split"]
-        logits = None if self.head_by_torch else torch.empty(self.vocab, dtype=self.dtype)
+        logits = None if self.head_by_torch else torch.empty(self.vocab, dtype=self.dtype, device="cpu")
         tail.logits = None if logits is None else logits.data_ptr()
         _step_succeeded(self.lib.qwen_stack_step(self.layers, len(self.prepared), self.kv, self.lengths,
                                                  ctypes.byref(call), ctypes.byref(tail)), pos)

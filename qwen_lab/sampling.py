@@ -11,6 +11,11 @@ the notebooks and ``qwen-lab generate --top-logprobs`` show.
 Every function takes float32 logits of shape (vocab,) and returns new ones. ``config`` is a
 ``generation.GenerationConfig`` (any object with its fields will do).
 
+Where the C kernels are built (``qwen_lab.kernels``; ``QWEN_LAB_KERNELS=off`` turns them off), the
+choice itself takes two shortcuts that give the same token, for any model: the greedy argmax
+(``kernels.argmax``) and sampling's top-k candidates (``kernels.top_k``) in one C pass each, instead
+of several torch operations over the whole vocabulary.
+
 >>> logits = torch.tensor([2.0, 1.0, 0.5, -1.0])
 >>> apply_top_k(logits, 2)
 tensor([2., 1., -inf, -inf])
@@ -124,7 +129,8 @@ def _draw_top_k(logits: torch.Tensor, previous: torch.Tensor, config, generator:
     if config.greedy or not 0 < k < logits.shape[-1]:
         return None
     # one more than k: a tie with the k-th shows as an equal (k+1)-th. The C pass computes the penalty and
-    # the temperature as _scaled's torch operations do; it says None for NaN or infinite logits, as here
+    # the temperature as _scaled's torch operations do; for NaN or infinite logits (or what it does not
+    # take) it says None, and torch's operations run
     best = kernels.top_k(logits, _recent(previous, config) if config.repetition_penalty != 1.0 else previous[:0],
                          config.repetition_penalty, config.temperature, k + 1)
     if best is None:

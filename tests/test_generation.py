@@ -219,7 +219,8 @@ def test_sampling_draws_from_the_processed_distribution():
 
 
 @pytest.mark.parametrize("k, p, penalty, temperature", [(1, 1.0, 1.0, 1.0), (5, 0.8, 1.1, 0.7), (20, 0.8, 1.05, 0.7),
-                                                      (50, 0.95, 1.0, 1.3), (20, 1.0, 1.0, 0.5), (3, 0.3, 1.2, 1.0)])
+                                                      (50, 0.95, 1.0, 1.3), (20, 1.0, 1.0, 0.5), (3, 0.3, 1.2, 1.0),
+                                                      (300, 0.9, 1.05, 0.7)])  # past kernels.TOP_K_MAX: torch's
 def test_top_k_draws_from_its_candidates_are_the_whole_vocabulary_draws(k, p, penalty, temperature):
     """The sampling fast path (top-k's k candidates, not the masked vocabulary) draws the very token the
     processors-then-draw path draws from the same generator, or steps aside (ties at the k-th)."""

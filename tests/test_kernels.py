@@ -598,6 +598,46 @@ def test_the_token_step_is_not_made_where_the_modules_must_run(monkeypatch):
 
 
 @needs_kernel
+def test_the_token_step_leaves_a_model_with_a_forward_of_its_own_or_odd_weights_to_its_modules(monkeypatch):
+    from torch import nn
+    model = load_model(resolve("qwen-lab/tiny-chat"), "float32", "cpu")
+    caches = model.new_caches(1, 16)
+    model.forward = lambda *a, **k: None  # patched on the object
+    assert kernels.TokenStep.for_model(model, caches) is None
+    del model.forward
+    monkeypatch.setattr(type(model), "forward", lambda self, *a, **k: None)  # a class's own forward
+    assert kernels.TokenStep.for_model(model, caches) is None
+    monkeypatch.undo()
+    assert kernels.TokenStep.for_model(model, caches) is not None
+    head = model.lm_head.weight
+    model.lm_head.weight = nn.Parameter(head[:64].clone())  # 64 rows; out_features still says 2048
+    twin = model.new_caches(1, 16)
+    with torch.inference_mode():  # 64 logits, as the weight says, the same as the modules'
+        got = kernels.TokenStep.for_model(model, caches)(5, 0)
+        assert got.shape == (64,) and torch.equal(got, model(torch.tensor([[5]]), twin, 0, last_only=True)[0, -1])
+    model.lm_head.weight = nn.Parameter(head[:, :64].clone())  # rows of another width than the hidden state
+    assert kernels.TokenStep.for_model(model, caches) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("swap", ["shape", "dtype", "view"])
+def test_a_layer_weight_replaced_by_an_odd_one_sends_the_layer_to_its_modules(swap):
+    """The one-call step reads weights by pointer, sized by the layer's shapes: a weight replaced by one of
+    another shape, dtype or layout must not be read that way (the modules run, and torch says what is wrong)."""
+    from torch import nn
+    model = load_model(resolve("qwen-lab/tiny-chat"), "float32", "cpu")
+    layer = model.model.layers[0]
+    assert layer._prepared() is not None
+    w = layer.mlp.down_proj.weight
+    layer.mlp.down_proj.weight = nn.Parameter({"shape": lambda: w[:, :8].clone(), "dtype": lambda: w.double(),
+                                               "view": lambda: w.t().contiguous().t()}[swap]())
+    assert layer._prepared() is None and kernels.TokenStep.for_model(model, model.new_caches(1, 8)) is None
+    if swap != "view":
+        with pytest.raises(RuntimeError), torch.inference_mode():
+            model(torch.tensor([[5]]), model.new_caches(1, 8), 0)
+
+
+@needs_kernel
 def test_the_token_step_refuses_what_would_reach_outside_its_tensors():
     model = load_model(resolve("qwen-lab/tiny-chat"), "float32", "cpu")
     step = kernels.TokenStep.for_model(model, model.new_caches(1, 16))
@@ -701,13 +741,37 @@ def test_top_k_is_sampling_s_penalty_temperature_and_topk(dtype, n, penalty, tem
 
 
 @needs_kernel
+def test_the_choice_in_c_writes_cpu_float32_whatever_torch_s_defaults():
+    """torch.set_default_dtype / set_default_device must not change what C writes into (a float64 buffer read
+    as float32 sampled wrong tokens; a meta or GPU buffer crashed)."""
+    x = torch.randn(100, generator=torch.Generator().manual_seed(0))
+    want = kernels.top_k(x, torch.tensor([1, 2]), 1.1, 0.7, 5)
+    for setting in (lambda: torch.set_default_dtype(torch.float64), lambda: torch.set_default_device("meta")):
+        try:
+            setting()
+            got = kernels.top_k(x, torch.tensor([1, 2], device="cpu"), 1.1, 0.7, 5)
+            assert got[0].dtype == torch.float32 and got[0].device.type == "cpu"
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+            assert kernels.argmax(x) == int(x.argmax())
+        finally:
+            torch.set_default_dtype(torch.float32)
+            torch.set_default_device(None)
+    assert kernels.top_k(x, torch.tensor([1, 2], device="meta"), 1.1, 0.7, 5) is None  # ids not on the CPU
+
+
+@needs_kernel
 def test_top_k_takes_only_what_it_can():
     x = torch.randn(10)
+    big = torch.randn(kernels.TOP_K_MAX * 2)
+    assert kernels.top_k(big, torch.tensor([3]), 1.1, 0.7, kernels.TOP_K_MAX) is not None
+    assert kernels.top_k(big, torch.tensor([3]), 1.1, 0.7, kernels.TOP_K_MAX + 1) is None  # torch's topk is faster
+    for outside in ([-1], [10], [3, 99]):  # ids that are not the row's: torch's indexing decides
+        assert kernels.top_k(x, torch.tensor(outside), 1.1, 0.7, 3) is None
     assert kernels.top_k(x, torch.tensor([3]), 1.1, 0.7, 11) is None  # more than there are
     assert kernels.top_k(x, torch.tensor([3]), 1.1, 0.7, 0) is None
     assert kernels.top_k(x.half(), torch.tensor([3]), 1.1, 0.7, 3) is None
     assert kernels.top_k(x[::2], torch.tensor([3]), 1.1, 0.7, 3) is None
-    values, ids = kernels.top_k(x, torch.tensor([-1, 10, 99]), 1.5, 1.0, 10)  # ids outside: no penalty
+    values, ids = kernels.top_k(x, torch.tensor([], dtype=torch.long), 1.5, 1.0, 10)
     assert torch.equal(values, x.sort(descending=True).values)
     for bad in (float("nan"), float("inf"), float("-inf")):
         for at in (0, 9, 20):  # in a block of eight, in the tail

@@ -87,6 +87,8 @@ def test_32_greedy_tokens_equal_transformers(case, matvec):
     got = generate_stream(ours, tok, ids[0].tolist(), config).result
     assert got.token_ids == expected
     assert got.finish_reason == "length" and got.generated_tokens == 32
+    if matvec == "auto" and kernels.available():  # every architecture decodes by a generation's one-call step
+        assert kernels.TokenStep.for_model(ours, ours.new_caches(1, 8)) is not None
     assert generate_stream(ours, tok, ids[0].tolist(), config, use_cache=False).result.token_ids == expected
 
 
