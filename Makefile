@@ -90,9 +90,11 @@ hub: $(VENV)/.workshop $(PROXY_STAMP)
 
 # Every check that needs a GPU (scripts/gpu_check.py, a few minutes): on a GPU machine, in a .venv
 # made with a CUDA build of torch (on Linux, PyPI's torch==2.13.0 is one).
+# GPU_CHECK_ARGS=--cpu-bench adds the CPU's decode benchmarks (about 4 minutes more).
 GPU_CHECK_OUT ?= artifacts/gpu-check
+GPU_CHECK_ARGS ?=
 gpu-check: $(VENV)/.test
-	$(BIN)/python scripts/gpu_check.py --out $(GPU_CHECK_OUT)
+	$(BIN)/python scripts/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) artifacts

@@ -16,7 +16,11 @@
    2 threads): GPU machines' server CPUs often have the AVX-512 / AVX512-BF16 that CI's lacks;
 5. (not with ``--quick``) the notebooks (English edition) executed on CUDA, nbval in lax mode
    (outputs may differ in the last digits from the CPU-made ones, errors may not); skipped, and
-   said so, where nbval is not installed.
+   said so, where nbval is not installed;
+6. (with ``--cpu-bench``, about 4 more minutes) the CPU's decode benchmarks on 2 of its cores, as on
+   the 2-core machine class (GPU machines' server CPUs are the other CPU family the kernels must
+   serve): ``bench_step.py`` (a generation's token step and the whole-stack call against a read probe,
+   0.5B shapes, both dtypes) and ``bench_overhead.py`` (time outside the C calls per token).
 
 Results are printed and, with ``--out``, written to ``DIR/gpu_check.json`` and ``.md`` after
 every step, so a run cut short keeps what it measured.
@@ -27,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -191,6 +196,9 @@ def summary(report: dict) -> str:
              f"auto dtype: {d['auto_dtype']}; CPU: {d['cpu']}", ""]
     lines += [f"- {s['name']}: {'ok' if s['ok'] else 'skipped' if s['ok'] is None else 'FAILED'}"
               for s in report["steps"]]
+    for s in report["steps"]:
+        if s.get("figures"):
+            lines += ["", f"{s['name']}:", "```", s["figures"].strip(), "```"]
     b = report.get("benchmark")
     if b and "error" in b:
         lines += ["", f"benchmark FAILED: {b['error']}"]
@@ -214,6 +222,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, help="write gpu_check.json and gpu_check.md here (after every step)")
     p.add_argument("--quick", action="store_true", help="tests and benchmark only: no CPU kernels, no notebooks")
+    p.add_argument("--cpu-bench", action="store_true", help="also the CPU's decode benchmarks, on 2 of its cores")
     args = p.parse_args()
     from bench_contention import cpu_description
     report = {"device": {**device_report(), "cpu": cpu_description()}, "steps": []}
@@ -253,6 +262,16 @@ def main() -> None:
             report["steps"].append({"name": "notebooks on CUDA", "ok": None, "tail": "nbval is not installed here"})
             print("[skipped] notebooks: nbval is not installed here (carry its wheels)", flush=True)
     save()
+    if args.cpu_bench:
+        pin = ["taskset", "-c", "0,1"] if shutil.which("taskset") else []
+        for name, script, extra in [("token step vs whole stack", "bench_step.py",
+                                     ["--ways", "token step;whole stack in one call", "--rounds", "8"]),
+                                    ("time outside the C calls", "bench_overhead.py", ["--rounds", "3"])]:
+            step = run_step(f"CPU benchmark on 2 cores: {name}", [*pin, py, f"benchmarks/{script}", *extra], 300,
+                            QWEN_LAB_THREADS="2", OMP_NUM_THREADS="2")
+            step["figures"] = step["tail"]
+            report["steps"].append(step)
+            save()
     print("\n" + summary(report))
     if not all(s["ok"] is not False for s in report["steps"]) or "error" in report.get("benchmark", {}):
         sys.exit(1)
