@@ -51,6 +51,23 @@ def model_dir(name: str) -> Path:
     return make_checkpoint(HERE / "configs" / f"qwen2.5-{name}.json")
 
 
+def generation_arguments(doc: str) -> argparse.ArgumentParser:
+    """The options of a benchmark that generates in one process: --model, --dtype, --tokens, --rounds."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="0.5b", help="tiny-chat, 0.5b or 1.5b")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=5)
+    return p
+
+
+def model_and_tokenizer(args: argparse.Namespace):
+    """The model ``--model`` names, loaded in ``--dtype`` on the CPU, and a tokenizer of its vocabulary."""
+    from qwen_lab.load import load_model
+    model = load_model(weights_only(model_dir(args.model)), args.dtype, "cpu")
+    return model, _word_tokenizer(model.config.vocab_size)
+
+
 # ---------------------------------------------------------------- one generating process
 
 def pss_bytes() -> int:

@@ -9,28 +9,19 @@ vocabulary per token).
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_contention import cpu_description, model_dir  # noqa: E402
-from bench_decode import _word_tokenizer, weights_only  # noqa: E402
+from bench_contention import cpu_description, generation_arguments, model_and_tokenizer  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="0.5b", help="tiny-chat, 0.5b or 1.5b")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=5)
-    args = p.parse_args()
+    args = generation_arguments(__doc__).parse_args()
     from qwen_lab.generation import GenerationConfig, generate_stream
-    from qwen_lab.load import load_model
-    model = load_model(weights_only(model_dir(args.model)), args.dtype, "cpu")
-    tok = _word_tokenizer(model.config.vocab_size)
+    model, tok = model_and_tokenizer(args)
     prompt = list(range(100, 132))
     times: dict[int, list[float]] = {0: [], 5: []}
     for _ in range(args.rounds):

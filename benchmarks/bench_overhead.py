@@ -21,7 +21,6 @@ Medians over the tokens of each round, then over the rounds.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -29,22 +28,16 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_contention import cpu_description, model_dir  # noqa: E402
-from bench_decode import _word_tokenizer, weights_only  # noqa: E402
+from bench_contention import cpu_description, generation_arguments, model_and_tokenizer  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="0.5b", help="tiny-chat, 0.5b or 1.5b")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--tokens", type=int, default=64)
+    p = generation_arguments(__doc__)
     p.add_argument("--prompt-tokens", type=int, default=256)
-    p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
     from qwen_lab import kernels, sampling
     from qwen_lab.generation import GenerationConfig, generate_stream
-    from qwen_lab.load import load_model
-    model = load_model(weights_only(model_dir(args.model)), args.dtype, "cpu")
+    model, tok = model_and_tokenizer(args)
     if not kernels.in_use(model):
         raise SystemExit(f"the C kernels do not run here ({kernels.status()}): nothing to measure")
     lib = kernels._library()
@@ -65,7 +58,6 @@ def main() -> None:
     ways = {"generate": (token_step, greedy),
             "token step, torch's choice": (token_step, lambda *a: None),
             "forward, torch's choice": (classmethod(lambda cls, *a: None), lambda *a: None)}
-    tok = _word_tokenizer(model.config.vocab_size)
     prompt = list(range(100, 100 + args.prompt_tokens))
     config = GenerationConfig(max_new_tokens=args.tokens, do_sample=False, eos_token_id=[])
     generate_stream(model, tok, prompt[:16], config.replace(max_new_tokens=4)).result  # warm-up
