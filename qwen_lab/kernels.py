@@ -500,6 +500,28 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _share(s: LayerStep | StackCall) -> None:
+    """Write how this call is shared over threads (``set_num_threads``, ``configure``) into ``s``'s fields."""
+    s.threads, s.solo_bytes, s.chunk_bytes = _threads or num_threads(), _sharing["solo"], _sharing["chunk"]
+    s.chunk_max, s.tail_split = _sharing["chunk_max"], _sharing["tail_split"]
+
+
+def _stack_prepared(stack: list, caches: list, start: int) -> tuple[list, torch.dtype] | None:
+    """Every layer's kept fields and the stack's dtype, where the stack can run as one call from position
+    ``start`` on ``caches`` (every layer the one-call twin without hooks, of one dtype and width, each cache
+    of the layout the C attention writes); None where the layers must run one by one."""
+    if len(caches) != len(stack) or not all(type(layer) is DecoderLayer and not _hooked(layer) for layer in stack):
+        return None
+    prepared = [layer._prepared() for layer in stack]
+    first = prepared[0] if prepared else None
+    if first is None or any(p is None or p.bf16 != first.bf16 or p.hidden != first.hidden for p in prepared):
+        return None
+    dtype = torch.bfloat16 if first.bf16 else torch.float32
+    if not all(_cache_fits(c, dtype, p.KV, p.d, start) for c, p in zip(caches, prepared)):
+        return None
+    return prepared, dtype
+
+
 def _step_succeeded(failed: int, start: int) -> None:
     """Raise for a failure code of qwen_layer_step or qwen_stack_step (0: done)."""
     if failed == -1:
@@ -541,8 +563,7 @@ class DecoderLayer(layers.DecoderLayer):
         s.x, s.cos, s.sin, s.out = x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr()
         s.kc, s.vc, s.scratch, s.pos, s.max_len = cache.k.data_ptr(), cache.v.data_ptr(), scratch.data_ptr(), start, \
             cache.max_len
-        s.threads, s.solo_bytes, s.chunk_bytes = _threads or num_threads(), _sharing["solo"], _sharing["chunk"]
-        s.chunk_max, s.tail_split = _sharing["chunk_max"], _sharing["tail_split"]
+        _share(s)
         _step_succeeded(_library().qwen_layer_step(ctypes.byref(s)), start)
         return out
 
@@ -620,17 +641,13 @@ class DecoderModel(layers.DecoderModel):
 
     def forward(self, input_ids, caches, start):
         stack = list(self._modules["layers"]._modules.values())
-        if (caches is None or input_ids.numel() != 1 or torch.is_grad_enabled() or len(caches) != len(stack)
-                or not all(type(layer) is DecoderLayer and not _hooked(layer) for layer in stack)):
+        found = None if caches is None or input_ids.numel() != 1 or torch.is_grad_enabled() \
+            else _stack_prepared(stack, caches, start)
+        if found is None:
             return super().forward(input_ids, caches, start)
-        prepared = [layer._prepared() for layer in stack]
-        first = prepared[0]
-        dtype = torch.bfloat16 if first is not None and first.bf16 else torch.float32
-        if (any(p is None or p.bf16 != first.bf16 or p.hidden != first.hidden for p in prepared)
-                or not all(_cache_fits(c, dtype, p.KV, p.d, start) for c, p in zip(caches, prepared))):
-            return super().forward(input_ids, caches, start)
+        prepared, dtype = found
         x = self.embed_tokens(input_ids)
-        if x.dtype != dtype or x.shape[-1] != first.hidden or not available():
+        if x.dtype != dtype or x.shape[-1] != prepared[0].hidden or not available():
             return super().forward(input_ids, caches, start)
         cos, sin = self.rotary_emb(torch.arange(start, start + 1, device=input_ids.device), x.dtype)
         cos, sin, x = cos.contiguous(), sin.contiguous(), x.contiguous()
@@ -643,19 +660,24 @@ class DecoderModel(layers.DecoderModel):
         kv = (ctypes.c_void_p * (2 * len(caches)))(*[t.data_ptr() for c in caches for t in (c.k, c.v)])
         lengths = (ctypes.c_int64 * len(caches))(*[c.max_len for c in caches])
         call = StackCall(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), scratch.data_ptr(),
-                         between.data_ptr(), start, _threads or num_threads(), _sharing["solo"], _sharing["chunk"],
-                         _sharing["chunk_max"], _sharing["tail_split"])
+                         between.data_ptr(), start)
+        _share(call)
         _step_succeeded(_library().qwen_stack_step(kept[1], len(prepared), kv, lengths, ctypes.byref(call), None),
                         start)
         return self.norm(out)
+
+
+def _takes_row(logits: torch.Tensor) -> bool:
+    """Can the choice's C passes read ``logits``: one non-empty contiguous CPU row of float32 or bfloat16?"""
+    return (logits.dim() == 1 and logits.numel() > 0 and logits.dtype in DTYPES and logits.device.type == "cpu"
+            and logits.is_contiguous() and available())
 
 
 def argmax(logits: torch.Tensor) -> int | None:
     """``int(logits.argmax())`` of one row of float32 or bfloat16 CPU logits by one C pass (the first of equal
     largest values, as torch), or None: where the largest is not finite (a NaN, an infinity: the caller says
     what is wrong) or the kernels cannot take the row (another dtype or device, no kernels here)."""
-    if (logits.dim() != 1 or logits.dtype not in DTYPES or logits.device.type != "cpu"
-            or not logits.is_contiguous() or not logits.numel() or not available()):
+    if not _takes_row(logits):
         return None
     at = _library().qwen_argmax(logits.data_ptr(), logits.numel(), logits.dtype == torch.bfloat16)
     return None if at < 0 else at
@@ -670,8 +692,7 @@ def top_k(logits: torch.Tensor, seen: torch.Tensor, penalty: float, temperature:
     in ``seen`` is not one of the row's, where ``k`` is above ``TOP_K_MAX`` (the pass keeps its best
     values sorted by insertion, k steps each: torch's topk is faster for a large k), or where the kernels
     cannot take the row."""
-    if (logits.dim() != 1 or logits.dtype not in DTYPES or logits.device.type != "cpu" or not logits.is_contiguous()
-            or not 0 < k <= min(logits.numel(), TOP_K_MAX) or seen.device.type != "cpu" or not available()):
+    if not _takes_row(logits) or not 0 < k <= min(logits.numel(), TOP_K_MAX) or seen.device.type != "cpu":
         return None
     seen = seen.to(torch.int64).contiguous()
     if seen.numel() and not 0 <= int(seen.min()) <= int(seen.max()) < logits.numel():
@@ -717,22 +738,18 @@ class TokenStep:
                 or any("forward" in m.__dict__ for m in (model, inner)) or not available()
                 or any(_hooked(m) for m in model.modules())):
             return None  # a forward of its own (a subclass's, or patched on the object) must run
-        embed, norm, stack = inner.embed_tokens, inner.norm, list(inner.layers)
-        if (type(embed) is not nn.Embedding or embed.max_norm is not None or type(norm) is not RMSNorm
-                or type(inner.rotary_emb) is not layers.RotaryEmbedding or not stack or len(caches) != len(stack)
-                or not all(type(layer) is DecoderLayer for layer in stack)):
+        embed, norm = inner.embed_tokens, inner.norm
+        found = _stack_prepared(list(inner.layers), caches, 0)
+        if (found is None or type(embed) is not nn.Embedding or embed.max_norm is not None
+                or type(norm) is not RMSNorm or type(inner.rotary_emb) is not layers.RotaryEmbedding):
             return None
-        prepared = [layer._prepared() for layer in stack]
-        first = prepared[0]
-        if first is None or any(p is None or p.bf16 != first.bf16 or p.hidden != first.hidden for p in prepared):
-            return None
-        dtype, hidden = torch.bfloat16 if first.bf16 else torch.float32, first.hidden
+        prepared, dtype = found
+        hidden = prepared[0].hidden
         tensors = [embed.weight, norm.weight, head.weight] + ([] if head.bias is None else [head.bias])
         vocab = head.weight.shape[0]  # the weight's own shape: a replaced weight leaves out_features as it was
         if (any(t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu" for t in tensors)
                 or embed.weight.dim() != 2 or embed.weight.shape[1] != hidden or norm.weight.shape != (hidden,)
-                or head.weight.shape != (vocab, hidden) or (head.bias is not None and head.bias.shape != (vocab,))
-                or not all(_cache_fits(c, dtype, p.KV, p.d, 0) for c, p in zip(caches, prepared))):
+                or head.weight.shape != (vocab, hidden) or (head.bias is not None and head.bias.shape != (vocab,))):
             return None
         return cls(model, caches, prepared, dtype)
 
@@ -792,9 +809,8 @@ class TokenStep:
         call, tail = self.call, self.tail
         call.x = self.embed.data_ptr() + token * self.row_bytes
         call.cos, call.sin = self._rotary(pos)
-        call.pos, call.threads = pos, _threads or num_threads()
-        call.solo_bytes, call.chunk_bytes = _sharing["solo"], _sharing["chunk"]
-        call.chunk_max, call.tail_split = _sharing["chunk_max"], _sharing["tail_split"]
+        call.pos = pos
+        _share(call)
         logits = None if self.head_by_torch else torch.empty(self.vocab, dtype=self.dtype, device="cpu")
         tail.logits = None if logits is None else logits.data_ptr()
         _step_succeeded(self.lib.qwen_stack_step(self.layers, len(self.prepared), self.kv, self.lengths,
