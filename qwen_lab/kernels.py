@@ -522,6 +522,17 @@ def _stack_prepared(stack: list, caches: list, start: int) -> tuple[list, torch.
     return prepared, dtype
 
 
+def _layer_array(prepared: list) -> ctypes.Array:
+    """The C array of pointers to each layer's kept fields that a stack call reads."""
+    return (ctypes.POINTER(LayerStep) * len(prepared))(*map(ctypes.pointer, prepared))
+
+
+def _cache_arrays(caches: list) -> tuple[ctypes.Array, ctypes.Array]:
+    """The C arrays of a stack call's caches: each layer's k and v (k0, v0, k1, v1...), each one's length."""
+    return ((ctypes.c_void_p * (2 * len(caches)))(*[t.data_ptr() for c in caches for t in (c.k, c.v)]),
+            (ctypes.c_int64 * len(caches))(*[c.max_len for c in caches]))
+
+
 def _step_succeeded(failed: int, start: int) -> None:
     """Raise for a failure code of qwen_layer_step or qwen_stack_step (0: done)."""
     if failed == -1:
@@ -655,10 +666,9 @@ class DecoderModel(layers.DecoderModel):
         scratch = torch.empty(max(p.scratch_bytes for p in prepared), dtype=torch.uint8, device="cpu")
         kept = self.__dict__.get("_stack")  # the array of the layers' kept fields, while they are the same
         if kept is None or len(kept[0]) != len(prepared) or any(a is not b for a, b in zip(kept[0], prepared)):
-            kept = (prepared, (ctypes.POINTER(LayerStep) * len(prepared))(*map(ctypes.pointer, prepared)))
+            kept = (prepared, _layer_array(prepared))
             self.__dict__["_stack"] = kept
-        kv = (ctypes.c_void_p * (2 * len(caches)))(*[t.data_ptr() for c in caches for t in (c.k, c.v)])
-        lengths = (ctypes.c_int64 * len(caches))(*[c.max_len for c in caches])
+        kv, lengths = _cache_arrays(caches)
         call = StackCall(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), scratch.data_ptr(),
                          between.data_ptr(), start)
         _share(call)
@@ -764,9 +774,7 @@ class TokenStep:
         # every tensor a pointer below reaches into, alive for as long as this step is
         self.keep = [p.detach() for p in model.parameters()] + [t for c in caches for t in (c.k, c.v)]
         self.prepared = prepared
-        self.layers = (ctypes.POINTER(LayerStep) * len(prepared))(*map(ctypes.pointer, prepared))
-        self.kv = (ctypes.c_void_p * (2 * len(caches)))(*[t.data_ptr() for c in caches for t in (c.k, c.v)])
-        self.lengths = (ctypes.c_int64 * len(caches))(*[c.max_len for c in caches])
+        self.layers, (self.kv, self.lengths) = _layer_array(prepared), _cache_arrays(caches)
         hidden = prepared[0].hidden
         # explicitly on the CPU, whatever torch.set_default_device says: C writes here
         self.out = torch.empty(1, 1, hidden, dtype=dtype, device="cpu")
