@@ -637,10 +637,14 @@ class DecoderLayer(layers.DecoderLayer):
         return s
 
 
+def _global_hooks() -> bool:
+    """Is a forward hook registered for every module (``register_module_forward_hook``)?"""
+    return bool(_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks)
+
+
 def _hooked(module: nn.Module) -> bool:
     """Does something wait to see ``module`` called (a forward hook on it, or on every module)?"""
-    return bool(module._forward_hooks or module._forward_pre_hooks or _torch_module._global_forward_hooks
-                or _torch_module._global_forward_pre_hooks)
+    return bool(module._forward_hooks or module._forward_pre_hooks) or _global_hooks()
 
 
 class DecoderModel(layers.DecoderModel):
@@ -811,7 +815,7 @@ class TokenStep:
         if not 0 <= token < self.tokens or not 0 <= pos < self.max_len:
             raise ValueError(f"token {token} at position {pos}: this step takes ids below {self.tokens} and "
                              f"positions below {self.max_len} (the caches' length)")
-        if _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks:
+        if _global_hooks():
             with threads.torch_threads(1):
                 return self.model(torch.tensor([[token]], device="cpu"), self.caches, pos, last_only=True)[0, -1]
         call, tail = self.call, self.tail
