@@ -5,7 +5,8 @@
 1. the device: name, compute capability, the dtype ``auto`` picks there (bf16 from 8.0 up,
    float16 below), torch and CUDA versions;
 2. the device-agnostic tests on CUDA (``tests/test_static_decode.py``, ``tests/test_gpu.py``:
-   greedy tokens of the CUDA-graph path equal the eager path's; the panel, its Stop, and the
+   greedy tokens of the CUDA-graph path equal the eager path's, float32 and float16 (the dtype
+   ``auto`` picks on a GPU without bf16, Colab's T4); the panel, its Stop, and the
    CLI decode through the graph; notebooks' code patterns);
 3. the benchmark of issue 15: random weights at Qwen2.5-1.5B's shapes, bf16, a 512-token
    prompt and 256 new tokens, greedy: qwen_lab (CUDA graph), qwen_lab eager, and

@@ -120,6 +120,45 @@ def test_bf16_decoding_with_the_kernels_stays_close_to_the_reference(case):
                                        rtol=0.05, atol=0.15)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_logits_match_transformers_in_the_same_dtype(case, dtype):
+    """float16 is what ``dtype="auto"`` picks on a GPU older than compute capability 8 (Colab's T4).
+
+    Run on this CPU the same way (torch's operations, no C kernel takes float16), our logits are
+    transformers' in float16: the norms, rotary and softmax round where theirs do. bfloat16 runs
+    the C kernels, which sum in float32: one bfloat16 step apart at most, and no further from the
+    float32 logits than transformers' own bfloat16.
+    """
+    directory, reference32 = case
+    ours = load_model(resolve(str(directory)), str(dtype).removeprefix("torch."), "cpu")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+    assert ours.model.embed_tokens.weight.dtype == dtype
+    ids = prompt(ours.config.vocab_size)
+    with torch.no_grad():
+        got, expected, exact = ours(ids), reference(ids).logits, reference32(ids).logits
+    assert got.dtype == dtype
+    if dtype == torch.float16:
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    else:
+        step = 2.0 ** (torch.frexp(expected.float().abs().max())[1].item() - 8)  # bf16 spacing at the largest logit
+        assert (got.float() - expected.float()).abs().max() <= 2 * step
+        ours_error, their_error = ((x.float() - exact).abs().max().item() for x in (got, expected))
+        assert ours_error <= 1.25 * their_error, (ours_error, their_error)
+
+
+def test_float16_greedy_tokens_equal_transformers_in_float16(case):
+    directory, _ = case
+    files = resolve(str(directory))
+    ours = load_model(files, "float16", "cpu")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float16).eval()
+    ids = prompt(ours.config.vocab_size, n=10, seed=3)
+    expected = reference.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)[0, ids.shape[1]:].tolist()
+    got = generate_stream(ours, Tokenizer.from_files(files), ids[0].tolist(),
+                          GenerationConfig(max_new_tokens=24, do_sample=False)).result
+    assert got.token_ids == expected
+
+
 def test_llama3_rotary_scaling_matches_transformers():
     from qwen_lab.layers import rope_frequencies
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

@@ -37,6 +37,19 @@ def test_static_steps_give_the_eager_greedy_tokens(tiny, penalty):
     assert static.decode_path.startswith(("static", "cuda-graph")) and eager.decode_path != static.decode_path
 
 
+def test_float16_static_steps_give_the_eager_greedy_tokens(tiny_dir):
+    """float16 is the dtype a GPU without bfloat16 (Colab's T4) decodes in, by this static step."""
+    files = resolve(str(tiny_dir))
+    model, tok = load_model(files, "float16", DEVICE, matvec="none"), Tokenizer.from_files(files)
+    assert model.lm_head.weight.dtype == torch.float16
+    prompt = tok.encode("Hello! How are you today? I am")
+    config = GenerationConfig(max_new_tokens=32, do_sample=False, eos_token_id=[], repetition_penalty=1.3)
+    eager = generate_stream(model, tok, prompt, config, static=False).result
+    static = generate_stream(model, tok, prompt, config, static=True).result
+    assert static.token_ids == eager.token_ids and len(eager.token_ids) == 32
+    assert static.decode_path.startswith(("static", "cuda-graph"))
+
+
 def test_one_decoder_serves_generation_after_generation(tiny):
     model, tok = tiny
     config = GenerationConfig(max_new_tokens=12, do_sample=False, eos_token_id=[])
