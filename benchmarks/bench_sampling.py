@@ -7,8 +7,8 @@ top-p 0.8, repetition penalty 1.05), one torch thread as in a decode step, 700 t
 Alternates, in one process, ``_draw(_process_checked(...))`` (mask the vocabulary, find the
 survivors, twice) and ``_draw_top_k`` (work on the 20 candidates; the same token from the same
 generator, tests/test_generation.py) with its top-k by torch's operations or by ``kernels.top_k``'s
-one C pass, and greedy's argmax (with the penalty: torch's way; without: torch's or
-``kernels.argmax``); prints the median milliseconds per choice. On a GPU the logits come to the CPU
+one C pass, and greedy's choice, with the penalty and without, by torch's operations or by one C pass
+(``kernels.top_k``'s best, ``kernels.argmax``); prints the median milliseconds per choice. On a GPU the logits come to the CPU
 for this choice, every token.
 """
 from __future__ import annotations
@@ -57,7 +57,8 @@ def main() -> None:
                                                                  qwen, gen),
         "sampling, top-k by torch": by_torch(top_k),
         "sampling, top-k in C": top_k,
-        "greedy, penalty (torch)": lambda gen: sampling.next_token(logits, history, greedy, gen),
+        "greedy, penalty (torch)": by_torch(lambda gen: sampling.next_token(logits, history, greedy, gen)),
+        "greedy, penalty (C)": lambda gen: sampling.next_token(logits, history, greedy, gen),
         "greedy, no penalty (torch)": by_torch(lambda gen: sampling.next_token(logits, history, plain, gen)),
         "greedy, no penalty (C)": lambda gen: sampling.next_token(logits, history, plain, gen),
     }

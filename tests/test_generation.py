@@ -8,7 +8,8 @@ from conftest import reference_file
 from qwen_lab.errors import ContextTooLongError, NumericalError
 from qwen_lab.generation import (ChatModel, GenerationConfig, generate_stream, apply_repetition_penalty, apply_top_k, apply_top_p,
                                  process_logits)
-from qwen_lab.sampling import next_token
+from qwen_lab import kernels
+from qwen_lab.sampling import _greedy, next_token
 from qwen_lab.hub import ModelFiles
 
 
@@ -109,6 +110,8 @@ def test_the_greedy_choice_is_the_argmax_after_the_penalty_and_refuses_broken_lo
         want = int(process_logits(logits.float(), torch.tensor([best]), penalised).argmax())
         assert want != best  # the penalty (a third of the largest logit) changes the choice
         assert next_token(logits, torch.tensor([best]), penalised, None) == want
+        if kernels.available():  # the C pass answered, not torch's way
+            assert _greedy(logits, torch.tensor([best]), penalised) == want
     sampled = GenerationConfig(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05)
     for bad in (float("nan"), float("inf")):
         logits = torch.zeros(1001, dtype=dtype)
@@ -116,6 +119,25 @@ def test_the_greedy_choice_is_the_argmax_after_the_penalty_and_refuses_broken_lo
         for config in (plain, sampled):  # kernels.argmax's and kernels.top_k's None, then torch's way's error
             with pytest.raises(NumericalError, match=f"the model computed {bad} logits"):
                 next_token(logits, torch.tensor([3], dtype=torch.long), config, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_with_a_penalty_takes_the_first_of_equal_best_and_an_empty_window_the_plain_argmax(dtype):
+    """With a penalty, greedy takes kernels.top_k's best (``_greedy``: None where the C pass does not run)."""
+    c = kernels.available()
+    penalised = GenerationConfig(do_sample=False, repetition_penalty=2.0)
+    logits = torch.tensor([1.0, 4.0, 2.0, 0.5, 2.0], dtype=dtype)  # id 1 seen: 4 / 2 = 2 ties ids 2 and 4
+    assert next_token(logits, torch.tensor([1]), penalised, None) == 1  # the first of the three 2.0s
+    assert _greedy(logits, torch.tensor([1]), penalised) == (1 if c else None)
+    ties = torch.tensor([2.0, 0.5, 1.5, 4.0, 1.0], dtype=dtype)  # id 3 seen (twice): 2.0 ties id 0 before it
+    assert next_token(ties, torch.tensor([3, 3, 1]), penalised, None) == 0
+    assert _greedy(ties, torch.tensor([3, 3, 1]), penalised) == (0 if c else None)
+    logits[4] = 2.5  # no tie: id 4 is the best after the penalty
+    assert next_token(logits, torch.tensor([1, 3]), penalised, None) == 4
+    assert _greedy(logits, torch.tensor([1, 3]), penalised) == (4 if c else None)
+    no_window = GenerationConfig(do_sample=False, repetition_penalty=2.0, repeat_last_n=0)
+    assert next_token(logits, torch.tensor([1, 3]), no_window, None) == 1  # nothing penalised
+    assert _greedy(logits, torch.tensor([1, 3]), no_window) == (1 if c else None)
 
 
 def test_greedy_ignores_sampling_settings(chat):
