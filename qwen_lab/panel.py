@@ -81,6 +81,8 @@ LABELS = {
                                "have at most {max_new:,} tokens. Start a new chat soon.",
         "context_end": "The reply reached the end of the context window: press New chat or Undo to go on.",
         "error": "Error: ",
+        "error_kind": "Error: ",  # the messages are English already: no kind before them
+        "error_kinds": {},
         "inside_view": INSIDE_WORDS,
     },
     "zh-TW": {
@@ -112,6 +114,19 @@ LABELS = {
                                "這次回覆最多 {max_new:,} 個 token。請盡快開新對話。",
         "context_end": "回覆寫到了上下文視窗的盡頭：按「新對話」或「復原」才能繼續。",
         "error": "錯誤：",
+        # the library's messages are English: a learner reads here, in Chinese, what kind of error it is
+        "error_kind": "錯誤（{kind}）：",
+        "error_kinds": {
+            "TemplateError": "聊天範本無法產生提示詞",
+            "NumericalError": "模型算出了 NaN 或無限大：權重或設定檔壞了",
+            "ContextTooLongError": "提示詞超出了模型的上下文",
+            "SettingError": "有個設定值不合法",
+            "CheckpointError": "模型的權重檔有問題",
+            "DownloadError": "取不到模型的檔案",
+            "UnsupportedArchitectureError": "不支援這種模型架構",
+            "QwenLabError": "qwen_lab 回報的錯誤",
+            "Exception": "程式出了意料之外的錯誤",
+        },
         "inside_view": {
             "summary": "內部：提示詞（上下文 {context:,} 個 token 中的 {tokens:,} 個）· 每個 token 的機率 "
                        "· 結束原因：{finish}",
@@ -161,6 +176,7 @@ class ChatPanel:
         self.replies: list[dict] = []        # per assistant message: stats and flags
         self.note = ""                        # warning shown under the transcript (plain text)
         self.error = ""                       # the last generation error, shown the same way
+        self._error_lead = self.labels["error"]  # before it: "Error: ", or in Chinese the kind of error too
         self._worker: threading.Thread | None = None
         self._cancel = threading.Event()
         self._partial: str | None = None      # the reply being streamed
@@ -326,7 +342,7 @@ class ChatPanel:
             prompt_text = self.chat.render(conversation, **self.template_vars)
             prompt = self.chat.tokenizer.encode(prompt_text)
         except QwenLabError as e:
-            self._fail(str(e))
+            self._fail(str(e), e)
             return False
         context = self.chat.context_length
         room = context - len(prompt)
@@ -375,14 +391,18 @@ class ChatPanel:
                     result.prompt_tokens + result.generated_tokens >= self.chat.context_length:
                 self.note = self.labels["context_end"]
         except Exception as e:  # shown in the panel; the history stays as it was
-            self._fail(f"{type(e).__name__}: {e}" if not isinstance(e, QwenLabError) else str(e))
+            self._fail(f"{type(e).__name__}: {e}" if not isinstance(e, QwenLabError) else str(e), e)
         finally:
             self._partial = None
             self._set_busy(False)
             self._redraw()
 
-    def _fail(self, message: str) -> None:
+    def _fail(self, message: str, error: BaseException | None = None) -> None:
         self.note, self.error = "", message  # an error replaces any note
+        kinds = self.labels["error_kinds"]  # the error's own class, or the nearest one it derives from
+        classes = type(error).__mro__ if error is not None else ()
+        kind = next((kinds[c.__name__] for c in classes if c.__name__ in kinds), None)
+        self._error_lead = self.labels["error_kind"].format(kind=kind) if kind else self.labels["error"]
         self._redraw()
 
     def _set_busy(self, busy: bool) -> None:
@@ -421,7 +441,7 @@ class ChatPanel:
         self.transcript.value = "".join(parts)
         status = html.escape(self.note, quote=False)
         if self.error:
-            status += f"<span class='ql-error'>{html.escape(self.labels['error'] + self.error)}</span>"
+            status += f"<span class='ql-error'>{html.escape(self._error_lead + self.error)}</span>"
         self.status.value = f"<div class='ql-note'>{status}</div>" if status else ""
 
 

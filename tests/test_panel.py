@@ -1,4 +1,5 @@
 """The chat panel, driven from Python: set widget values, click buttons, wait for the worker."""
+import html
 import json
 
 import pytest
@@ -304,6 +305,37 @@ def test_status_lines_and_reply_meta_speak_the_panels_language(chat, monkeypatch
     assert "個 token · 第一個 token" in panel.transcript.value and "tokens/s" not in panel.transcript.value
     panel.send("Hello world " * chat.context_length)
     assert f"已經填滿模型 {chat.context_length:,} 個 token 的上下文" in panel.status.value
+
+
+def test_errors_say_their_kind_in_the_panels_language(chat, monkeypatch):
+    """The library's messages are English; a Chinese panel says before them what kind of error it is."""
+    from qwen_lab.chat_template import ChatTemplate
+    hostile = ChatTemplate("{{ ''.__class__.__mro__[1].__subclasses__() }}")  # the sandbox refuses it
+    english, chinese = ChatPanel(chat, lang="en"), ChatPanel(chat, lang="zh-TW")
+    monkeypatch.setattr(chat, "render", lambda conversation, **kw: hostile.render(conversation))
+    for panel in (english, chinese):
+        panel.send("Hi")
+        assert panel.messages == [] and panel.input.value == "Hi"  # refused: the text goes back to the box
+    assert chinese.error == english.error and chinese.error  # the message itself: the library's
+    assert f"Error: {html.escape(english.error)}" in english.status.value
+    assert f"錯誤（聊天範本無法產生提示詞）：{html.escape(chinese.error)}" in chinese.status.value
+    monkeypatch.undo()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the GPU caught fire")
+    monkeypatch.setattr(chat, "stream", broken)
+    chinese.send("Hi")
+    chinese.wait(30)
+    assert "錯誤（程式出了意料之外的錯誤）：RuntimeError: the GPU caught fire" in chinese.status.value
+    chinese.send("bad \ud800 text")  # a message of the panel's own: its label, already Chinese
+    assert "錯誤：訊息第 4 個位置" in chinese.status.value
+
+
+def test_every_error_of_the_library_has_its_kind_in_chinese():
+    from qwen_lab import errors
+    from qwen_lab.panel import LABELS
+    classes = {c.__name__ for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.QwenLabError)}
+    assert classes <= set(LABELS["zh-TW"]["error_kinds"]), classes - set(LABELS["zh-TW"]["error_kinds"])
 
 
 def test_the_inside_view_speaks_the_panels_language(chat):
