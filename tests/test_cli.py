@@ -264,12 +264,15 @@ def test_ctrl_c_while_loading_is_one_line(tiny_dir):
     import signal
     import time
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    # a model folder on a FIFO blocks the load until we interrupt it
+    # a load that takes a minute, interrupted once it has begun (it says so: on a busy machine the imports
+    # alone may take longer than any fixed wait, and an interrupt during them is not what this tests)
     proc = subprocess.Popen([sys.executable, "-c", "import qwen_lab.cli as c, sys, time; "
-                             "import qwen_lab.generation as g; g.ChatModel.load = lambda *a, **k: time.sleep(60); "
+                             "import qwen_lab.generation as g; "
+                             "g.ChatModel.load = lambda *a, **k: (print('loading', flush=True), time.sleep(60)); "
                              "sys.exit(c.main(['generate', '--prompt', 'Hi']))"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    time.sleep(4)
+    assert proc.stdout.readline() == b"loading\n"
+    time.sleep(0.5)  # inside the sleep by now; an interrupt a little earlier is still inside the load
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130 and err.decode() == "qwen-lab: interrupted\n"
