@@ -11,6 +11,9 @@ The loop, as in gpt-fast and Candle's ``TextGeneration``:
    ``<|endoftext|>``), on ``max_new_tokens``, on a stop string, or when a
    ``threading.Event`` is set.
 
+Between the turns of a conversation a ``PromptCache`` keeps the KV cache, so the next turn's
+prefill computes only its new message, not the whole conversation again.
+
 >>> chat = ChatModel.load("qwen-lab/tiny-chat")
 >>> result = chat.generate([{"role": "user", "content": "What is 2 plus 3?"}], do_sample=False)
 >>> result.finish_reason
@@ -21,6 +24,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -40,7 +44,7 @@ from .tokenizer import Tokenizer
 FINISH_REASONS = ("eos", "length", "stop", "cancelled")
 
 #: Re-exported: the logits processors live in ``qwen_lab.sampling``.
-__all__ = ["ChatModel", "GenerationConfig", "GenerationResult", "GenerationStream", "TokenChoice",
+__all__ = ["ChatModel", "GenerationConfig", "GenerationResult", "GenerationStream", "PromptCache", "TokenChoice",
            "apply_repetition_penalty", "apply_top_k", "apply_top_p", "generate_stream", "next_token",
            "process_logits", "thread_plan"]
 
@@ -138,16 +142,17 @@ class GenerationResult:
     generated_tokens: int
     ttft_s: float                  # start -> first new token (prefill included)
     decode_tokens_per_s: float     # tokens after the first, per second
-    prefill_tokens_per_s: float
+    prefill_tokens_per_s: float    # prompt tokens computed (those not cached), per second of ttft
     total_s: float
     prefill_threads: int = 1       # CPU threads the prompt ran on
     decode_threads: int = 1        # and each new token
     decode_path: str = "torch"     # what ran each new token: kernels, torch, cuda-graph, static, no-cache...
     finish_detail: str = ""        # finish_reason in words: which EOS token, which stop string...
     choices: list[TokenChoice] = field(default_factory=list)  # per token, with top_logprobs > 0
+    cached_tokens: int = 0         # prompt tokens whose keys and values came from a PromptCache, not the prefill
 
     def stats(self) -> dict:
-        keys = ("prompt_tokens", "generated_tokens", "ttft_s", "decode_tokens_per_s", "prefill_tokens_per_s",
+        keys = ("prompt_tokens", "cached_tokens", "generated_tokens", "ttft_s", "decode_tokens_per_s", "prefill_tokens_per_s",
                 "finish_reason", "prefill_threads", "decode_threads", "decode_path")
         d = asdict(self)
         return {k: round(d[k], 4) if isinstance(d[k], float) else d[k] for k in keys}
@@ -220,6 +225,65 @@ def _held_back(text: str, stops: list[str]) -> int:
     return longest
 
 
+class PromptCache:
+    """One conversation's KV cache, kept from one reply to the next: pass it as ``cache=`` to
+    ``ChatModel.stream`` / ``generate`` (the chat panel keeps one per conversation).
+
+    Each turn of a chat re-sends the whole conversation, and all of it but the new message was
+    already computed by the turn before: its prompt, then its reply, token by token. With a cache,
+    a generation prefills only what follows the longest common prefix of its prompt and the ids
+    whose keys and values the cache holds (llama.cpp's server and Ollama keep prompts the same way).
+    A 2,000-token conversation on a 2-core CPU then waits for its new message, not for all of it.
+
+    The reply is the same up to rounding: the reused keys and values of the last reply were
+    computed one token at a time, where a prefill computes them all at once, summing in another
+    order. Where the template re-writes the last reply differently from the ids the model chose
+    (another tokenization, Qwen3 dropping its thinking), the common prefix simply ends there.
+    A cache belongs to one model with its weights as they are (another model starts it afresh);
+    a generation that fails or is abandoned leaves it empty. ``clear()`` frees its memory.
+    """
+
+    def __init__(self) -> None:
+        self._caches: list | None = None
+        self._ids: list[int] = []   # the tokens whose keys and values the caches hold, from position 0
+        self._model = None          # a weak reference to the model that computed them
+
+    def __len__(self) -> int:
+        """How many tokens' keys and values it holds."""
+        return len(self._ids)
+
+    def clear(self) -> None:
+        self._caches, self._ids, self._model = None, [], None
+
+    def _take(self, model, prompt_ids: list[int], length: int) -> tuple[list, int]:
+        """KV caches of at least ``length`` positions and ``start``: they hold ``prompt_ids[:start]``.
+
+        The caller owns them until ``_keep``: the cache is empty meanwhile, so a generation that
+        never ends leaves nothing half-written to trust."""
+        caches, held, owner = self._caches, self._ids, self._model() if self._model is not None else None
+        self.clear()
+        start = 0
+        weight = model.lm_head.weight
+        if caches is not None and owner is model and (caches[0].k.dtype, caches[0].k.device) == (weight.dtype,
+                                                                                                  weight.device):
+            # at most all but the last prompt token: its logits choose the first new token
+            limit = min(len(held), len(prompt_ids) - 1)
+            while start < limit and held[start] == prompt_ids[start]:
+                start += 1
+        if start == 0:
+            return model.new_caches(1, length), 0
+        if caches[0].max_len < length:  # grow, doubling (up to the context), so later turns fit in place
+            grown = model.new_caches(1, max(length, min(2 * caches[0].max_len, model.config.max_position_embeddings)))
+            for new, old in zip(grown, caches):
+                new.k[:, :, :start] = old.k[:, :, :start]
+                new.v[:, :, :start] = old.v[:, :, :start]
+            caches = grown
+        return caches, start
+
+    def _keep(self, model, caches: list, ids: list[int]) -> None:
+        self._caches, self._ids, self._model = caches, list(ids), weakref.ref(model)
+
+
 class _Eager:
     """Prefill and decode by the model's own forward, on a KV cache sized for this generation.
 
@@ -230,9 +294,14 @@ class _Eager:
     17 while a spinning torch thread had the other core).
     """
 
-    def __init__(self, model, length: int, use_cache: bool, history: torch.Tensor) -> None:
-        self.model, self.history = model, history
-        self.caches = model.new_caches(1, length) if use_cache else None
+    def __init__(self, model, length: int, use_cache: bool, history: torch.Tensor,
+                 prompt_cache: PromptCache | None = None, prompt_ids: list[int] | None = None) -> None:
+        self.model, self.history, self.prompt_cache = model, history, prompt_cache
+        self.caches, self.start = None, 0  # start: the prompt's first position the prefill computes
+        if use_cache and prompt_cache is not None:
+            self.caches, self.start = prompt_cache._take(model, prompt_ids, length)
+        elif use_cache:
+            self.caches = model.new_caches(1, length)
         self.prefill_threads, decode_threads = thread_plan(model)
         self.step_threads = (1 if kernels.in_use(model) else decode_threads) if use_cache else self.prefill_threads
         self.decode_threads = decode_threads
@@ -243,7 +312,12 @@ class _Eager:
             else "no-cache"
 
     def prefill(self, ids: list[int]) -> torch.Tensor:
-        return _forward(self.model, ids, self.caches, 0, self.prefill_threads)
+        return _forward(self.model, ids[self.start:], self.caches, self.start, self.prefill_threads)
+
+    def done(self, ids: list[int]) -> None:
+        """The generation ended: ``ids`` (the prompt, then every token fed back) are in the caches."""
+        if self.prompt_cache is not None and self.caches is not None:
+            self.prompt_cache._keep(self.model, self.caches, ids)
 
     def step(self, token: int, pos: int) -> torch.Tensor:
         if self.caches is None:
@@ -262,8 +336,13 @@ class _Static:
         self.path = self.decoder.mode
         self.prefill_threads = self.decode_threads = self.step_threads = torch.get_num_threads()
 
+    start = 0  # the static decoder prefills the whole prompt (on a GPU, where prefill is fast)
+
     def prefill(self, ids: list[int]) -> torch.Tensor:
         return self.decoder.prefill(ids)
+
+    def done(self, ids: list[int]) -> None:
+        pass
 
     def step(self, token: int, pos: int) -> torch.Tensor:
         return self.decoder.step(token, pos)
@@ -271,13 +350,15 @@ class _Static:
 
 def generate_stream(model, tokenizer: Tokenizer, prompt_ids: list[int], config: GenerationConfig, *,
                     cancel: threading.Event | None = None, use_cache: bool = True,
-                    skip_special_tokens: bool = True, static: bool | None = None) -> GenerationStream:
+                    skip_special_tokens: bool = True, static: bool | None = None,
+                    cache: PromptCache | None = None) -> GenerationStream:
     """Generate from ``prompt_ids``, yielding text deltas that are whole characters.
 
     ``use_cache=False`` re-runs the whole sequence for every token: the same
     tokens, much slower; it exists to show what the KV cache saves. ``static``:
     decode with ``static_decode.StaticDecoder`` (a CUDA graph replayed per token);
-    ``None`` does so on a GPU, where it pays, and not on a CPU.
+    ``None`` does so on a GPU, where it pays, and not on a CPU. ``cache``: a ``PromptCache``
+    whose common prefix with the prompt is not computed again (ignored by the static decoder).
     """
     context, vocab = model.config.max_position_embeddings, model.config.vocab_size
     if not prompt_ids:
@@ -294,10 +375,10 @@ def generate_stream(model, tokenizer: Tokenizer, prompt_ids: list[int], config: 
         raise SettingError("static decoding keeps a KV cache: it cannot run with use_cache=False")
     choices: list[TokenChoice] = []
     return GenerationStream(_steps(model, tokenizer, list(prompt_ids), config, cancel, use_cache,
-                                   skip_special_tokens, context, static, choices), choices)
+                                   skip_special_tokens, context, static, choices, cache), choices)
 
 
-def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special, context, static, choices):
+def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special, context, static, choices, cache):
     budget = min(config.max_new_tokens, context - len(prompt_ids))
     generator = None
     if not config.greedy:
@@ -310,7 +391,7 @@ def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special
     n = len(prompt_ids)
     new_ids: list[int] = []
     text, emitted, reason, stop_hit = "", 0, "length", ""
-    steps = _Static(model, n + budget) if static else _Eager(model, n + budget, use_cache, history)
+    steps = _Static(model, n + budget) if static else _Eager(model, n + budget, use_cache, history, cache, prompt_ids)
     t0 = time.perf_counter()
     t_first = t0
 
@@ -347,6 +428,7 @@ def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special
             reason = "cancelled"
             break
         logits = steps.step(token, n - 1)
+    steps.done(history[:n - 1].tolist())  # the last token chosen was never fed: its keys and values are not there
     if reason != "stop":
         text += decoder.flush()
     if len(text) > emitted:
@@ -364,9 +446,9 @@ def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special
         text=text, token_ids=new_ids, finish_reason=reason, prompt_tokens=len(prompt_ids),
         generated_tokens=len(new_ids), ttft_s=ttft,
         decode_tokens_per_s=(len(new_ids) - 1) / decode_time if len(new_ids) > 1 and decode_time > 0 else 0.0,
-        prefill_tokens_per_s=len(prompt_ids) / ttft if ttft > 0 else 0.0, total_s=t_end - t0,
+        prefill_tokens_per_s=(len(prompt_ids) - steps.start) / ttft if ttft > 0 else 0.0, total_s=t_end - t0,
         prefill_threads=steps.prefill_threads, decode_threads=steps.decode_threads, decode_path=steps.path,
-        finish_detail=detail, choices=list(choices))
+        finish_detail=detail, choices=list(choices), cached_tokens=steps.start)
 
 
 # ---------------------------------------------------------------- everything wired together
@@ -431,10 +513,12 @@ class ChatModel:
 
     def stream(self, prompt: list[dict] | str | list[int], *, cancel: threading.Event | None = None,
                add_generation_prompt: bool = True, use_cache: bool = True, skip_special_tokens: bool = True,
-               template_vars: dict | None = None, static: bool | None = None, **overrides) -> GenerationStream:
+               template_vars: dict | None = None, static: bool | None = None, cache: PromptCache | None = None,
+               **overrides) -> GenerationStream:
         """Stream a reply to ``prompt``: messages (templated), a raw string, or ids.
 
-        ``template_vars`` go to the chat template (e.g. ``{"enable_thinking": False}``);
+        ``cache``: a ``PromptCache`` kept from the conversation's last reply, so only what is new is
+        prefilled. ``template_vars`` go to the chat template (e.g. ``{"enable_thinking": False}``);
         ``overrides`` change fields of the generation config for this call only,
         e.g. ``temperature=0`` or ``eos_token_id=[...]``.
         """
@@ -446,7 +530,7 @@ class ChatModel:
             ids = list(prompt)
         config = self.generation_config.replace(**overrides)
         return generate_stream(self.model, self.tokenizer, ids, config, cancel=cancel, use_cache=use_cache, static=static,
-                               skip_special_tokens=skip_special_tokens)
+                               skip_special_tokens=skip_special_tokens, cache=cache)
 
     def generate(self, prompt, *, on_text: Callable[[str], None] | None = None, **kwargs) -> GenerationResult:
         """Like ``stream`` but returns the ``GenerationResult``; ``on_text`` receives each delta."""

@@ -19,6 +19,9 @@ Design:
   its likeliest alternatives (``top_logprobs=5``), shown under the reply;
 * one ``ChatModel`` may serve several panels: ``ChatPanel.load`` caches it, and
   its lock lets one reply be generated at a time;
+* each panel keeps its conversation's KV cache between replies (``generation.PromptCache``):
+  a new message, Regenerate or Undo prefills only what the last reply did not already compute,
+  so the wait for a reply's first token does not grow with the conversation;
 * every word the panel shows comes from ``LABELS``, in English or Traditional
   Chinese: ``lang="zh-TW"``, or by default ``qwen_lab.lang.choose_language()``
   (``QWEN_LAB_LANG``, or a notebook in ``notebooks/zh-TW/``). What the model and
@@ -39,7 +42,7 @@ from pathlib import Path
 import ipywidgets as w
 
 from .errors import QwenLabError
-from .generation import ChatModel
+from .generation import ChatModel, PromptCache
 from .lang import choose_language
 from .markup import CSS as _INSIDE_CSS
 from .markup import INSIDE_WORDS, inside_view, render_markdown
@@ -72,6 +75,7 @@ LABELS = {
         "export": "Export",
         "settings": "Settings",
         "reply_meta": "{tokens} tokens · first token {ttft:.2f} s · {rate:.1f} tokens/s on {threads} thread{plural}",
+        "reused": "{cached:,} of {prompt:,} prompt tokens kept from the last reply",
         "stopped": "stopped",
         "half_character": "the message holds {char!r} at position {position}, half of a character (not valid "
                           "Unicode); nothing was sent: remove it and send again",
@@ -105,6 +109,7 @@ LABELS = {
         "settings": "設定",
         "reply_meta": "{tokens} 個 token · 第一個 token {ttft:.2f} 秒 · 每秒 {rate:.1f} 個 token，"
                       "用 {threads} 個執行緒",
+        "reused": "提示詞 {prompt:,} 個 token 中有 {cached:,} 個沿用上一次回覆算好的",
         "stopped": "已停止",
         "half_character": "訊息第 {position} 個位置是 {char!r}，只是半個字元（不是有效的 Unicode）；"
                           "什麼都沒送出：刪掉它再送一次",
@@ -178,6 +183,8 @@ class ChatPanel:
         self.error = ""                       # the last generation error, shown the same way
         self._error_lead = self.labels["error"]  # before it: "Error: ", or in Chinese the kind of error too
         self._worker: threading.Thread | None = None
+        #: this conversation's keys and values, kept between replies: each one prefills only what is new
+        self.prompt_cache = PromptCache()
         self._cancel = threading.Event()
         self._partial: str | None = None      # the reply being streamed
 
@@ -306,6 +313,7 @@ class ChatPanel:
             return
         self.messages.clear()
         self.replies.clear()
+        self.prompt_cache.clear()  # its memory too
         self.note = self.error = ""
         self.export_box.layout.display = "none"
         self._redraw()
@@ -375,7 +383,7 @@ class ChatPanel:
     def _run(self, prompt: list[int], settings: dict, inside: dict | None) -> None:
         try:
             with self.chat.lock:  # panels sharing a model take turns
-                stream = self.chat.stream(prompt, cancel=self._cancel, **settings)
+                stream = self.chat.stream(prompt, cancel=self._cancel, cache=self.prompt_cache, **settings)
                 last = 0.0
                 for delta in stream:
                     self._partial += delta
@@ -429,6 +437,9 @@ class ChatPanel:
                     line = self.labels["reply_meta"].format(tokens=r["generated_tokens"], ttft=r["ttft_s"],
                                                             rate=r["decode_tokens_per_s"], threads=threads,
                                                             plural="s" if threads != 1 else "")
+                    if r.get("cached_tokens"):  # the KV cache kept from the last reply (generation.PromptCache)
+                        line += " · " + self.labels["reused"].format(cached=r["cached_tokens"],
+                                                                     prompt=r["prompt_tokens"])
                     stopped = f" · <b>{html.escape(self.labels['stopped'])}</b>" if r["stopped"] else ""
                     meta = f"<div class='ql-meta'>{html.escape(line)}{stopped}</div>"
                 if r and r.get("inside"):

@@ -6,7 +6,7 @@ import torch
 
 from conftest import reference_file
 from qwen_lab.errors import ContextTooLongError, NumericalError
-from qwen_lab.generation import (ChatModel, GenerationConfig, generate_stream, apply_repetition_penalty, apply_top_k, apply_top_p,
+from qwen_lab.generation import (ChatModel, GenerationConfig, PromptCache, generate_stream, apply_repetition_penalty, apply_top_k, apply_top_p,
                                  process_logits)
 from qwen_lab import kernels
 from qwen_lab.sampling import _greedy, next_token
@@ -326,3 +326,106 @@ def test_finish_detail_says_why_in_words():
     assert short.finish_detail == "reached max_new_tokens (2)"
     cut = chat.generate([{"role": "user", "content": "What is 2 plus 3?"}], do_sample=False, stop_strings=["plus"])
     assert cut.finish_detail == "the text reached the stop string 'plus'"
+
+
+# ---------------------------------------------------------------- a conversation's KV cache, kept between turns
+
+@pytest.fixture(scope="module")
+def tiny_chat():
+    """The embedded chat model: Qwen2.5's chat template, replies that end on <|im_end|>."""
+    return ChatModel.load("qwen-lab/tiny-chat", dtype="float32", device="cpu")
+
+
+def _conversation(chat, turns, cache, **settings):
+    """Talk for len(turns) turns; per turn, the reply with the cache and the one without."""
+    messages, out = [], []
+    for text in turns:
+        messages.append({"role": "user", "content": text})
+        kept = chat.generate(messages, cache=cache, **settings)
+        fresh = chat.generate(messages, **settings)
+        out.append((kept, fresh))
+        messages.append({"role": "assistant", "content": kept.text})
+    return messages, out
+
+
+def _common(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize("settings", [dict(do_sample=False), dict(do_sample=True, temperature=0.7, top_k=20, seed=5)])
+def test_a_prompt_cache_prefills_only_what_is_new_and_replies_the_same(tiny_chat, settings):
+    cache = PromptCache()
+    turns = ["Hello!", "What is 2 plus 3?", "Tell me about cats.", "Thanks!"]
+    messages, replies = _conversation(tiny_chat, turns, cache, max_new_tokens=40, **settings)
+    for i, (kept, fresh) in enumerate(replies):
+        assert kept.token_ids == fresh.token_ids and kept.text == fresh.text
+        assert fresh.cached_tokens == 0 and kept.prompt_tokens == fresh.prompt_tokens
+        prompt = tiny_chat.prompt_ids(messages[:2 * i + 1])
+        if i == 0:
+            assert kept.cached_tokens == 0
+        else:  # everything the last turn fed the model: its prompt and its reply but the last token
+            before = tiny_chat.prompt_ids(messages[:2 * i - 1]) + replies[i - 1][0].token_ids[:-1]
+            assert kept.cached_tokens == _common(before, prompt) > len(tiny_chat.prompt_ids(messages[:2 * i - 1]))
+        assert kept.stats()["cached_tokens"] == kept.cached_tokens
+    assert len(cache) == len(tiny_chat.prompt_ids(messages[:-1])) + len(replies[-1][0].token_ids) - 1
+
+
+def test_the_suffix_prefill_gives_the_logits_of_the_whole_prompt(tiny_chat):
+    """Position by position, as the KV-cache tests check prefill chunks; with a cache that must grow too."""
+    model, ids = tiny_chat.model, tiny_chat.prompt_ids([{"role": "user", "content": "What is 2 plus 3?"}])
+    cache = PromptCache()
+    first = tiny_chat.generate(ids[:10], cache=cache, do_sample=False, max_new_tokens=1)
+    assert len(cache) == 10 and first.cached_tokens == 0
+    caches, start = cache._take(model, ids, 4 * len(ids))  # longer than the kept ones: grown, the prefix copied
+    assert start == 10 and caches[0].max_len == 4 * len(ids) and len(cache) == 0  # taken: empty meanwhile
+    with torch.inference_mode():
+        got = model(torch.tensor([ids[start:]]), caches, start)[0]
+        want = model(torch.tensor([ids]))[0, start:]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_last_prompt_token_is_always_computed_and_a_changed_start_is_all_recomputed(tiny_chat):
+    cache, messages = PromptCache(), [{"role": "user", "content": "Hello!"}]
+    first = tiny_chat.generate(messages, cache=cache, do_sample=False, max_new_tokens=8)
+    again = tiny_chat.generate(messages, cache=cache, do_sample=False, max_new_tokens=8)  # Regenerate
+    assert again.cached_tokens == first.prompt_tokens - 1 and again.token_ids == first.token_ids
+    other = tiny_chat.generate([{"role": "system", "content": "Be brief."}, *messages], cache=cache,
+                               do_sample=False, max_new_tokens=8)  # the system prompt changed: it all differs
+    assert other.cached_tokens == _common(tiny_chat.prompt_ids(messages), tiny_chat.prompt_ids(
+        [{"role": "system", "content": "Be brief."}, *messages])) < 10
+
+
+def test_a_prompt_cache_is_not_trusted_after_a_failure_nor_on_another_model(tiny_chat, monkeypatch):
+    cache, messages = PromptCache(), [{"role": "user", "content": "Hello!"}]
+    tiny_chat.generate(messages, cache=cache, do_sample=False, max_new_tokens=8)
+    assert len(cache) > 0
+    stream = tiny_chat.stream(messages, cache=cache, do_sample=False, max_new_tokens=8)
+    next(stream)  # abandoned mid-reply: what the caches hold is no longer known
+    assert len(cache) == 0
+    tiny_chat.generate(messages, cache=cache, do_sample=False, max_new_tokens=8)
+    monkeypatch.setattr(tiny_chat.model, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("broken")))
+    with pytest.raises(RuntimeError, match="broken"):
+        tiny_chat.generate(messages + [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Hm"}],
+                           cache=cache, do_sample=False, max_new_tokens=8)
+    monkeypatch.undo()
+    assert len(cache) == 0
+    tiny_chat.generate(messages, cache=cache, do_sample=False, max_new_tokens=8)
+    ids = tiny_chat.prompt_ids(messages)
+    other = ChatModel.load("qwen-lab/tiny-chat", dtype="float32", device="cpu")  # the same files, another model
+    assert other.generate(ids, cache=cache, do_sample=False, max_new_tokens=4).cached_tokens == 0
+    assert tiny_chat.generate(ids, cache=cache, do_sample=False, max_new_tokens=4).cached_tokens == 0
+    assert tiny_chat.generate(ids, cache=cache, do_sample=False, max_new_tokens=4, use_cache=False).cached_tokens == 0
+    assert tiny_chat.generate(ids, cache=cache, do_sample=False, max_new_tokens=4).cached_tokens == len(ids) - 1
+
+
+def test_a_stopped_reply_keeps_what_it_fed(tiny_chat):
+    cache, cancel = PromptCache(), threading.Event()
+    stream = tiny_chat.stream([{"role": "user", "content": "Tell me about cats."}], cache=cache, cancel=cancel,
+                              do_sample=False, max_new_tokens=40, eos_token_id=[])
+    next(stream)
+    cancel.set()
+    result = stream.result
+    assert result.finish_reason == "cancelled" and len(cache) == result.prompt_tokens + result.generated_tokens - 1

@@ -368,3 +368,30 @@ def test_the_default_language_follows_qwen_lab_lang_then_the_folder(chat, monkey
     assert ChatPanel(chat).send_button.description == "送出"
     monkeypatch.chdir(tmp_path)
     assert ChatPanel(chat).send_button.description == "Send"
+
+
+def test_each_reply_prefills_only_what_the_last_did_not_compute(chat):
+    """The panel keeps its conversation's KV cache (generation.PromptCache) and says what it reused."""
+    panel = ChatPanel(chat, refresh_s=0.01, lang="en")
+    panel.temperature.value, panel.max_new_tokens.value = 0.0, 6
+    panel.send("Hi")
+    panel.wait(30)
+    panel.send("And then?")
+    panel.wait(30)
+    first, second = panel.replies
+    assert first["cached_tokens"] == 0 and 0 < second["cached_tokens"] < second["prompt_tokens"]
+    assert len(panel.prompt_cache) == second["prompt_tokens"] + second["generated_tokens"] - 1
+    assert f"{second['cached_tokens']:,} of {second['prompt_tokens']:,} prompt tokens kept" in \
+        panel.transcript.value
+    assert panel.transcript.value.count("kept from the last reply") == 1  # the first reply had nothing to keep
+    panel.regenerate()
+    panel.wait(30)
+    assert panel.replies[-1]["cached_tokens"] == second["prompt_tokens"] - 1  # all but the last prompt token
+    chinese = ChatPanel(chat, refresh_s=0.01, lang="zh-TW")
+    chinese.temperature.value, chinese.max_new_tokens.value = 0.0, 6
+    for text in ("Hi", "And then?"):
+        chinese.send(text)
+        chinese.wait(30)
+    assert "個沿用上一次回覆算好的" in chinese.transcript.value and "kept from" not in chinese.transcript.value
+    panel.clear()
+    assert len(panel.prompt_cache) == 0
