@@ -152,8 +152,8 @@ class GenerationResult:
     cached_tokens: int = 0         # prompt tokens whose keys and values came from a PromptCache, not the prefill
 
     def stats(self) -> dict:
-        keys = ("prompt_tokens", "cached_tokens", "generated_tokens", "ttft_s", "decode_tokens_per_s", "prefill_tokens_per_s",
-                "finish_reason", "prefill_threads", "decode_threads", "decode_path")
+        keys = ("prompt_tokens", "cached_tokens", "generated_tokens", "ttft_s", "decode_tokens_per_s",
+                "prefill_tokens_per_s", "finish_reason", "prefill_threads", "decode_threads", "decode_path")
         d = asdict(self)
         return {k: round(d[k], 4) if isinstance(d[k], float) else d[k] for k in keys}
 
@@ -262,10 +262,9 @@ class PromptCache:
         never ends leaves nothing half-written to trust."""
         caches, held, owner = self._caches, self._ids, self._model() if self._model is not None else None
         self.clear()
-        start = 0
-        weight = model.lm_head.weight
-        if caches is not None and owner is model and (caches[0].k.dtype, caches[0].k.device) == (weight.dtype,
-                                                                                                  weight.device):
+        start, weight = 0, model.lm_head.weight
+        if caches is not None and owner is model and caches[0].k.dtype == weight.dtype \
+                and caches[0].k.device == weight.device:  # the model was not moved or converted since
             # at most all but the last prompt token: its logits choose the first new token
             limit = min(len(held), len(prompt_ids) - 1)
             while start < limit and held[start] == prompt_ids[start]:

@@ -416,6 +416,9 @@ def test_a_prompt_cache_is_not_trusted_after_a_failure_nor_on_another_model(tiny
     ids = tiny_chat.prompt_ids(messages)
     other = ChatModel.load("qwen-lab/tiny-chat", dtype="float32", device="cpu")  # the same files, another model
     assert other.generate(ids, cache=cache, do_sample=False, max_new_tokens=4).cached_tokens == 0
+    assert other.generate(ids, cache=cache, do_sample=False, max_new_tokens=4).cached_tokens == len(ids) - 1
+    other.model.to(torch.bfloat16)  # converted: its keys and values would be float32 ones
+    assert other.generate(ids, cache=cache, do_sample=False, max_new_tokens=4).cached_tokens == 0
     assert tiny_chat.generate(ids, cache=cache, do_sample=False, max_new_tokens=4).cached_tokens == 0
     assert tiny_chat.generate(ids, cache=cache, do_sample=False, max_new_tokens=4, use_cache=False).cached_tokens == 0
     assert tiny_chat.generate(ids, cache=cache, do_sample=False, max_new_tokens=4).cached_tokens == len(ids) - 1
