@@ -14,7 +14,7 @@ in the same order:
   that leave the folder get one more ``../``.
 
 A code cell copied here loses its outputs when its code changed: re-execute the notebook afterwards
-(``jupyter nbconvert --to notebook --execute --inplace``). A change in the *number or kind* of the
+(``python scripts/execute_notebooks.py PATH``). A change in the *number or kind* of the
 English cells cannot be copied blindly: the script names the notebook and stops, so a translator
 adds or removes the Chinese cell by hand.
 """
