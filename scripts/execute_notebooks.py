@@ -13,7 +13,7 @@ sometimes sits idle, kernel and client both (py-spy shows both waiting), until t
 (300 s here), and goes on as if nothing happened: a lost wake-up, it seems (not traced further
 than this). Measured here (2 cores, beside two busy
 processes; nbclient 0.11.0, jupyter_client 8.10.0, pyzmq 27.3.0): a 3-cell notebook with one
-``interactive`` stalled in 3 of 9 nbconvert runs and in none of 24 without the send-back; notebook
+``interactive`` stalled in 8 of 21 nbconvert runs and in none of 24 without the send-back; notebook
 05 in 3 of 9 runs with ipykernel 7.4 and 1 of 10 with ipykernel 6.31. So this script records the
 widget's outputs the same way and sends nothing back (no notebook here reads a widget's outputs
 from the kernel). nbval, which checks the notebooks in CI, plays no widget and is not affected.
