@@ -44,6 +44,11 @@ def source(cell: dict) -> str:
     return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
 
 
+def lines(text: str) -> list[str]:
+    """A cell's source as nbformat writes it (one string per line), so a copy diffs like an edit."""
+    return text.splitlines(keepends=True)
+
+
 def tags(cell: dict) -> list[str]:
     return cell.get("metadata", {}).get("tags", [])
 
@@ -74,12 +79,12 @@ def synced(english: dict, edition: dict, kind: str, name: str) -> tuple[dict, li
         if cell["cell_type"] == "markdown":
             wanted = solutions_markdown(source(en), name, k == 0) if kind == "solutions" else source(cell)
             if source(cell) != wanted:
-                cell["source"] = wanted
+                cell["source"] = lines(wanted)
                 changes.append(f"cell {k} (markdown)")
             continue
         keep_solution = kind == "solutions" and EXERCISE in tags(en)
         if not keep_solution and source(cell) != source(en):
-            cell["source"], cell["outputs"], cell["execution_count"] = source(en), [], None
+            cell["source"], cell["outputs"], cell["execution_count"] = lines(source(en)), [], None
             changes.append(f"cell {k} (code)")
         if tags(cell) != tags(en):  # nbval-ignore-output, exercise... (the rest of the metadata is the run's)
             cell.setdefault("metadata", {})["tags"] = list(tags(en))
