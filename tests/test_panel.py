@@ -114,14 +114,17 @@ def test_export_is_json_messages_with_the_system_prompt(panel, tmp_path):
     assert json.loads(panel.export_box.value) == data
 
 
+def on_fire(*args, **kwargs):
+    """A model's stream that fails as no test input could make it."""
+    raise RuntimeError("the GPU caught fire")
+
+
 def test_errors_show_in_the_panel_and_keep_the_history(panel, chat, monkeypatch):
     panel.send("first")
     panel.wait(30)
     before = list(panel.messages)
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("the GPU caught fire")
-    monkeypatch.setattr(chat, "stream", broken)
+    monkeypatch.setattr(chat, "stream", on_fire)
     panel.send("second")
     panel.wait(30)
     assert "Error: RuntimeError: the GPU caught fire" in panel.status.value
@@ -321,9 +324,7 @@ def test_errors_say_their_kind_in_the_panels_language(chat, monkeypatch):
     assert f"錯誤（聊天範本無法產生提示詞）：{html.escape(chinese.error)}" in chinese.status.value
     monkeypatch.undo()
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("the GPU caught fire")
-    monkeypatch.setattr(chat, "stream", broken)
+    monkeypatch.setattr(chat, "stream", on_fire)
     chinese.send("Hi")
     chinese.wait(30)
     assert "錯誤（程式出了意料之外的錯誤）：RuntimeError: the GPU caught fire" in chinese.status.value
