@@ -40,6 +40,7 @@ def main() -> None:
     print(f"{cpu_description()}; torch {torch.__version__}; {name}, {args.dtype}; "
           f"{args.message}-token messages, {args.tokens}-token replies")
     print(f"{'turn':>4} {'prompt':>7} {'kept':>6} {'first token, kept cache':>24} {'from scratch':>13}")
+    generate_stream(model, tok, [rng.randrange(vocab - 10) for _ in range(args.message)], config).result  # warm-up
     totals = [0.0, 0.0]
     for turn in range(args.turns):
         conversation += start_turn + [rng.randrange(vocab - 10) for _ in range(args.message)] + end_turn
