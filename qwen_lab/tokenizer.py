@@ -58,7 +58,7 @@ class Tokenizer:
             size = path.stat().st_size  # a huge file is refused unread: parsing it could take all the memory
             backend = _HFTokenizer.from_file(str(path)) if size <= MAX_TOKENIZER_BYTES else None
         except BaseException as e:  # tokenizers raises a bare Exception on a bad file
-            if not _failed_inside(e):
+            if not (isinstance(e, Exception) or _failed_inside(e)):
                 raise
             raise CheckpointError(f"cannot read {path}: {_first_line(e)}; download the model again") from e
         if backend is None:
@@ -120,13 +120,14 @@ class Tokenizer:
 
 
 def _failed_inside(error: BaseException) -> bool:
-    """Whether ``error`` came from the ``tokenizers`` library working on a broken tokenizer.json.
+    """Whether ``error`` is the ``tokenizers`` library failing on a broken tokenizer.json.
 
-    Besides its exceptions, a rule the library cannot run ends in a Rust panic: a regex that
-    backtracks past Oniguruma's limit, a replacement of the empty string... pyo3 raises that as
-    ``PanicException``, a ``BaseException`` (like ``KeyboardInterrupt``, which must go through).
+    It raises a plain ``Exception``; and a rule it cannot run ends in a Rust panic (a regex that
+    backtracks past Oniguruma's limit, a replacement of the empty string...), which pyo3 raises
+    as ``PanicException``: a ``BaseException``, like ``KeyboardInterrupt``, which must go through.
+    A caller's mistake (``decode([-1])``: OverflowError) goes through too.
     """
-    return isinstance(error, Exception) or type(error).__name__ == "PanicException"
+    return type(error) is Exception or type(error).__name__ == "PanicException"
 
 
 def _first_line(error: BaseException) -> str:
