@@ -45,6 +45,9 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 
 #: A shard index is a few hundred kB even for 70B models; a bigger one is refused unread.
 MAX_INDEX_BYTES = 16 * 2**20
+#: config.json, tokenizer_config.json, generation_config.json: a few kB (Gemma 3's tokenizer_config.json,
+#: among the largest, 1.2 MB); a bigger one is refused unread, as parsing it could take all the memory.
+MAX_JSON_BYTES = 16 * 2**20
 
 
 @dataclass
@@ -69,11 +72,15 @@ class ModelFiles:
 def read_json_object(path: str | Path, what: str, error: type[QwenLabError] = CheckpointError) -> dict:
     """A JSON file of a model that must hold an object, or one line (``error``) naming the file.
 
-    Model files are untrusted: not UTF-8, not JSON, nested thousands deep, or a list where an
-    object belongs each get that one line, never a traceback.
+    Model files are untrusted: not UTF-8, not JSON, nested thousands deep, gigabytes long, or a
+    list where an object belongs each get that one line, never a traceback.
     """
     path = Path(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise error(f"{path} is {size / 2**20:,.0f} MB, far too large for {what} (at most "
+                        f"{MAX_JSON_BYTES // 2**20} MB): it is not a model's file; download the model again")
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise error(f"cannot read {path}: {e.strerror or e}; download the model again") from e

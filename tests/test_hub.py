@@ -284,6 +284,21 @@ def test_an_index_too_large_to_be_one_is_refused_unread(sharded_dir, tmp_path, o
     assert str(model / "model.safetensors.index.json") not in opened
 
 
+@pytest.mark.parametrize("name", ["config.json", "tokenizer_config.json", "generation_config.json"])
+def test_a_json_file_too_large_to_be_a_model_s_is_refused_unread(tiny_dir, tmp_path, opened, name):
+    """A 2 GB config.json used to be read whole, then parsed: a MemoryError traceback, or the machine's memory."""
+    from qwen_lab.errors import CheckpointError
+    from qwen_lab.generation import ChatModel
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    with open(model / name, "r+b") as f:
+        f.truncate(17 * 2**20)  # sparse: no disk used
+    opened.clear()
+    with pytest.raises(CheckpointError, match=rf"{name} is 17 MB, far too large for .* \(at most 16 MB\)") as e:
+        ChatModel.load(str(model))
+    assert str(model / name) not in opened and "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("name, message", [
     ("~qwen-lab-no-such-user/x", "there is no user 'qwen-lab-no-such-user' for '~qwen-lab-no-such-user'"),
     ("lab/ti\0ny", "contains a NUL character"),
