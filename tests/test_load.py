@@ -303,6 +303,11 @@ def test_bad_config_values_are_named_before_anything_is_built(tiny_dir, tmp_path
     (lambda c: c.update(use_sliding_window=True), UnsupportedArchitectureError, "use_sliding_window"),
     (lambda c: c.update(layer_types=["sliding_attention", "full_attention"]), UnsupportedArchitectureError,
      "layer_types"),
+    # entries that cannot be sorted or hashed used to be a TypeError traceback; a string passed unread
+    (lambda c: c.update(layer_types=[{"type": "sliding_attention"}]), UnsupportedArchitectureError,
+     "layer_types ask for"),
+    (lambda c: c.update(layer_types=["sliding_attention", 1]), UnsupportedArchitectureError, "layer_types ask for"),
+    (lambda c: c.update(layer_types="sliding_attention"), CheckpointError, "layer_types must be a list"),
 ])
 def test_broken_config_files_get_one_clear_line(tiny_dir, tmp_path, edit, error, message):
     d = with_config(tiny_dir, tmp_path, edit)
