@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,11 +78,12 @@ def read_json_object(path: str | Path, what: str, error: type[QwenLabError] = Ch
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
-        if size > MAX_JSON_BYTES:
-            raise error(f"{path} is {size / 2**20:,.0f} MB, far too large for {what} (at most "
-                        f"{MAX_JSON_BYTES // 2**20} MB): it is not a model's file; download the model again")
-        data = json.loads(path.read_text(encoding="utf-8"))
+        with open_regular(path, error) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_JSON_BYTES:
+                raise error(f"{path} is {size / 2**20:,.0f} MB, far too large for {what} (at most "
+                            f"{MAX_JSON_BYTES // 2**20} MB): it is not a model's file; download the model again")
+            data = json.loads(f.read().decode("utf-8"))
     except OSError as e:
         raise error(f"cannot read {path}: {e.strerror or e}; download the model again") from e
     except (ValueError, RecursionError) as e:  # also bad UTF-8, and JSON nested thousands deep
@@ -91,6 +93,20 @@ def read_json_object(path: str | Path, what: str, error: type[QwenLabError] = Ch
         raise error(f"{path} must hold a JSON object ({what}), not a {type(data).__name__}; "
                     f"download the model again")
     return data
+
+
+def open_regular(path: str | Path, error: type[QwenLabError] = CheckpointError):
+    """``path`` opened for reading (binary), only if it is a regular file; else one line (``error``).
+
+    A model's file may be a pipe, whose ``open`` waits forever for a writer, or a device that
+    never ends. Opening without blocking lets the type be checked on the opened file itself,
+    so nothing can be swapped in between the check and the read.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise error(f"{path} is not a regular file (a folder, a pipe or a device): a model's files are plain files")
+    return os.fdopen(fd, "rb")
 
 
 def shard_names(index_path: str | Path) -> list[str]:

@@ -36,7 +36,7 @@ from torch import nn
 from . import runtime
 from .architectures import ARCHITECTURES
 from .errors import CheckpointError, SettingError, UnsupportedArchitectureError
-from .hub import ModelFiles, read_json_object
+from .hub import ModelFiles, open_regular, read_json_object
 from .kernels import native_bf16  # noqa: F401  (re-exported: notebook 2 asks what the CPU does well)
 from .layers import CausalLM
 
@@ -173,7 +173,7 @@ def read_safetensors_header(path: str | Path) -> dict:
     """
     path = Path(path)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             return _read_header(f, path, os.fstat(f.fileno()).st_size)[0]
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
@@ -201,8 +201,8 @@ def _map_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], tuple[i
     is not a valid safetensors file is shown in an error (it might not be a model file at all)."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # a pipe would block the open forever
+            size = os.fstat(f.fileno()).st_size
             header, n = _read_header(f, path, size)
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     except OSError as e:

@@ -1,5 +1,6 @@
 """Loading: architecture registry, parameter counts, memory-mapped safetensors, clear errors."""
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -467,3 +468,26 @@ def test_megabyte_names_in_a_hostile_file_give_a_short_line(tiny_dir, tmp_path):
     with pytest.raises(UnsupportedArchitectureError, match="config.json names XXXX.*; qwen_lab supports") as info:
         load_model(resolve(str(d)))
     assert len(str(info.value)) < 500  # used to be 1 MB
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_pipe_in_place_of_a_weights_file_is_refused_not_waited_on(tmp_path):
+    """Its open used to wait forever for a writer (swapped in after resolve, or passed by hand)."""
+    import threading
+    from qwen_lab.load import read_safetensors_header
+    os.mkfifo(tmp_path / "m.safetensors")
+    for read in (read_safetensors, read_safetensors_header):
+        outcome = []
+
+        def attempt():
+            try:
+                read(tmp_path / "m.safetensors")
+            except CheckpointError as e:
+                outcome.append(str(e))
+
+        worker = threading.Thread(target=attempt, daemon=True)
+        worker.start()
+        worker.join(20)
+        assert outcome and "is not a regular file (a folder, a pipe or a device)" in outcome[0], read.__name__
+    with pytest.raises(CheckpointError, match="is not a regular file"):
+        read_safetensors(tmp_path)
