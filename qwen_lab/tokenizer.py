@@ -12,12 +12,13 @@ text only once it forms whole characters, like Candle's ``TokenOutputStream``.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
 from .errors import CheckpointError, SettingError
-from .hub import ModelFiles, read_json_object
+from .hub import ModelFiles, open_regular, read_json_object
 
 
 #: A tokenizer.json larger than this is refused unread (Qwen2.5's is 7 MB, the largest known about 35 MB).
@@ -54,16 +55,13 @@ class Tokenizer:
     @classmethod
     def from_files(cls, files: ModelFiles) -> "Tokenizer":
         path = Path(files.tokenizer)
+        data = _read_tokenizer_file(path)
         try:
-            size = path.stat().st_size  # a huge file is refused unread: parsing it could take all the memory
-            backend = _HFTokenizer.from_file(str(path)) if size <= MAX_TOKENIZER_BYTES else None
-        except BaseException as e:  # tokenizers raises a bare Exception on a bad file
+            backend = _HFTokenizer.from_buffer(data)
+        except BaseException as e:  # tokenizers raises a bare Exception (or ValueError) on a bad file
             if not (isinstance(e, Exception) or _failed_inside(e)):
                 raise
             raise CheckpointError(f"cannot read {path}: {_first_line(e)}; download the model again") from e
-        if backend is None:
-            raise CheckpointError(f"{path} is {size / 2**20:,.0f} MB, over the {MAX_TOKENIZER_BYTES // 2**20} MB a "
-                                  f"tokenizer can be: it is not one; download the model again")
         return cls(backend, read_json_object(files.tokenizer_config, "the special tokens and the chat template"))
 
     @property
@@ -117,6 +115,20 @@ class Tokenizer:
 
     def stream(self, skip_special_tokens: bool = True) -> "StreamDecoder":
         return StreamDecoder(self, skip_special_tokens)
+
+
+def _read_tokenizer_file(path: Path) -> bytes:
+    """The bytes of tokenizer.json, read here rather than by ``tokenizers``: a pipe in its place would
+    block the open forever, and a huge file could take all the memory; both are refused unread."""
+    try:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size <= MAX_TOKENIZER_BYTES:
+                return f.read()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}; download the model again") from e
+    raise CheckpointError(f"{path} is {size / 2**20:,.0f} MB, over the {MAX_TOKENIZER_BYTES // 2**20} MB a "
+                          f"tokenizer can be: it is not one; download the model again")
 
 
 def _failed_inside(error: BaseException) -> bool:

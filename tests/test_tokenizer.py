@@ -122,3 +122,28 @@ def test_the_highest_id_counts_ids_that_skip_numbers(tiny_dir, tmp_path, tok):
     sparse = Tokenizer.from_files(with_tokenizer(tiny_dir, tmp_path, lambda d: d["model"]["vocab"].update(a=100_000)))
     assert sparse.encode("a") == [100_000]
     assert sparse.vocab_size == tok.vocab_size and sparse.highest_id == 100_000
+
+
+def test_a_pipe_in_place_of_tokenizer_json_is_refused_not_waited_on(tiny_dir, tmp_path):
+    """A pipe swapped in after resolve checked the folder: tokenizers' own open of it waited forever for a
+    writer, holding the GIL, so the whole process froze (a notebook's kernel too). Hence a child process."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("needs named pipes")
+    d = tmp_path / "m"
+    shutil.copytree(tiny_dir, d)
+    (d / "tokenizer.json").unlink()
+    os.mkfifo(d / "tokenizer.json")
+    code = ("import sys; from pathlib import Path; from qwen_lab.hub import ModelFiles; "
+            "from qwen_lab.tokenizer import Tokenizer; d = Path(sys.argv[1])\n"
+            "files = ModelFiles(root=d, config=d / 'config.json', tokenizer=d / 'tokenizer.json', "
+            "tokenizer_config=d / 'tokenizer_config.json', generation_config=None, chat_template=None)\n"
+            "try:\n    Tokenizer.from_files(files)\nexcept Exception as e:\n    print(e)\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(d)], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("reading a pipe in place of tokenizer.json still waits forever")
+    assert "tokenizer.json is not a regular file" in done.stdout, done.stderr
