@@ -377,7 +377,7 @@ def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special
     t_end = time.perf_counter()
     ttft = t_first - t0
     detail = {"eos": lambda: f"the model wrote {tokenizer.id_to_token(new_ids[-1])} (id {new_ids[-1]}), one of the "
-                             f"EOS ids {sorted(eos)}",
+                             f"EOS ids {_some(sorted(eos))}",
               "stop": lambda: f"the text reached the stop string {stop_hit!r}",
               "cancelled": lambda: "stopped on request (Stop, Ctrl-C or a cancel event) before the next token",
               "length": lambda: (f"reached the end of the context ({context:,} tokens)" if n >= context
@@ -390,6 +390,12 @@ def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special
         prefill_tokens_per_s=len(prompt_ids) / ttft if ttft > 0 else 0.0, total_s=t_end - t0,
         prefill_threads=steps.prefill_threads, decode_threads=steps.decode_threads, decode_path=steps.path,
         finish_detail=detail, choices=list(choices))
+
+
+def _some(ids: list[int], limit: int = 5) -> str:
+    """``ids`` for a message: the first ``limit``, and how many in all (a model's file may list thousands)."""
+    shown = ", ".join(map(str, ids[:limit]))
+    return f"[{shown}]" if len(ids) <= limit else f"[{shown}, ... ({len(ids):,} in all)]"
 
 
 # ---------------------------------------------------------------- everything wired together
@@ -425,8 +431,7 @@ class ChatModel:
                                   f"tokenizer is not this model's; download the model again")
         outside = [i for i in generation_config.eos_token_id if i >= vocab]
         if outside:
-            shown = str(outside[:5])[:-1] + (f", ... ({len(outside):,} in all)]" if len(outside) > 5 else "]")
-            raise CheckpointError(f"the EOS ids {shown} are outside the vocabulary ({vocab:,} tokens): "
+            raise CheckpointError(f"the EOS ids {_some(outside)} are outside the vocabulary ({vocab:,} tokens): "
                                   f"generation_config.json does not belong to this model")
         return cls(files, loaded, tokenizer, template, generation_config)
 

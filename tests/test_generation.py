@@ -380,3 +380,10 @@ def test_a_kv_cache_larger_than_the_memory_is_refused_with_figures(chat, monkeyp
                                            r"ask for fewer new tokens"):
         chat.generate("Hi", max_new_tokens=5)
     assert chat.generate("Hi", max_new_tokens=5, use_cache=False).generated_tokens  # no cache, nothing to refuse
+
+
+def test_finish_detail_names_a_few_eos_ids_however_many_the_file_lists(chat):
+    result = chat.generate("Hi", eos_token_id=list(range(400)), max_new_tokens=3)  # every id ends the reply
+    assert result.finish_reason == "eos"
+    assert "one of the EOS ids [0, 1, 2, 3, 4, ... (400 in all)]" in result.finish_detail  # the panel shows it
+    assert len(result.finish_detail) < 200  # every id used to be listed
