@@ -173,6 +173,9 @@ def resolve(model: str | os.PathLike, revision: str | None = None, *, cache_dir:
 def _from_directory(root: Path, model_id: str) -> ModelFiles:
     def need(filename: str) -> Path:
         p = _inside(root, filename)
+        if p.exists() and not p.is_file():  # a folder, a pipe, a device: "has no" would send one looking for it
+            raise DownloadError(f"{p} is not a regular file (a folder, a pipe or a device): a model's files are "
+                                f"plain files; replace it with the real {filename}")
         if not p.is_file():
             raise DownloadError(f"{root} has no {filename}: a model directory needs "
                                 f"{', '.join(REQUIRED_FILES)} and {SINGLE_WEIGHTS} (or {WEIGHTS_INDEX} with its shards)")

@@ -117,6 +117,20 @@ def test_local_directory_and_its_errors(tiny_dir, tmp_path):
         resolve(str(d))
 
 
+@pytest.mark.parametrize("name", ["config.json", "model-00002-of-00003.safetensors"])
+@pytest.mark.parametrize("kind", ["folder", "pipe"])
+def test_a_model_file_that_is_not_a_plain_file_is_named_as_such(sharded_dir, tmp_path, name, kind):
+    """It used to read "has no model-00002-of-00003.safetensors", sending one looking for a file that is there."""
+    if kind == "pipe" and not hasattr(os, "mkfifo"):
+        pytest.skip("needs named pipes")
+    d = tmp_path / "m"
+    shutil.copytree(sharded_dir, d)
+    (d / name).unlink()
+    (d / name).mkdir() if kind == "folder" else os.mkfifo(d / name)
+    with pytest.raises(DownloadError, match=rf"{re.escape(name)} is not a regular file \(a folder, a pipe or a device\)"):
+        resolve(str(d))
+
+
 def test_not_a_repo_id(tmp_path):
     with pytest.raises(DownloadError, match="neither a model directory nor a Hub repo id"):
         resolve(str(tmp_path / "does" / "not" / "exist"))
