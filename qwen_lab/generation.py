@@ -38,7 +38,7 @@ from .chat_template import ChatTemplate
 from .errors import CheckpointError, ContextTooLongError, QwenLabError, SettingError
 from .hub import ModelFiles, resolve
 from .hub import read_json_object
-from .load import load_model, read_config
+from .load import available_memory, load_model, read_config
 from .tokenizer import Tokenizer
 
 FINISH_REASONS = ("eos", "length", "stop", "cancelled")
@@ -114,13 +114,19 @@ class GenerationConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known and v is not None})
 
+    #: What ``generation_config.json`` may set. The rest (``seed``, ``top_logprobs``, ``repeat_last_n``) are
+    #: this kit's settings, never the model's: a file must not pin every "random" reply to one seed.
+    FILE_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty",
+                   "eos_token_id", "stop_strings")
+
     @classmethod
     def from_files(cls, files: ModelFiles) -> "GenerationConfig":
         """``generation_config.json``; without one, greedy with ``config.json``'s eos_token_id."""
         data, source = {}, files.config
         if files.generation_config is not None:
             source = files.generation_config
-            data = read_json_object(source, "sampling settings and EOS ids")
+            saved = read_json_object(source, "sampling settings and EOS ids")
+            data = {k: saved[k] for k in cls.FILE_FIELDS if k in saved}
         if data.get("eos_token_id") is None:
             data["eos_token_id"] = read_config(files.config).get("eos_token_id")
         try:
@@ -372,9 +378,26 @@ def generate_stream(model, tokenizer: Tokenizer, prompt_ids: list[int], config: 
         static = use_cache and model.lm_head.weight.device.type == "cuda"
     if static and not use_cache:
         raise SettingError("static decoding keeps a KV cache: it cannot run with use_cache=False")
+    if use_cache:
+        _check_cache_memory(model, len(prompt_ids) + min(config.max_new_tokens, context - len(prompt_ids)))
     choices: list[TokenChoice] = []
     return GenerationStream(_steps(model, tokenizer, list(prompt_ids), config, cancel, use_cache,
                                    skip_special_tokens, context, static, choices, cache), choices)
+
+
+def _check_cache_memory(model, length: int) -> None:
+    """Refuse, with the figures, a KV cache larger than the memory left: it is allocated whole, up front.
+
+    Its size is the config's (layers x KV heads x head_dim) times the positions asked for: a
+    64 MB checkpoint whose config.json claims 1,024 KV heads of 1,024 channels, asked for
+    100,000 new tokens, used to meet torch's allocator with a 200 GB request (a traceback).
+    """
+    cfg, weight = model.config, model.lm_head.weight
+    need = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * length * weight.element_size()
+    free = torch.cuda.mem_get_info(weight.device)[0] if weight.device.type == "cuda" else available_memory()
+    if free is not None and need > free:
+        raise SettingError(f"the KV cache for {length:,} positions needs {need / 2**30:.1f} GiB but only "
+                           f"{free / 2**30:.1f} GiB is free: ask for fewer new tokens (max_new_tokens)")
 
 
 def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special, context, static, choices, cache):
@@ -435,7 +458,7 @@ def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special
     t_end = time.perf_counter()
     ttft = t_first - t0
     detail = {"eos": lambda: f"the model wrote {tokenizer.id_to_token(new_ids[-1])} (id {new_ids[-1]}), one of the "
-                             f"EOS ids {sorted(eos)}",
+                             f"EOS ids {_some(sorted(eos))}",
               "stop": lambda: f"the text reached the stop string {stop_hit!r}",
               "cancelled": lambda: "stopped on request (Stop, Ctrl-C or a cancel event) before the next token",
               "length": lambda: (f"reached the end of the context ({context:,} tokens)" if n >= context
@@ -448,6 +471,12 @@ def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special
         prefill_tokens_per_s=(len(prompt_ids) - steps.start) / ttft if ttft > 0 else 0.0, total_s=t_end - t0,
         prefill_threads=steps.prefill_threads, decode_threads=steps.decode_threads, decode_path=steps.path,
         finish_detail=detail, choices=list(choices), cached_tokens=steps.start)
+
+
+def _some(ids: list[int], limit: int = 5) -> str:
+    """``ids`` for a message: the first ``limit``, and how many in all (a model's file may list thousands)."""
+    shown = ", ".join(map(str, ids[:limit]))
+    return f"[{shown}]" if len(ids) <= limit else f"[{shown}, ... ({len(ids):,} in all)]"
 
 
 # ---------------------------------------------------------------- everything wired together
@@ -475,12 +504,15 @@ class ChatModel:
         generation_config = GenerationConfig.from_files(files)
         loaded = load_model(files, dtype, device)
         vocab = loaded.config.vocab_size
-        if tokenizer.vocab_size > vocab:  # ids past the embedding would fail mid-conversation
-            raise CheckpointError(f"tokenizer.json has {tokenizer.vocab_size:,} tokens but config.json's vocab_size "
-                                  f"is {vocab:,}: the tokenizer is not this model's; download the model again")
+        # ids past the embedding would fail mid-conversation; ids may skip numbers, so the highest counts too
+        if tokenizer.vocab_size > vocab or tokenizer.highest_id >= vocab:
+            has = (f"{tokenizer.vocab_size:,} tokens" if tokenizer.vocab_size > vocab
+                   else f"a token with id {tokenizer.highest_id:,}")
+            raise CheckpointError(f"tokenizer.json has {has} but config.json's vocab_size is {vocab:,}: the "
+                                  f"tokenizer is not this model's; download the model again")
         outside = [i for i in generation_config.eos_token_id if i >= vocab]
         if outside:
-            raise CheckpointError(f"the EOS ids {outside} are outside the vocabulary ({vocab:,} tokens): "
+            raise CheckpointError(f"the EOS ids {_some(outside)} are outside the vocabulary ({vocab:,} tokens): "
                                   f"generation_config.json does not belong to this model")
         return cls(files, loaded, tokenizer, template, generation_config)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,9 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 
 #: A shard index is a few hundred kB even for 70B models; a bigger one is refused unread.
 MAX_INDEX_BYTES = 16 * 2**20
+#: config.json, tokenizer_config.json, generation_config.json: a few kB (Gemma 3's tokenizer_config.json,
+#: among the largest, 1.2 MB); a bigger one is refused unread, as parsing it could take all the memory.
+MAX_JSON_BYTES = 16 * 2**20
 
 
 @dataclass
@@ -69,12 +73,17 @@ class ModelFiles:
 def read_json_object(path: str | Path, what: str, error: type[QwenLabError] = CheckpointError) -> dict:
     """A JSON file of a model that must hold an object, or one line (``error``) naming the file.
 
-    Model files are untrusted: not UTF-8, not JSON, nested thousands deep, or a list where an
-    object belongs each get that one line, never a traceback.
+    Model files are untrusted: not UTF-8, not JSON, nested thousands deep, gigabytes long, or a
+    list where an object belongs each get that one line, never a traceback.
     """
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        with open_regular(path, error) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_JSON_BYTES:
+                raise error(f"{path} is {size / 2**20:,.0f} MB, far too large for {what} (at most "
+                            f"{MAX_JSON_BYTES // 2**20} MB): it is not a model's file; download the model again")
+            data = json.loads(f.read().decode("utf-8"))
     except OSError as e:
         raise error(f"cannot read {path}: {e.strerror or e}; download the model again") from e
     except (ValueError, RecursionError) as e:  # also bad UTF-8, and JSON nested thousands deep
@@ -84,6 +93,20 @@ def read_json_object(path: str | Path, what: str, error: type[QwenLabError] = Ch
         raise error(f"{path} must hold a JSON object ({what}), not a {type(data).__name__}; "
                     f"download the model again")
     return data
+
+
+def open_regular(path: str | Path, error: type[QwenLabError] = CheckpointError):
+    """``path`` opened for reading (binary), only if it is a regular file; else one line (``error``).
+
+    A model's file may be a pipe, whose ``open`` waits forever for a writer, or a device that
+    never ends. Opening without blocking lets the type be checked on the opened file itself,
+    so nothing can be swapped in between the check and the read.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise error(f"{path} is not a regular file (a folder, a pipe or a device): a model's files are plain files")
+    return os.fdopen(fd, "rb")
 
 
 def shard_names(index_path: str | Path) -> list[str]:
@@ -150,6 +173,9 @@ def resolve(model: str | os.PathLike, revision: str | None = None, *, cache_dir:
 def _from_directory(root: Path, model_id: str) -> ModelFiles:
     def need(filename: str) -> Path:
         p = _inside(root, filename)
+        if p.exists() and not p.is_file():  # a folder, a pipe, a device: "has no" would send one looking for it
+            raise DownloadError(f"{p} is not a regular file (a folder, a pipe or a device): a model's files are "
+                                f"plain files; replace it with the real {filename}")
         if not p.is_file():
             raise DownloadError(f"{root} has no {filename}: a model directory needs "
                                 f"{', '.join(REQUIRED_FILES)} and {SINGLE_WEIGHTS} (or {WEIGHTS_INDEX} with its shards)")

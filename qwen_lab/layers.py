@@ -101,8 +101,11 @@ class DecoderConfig:
         elif rope is not None:
             raise CheckpointError(f"config.json: rope_parameters must be an object, not {rope!r}")
         layer_types = data.get("layer_types") or []
-        if isinstance(layer_types, list) and any(t != "full_attention" for t in layer_types):
-            raise UnsupportedArchitectureError(f"config.json's layer_types ask for {sorted(set(layer_types))}; "
+        if not isinstance(layer_types, list):  # one kind per layer; a lone string would pass unread
+            raise _bad("layer_types", layer_types, "must be a list, one attention kind per layer")
+        others = sorted({str(t)[:40] for t in layer_types if t != "full_attention"})  # str: entries may be anything
+        if others:
+            raise UnsupportedArchitectureError(f"config.json's layer_types ask for {others[:5]}; "
                                                f"qwen_lab's layers attend to the whole context (full_attention)")
         return cls(**values)
 

@@ -36,7 +36,7 @@ from torch import nn
 from . import runtime
 from .architectures import ARCHITECTURES
 from .errors import CheckpointError, SettingError, UnsupportedArchitectureError
-from .hub import ModelFiles, read_json_object
+from .hub import ModelFiles, open_regular, read_json_object
 from .kernels import native_bf16  # noqa: F401  (re-exported: notebook 2 asks what the CPU does well)
 from .layers import CausalLM
 
@@ -66,7 +66,7 @@ def architecture_of(config: dict) -> str:
         if isinstance(name, str) and name in ARCHITECTURES:
             return name
     supported = ", ".join(sorted(ARCHITECTURES))
-    shown = ", ".join(map(str, names)) if names else "no architecture"
+    shown = _short(", ".join(map(str, names)), quote=False) if names else "no architecture"
     raise UnsupportedArchitectureError(f"config.json names {shown}; qwen_lab supports {supported}")
 
 
@@ -173,7 +173,7 @@ def read_safetensors_header(path: str | Path) -> dict:
     """
     path = Path(path)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             return _read_header(f, path, os.fstat(f.fileno()).st_size)[0]
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
@@ -201,8 +201,8 @@ def _map_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], tuple[i
     is not a valid safetensors file is shown in an error (it might not be a model file at all)."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # a pipe would block the open forever
+            size = os.fstat(f.fileno()).st_size
             header, n = _read_header(f, path, size)
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     except OSError as e:
@@ -215,21 +215,28 @@ def _map_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], tuple[i
             dtype = _ST_DTYPES[info["dtype"]]
             shape, (begin, end) = _whole_numbers(info["shape"]), _whole_numbers(info["data_offsets"])
         except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: entry {name!r} is corrupt or of an unsupported dtype ({e})") from None
+            raise CheckpointError(f"{path}: entry {_short(name)} is corrupt or of an unsupported dtype "
+                                  f"({_short(str(e), quote=False)})") from None
         if any(d < 0 for d in shape):
-            raise CheckpointError(f"{path}: tensor {name!r} has a negative dimension {shape}: file is corrupt")
+            raise CheckpointError(f"{path}: tensor {_short(name)} has a negative dimension {_short(shape)}: "
+                                  f"file is corrupt")
         count = 1
         for d in shape:
             count *= d
         itemsize = torch.empty((), dtype=dtype).element_size()
         if end - begin != count * itemsize or begin < 0:
-            raise CheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape}: file is corrupt")
+            raise CheckpointError(f"{path}: tensor {_short(name)} has {end - begin} bytes for shape {_short(shape)}: "
+                                  f"file is corrupt")
         if data_start + end > size:
-            raise CheckpointError(f"{path} is truncated: tensor {name!r} ends at byte {data_start + end:,} "
+            raise CheckpointError(f"{path} is truncated: tensor {_short(name)} ends at byte {data_start + end:,} "
                                   f"of a {size:,}-byte file; download it again")
         spans.append((begin, end, name))
         if count == 0:
-            tensors[name] = torch.empty(shape, dtype=dtype)
+            try:
+                tensors[name] = torch.empty(shape, dtype=dtype)
+            except RuntimeError:  # no bytes, yet strides torch cannot count: [0, 2**62, 2**62]
+                raise CheckpointError(f"{path}: tensor {_short(name)} has the shape {_short(shape)}, which no "
+                                      f"model has: file is corrupt") from None
         elif (data_start + begin) % itemsize:  # unaligned data: torch cannot view it, so copy
             raw = bytes(mm[data_start + begin:data_start + end])
             tensors[name] = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
@@ -238,8 +245,16 @@ def _map_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], tuple[i
     spans.sort()
     for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
         if begin < end:  # two names for the same bytes: a crafted or damaged file
-            raise CheckpointError(f"{path}: tensors {first!r} and {second!r} overlap in the file: file is corrupt")
+            raise CheckpointError(f"{path}: tensors {_short(first)} and {_short(second)} overlap in the file: "
+                                  f"file is corrupt")
     return tensors, (base, base + size)
+
+
+def _short(value, limit: int = 100, quote: bool = True) -> str:
+    """``value`` for an error message (its ``repr``, or as is with ``quote=False``), cut to ``limit``
+    characters: a hostile file's names and shapes can be megabytes long, and a message is one line."""
+    text = repr(value) if quote else str(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _whole_numbers(values) -> list[int]:
@@ -280,28 +295,34 @@ def load_weights(model: CausalLM, files: list[Path], dtype: torch.dtype, device:
     expected = dict(model.named_parameters())  # tied parameters appear once
     aliases = model.tied_weights()
     tensors: dict[str, torch.Tensor] = {}
+    shard_of: dict[str, Path] = {}
     mapped = []
     for f in files:
         file_tensors, address_range = _map_safetensors(f)
+        twice = next((name for name in file_tensors if name in tensors), None)
+        if twice is not None:  # which copy would count would depend on the order of the files
+            raise CheckpointError(f"{f.parent}: tensor {_short(twice)} is stored in both {shard_of[twice].name} and "
+                                  f"{f.name}: the shards contradict each other; download the model again")
         tensors.update(file_tensors)
+        shard_of.update(dict.fromkeys(file_tensors, f))
         mapped.append(address_range)
     where = files[0].parent if files else "the checkpoint"
     for name in expected:
         if name not in tensors:
-            raise CheckpointError(f"{where}: tensor {name!r} is missing from the weights; "
+            raise CheckpointError(f"{where}: tensor {_short(name)} is missing from the weights; "
                                   f"is the checkpoint complete and made for this config.json?")
     for name, t in tensors.items():
         if name not in expected and name not in aliases:
-            raise CheckpointError(f"{where}: unexpected tensor {name!r} in the weights; "
+            raise CheckpointError(f"{where}: unexpected tensor {_short(name)} in the weights; "
                                   f"does config.json describe this checkpoint?")
         want = expected.get(name, expected.get(aliases.get(name, "")))
         if tuple(t.shape) != tuple(want.shape):
-            raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, "
+            raise CheckpointError(f"{where}: tensor {_short(name)} has shape {_short(tuple(t.shape))}, "
                                   f"config.json implies {tuple(want.shape)}")
         if not t.is_floating_point():
-            raise CheckpointError(f"{where}: tensor {name!r} holds {t.dtype} values, not weights")
+            raise CheckpointError(f"{where}: tensor {_short(name)} holds {t.dtype} values, not weights")
         if {t.dtype, declared} == {torch.float16, torch.bfloat16}:  # same size, different meaning
-            raise CheckpointError(f"{where}: config.json says the weights are {declared} but {name!r} is stored "
+            raise CheckpointError(f"{where}: config.json says the weights are {declared} but {_short(name)} is stored "
                                   f"as {t.dtype}: one of them is mislabelled; download the model again")
     for name in expected:
         module_name, _, attr = name.rpartition(".")
@@ -320,6 +341,7 @@ def check_memory(model: CausalLM, dtype: torch.dtype, device: torch.device, save
 
     A bf16 file loaded as bf16 on a CPU needs nothing extra (its pages are mapped, and can be
     dropped and re-read by the system under pressure); a conversion makes a private copy.
+    ``saved`` is the dtype the files really store (``stored_dtype``), None when they mix.
     """
     need = sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
     if device.type == "cuda":
@@ -333,6 +355,22 @@ def check_memory(model: CausalLM, dtype: torch.dtype, device: torch.device, save
     if free is not None and need > free:
         raise CheckpointError(f"the weights need {need / 2**30:.1f} GiB as {str(dtype)[6:]} but only "
                               f"{free / 2**30:.1f} GiB is {where}: {hint}")
+
+
+def stored_dtype(files: list[Path]) -> torch.dtype | None:
+    """The one dtype every tensor of ``files`` is stored in, from their headers alone; None if they mix.
+
+    config.json's ``torch_dtype`` is only a label, and labels can be wrong: a bf16 file labelled
+    float32 and loaded as float32 is a conversion into twice the file's size, which the memory
+    check must see. Reading the headers costs a few kB per file.
+    """
+    found = set()
+    for f in files:
+        for name, info in read_safetensors_header(f).items():
+            if name != "__metadata__" and isinstance(info, dict):
+                tag = info.get("dtype")
+                found.add(_ST_DTYPES.get(tag) if isinstance(tag, str) else None)
+    return found.pop() if len(found) == 1 else None
 
 
 def available_memory() -> int | None:
@@ -362,7 +400,7 @@ def load_model(files: ModelFiles, dtype: str | torch.dtype = "auto",
     saved = checkpoint_dtype(config)
     dtype = choose_dtype(dtype, device, saved)
     model = build_model(config, "meta")
-    check_memory(model, dtype, device, saved)
+    check_memory(model, dtype, device, stored_dtype(files.weights))
     load_weights(model, files.weights, dtype, device, saved)
     model.runtime = runtime.convert_for_runtime(model, device, matvec)
     return model.eval()

@@ -12,11 +12,17 @@ text only once it forms whole characters, like Candle's ``TokenOutputStream``.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from tokenizers import Tokenizer as _HFTokenizer
 
 from .errors import CheckpointError, SettingError
-from .hub import ModelFiles, read_json_object
+from .hub import ModelFiles, open_regular, read_json_object
 
+
+#: A tokenizer.json larger than this is refused unread (Qwen2.5's is 7 MB, the largest known about 35 MB).
+MAX_TOKENIZER_BYTES = 256 * 2**20
 
 #: The named special tokens of tokenizer_config.json (transformers' list); chat templates may read each.
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -35,6 +41,11 @@ class Tokenizer:
     """A ``tokenizers.Tokenizer`` plus what ``tokenizer_config.json`` says about it."""
 
     def __init__(self, backend: _HFTokenizer, tokenizer_config: dict | None = None) -> None:
+        # A tokenizer.json may keep the truncation or padding it was last used with (saved after
+        # encoding with max_length=512, say): transformers turns both off unless a call asks for
+        # them, and so does this kit, so a long prompt never loses its end without a word.
+        backend.no_truncation()
+        backend.no_padding()
         self.backend = backend
         self.config = tokenizer_config or {}
         #: e.g. {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None, ...}
@@ -43,15 +54,24 @@ class Tokenizer:
 
     @classmethod
     def from_files(cls, files: ModelFiles) -> "Tokenizer":
+        path = Path(files.tokenizer)
+        data = _read_tokenizer_file(path)
         try:
-            backend = _HFTokenizer.from_file(str(files.tokenizer))
-        except Exception as e:  # tokenizers raises a bare Exception on a bad file
-            raise CheckpointError(f"cannot read {files.tokenizer}: {e}; download the model again") from e
+            backend = _HFTokenizer.from_buffer(data)
+        except BaseException as e:  # tokenizers raises a bare Exception (or ValueError) on a bad file
+            if not (isinstance(e, Exception) or _failed_inside(e)):
+                raise
+            raise CheckpointError(f"cannot read {path}: {_first_line(e)}; download the model again") from e
         return cls(backend, read_json_object(files.tokenizer_config, "the special tokens and the chat template"))
 
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def highest_id(self) -> int:
+        """The largest id the tokenizer can produce: ids need not be contiguous, so it may exceed ``vocab_size``."""
+        return max(self.backend.get_vocab(with_added_tokens=True).values(), default=-1)
 
     def encode(self, text: str) -> list[int]:
         """Ids of ``text``; special-token strings in it become their single ids.
@@ -66,10 +86,22 @@ class Tokenizer:
         except UnicodeEncodeError as e:  # a lone surrogate, e.g. from bytes that were not UTF-8
             raise SettingError(f"the text holds {text[e.start]!r} at position {e.start}, half of a character "
                                f"(not valid Unicode): remove it or fix the text's encoding") from None
-        return self.backend.encode(text, add_special_tokens=False).ids
+        try:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        except BaseException as e:
+            if not _failed_inside(e):
+                raise
+            raise CheckpointError(f"tokenizer.json cannot encode this text ({_first_line(e)}): its rules are broken; "
+                                  f"download the model again") from None
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        try:
+            return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        except BaseException as e:
+            if not _failed_inside(e):
+                raise
+            raise CheckpointError(f"tokenizer.json cannot decode ids {str(list(ids))[:60]} ({_first_line(e)}): its "
+                                  f"rules are broken; download the model again") from None
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
@@ -83,6 +115,35 @@ class Tokenizer:
 
     def stream(self, skip_special_tokens: bool = True) -> "StreamDecoder":
         return StreamDecoder(self, skip_special_tokens)
+
+
+def _read_tokenizer_file(path: Path) -> bytes:
+    """The bytes of tokenizer.json, read here rather than by ``tokenizers``: a pipe in its place would
+    block the open forever, and a huge file could take all the memory; both are refused unread."""
+    try:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size <= MAX_TOKENIZER_BYTES:
+                return f.read()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}; download the model again") from e
+    raise CheckpointError(f"{path} is {size / 2**20:,.0f} MB, over the {MAX_TOKENIZER_BYTES // 2**20} MB a "
+                          f"tokenizer can be: it is not one; download the model again")
+
+
+def _failed_inside(error: BaseException) -> bool:
+    """Whether ``error`` is the ``tokenizers`` library failing on a broken tokenizer.json.
+
+    It raises a plain ``Exception``; and a rule it cannot run ends in a Rust panic (a regex that
+    backtracks past Oniguruma's limit, a replacement of the empty string...), which pyo3 raises
+    as ``PanicException``: a ``BaseException``, like ``KeyboardInterrupt``, which must go through.
+    A caller's mistake (``decode([-1])``: OverflowError) goes through too.
+    """
+    return type(error) is Exception or type(error).__name__ == "PanicException"
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 class StreamDecoder:

@@ -470,3 +470,16 @@ def test_cli_raw_works_and_template_names_the_problem(broken_model, tmp_path, ca
     assert err.startswith("qwen-lab: error: ")
     import re
     assert re.search(match, err)
+
+
+def test_a_chat_template_file_too_large_to_be_one_is_refused_unread_and_raw_prompts_still_work(tiny_dir, tmp_path):
+    """A 2.3 GB chat_template.jinja was read whole: a MemoryError traceback under 4 GB, before any prompt."""
+    from qwen_lab.generation import ChatModel
+    d = tmp_path / "huge"
+    shutil.copytree(tiny_dir, d)
+    with open(d / "chat_template.jinja", "wb") as f:
+        f.truncate(17 * 2**20)  # sparse: no disk used
+    chat = ChatModel.load(str(d), dtype="float32", device="cpu")
+    assert chat.generate("The capital of", max_new_tokens=2, do_sample=False).generated_tokens
+    with pytest.raises(TemplateError, match=r"chat_template\.jinja is 17 MB, far too large for a chat template"):
+        chat.render(HI)

@@ -432,3 +432,64 @@ def test_a_stopped_reply_keeps_what_it_fed(tiny_chat):
     cancel.set()
     result = stream.result
     assert result.finish_reason == "cancelled" and len(cache) == result.prompt_tokens + result.generated_tokens - 1
+
+
+# ---------------------------------------------------------------- a model folder's files are untrusted
+
+def model_copy(tiny_dir, tmp_path, name, edit):
+    import json
+    import shutil
+    d = tmp_path / "m"
+    shutil.copytree(tiny_dir, d)
+    data = json.loads((d / name).read_text())
+    edit(data)
+    (d / name).write_text(json.dumps(data))
+    return d
+
+
+def test_generation_config_json_sets_sampling_but_not_the_kit_s_own_settings(tiny_dir, tmp_path):
+    """A file with "seed" used to pin every sampled reply; "top_logprobs" made the CLI print JSON lines."""
+    from qwen_lab.hub import resolve
+    d = model_copy(tiny_dir, tmp_path, "generation_config.json",
+                   lambda c: c.update(seed=5, top_logprobs=20, repeat_last_n=1, temperature=0.3))
+    config = GenerationConfig.from_files(resolve(str(d)))
+    assert config.temperature == 0.3 and config.eos_token_id  # the model's settings are read
+    assert (config.seed, config.top_logprobs, config.repeat_last_n) == (None, 0, None)
+
+
+def test_a_long_list_of_eos_ids_outside_the_vocabulary_is_a_short_line(tiny_dir, tmp_path):
+    from qwen_lab.errors import CheckpointError
+    d = model_copy(tiny_dir, tmp_path, "generation_config.json",
+                   lambda c: c.update(eos_token_id=list(range(1000, 201_000))))
+    with pytest.raises(CheckpointError, match=r"the EOS ids \[1000, 1001, 1002, 1003, 1004, \.\.\. "
+                                              r"\(200,000 in all\)\] are outside the vocabulary") as info:
+        ChatModel.load(str(d))
+    assert len(str(info.value)) < 300  # used to be 1.5 MB
+
+
+def test_a_tokenizer_id_past_the_embedding_is_refused_at_load(tiny_dir, tmp_path):
+    """As many tokens as the embedding has rows, but one id past them: it used to fail mid-conversation."""
+    from qwen_lab.errors import CheckpointError
+    d = model_copy(tiny_dir, tmp_path, "tokenizer.json", lambda t: t["model"]["vocab"].update(a=100_000))
+    with pytest.raises(CheckpointError, match="tokenizer.json has a token with id 100,000 but config.json's "
+                                              "vocab_size is 400"):
+        ChatModel.load(str(d))
+
+
+def test_a_kv_cache_larger_than_the_memory_is_refused_with_figures(chat, monkeypatch):
+    """It is allocated whole before the first token: a hostile config.json (1,024 KV heads of 1,024 channels)
+    or a long reply on a big model used to meet torch's allocator (a RuntimeError traceback)."""
+    import qwen_lab.generation as generation
+    from qwen_lab.errors import SettingError
+    monkeypatch.setattr(generation, "available_memory", lambda: 1_000)  # 1 kB free: the cache needs a few kB
+    with pytest.raises(SettingError, match=r"the KV cache for \d+ positions needs 0.0 GiB but only 0.0 GiB is free: "
+                                           r"ask for fewer new tokens"):
+        chat.generate("Hi", max_new_tokens=5)
+    assert chat.generate("Hi", max_new_tokens=5, use_cache=False).generated_tokens  # no cache, nothing to refuse
+
+
+def test_finish_detail_names_a_few_eos_ids_however_many_the_file_lists(chat):
+    result = chat.generate("Hi", eos_token_id=list(range(400)), max_new_tokens=3)  # every id ends the reply
+    assert result.finish_reason == "eos"
+    assert "one of the EOS ids [0, 1, 2, 3, 4, ... (400 in all)]" in result.finish_detail  # the panel shows it
+    assert len(result.finish_detail) < 200  # every id used to be listed

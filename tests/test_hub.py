@@ -6,6 +6,7 @@ import re
 import shutil
 import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -113,6 +114,20 @@ def test_local_directory_and_its_errors(tiny_dir, tmp_path):
     shutil.copytree(tiny_dir, d)
     (d / "model.safetensors").unlink()
     with pytest.raises(DownloadError, match=r"has no model.safetensors"):
+        resolve(str(d))
+
+
+@pytest.mark.parametrize("name", ["config.json", "model-00002-of-00003.safetensors"])
+@pytest.mark.parametrize("kind", ["folder", "pipe"])
+def test_a_model_file_that_is_not_a_plain_file_is_named_as_such(sharded_dir, tmp_path, name, kind):
+    """It used to read "has no model-00002-of-00003.safetensors", sending one looking for a file that is there."""
+    if kind == "pipe" and not hasattr(os, "mkfifo"):
+        pytest.skip("needs named pipes")
+    d = tmp_path / "m"
+    shutil.copytree(sharded_dir, d)
+    (d / name).unlink()
+    (d / name).mkdir() if kind == "folder" else os.mkfifo(d / name)
+    with pytest.raises(DownloadError, match=rf"{re.escape(name)} is not a regular file \(a folder, a pipe or a dev"):
         resolve(str(d))
 
 
@@ -282,6 +297,50 @@ def test_an_index_too_large_to_be_one_is_refused_unread(sharded_dir, tmp_path, o
     with pytest.raises(DownloadError, match=r"is over 16 MB: not a safetensors index"):
         resolve(str(model))
     assert str(model / "model.safetensors.index.json") not in opened
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer_config.json", "generation_config.json"])
+def test_a_json_file_too_large_to_be_a_model_s_is_refused_unread(tiny_dir, tmp_path, name):
+    """A 2 GB config.json used to be read whole, then parsed: a MemoryError traceback, or the machine's memory."""
+    from qwen_lab.errors import CheckpointError
+    from qwen_lab.generation import ChatModel
+    io = Path("/proc/self/io")
+    if not io.is_file():
+        pytest.skip("needs /proc/self/io to count the bytes a process reads")
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    with open(model / name, "r+b") as f:
+        f.truncate(17 * 2**20)  # sparse: no disk used
+
+    def bytes_read() -> int:
+        return int(next(line for line in io.read_text().splitlines() if line.startswith("rchar:")).split()[1])
+
+    before = bytes_read()
+    with pytest.raises(CheckpointError, match=rf"{name} is 17 MB, far too large for .* \(at most 16 MB\)") as e:
+        ChatModel.load(str(model))
+    assert bytes_read() - before < 2**20 and "\n" not in str(e.value)  # the other files are a few kB
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_pipe_in_place_of_a_json_file_is_refused_not_waited_on(tmp_path):
+    """resolve skips what is not a file, but a file can be swapped after it, or read_json_object called by hand:
+    reading a pipe used to wait forever for a writer."""
+    import threading
+    from qwen_lab.errors import CheckpointError
+    from qwen_lab.hub import read_json_object
+    os.mkfifo(tmp_path / "config.json")
+    outcome = []
+
+    def attempt():
+        try:
+            read_json_object(tmp_path / "config.json", "the model's configuration")
+        except CheckpointError as e:
+            outcome.append(str(e))
+
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(20)
+    assert outcome and "config.json is not a regular file (a folder, a pipe or a device)" in outcome[0]
 
 
 @pytest.mark.parametrize("name, message", [

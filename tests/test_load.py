@@ -1,5 +1,7 @@
 """Loading: architecture registry, parameter counts, memory-mapped safetensors, clear errors."""
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -302,6 +304,11 @@ def test_bad_config_values_are_named_before_anything_is_built(tiny_dir, tmp_path
     (lambda c: c.update(use_sliding_window=True), UnsupportedArchitectureError, "use_sliding_window"),
     (lambda c: c.update(layer_types=["sliding_attention", "full_attention"]), UnsupportedArchitectureError,
      "layer_types"),
+    # entries that cannot be sorted or hashed used to be a TypeError traceback; a string passed unread
+    (lambda c: c.update(layer_types=[{"type": "sliding_attention"}]), UnsupportedArchitectureError,
+     "layer_types ask for"),
+    (lambda c: c.update(layer_types=["sliding_attention", 1]), UnsupportedArchitectureError, "layer_types ask for"),
+    (lambda c: c.update(layer_types="sliding_attention"), CheckpointError, "layer_types must be a list"),
 ])
 def test_broken_config_files_get_one_clear_line(tiny_dir, tmp_path, edit, error, message):
     d = with_config(tiny_dir, tmp_path, edit)
@@ -412,3 +419,75 @@ def test_asking_for_cuda_without_a_gpu_says_so(monkeypatch):
     with pytest.raises(SettingError, match="no usable CUDA GPU: use 'cpu'"):
         parse_device("cuda")
     assert parse_device(None) == torch.device("cpu")
+
+
+# ---------------------------------------------------------------- more hostile files (the adversarial pass)
+
+def test_an_empty_tensor_with_a_shape_torch_cannot_describe_is_refused(tmp_path):
+    write_raw_safetensors(tmp_path / "m.safetensors", {"w": {"dtype": "F32", "shape": [0, 2**62, 2**62],
+                                                             "data_offsets": [0, 0]}}, b"")
+    with pytest.raises(CheckpointError, match=r"'w' has the shape \[0, 4611686018427387904, .*which no model has"):
+        read_safetensors(tmp_path / "m.safetensors")  # used to be torch's RuntimeError: Stride calculation overflowed
+
+
+def test_a_tensor_stored_in_two_shards_is_refused(sharded_dir, tmp_path):
+    """Which copy counted used to depend on the order of the shards: silently one or the other."""
+    d = copy(sharded_dir, tmp_path)
+    first, last = d / "model-00001-of-00003.safetensors", d / "model-00003-of-00003.safetensors"
+    stolen = next(iter(read_safetensors(last)))
+    tensors = {k: v.clone() for k, v in read_safetensors(first).items()}
+    tensors[stolen] = torch.full_like(read_safetensors(last)[stolen], 7.0)  # a different copy
+    save_file(tensors, first)
+    with pytest.raises(CheckpointError, match=rf"tensor '{re.escape(stolen)}' is stored in both "
+                                              rf"model-00001-of-00003.safetensors and model-00003-of-00003"):
+        load_model(resolve(str(d)))
+
+
+def test_a_bf16_file_labelled_float32_still_gets_the_memory_check(tmp_path, monkeypatch):
+    """config.json's torch_dtype is a label: converting the real bf16 bytes to float32 is a copy."""
+    import qwen_lab.load as load
+    from conftest import make_checkpoint
+    from qwen_lab.tiny import train_tokenizer
+    d = make_checkpoint(tmp_path / "m", train_tokenizer(["hello world"] * 3, 300), dtype=torch.bfloat16)
+    config = json.loads((d / "config.json").read_text())
+    config["torch_dtype"] = "float32"
+    (d / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(load, "available_memory", lambda: 10_000)  # 10 kB free
+    with pytest.raises(CheckpointError, match=r"need 0.0 GiB as float32 but only 0.0 GiB is available"):
+        load_model(resolve(str(d)), "float32", "cpu")  # used to convert without a check
+    assert load.stored_dtype(resolve(str(d)).weights) == torch.bfloat16
+
+
+def test_megabyte_names_in_a_hostile_file_give_a_short_line(tiny_dir, tmp_path):
+    d = copy(tiny_dir, tmp_path)
+    edit_weights(d, lambda t: t.update({"Z" * 5_000_000: torch.zeros(1)}))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'ZZZZ.*\.\.\. in the weights") as info:
+        load_model(resolve(str(d)))
+    assert len(str(info.value)) < 500  # used to be a 5 MB line
+    d = with_config(tiny_dir, tmp_path / "arch", lambda c: c.update(architectures=["X" * 1000] * 1000))
+    with pytest.raises(UnsupportedArchitectureError, match="config.json names XXXX.*; qwen_lab supports") as info:
+        load_model(resolve(str(d)))
+    assert len(str(info.value)) < 500  # used to be 1 MB
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_pipe_in_place_of_a_weights_file_is_refused_not_waited_on(tmp_path):
+    """Its open used to wait forever for a writer (swapped in after resolve, or passed by hand)."""
+    import threading
+    from qwen_lab.load import read_safetensors_header
+    os.mkfifo(tmp_path / "m.safetensors")
+    for read in (read_safetensors, read_safetensors_header):
+        outcome = []
+
+        def attempt():
+            try:
+                read(tmp_path / "m.safetensors")
+            except CheckpointError as e:
+                outcome.append(str(e))
+
+        worker = threading.Thread(target=attempt, daemon=True)
+        worker.start()
+        worker.join(20)
+        assert outcome and "is not a regular file (a folder, a pipe or a device)" in outcome[0], read.__name__
+    with pytest.raises(CheckpointError, match="is not a regular file"):
+        read_safetensors(tmp_path)
