@@ -42,6 +42,9 @@ from .load import available_memory, load_model, read_config
 from .tokenizer import Tokenizer
 
 FINISH_REASONS = ("eos", "length", "stop", "cancelled")
+#: Bounds on stop strings: after every token the text's end is compared with each one's beginnings, so
+#: 2,000 strings of 4,000 characters (a hostile generation_config.json) made 300 tokens take 40 s, not 6.
+MAX_STOP_STRINGS, MAX_STOP_LENGTH = 32, 256
 
 #: Re-exported: the logits processors live in ``qwen_lab.sampling``.
 __all__ = ["ChatModel", "GenerationConfig", "GenerationResult", "GenerationStream", "PromptCache", "TokenChoice",
@@ -88,8 +91,9 @@ class GenerationConfig:
              "a whole number >= 0"),
             ("eos_token_id", isinstance(self.eos_token_id, list) and all(whole(i) and i >= 0 for i in self.eos_token_id),
              "a token id or a list of them (whole numbers >= 0)"),
-            ("stop_strings", isinstance(self.stop_strings, list)
-             and all(isinstance(t, str) and t for t in self.stop_strings), "a list of non-empty strings"),
+            ("stop_strings", isinstance(self.stop_strings, list) and len(self.stop_strings) <= MAX_STOP_STRINGS
+             and all(isinstance(t, str) and 0 < len(t) <= MAX_STOP_LENGTH for t in self.stop_strings),
+             f"a list of at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_LENGTH} characters"),
             ("seed", self.seed is None or (whole(self.seed) and 0 <= self.seed < 2**64),
              "a whole number from 0 to 2**64 - 1"),
             ("top_logprobs", whole(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,

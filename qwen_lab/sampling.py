@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from . import kernels
-from .errors import NumericalError
+from .errors import NumericalError, SettingError
 
 #: The most alternatives a step reports (OpenAI's API allows 20 too).
 MAX_TOP_LOGPROBS = 20
@@ -144,8 +144,8 @@ def _draw_top_k(logits: torch.Tensor, previous: torch.Tensor, config, generator:
             return None  # _process_checked says what is wrong
         best = torch.topk(_scaled(logits, previous, config), k + 1)
     values, ids = best
-    if not math.isfinite(float(values[k - 1])) or values[k] == values[k - 1]:
-        return None
+    if not (math.isfinite(float(values[0])) and math.isfinite(float(values[k - 1]))) or values[k] == values[k - 1]:
+        return None  # an infinite candidate (scaled past the largest float): the caller's way says what is wrong
     ids, order = ids[:k].sort()
     # top-p and the draw, as on the whole vocabulary: the same values in the same order
     return int(ids[_draw(apply_top_p(values[:k][order], config.top_p), config, generator)])
@@ -156,7 +156,12 @@ def _process_checked(logits: torch.Tensor, previous: torch.Tensor, config) -> to
     if not math.isfinite(top):
         raise NumericalError(f"the model computed {top} logits: its weights or config.json are broken "
                              f"(NaN weights, a rotary base of 0...); download it again or check the config")
-    return process_logits(logits, previous, config)
+    processed = process_logits(logits, previous, config)
+    if not config.greedy and not math.isfinite(float(processed.max())):  # a softmax of it would be NaN
+        raise SettingError(f"temperature {config.temperature:g} and repetition penalty "
+                           f"{config.repetition_penalty:g} scale these logits past the largest float: use a "
+                           f"temperature of at least 0.01 (0 for greedy) and a penalty near 1")
+    return processed
 
 
 def _draw(processed: torch.Tensor, config, generator: torch.Generator | None) -> int:

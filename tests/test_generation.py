@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import reference_file
-from qwen_lab.errors import ContextTooLongError, NumericalError
+from qwen_lab.errors import ContextTooLongError, NumericalError, SettingError
 from qwen_lab.generation import (ChatModel, GenerationConfig, PromptCache, generate_stream, apply_repetition_penalty, apply_top_k, apply_top_p,
                                  process_logits)
 from qwen_lab import kernels
@@ -43,12 +43,20 @@ def test_config_without_generation_config_falls_back_to_config_json():
                                  dict(max_new_tokens=0), dict(repetition_penalty=0), dict(temperature=float("inf")),
                                  dict(repetition_penalty=float("nan")), dict(stop_strings=[""]),
                                  dict(eos_token_id=["2"]), dict(eos_token_id=[-1]), dict(seed=2**64),
-                                 dict(top_k=2.5), dict(do_sample="yes"), dict(max_new_tokens=True)])
+                                 dict(top_k=2.5), dict(do_sample="yes"), dict(max_new_tokens=True),
+                                 dict(stop_strings=["stop"] * 33), dict(stop_strings=["x" * 257])])
 def test_bad_config_values(bad):
     from qwen_lab.errors import QwenLabError, SettingError
     with pytest.raises(SettingError, match=next(iter(bad))) as info:
         GenerationConfig(**bad)
     assert isinstance(info.value, QwenLabError) and isinstance(info.value, ValueError)
+
+
+def test_stop_strings_are_bounded_where_every_token_pays_for_them():
+    assert GenerationConfig(stop_strings=["x" * 256] * 32).stop_strings[0] == "x" * 256  # the most there may be
+    with pytest.raises(SettingError, match=r"^stop_strings must be a list of at most 32 non-empty strings of at "
+                                           r"most 256 characters, not \['stop', "):
+        GenerationConfig(stop_strings=["stop"] * 2000)
 
 
 def test_prompt_ids_outside_the_vocabulary(chat):
@@ -493,3 +501,18 @@ def test_finish_detail_names_a_few_eos_ids_however_many_the_file_lists(chat):
     assert result.finish_reason == "eos"
     assert "one of the EOS ids [0, 1, 2, 3, 4, ... (400 in all)]" in result.finish_detail  # the panel shows it
     assert len(result.finish_detail) < 200  # every id used to be listed
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=1e-300), dict(temperature=0.7, repetition_penalty=1e-300)])
+def test_settings_that_scale_the_logits_past_the_largest_float_are_one_line(chat, settings):
+    """A softmax of infinite logits is NaN: torch's multinomial said so in a traceback."""
+    config = GenerationConfig(do_sample=True, top_k=20, **settings)
+    logits = torch.linspace(-5, 5, 400)
+    with pytest.raises(SettingError, match=r"^temperature .* scale these logits past the largest float: use a "
+                                           r"temperature of at least 0.01 \(0 for greedy\)"):
+        next_token(logits, torch.tensor([399, 398]), config, torch.Generator().manual_seed(0))
+    with pytest.raises(SettingError, match="past the largest float"):  # the whole loop, top-k 0 (no fast path)
+        chat.generate("Hi", do_sample=True, top_k=0, max_new_tokens=2, **settings)
+    greedy = GenerationConfig(do_sample=False, repetition_penalty=settings.get("repetition_penalty", 1.0))
+    boosted = "repetition_penalty" in settings  # ids 398 and 399 both infinite: the first, as torch's argmax
+    assert next_token(logits, torch.tensor([399, 398]), greedy, None) == (398 if boosted else 399)
