@@ -243,7 +243,8 @@ class PromptCache:
     already computed by the turn before: its prompt, then its reply, token by token. With a cache,
     a generation prefills only what follows the longest common prefix of its prompt and the ids
     whose keys and values the cache holds (llama.cpp's server and Ollama keep prompts the same way).
-    A 2,000-token conversation on a 2-core CPU then waits for its new message, not for all of it.
+    Measured at Qwen2.5-0.5B's shapes in bf16 on a 2-core CPU (``benchmarks/bench_conversation.py``):
+    the 8th turn of a chat, 1,848 tokens, had its first token after 2.7 s instead of 21.0 s.
 
     The reply is the same up to rounding: the reused keys and values of the last reply were
     computed one token at a time, where a prefill computes them all at once, summing in another
