@@ -7,9 +7,9 @@ top-p 0.8, repetition penalty 1.05), one torch thread as in a decode step, 700 t
 Alternates, in one process, ``_draw(_process_checked(...))`` (mask the vocabulary, find the
 survivors, twice) and ``_draw_top_k`` (work on the 20 candidates; the same token from the same
 generator, tests/test_generation.py) with its top-k by torch's operations or by ``kernels.top_k``'s
-one C pass, and greedy's choice, with the penalty and without, by torch's operations or by one C pass
-(``kernels.top_k``'s best, ``kernels.argmax``); prints the median milliseconds per choice. On a GPU the logits come to the CPU
-for this choice, every token.
+one C pass, and greedy's choice, with the penalty and without, by torch's operations or by one C
+pass (``kernels.top_k``'s best, ``kernels.argmax``); prints the median milliseconds per choice. On a
+GPU the logits come to the CPU for this choice, every token.
 """
 from __future__ import annotations
 

@@ -29,7 +29,8 @@ def test_a_notebook_runs_in_its_folder_and_its_output_widget_is_recorded_not_sen
         "nbformat": 4, "nbformat_minor": 5}))
     assert execute_notebooks.main([str(path)]) == 0
     saved = json.loads(path.read_text())
-    assert "".join(saved["cells"][2]["outputs"][0]["text"]) == "zh-TW 1 0\n"  # its folder; offline; the kernel's copy empty
+    # its folder's name; offline; the kernel's copy of the widget's outputs empty (nothing sent back)
+    assert "".join(saved["cells"][2]["outputs"][0]["text"]) == "zh-TW 1 0\n"
     state = saved["metadata"]["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
     shown = [m["state"]["outputs"] for m in state.values() if m["model_name"] == "OutputModel"]
     assert [[(o["output_type"], "".join(o["text"])) for o in outputs] for outputs in shown] == \

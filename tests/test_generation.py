@@ -6,8 +6,8 @@ import torch
 
 from conftest import reference_file
 from qwen_lab.errors import ContextTooLongError, NumericalError, SettingError
-from qwen_lab.generation import (ChatModel, GenerationConfig, PromptCache, generate_stream, apply_repetition_penalty, apply_top_k, apply_top_p,
-                                 process_logits)
+from qwen_lab.generation import (ChatModel, GenerationConfig, PromptCache, generate_stream,
+                                apply_repetition_penalty, apply_top_k, apply_top_p, process_logits)
 from qwen_lab import kernels
 from qwen_lab.sampling import _greedy, next_token
 from qwen_lab.hub import ModelFiles
