@@ -96,6 +96,11 @@ def _recent(previous: torch.Tensor, config) -> torch.Tensor:
     return previous[max(0, len(previous) - config.repeat_last_n):]  # fewer ids than the window: all of them
 
 
+def _penalised(previous: torch.Tensor, config) -> torch.Tensor:
+    """The ids the C passes penalise: ``_recent``'s, or none where the penalty is 1 (it changes nothing)."""
+    return _recent(previous, config) if config.repetition_penalty != 1.0 else previous[:0]
+
+
 def next_token(logits: torch.Tensor, previous: torch.Tensor, config, generator: torch.Generator | None) -> int:
     """Choose one token id: the argmax when greedy, else a sample from the processed distribution."""
     fast = _greedy(logits, previous, config)
@@ -113,7 +118,7 @@ def _greedy(logits: torch.Tensor, previous: torch.Tensor, config) -> int | None:
     not finite (the caller's way says what is wrong)."""
     if not config.greedy:
         return None
-    seen = _recent(previous, config) if config.repetition_penalty != 1.0 else previous[:0]
+    seen = _penalised(previous, config)
     if seen.numel() == 0:
         return kernels.argmax(logits)
     best = kernels.top_k(logits, seen, config.repetition_penalty, 1.0, 1)  # / 1.0 changes no float
@@ -137,8 +142,8 @@ def _draw_top_k(logits: torch.Tensor, previous: torch.Tensor, config, generator:
     # one more than k: a tie with the k-th shows as an equal (k+1)-th. The C pass computes the penalty and
     # the temperature as _scaled's torch operations do; for NaN or infinite logits (or what it does not
     # take) it says None, and torch's operations run
-    best = kernels.top_k(logits, _recent(previous, config) if config.repetition_penalty != 1.0 else previous[:0],
-                         config.repetition_penalty, config.temperature, k + 1)
+    best = kernels.top_k(logits, _penalised(previous, config), config.repetition_penalty, config.temperature,
+                         k + 1)
     if best is None:
         if not math.isfinite(float(logits.max())):
             return None  # _process_checked says what is wrong
