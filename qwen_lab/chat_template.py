@@ -25,7 +25,6 @@ one-line ``TemplateError`` within seconds. How that works is in ``sandbox.py``.
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,23 +70,19 @@ class ChatTemplate:
         config = _read_json(Path(files.tokenizer_config))
         unusable = None
         if files.chat_template is not None:
-            from .hub import MAX_JSON_BYTES, open_regular
+            from .hub import MAX_JSON_BYTES, read_bounded
             path = Path(files.chat_template)
-            try:
-                with open_regular(path, TemplateError) as f:  # a pipe would block; a 2 GB file take the memory
-                    size = os.fstat(f.fileno()).st_size
-                    data = f.read() if size <= MAX_JSON_BYTES else b""
-            except OSError as e:
-                raise TemplateError(f"cannot read {path}: {e.strerror}") from e
+            data, size = read_bounded(path, MAX_JSON_BYTES, TemplateError, "re-download it, or send a raw prompt")
+            if data is None:  # refused unread, and kept for later: a raw prompt does not need the template
+                data = b""
+                unusable = (f"{path} is {size / 2**20:,.0f} MB, far too large for a chat template (at most "
+                            f"{MAX_JSON_BYTES // 2**20} MB): re-download it, or send a raw prompt")
             try:
                 source = data.decode("utf-8")
             except UnicodeDecodeError as e:  # kept for later: a raw prompt does not need the template
                 source = data.decode("utf-8", errors="replace")
                 unusable = (f"{path} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}): the model's "
                             f"chat template is broken; re-download it, or send a raw prompt")
-            if size > MAX_JSON_BYTES:  # refused unread, and kept for later too
-                unusable = (f"{path} is {size / 2**20:,.0f} MB, far too large for a chat template (at most "
-                            f"{MAX_JSON_BYTES // 2**20} MB): re-download it, or send a raw prompt")
         else:
             source = config.get("chat_template")
             if isinstance(source, list):  # named templates: [{"name": ..., "template": ...}]

@@ -44,10 +44,9 @@ OPTIONAL_FILES = ("generation_config.json", "chat_template.jinja")
 SINGLE_WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 
-#: A shard index is a few hundred kB even for 70B models; a bigger one is refused unread.
-MAX_INDEX_BYTES = 16 * 2**20
-#: config.json, tokenizer_config.json, generation_config.json: a few kB (Gemma 3's tokenizer_config.json,
-#: among the largest, 1.2 MB); a bigger one is refused unread, as parsing it could take all the memory.
+#: config.json, tokenizer_config.json, generation_config.json, chat_template.jinja, a shard index: a few kB
+#: (Gemma 3's tokenizer_config.json, among the largest, 1.2 MB; a 70B model's index a few hundred kB); a
+#: bigger one is refused unread, as parsing it could take all the memory.
 MAX_JSON_BYTES = 16 * 2**20
 
 
@@ -77,15 +76,12 @@ def read_json_object(path: str | Path, what: str, error: type[QwenLabError] = Ch
     list where an object belongs each get that one line, never a traceback.
     """
     path = Path(path)
+    raw, size = read_bounded(path, MAX_JSON_BYTES, error)
+    if raw is None:
+        raise error(f"{path} is {size / 2**20:,.0f} MB, far too large for {what} (at most "
+                    f"{MAX_JSON_BYTES // 2**20} MB): it is not a model's file; download the model again")
     try:
-        with open_regular(path, error) as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > MAX_JSON_BYTES:
-                raise error(f"{path} is {size / 2**20:,.0f} MB, far too large for {what} (at most "
-                            f"{MAX_JSON_BYTES // 2**20} MB): it is not a model's file; download the model again")
-            data = json.loads(f.read().decode("utf-8"))
-    except OSError as e:
-        raise error(f"cannot read {path}: {e.strerror or e}; download the model again") from e
+        data = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # also bad UTF-8, and JSON nested thousands deep
         reason = "it is nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0]
         raise error(f"{path} is not valid JSON ({reason}); download the model again") from None
@@ -109,6 +105,26 @@ def open_regular(path: str | Path, error: type[QwenLabError] = CheckpointError):
     return os.fdopen(fd, "rb")
 
 
+def read_bounded(path: str | Path, limit: int, error: type[QwenLabError] = CheckpointError,
+                 advice: str = "download the model again") -> tuple[bytes | None, int]:
+    """The bytes of a model's small file and its size; ``(None, size)`` when it is over ``limit`` bytes.
+
+    The file is untrusted: a pipe is refused rather than waited on (``open_regular``), and a file
+    too large to be what it claims is refused unread, before it can take the memory; one growing
+    while it is read counts as too large. A file that cannot be read is one line (``error``)
+    ending in ``advice``.
+    """
+    try:
+        with open_regular(path, error) as f:
+            size = os.fstat(f.fileno()).st_size
+            data = f.read(limit + 1) if size <= limit else None
+    except OSError as e:
+        raise error(f"cannot read {path}: {e.strerror or e}; {advice}") from e
+    if data is not None and len(data) > limit:
+        return None, len(data)
+    return data, size
+
+
 def shard_names(index_path: str | Path) -> list[str]:
     """The shard files an index's ``weight_map`` names, each once, in order.
 
@@ -117,11 +133,12 @@ def shard_names(index_path: str | Path) -> list[str]:
     model folder (no ``/etc/passwd``, no ``../``).
     """
     path = Path(index_path)
+    raw, _ = read_bounded(path, MAX_JSON_BYTES, DownloadError, "download it again")
+    if raw is None:
+        raise DownloadError(f"{path} is over {MAX_JSON_BYTES // 2**20} MB: not a safetensors index")
     try:
-        if path.stat().st_size > MAX_INDEX_BYTES:
-            raise DownloadError(f"{path} is over {MAX_INDEX_BYTES // 2**20} MB: not a safetensors index")
-        weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        weight_map = json.loads(raw.decode("utf-8"))["weight_map"]
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         reason = "it is nested too deeply" if isinstance(e, RecursionError) else e
         raise DownloadError(f"{path} is not a valid safetensors index ({reason}); download it again") from None
     if not isinstance(weight_map, dict) or not weight_map:

@@ -12,13 +12,12 @@ text only once it forms whole characters, like Candle's ``TokenOutputStream``.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
 from .errors import CheckpointError, SettingError
-from .hub import ModelFiles, open_regular, read_json_object
+from .hub import ModelFiles, read_bounded, read_json_object
 
 
 #: A tokenizer.json larger than this is refused unread (Qwen2.5's is 7 MB, the largest known about 35 MB).
@@ -120,13 +119,9 @@ class Tokenizer:
 def _read_tokenizer_file(path: Path) -> bytes:
     """The bytes of tokenizer.json, read here rather than by ``tokenizers``: a pipe in its place would
     block the open forever, and a huge file could take all the memory; both are refused unread."""
-    try:
-        with open_regular(path) as f:
-            size = os.fstat(f.fileno()).st_size
-            if size <= MAX_TOKENIZER_BYTES:
-                return f.read()
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror or e}; download the model again") from e
+    data, size = read_bounded(path, MAX_TOKENIZER_BYTES)
+    if data is not None:
+        return data
     raise CheckpointError(f"{path} is {size / 2**20:,.0f} MB, over the {MAX_TOKENIZER_BYTES // 2**20} MB a "
                           f"tokenizer can be: it is not one; download the model again")
 

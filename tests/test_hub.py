@@ -288,15 +288,44 @@ def test_a_malformed_weight_map_is_one_line(sharded_dir, tmp_path, weight_map, w
     assert what in str(e.value) and "\n" not in str(e.value)
 
 
-def test_an_index_too_large_to_be_one_is_refused_unread(sharded_dir, tmp_path, opened):
+_PROC_IO = Path("/proc/self/io")
+
+
+def _bytes_read() -> int:
+    """The bytes this process has read so far (Linux's /proc/self/io): a test's proof that a file went unread."""
+    if not _PROC_IO.is_file():
+        pytest.skip("needs /proc/self/io to count the bytes a process reads")
+    return int(next(line for line in _PROC_IO.read_text().splitlines() if line.startswith("rchar:")).split()[1])
+
+
+def test_an_index_too_large_to_be_one_is_refused_unread(sharded_dir, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(sharded_dir, model)
     with open(model / "model.safetensors.index.json", "r+b") as f:
         f.truncate(17 * 2**20)  # sparse: no disk used
-    opened.clear()
+    before = _bytes_read()
     with pytest.raises(DownloadError, match=r"is over 16 MB: not a safetensors index"):
         resolve(str(model))
-    assert str(model / "model.safetensors.index.json") not in opened
+    assert _bytes_read() - before < 2**20
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_pipe_in_place_of_an_index_is_refused_not_waited_on(tmp_path):
+    """shard_names (resolve, doctor, exercise 1.2's checker) read the index by path: a pipe there waited forever."""
+    import threading
+    os.mkfifo(tmp_path / "model.safetensors.index.json")
+    outcome = []
+
+    def attempt():
+        try:
+            shard_names(tmp_path / "model.safetensors.index.json")
+        except DownloadError as e:
+            outcome.append(str(e))
+
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(20)
+    assert outcome and "index.json is not a regular file (a folder, a pipe or a device)" in outcome[0]
 
 
 @pytest.mark.parametrize("name", ["config.json", "tokenizer_config.json", "generation_config.json"])
@@ -304,21 +333,14 @@ def test_a_json_file_too_large_to_be_a_model_s_is_refused_unread(tiny_dir, tmp_p
     """A 2 GB config.json used to be read whole, then parsed: a MemoryError traceback, or the machine's memory."""
     from qwen_lab.errors import CheckpointError
     from qwen_lab.generation import ChatModel
-    io = Path("/proc/self/io")
-    if not io.is_file():
-        pytest.skip("needs /proc/self/io to count the bytes a process reads")
     model = tmp_path / "model"
     shutil.copytree(tiny_dir, model)
     with open(model / name, "r+b") as f:
         f.truncate(17 * 2**20)  # sparse: no disk used
-
-    def bytes_read() -> int:
-        return int(next(line for line in io.read_text().splitlines() if line.startswith("rchar:")).split()[1])
-
-    before = bytes_read()
+    before = _bytes_read()
     with pytest.raises(CheckpointError, match=rf"{name} is 17 MB, far too large for .* \(at most 16 MB\)") as e:
         ChatModel.load(str(model))
-    assert bytes_read() - before < 2**20 and "\n" not in str(e.value)  # the other files are a few kB
+    assert _bytes_read() - before < 2**20 and "\n" not in str(e.value)  # the other files are a few kB
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
