@@ -39,13 +39,15 @@ $(VENV)/.workshop: $(VENV)/.notebooks
 demo: $(VENV)/.notebooks
 	$(OFFLINE) $(BIN)/qwen-lab generate --prompt "What is the capital of France?" --stats
 	$(OFFLINE) $(BIN)/qwen-lab generate --prompt "法國的首都是哪裡？"
-	@echo "Next: make lab  (JupyterLab on notebooks/, start with 01_download.ipynb)"
+	@echo "Next: make lab  (JupyterLab, opening notebooks/01_download.ipynb)"
 
 test: $(VENV)/.test
 	$(OFFLINE) $(BIN)/python -m pytest tests qwen_lab --nbval notebooks --nbval-sanitize-with notebooks/sanitize.cfg --nbval-cell-timeout 300
 
+# The repository as the server's root, so the notebooks' links to the README and the modules open;
+# JupyterLab starts on the first notebook.
 lab: $(VENV)/.notebooks
-	$(BIN)/jupyter lab notebooks
+	$(BIN)/jupyter lab --ServerApp.root_dir=. notebooks/01_download.ipynb
 
 bench: $(VENV)/.test
 	$(BIN)/python benchmarks/bench_gemv.py

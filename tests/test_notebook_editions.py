@@ -124,3 +124,30 @@ def test_unsolved_exercises_run_and_their_checks_say_not_yet(name, notebook_name
             exec(source(check), names)
         lines = out.getvalue().splitlines()
         assert lines and lines[-1].startswith("✗ not yet: "), f"{name}: {out.getvalue()!r}"
+
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+ALL_NOTEBOOKS = ENGLISH + sorted(NOTEBOOKS.glob("zh-TW/*.ipynb")) + sorted(NOTEBOOKS.glob("solutions/*.ipynb"))
+
+
+def heading_anchors(markdown: Path) -> set[str]:
+    """The anchors GitHub and JupyterLab give a Markdown file's headings ("## Teaching a workshop" -> teaching-a-workshop)."""
+    return {re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+            for line in markdown.read_text(encoding="utf-8").splitlines() if line.startswith("#")}
+
+
+def local_links(path: Path) -> list[str]:
+    return [link for c in cells(path) if c["cell_type"] == "markdown" for link in LINK.findall(source(c))
+            if not re.match(r"[a-z]+:|#", link)]
+
+
+@pytest.mark.parametrize("path", ALL_NOTEBOOKS, ids=lambda p: str(p.relative_to(NOTEBOOKS)))
+def test_every_link_of_a_notebook_opens_a_file_of_the_repository(path):
+    """A link to a missing file, or out of the repository (one ``../`` too many), is a 404 in JupyterLab."""
+    root = NOTEBOOKS.parent
+    for link in local_links(path):
+        target, _, anchor = link.partition("#")
+        resolved = (path.parent / target).resolve()
+        assert resolved.is_relative_to(root) and resolved.exists(), f"{path.name}: {link} is not a file of the kit"
+        if anchor and resolved.suffix == ".md":
+            assert anchor in heading_anchors(resolved), f"{path.name}: {link}: no such heading in {target}"

@@ -493,3 +493,26 @@ def test_kubernetes_config_agrees_with_the_tested_one(monkeypatch, tmp_path):
     assert single["defaultUrl"] == c.Spawner.default_url
     # and the image's torch is the CPU-only build
     assert "--index-url https://download.pytorch.org/whl/cpu" in dockerfile
+
+
+def test_learner_start_links_what_the_notebooks_link_to_so_their_links_open(tmp_path):
+    """The notebooks link to ../README.md, ../qwen_lab/hub.py...: in a learner's home those were 404s."""
+    spec = importlib.util.spec_from_file_location("learner_start", WORKSHOP / "learner_start.py")
+    learner_start = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(learner_start)
+    home = tmp_path / "home"
+    (home / "training").mkdir(parents=True)  # the learner's own folder of that name stays theirs
+    learner_start.copy_notebooks(ROOT / "notebooks", home / "notebooks", solutions=True)
+    assert learner_start.link_sources(ROOT, home) == ["README.md", "qwen_lab"]
+    assert learner_start.link_sources(ROOT, home) == []  # a restart links nothing more
+    assert (home / "README.md").is_symlink() and not (home / "training").is_symlink()
+    (home / "training").rmdir()
+    assert learner_start.link_sources(ROOT, home) == ["training"]
+    for notebook in sorted((home / "notebooks").rglob("*.ipynb")):
+        for cell in json.loads(notebook.read_text(encoding="utf-8"))["cells"]:
+            for link in re.findall(r"\]\(([^)\s#]+)", "".join(cell["source"])) if cell["cell_type"] == "markdown" else []:
+                if re.match(r"[a-z]+:", link):
+                    continue
+                inside = os.path.normpath(notebook.parent / link)  # as the server sees it: links not followed
+                assert inside.startswith(str(home) + os.sep) and os.path.exists(inside), \
+                    f"{notebook.relative_to(home)}: {link} does not open in the learner's home"

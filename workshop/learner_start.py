@@ -7,8 +7,11 @@ laid out as there: the English notebooks, ``GLOSSARY.md``, the Traditional Chine
 ``zh-TW/`` (a notebook run from a folder of that name speaks Chinese: ``qwen_lab/lang.py``), and the
 worked solutions in ``solutions/`` only where ``QWEN_LAB_SOLUTIONS=1`` (the instructor's choice:
 ``QWEN_LAB_HUB_SOLUTIONS`` in ``room.py``). A file already in ``~/notebooks`` is never overwritten,
-so a learner's edits survive a restart of their server; one they deleted comes back fresh. Then
-this process becomes ``jupyterhub-singleuser`` with the arguments JupyterHub gave.
+so a learner's edits survive a restart of their server; one they deleted comes back fresh. The
+notebooks link to the kit's files beside their folder (``../README.md``, ``../qwen_lab/hub.py``,
+``../training/corpus.py``): those are linked into the home from ``QWEN_LAB_SOURCE`` (the kit's
+checkout; by default the notebooks' parent folder), so the links open, on the kit's own read-only
+files. Then this process becomes ``jupyterhub-singleuser`` with the arguments JupyterHub gave.
 
     python learner_start.py [jupyterhub-singleuser arguments...]
 """
@@ -23,6 +26,8 @@ FOLDER = "notebooks"  # in the learner's home; also the start page's folder (Spa
 #: What every learner gets, relative to the notebooks folder; the solutions only when the room says so.
 GIVEN = ("*.ipynb", "GLOSSARY.md", "zh-TW/*.ipynb")
 SOLUTIONS = "solutions/*.ipynb"
+#: What the notebooks' links reach outside their folder, linked (never copied) into the learner's home.
+LINKED = ("README.md", "qwen_lab", "training")
 
 
 def copy_notebooks(source: Path, dest: Path, solutions: bool = False) -> list[str]:
@@ -39,12 +44,34 @@ def copy_notebooks(source: Path, dest: Path, solutions: bool = False) -> list[st
     return copied
 
 
+def link_sources(source: Path, home: Path) -> list[str]:
+    """Link each of ``LINKED`` that ``source`` has and ``home`` lacks into ``home``; return the names linked.
+
+    A link, not a copy: the learner reads the kit's own files (read-only to them), never a stale copy
+    that looks editable. Whatever the learner already has under that name is left alone.
+    """
+    linked = []
+    for name in LINKED:
+        target, link = source / name, home / name
+        if target.exists() and not link.exists() and not link.is_symlink():
+            link.symlink_to(target.resolve(), target_is_directory=target.is_dir())
+            linked.append(name)
+    return linked
+
+
 def main(argv: list[str]) -> None:
     source = os.environ.get("QWEN_LAB_NOTEBOOKS")
     if source and Path(source).is_dir():
         solutions = os.environ.get("QWEN_LAB_SOLUTIONS") == "1"
         copied = copy_notebooks(Path(source), Path.home() / FOLDER, solutions)
         print(f"learner_start: copied {len(copied)} file(s) into ~/{FOLDER}", file=sys.stderr, flush=True)
+        kit = Path(os.environ.get("QWEN_LAB_SOURCE") or Path(source).parent)
+        try:
+            linked = link_sources(kit, Path.home())
+        except OSError as e:  # the links are a convenience: the server starts without them
+            print(f"learner_start: warning: cannot link the kit's files from {kit}: {e}", file=sys.stderr, flush=True)
+        else:
+            print(f"learner_start: linked {', '.join(linked) or 'nothing new'} from {kit}", file=sys.stderr, flush=True)
     else:  # the server still starts: a learner without notebooks can still be helped
         print(f"learner_start: warning: QWEN_LAB_NOTEBOOKS={source!r} is not a folder: no notebooks copied",
               file=sys.stderr, flush=True)
