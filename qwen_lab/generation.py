@@ -250,14 +250,16 @@ class PromptCache:
     computed one token at a time, where a prefill computes them all at once, summing in another
     order. Where the template re-writes the last reply differently from the ids the model chose
     (another tokenization, Qwen3 dropping its thinking), the common prefix simply ends there.
-    A cache belongs to one model with its weights as they are (another model starts it afresh);
-    a generation that fails or is abandoned leaves it empty. ``clear()`` frees its memory.
+    A cache belongs to one model with its weights as they are (another model, or a weight changed
+    since, starts it afresh; a forward hook added since is not seen: ``clear()`` it then); a generation
+    takes it whole, so one that fails or is abandoned leaves it empty. ``clear()`` frees its memory.
     """
 
     def __init__(self) -> None:
         self._caches: list | None = None
         self._ids: list[int] = []   # the tokens whose keys and values the caches hold, from position 0
         self._model = None          # a weak reference to the model that computed them
+        self._weights: tuple = ()   # and its weights then (_weights)
         # two threads taking it at once would both get the same tensors and write into them together
         self._lock = threading.Lock()
 
@@ -273,8 +275,8 @@ class PromptCache:
         """How many leading ``prompt_ids`` it holds for ``model`` (0: nothing it holds can serve)."""
         caches, owner, weight = self._caches, self._model() if self._model is not None else None, model.lm_head.weight
         if caches is None or owner is not model or caches[0].k.dtype != weight.dtype \
-                or caches[0].k.device != weight.device:  # another model, or this one moved or converted since
-            return 0
+                or caches[0].k.device != weight.device or self._weights != _weights(model):
+            return 0  # another model, or this one moved, converted or with a weight changed since
         # at most all but the last prompt token: its logits choose the first new token
         start, limit = 0, min(len(self._ids), len(prompt_ids) - 1)
         while start < limit and self._ids[start] == prompt_ids[start]:
@@ -318,6 +320,14 @@ class PromptCache:
     def _keep(self, model, caches: list, ids: list[int]) -> None:
         with self._lock:
             self._caches, self._ids, self._model = caches, list(ids), weakref.ref(model)
+            self._weights = _weights(model)
+
+
+def _weights(model) -> tuple:
+    """Each weight's memory and version counter: torch counts every change made in place (``w.mul_(2)``,
+    ``load_state_dict``), and a replaced weight has other memory. Keys and values computed before are
+    another model's. (Inference tensors count no versions: those are compared by memory only.)"""
+    return tuple((p.data_ptr(), 0 if p.is_inference() else p._version) for p in model.parameters())
 
 
 class _Eager:

@@ -432,6 +432,25 @@ def test_a_prompt_cache_is_not_trusted_after_a_failure_nor_on_another_model(tiny
     assert tiny_chat.generate(ids, cache=cache, do_sample=False, max_new_tokens=4).cached_tokens == len(ids) - 1
 
 
+def test_a_prompt_cache_is_not_trusted_once_a_weight_changed(tiny_dir):
+    """Keys and values computed before a weight changed in place (a learner's experiment between turns)
+    are another model's: they used to be reused, and the reply differed from the one without the cache."""
+    chat = ChatModel.load(str(tiny_dir), dtype="float32", device="cpu")  # its own: the weights change here
+    cache, messages = PromptCache(), [{"role": "user", "content": "Tell me about cats."}]
+    first = chat.generate(messages, cache=cache, do_sample=False, max_new_tokens=20)
+    messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "More?"}]
+    assert chat.generate(messages, cache=cache, do_sample=False, max_new_tokens=20).cached_tokens > 0
+    with torch.no_grad():
+        chat.model.model.layers[0].mlp.down_proj.weight.mul_(-3)
+    kept = chat.generate(messages, cache=cache, do_sample=False, max_new_tokens=20)
+    assert kept.cached_tokens == 0 and kept.token_ids == chat.generate(messages, do_sample=False,
+                                                                       max_new_tokens=20).token_ids
+    chat.model.model.layers[1].mlp.up_proj.weight = torch.nn.Parameter(torch.ones_like(
+        chat.model.model.layers[1].mlp.up_proj.weight))  # replaced, not changed in place
+    assert chat.generate(messages, cache=cache, do_sample=False, max_new_tokens=20).cached_tokens == 0
+    assert chat.generate(messages, cache=cache, do_sample=False, max_new_tokens=20).cached_tokens > 0
+
+
 def test_a_stopped_reply_keeps_what_it_fed(tiny_chat):
     cache, cancel = PromptCache(), threading.Event()
     stream = tiny_chat.stream([{"role": "user", "content": "Tell me about cats."}], cache=cache, cancel=cancel,
