@@ -440,9 +440,13 @@ def _cache_bytes(model, positions: int) -> int:
 
 
 def _free_memory(model) -> int | None:
-    """Bytes free where the model computes (None where unknown)."""
-    weight = model.lm_head.weight
-    return torch.cuda.mem_get_info(weight.device)[0] if weight.device.type == "cuda" else available_memory()
+    """Bytes free where the model computes (None where unknown). On a GPU, with what torch keeps of the
+    memory it freed (an old KV cache, a prefill's activations) for its next tensors: the driver counts it
+    as used."""
+    device = model.lm_head.weight.device
+    if device.type != "cuda":
+        return available_memory()
+    return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def _check_cache_memory(model, positions: int, freed: int = 0) -> None:

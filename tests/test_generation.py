@@ -620,3 +620,16 @@ def test_a_growing_cache_doubles_only_where_memory_allows(tiny_chat, monkeypatch
     monkeypatch.undo()
     tiny_chat.generate(longer + more, cache=cache, do_sample=False, max_new_tokens=8)
     assert cache._caches[0].max_len == 2 * need  # with the memory, doubled
+
+
+def test_free_gpu_memory_counts_what_torch_keeps_for_reuse(monkeypatch):
+    """torch keeps freed GPU memory (an old KV cache, a prefill's activations) for its next tensors; the
+    driver counts it as used. The check used to read the driver's figure alone: on a nearly full GPU a
+    cache that torch would have placed in that memory was refused."""
+    from types import SimpleNamespace
+    import qwen_lab.generation as generation
+    model = SimpleNamespace(lm_head=SimpleNamespace(weight=SimpleNamespace(device=torch.device("cuda", 0))))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 30, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 5 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 << 30)
+    assert generation._free_memory(model) == 4 << 30
