@@ -250,40 +250,67 @@ class PromptCache:
     computed one token at a time, where a prefill computes them all at once, summing in another
     order. Where the template re-writes the last reply differently from the ids the model chose
     (another tokenization, Qwen3 dropping its thinking), the common prefix simply ends there.
-    A cache belongs to one model with its weights as they are (another model starts it afresh);
-    a generation that fails or is abandoned leaves it empty. ``clear()`` frees its memory.
+    A cache belongs to one model with its weights as they are (another model, or a weight changed
+    since, starts it afresh; a forward hook added since is not seen: ``clear()`` it then); a generation
+    takes it whole, so one that fails or is abandoned leaves it empty. ``clear()`` frees its memory.
     """
 
     def __init__(self) -> None:
         self._caches: list | None = None
         self._ids: list[int] = []   # the tokens whose keys and values the caches hold, from position 0
         self._model = None          # a weak reference to the model that computed them
+        self._weights: tuple = ()   # and its weights then (_weights)
+        # two threads taking it at once would both get the same tensors and write into them together
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         """How many tokens' keys and values it holds."""
         return len(self._ids)
 
     def clear(self) -> None:
-        self._caches, self._ids, self._model = None, [], None
+        with self._lock:
+            self._caches, self._ids, self._model = None, [], None
+
+    def _usable(self, model, prompt_ids: list[int]) -> int:
+        """How many leading ``prompt_ids`` it holds for ``model`` (0: nothing it holds can serve)."""
+        caches, owner, weight = self._caches, self._model() if self._model is not None else None, model.lm_head.weight
+        if caches is None or owner is not model or caches[0].k.dtype != weight.dtype \
+                or caches[0].k.device != weight.device or self._weights != _weights(model):
+            return 0  # another model, or this one moved, converted or with a weight changed since
+        # at most all but the last prompt token: its logits choose the first new token
+        start, limit = 0, min(len(self._ids), len(prompt_ids) - 1)
+        while start < limit and self._ids[start] == prompt_ids[start]:
+            start += 1
+        return start
+
+    def _plan(self, model, prompt_ids: list[int], length: int) -> tuple[int, int]:
+        """What a generation of ``length`` positions will allocate, for the memory check:
+        ``(positions, bytes freed before)``. Reused in place: nothing; grown: at least ``length``
+        positions while the old ones are copied; not reusable: ``length``, once the old ones are freed."""
+        with self._lock:
+            if self._usable(model, prompt_ids) == 0:
+                freed = 0 if self._caches is None or self._caches[0].k.device != model.lm_head.weight.device \
+                    else sum(2 * c.k.numel() * c.k.element_size() for c in self._caches)
+                return length, freed
+            return (0 if self._caches[0].max_len >= length else length), 0
 
     def _take(self, model, prompt_ids: list[int], length: int) -> tuple[list, int]:
         """KV caches of at least ``length`` positions and ``start``: they hold ``prompt_ids[:start]``.
 
         The caller owns them until ``_keep``: the cache is empty meanwhile, so a generation that
         never ends leaves nothing half-written to trust."""
-        caches, held, owner = self._caches, self._ids, self._model() if self._model is not None else None
-        self.clear()
-        start, weight = 0, model.lm_head.weight
-        if caches is not None and owner is model and caches[0].k.dtype == weight.dtype \
-                and caches[0].k.device == weight.device:  # the model was not moved or converted since
-            # at most all but the last prompt token: its logits choose the first new token
-            limit = min(len(held), len(prompt_ids) - 1)
-            while start < limit and held[start] == prompt_ids[start]:
-                start += 1
+        with self._lock:
+            start, caches = self._usable(model, prompt_ids), self._caches
+            self._caches, self._ids, self._model = None, [], None
         if start == 0:
+            del caches  # freed before the new ones are made: the memory check counted on it
             return model.new_caches(1, length), 0
-        if caches[0].max_len < length:  # grow, doubling (up to the context), so later turns fit in place
-            grown = model.new_caches(1, max(length, min(2 * caches[0].max_len, model.config.max_position_embeddings)))
+        if caches[0].max_len < length:  # grow, doubling (up to the context) where memory allows, so later turns fit
+            size = min(2 * caches[0].max_len, model.config.max_position_embeddings)
+            free = _free_memory(model)
+            if size < length or (free is not None and _cache_bytes(model, size) > free):
+                size = length
+            grown = model.new_caches(1, size)
             for new, old in zip(grown, caches):
                 new.k[:, :, :start] = old.k[:, :, :start]
                 new.v[:, :, :start] = old.v[:, :, :start]
@@ -291,7 +318,16 @@ class PromptCache:
         return caches, start
 
     def _keep(self, model, caches: list, ids: list[int]) -> None:
-        self._caches, self._ids, self._model = caches, list(ids), weakref.ref(model)
+        with self._lock:
+            self._caches, self._ids, self._model = caches, list(ids), weakref.ref(model)
+            self._weights = _weights(model)
+
+
+def _weights(model) -> tuple:
+    """Each weight's memory and version counter: torch counts every change made in place (``w.mul_(2)``,
+    ``load_state_dict``), and a replaced weight has other memory. Keys and values computed before are
+    another model's. (Inference tensors count no versions: those are compared by memory only.)"""
+    return tuple((p.data_ptr(), 0 if p.is_inference() else p._version) for p in model.parameters())
 
 
 class _Eager:
@@ -384,25 +420,49 @@ def generate_stream(model, tokenizer: Tokenizer, prompt_ids: list[int], config: 
     if static and not use_cache:
         raise SettingError("static decoding keeps a KV cache: it cannot run with use_cache=False")
     if use_cache:
-        _check_cache_memory(model, len(prompt_ids) + min(config.max_new_tokens, context - len(prompt_ids)))
+        length = len(prompt_ids) + min(config.max_new_tokens, context - len(prompt_ids))
+        if static:  # the static decoder ignores ``cache``: it allocates its bucket once, then keeps it
+            _check_cache_memory(model, static_decode.new_positions(model, length))
+        elif cache is not None:
+            _check_cache_memory(model, *cache._plan(model, prompt_ids, length))
+        else:
+            _check_cache_memory(model, length)
     choices: list[TokenChoice] = []
     return GenerationStream(_steps(model, tokenizer, list(prompt_ids), config, cancel, use_cache,
                                    skip_special_tokens, context, static, choices, cache), choices)
 
 
-def _check_cache_memory(model, length: int) -> None:
+def _cache_bytes(model, positions: int) -> int:
+    """Bytes of a KV cache of ``positions`` positions: (layers x KV heads x head_dim) keys and as many values."""
+    cfg = model.config
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * positions \
+        * model.lm_head.weight.element_size()
+
+
+def _free_memory(model) -> int | None:
+    """Bytes free where the model computes (None where unknown). On a GPU, with what torch keeps of the
+    memory it freed (an old KV cache, a prefill's activations) for its next tensors: the driver counts it
+    as used."""
+    device = model.lm_head.weight.device
+    if device.type != "cuda":
+        return available_memory()
+    return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def _check_cache_memory(model, positions: int, freed: int = 0) -> None:
     """Refuse, with the figures, a KV cache larger than the memory left: it is allocated whole, up front.
 
     Its size is the config's (layers x KV heads x head_dim) times the positions asked for: a
     64 MB checkpoint whose config.json claims 1,024 KV heads of 1,024 channels, asked for
     100,000 new tokens, used to meet torch's allocator with a 200 GB request (a traceback).
+    ``positions``: what this generation allocates (0 where a kept cache serves as it is);
+    ``freed``: bytes of a kept cache released before it.
     """
-    cfg, weight = model.config, model.lm_head.weight
-    need = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * length * weight.element_size()
-    free = torch.cuda.mem_get_info(weight.device)[0] if weight.device.type == "cuda" else available_memory()
-    if free is not None and need > free:
-        raise SettingError(f"the KV cache for {length:,} positions needs {need / 2**30:.1f} GiB but only "
-                           f"{free / 2**30:.1f} GiB is free: ask for fewer new tokens (max_new_tokens)")
+    need = _cache_bytes(model, positions)
+    free = _free_memory(model) if need else None
+    if free is not None and need > free + freed:
+        raise SettingError(f"the KV cache for {positions:,} positions needs {need / 2**30:.1f} GiB but only "
+                           f"{(free + freed) / 2**30:.1f} GiB is free: ask for fewer new tokens (max_new_tokens)")
 
 
 def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special, context, static, choices, cache):

@@ -21,7 +21,9 @@ Design:
   its lock lets one reply be generated at a time;
 * each panel keeps its conversation's KV cache between replies (``generation.PromptCache``):
   a new message, Regenerate or Undo prefills only what the last reply did not already compute,
-  so the wait for a reply's first token does not grow with the conversation;
+  so the wait for a reply's first token does not grow with the conversation. ipywidgets keeps
+  every panel ever made alive (its buttons hold it), so a new panel frees the caches of the
+  panels made before it: re-running a cell, or trying another model, does not pile them up;
 * every word the panel shows comes from ``LABELS``, in English or Traditional
   Chinese: ``lang="zh-TW"``, or by default ``qwen_lab.lang.choose_language()``
   (``QWEN_LAB_LANG``, or a notebook in ``notebooks/zh-TW/``). What the model and
@@ -37,6 +39,7 @@ import tempfile
 import threading
 import time
 import warnings
+import weakref
 from pathlib import Path
 
 import ipywidgets as w
@@ -52,6 +55,7 @@ __all__ = ["LABELS", "ChatPanel", "render_markdown"]
 CONTEXT_WARNING = 0.8  # share of the context window after which the panel warns
 
 _loaded: dict[tuple, ChatModel] = {}
+_panels: weakref.WeakSet = weakref.WeakSet()  # every panel made: a new one frees their KV caches
 
 #: Every label, button, placeholder and status line of the panel, per language (``qwen_lab.lang``).
 #: The ``{...}`` fields are filled with ``str.format``; a language may leave one out (Chinese has no plural).
@@ -185,6 +189,9 @@ class ChatPanel:
         self._worker: threading.Thread | None = None
         #: this conversation's keys and values, kept between replies: each one prefills only what is new
         self.prompt_cache = PromptCache()
+        for earlier in list(_panels):  # still usable: the next reply of one prefills its conversation once
+            earlier.prompt_cache.clear()
+        _panels.add(self)
         self._cancel = threading.Event()
         self._partial: str | None = None      # the reply being streamed
 

@@ -132,6 +132,12 @@ class StaticDecoder:
         return self._step()
 
 
+def new_positions(model: CausalLM, length: int) -> int:
+    """Positions ``decoder_for(model, length)`` would allocate: its bucket's, or 0 where that decoder is kept."""
+    size = bucket(length, model.config.max_position_embeddings)
+    return 0 if size in model.__dict__.get("_static_decoders", {}) else size
+
+
 def decoder_for(model: CausalLM, length: int) -> StaticDecoder:
     """The model's static decoder for ``length`` positions, made once per length bucket and kept."""
     size = bucket(length, model.config.max_position_embeddings)

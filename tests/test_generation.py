@@ -432,6 +432,25 @@ def test_a_prompt_cache_is_not_trusted_after_a_failure_nor_on_another_model(tiny
     assert tiny_chat.generate(ids, cache=cache, do_sample=False, max_new_tokens=4).cached_tokens == len(ids) - 1
 
 
+def test_a_prompt_cache_is_not_trusted_once_a_weight_changed(tiny_dir):
+    """Keys and values computed before a weight changed in place (a learner's experiment between turns)
+    are another model's: they used to be reused, and the reply differed from the one without the cache."""
+    chat = ChatModel.load(str(tiny_dir), dtype="float32", device="cpu")  # its own: the weights change here
+    cache, messages = PromptCache(), [{"role": "user", "content": "Tell me about cats."}]
+    first = chat.generate(messages, cache=cache, do_sample=False, max_new_tokens=20)
+    messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "More?"}]
+    assert chat.generate(messages, cache=cache, do_sample=False, max_new_tokens=20).cached_tokens > 0
+    with torch.no_grad():
+        chat.model.model.layers[0].mlp.down_proj.weight.mul_(-3)
+    kept = chat.generate(messages, cache=cache, do_sample=False, max_new_tokens=20)
+    assert kept.cached_tokens == 0 and kept.token_ids == chat.generate(messages, do_sample=False,
+                                                                       max_new_tokens=20).token_ids
+    chat.model.model.layers[1].mlp.up_proj.weight = torch.nn.Parameter(torch.ones_like(
+        chat.model.model.layers[1].mlp.up_proj.weight))  # replaced, not changed in place
+    assert chat.generate(messages, cache=cache, do_sample=False, max_new_tokens=20).cached_tokens == 0
+    assert chat.generate(messages, cache=cache, do_sample=False, max_new_tokens=20).cached_tokens > 0
+
+
 def test_a_stopped_reply_keeps_what_it_fed(tiny_chat):
     cache, cancel = PromptCache(), threading.Event()
     stream = tiny_chat.stream([{"role": "user", "content": "Tell me about cats."}], cache=cache, cancel=cancel,
@@ -516,3 +535,101 @@ def test_settings_that_scale_the_logits_past_the_largest_float_are_one_line(chat
     greedy = GenerationConfig(do_sample=False, repetition_penalty=settings.get("repetition_penalty", 1.0))
     boosted = "repetition_penalty" in settings  # ids 398 and 399 both infinite: the first, as torch's argmax
     assert next_token(logits, torch.tensor([399, 398]), greedy, None) == (398 if boosted else 399)
+
+
+# ---------------------------------------------------------------- a kept cache, adversarially
+
+def test_two_threads_never_take_the_same_kept_caches(tiny_chat):
+    """Both threads used to read the kept caches before either emptied it: two generations then wrote
+    into the same tensors, and the one kept last no longer held the ids it claimed (silently wrong replies)."""
+    cache, messages = PromptCache(), [{"role": "user", "content": "Hello!"}]
+    tiny_chat.generate(messages, cache=cache, do_sample=False, max_new_tokens=8)
+    ids, model, barrier = tiny_chat.prompt_ids(messages), tiny_chat.model, threading.Barrier(2)
+
+    def owner():  # the weak reference to the model, called while a thread takes the cache: both meet here
+        try:
+            barrier.wait(timeout=1)
+        except threading.BrokenBarrierError:  # the other thread could not come: it waits for this one
+            pass
+        return model
+    cache._model = owner
+    taken = []
+    workers = [threading.Thread(target=lambda: taken.append(cache._take(model, ids, len(ids) + 4)))
+               for _ in range(2)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(30)
+    (first, a), (second, b) = taken
+    assert sorted([a, b]) == [0, len(ids) - 1] and first[0].k is not second[0].k
+
+
+def _per_position(model):
+    cfg = model.config
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * model.lm_head.weight.element_size()
+
+
+def test_a_regenerate_that_fits_in_the_kept_cache_needs_no_free_memory(tiny_chat, monkeypatch):
+    """The check used to ask for the whole cache again, though the kept one is reused in place: on a
+    machine whose memory the conversation had filled, Regenerate was refused ("ask for fewer new tokens")."""
+    import qwen_lab.generation as generation
+    cache, messages = PromptCache(), [{"role": "user", "content": "Tell me about cats."}]
+    first = tiny_chat.generate(messages, cache=cache, do_sample=False, max_new_tokens=60, eos_token_id=[])
+    kept = cache._caches[0].max_len
+    monkeypatch.setattr(generation, "available_memory", lambda: 5 * _per_position(tiny_chat.model))
+    again = tiny_chat.generate(messages, cache=cache, do_sample=False, max_new_tokens=8)
+    assert again.cached_tokens == first.prompt_tokens - 1 and cache._caches[0].max_len == kept
+
+
+def test_a_cache_that_cannot_be_reused_is_freed_before_the_new_one_is_allocated(tiny_chat, monkeypatch):
+    """Its memory counts as free, and is: the old caches used to stay alive while the new ones were made."""
+    import weakref
+    import qwen_lab.generation as generation
+    model, cache = tiny_chat.model, PromptCache()
+    tiny_chat.generate([{"role": "user", "content": "Tell me about cats."}], cache=cache, do_sample=False,
+                       max_new_tokens=60, eos_token_id=[])
+    kept, old = cache._caches[0].max_len, weakref.ref(cache._caches[0])
+    other = tiny_chat.tokenizer.encode("What is 2 plus 3? " * 3)  # a raw prompt: not even <|im_start|> is shared
+    need = len(other) + 60
+    assert kept - 40 < need <= kept
+    monkeypatch.setattr(generation, "available_memory", lambda: (kept - 40) * _per_position(model))
+    alive = []
+    monkeypatch.setattr(model, "new_caches", lambda *a: alive.append(old() is not None) or
+                        type(model).new_caches(model, *a))
+    fresh = tiny_chat.generate(other, cache=cache, do_sample=False, max_new_tokens=60, eos_token_id=[])
+    assert fresh.cached_tokens == 0 and alive == [False]
+
+
+def test_a_growing_cache_doubles_only_where_memory_allows(tiny_chat, monkeypatch):
+    """Growing allocates the new caches while the old ones are copied: the check counts the size grown to,
+    and doubling (so later turns fit in place) used to ignore the free memory: up to twice what was checked."""
+    import qwen_lab.generation as generation
+    cache, ids = PromptCache(), tiny_chat.prompt_ids([{"role": "user", "content": "Tell me about cats."}])
+    tiny_chat.generate(ids, cache=cache, do_sample=False, max_new_tokens=4)
+    kept, more = cache._caches[0].max_len, list(range(30, 60))
+    longer, per_position = ids + more, _per_position(tiny_chat.model)
+    need = len(longer) + 8
+    assert kept < need < 2 * kept
+    monkeypatch.setattr(generation, "available_memory", lambda: (need + 2) * per_position)
+    grown = tiny_chat.generate(longer, cache=cache, do_sample=False, max_new_tokens=8, eos_token_id=[])
+    assert grown.cached_tokens == len(ids) and cache._caches[0].max_len == need  # not 2 * kept
+    monkeypatch.setattr(generation, "available_memory", lambda: 10 * per_position)
+    with pytest.raises(SettingError, match=rf"^the KV cache for {need + 30:,} positions needs"):
+        tiny_chat.generate(longer + more, cache=cache, do_sample=False, max_new_tokens=8)
+    assert len(cache) == len(longer) + 8 - 1  # refused before anything was taken: the cache is as it was
+    monkeypatch.undo()
+    tiny_chat.generate(longer + more, cache=cache, do_sample=False, max_new_tokens=8)
+    assert cache._caches[0].max_len == 2 * need  # with the memory, doubled
+
+
+def test_free_gpu_memory_counts_what_torch_keeps_for_reuse(monkeypatch):
+    """torch keeps freed GPU memory (an old KV cache, a prefill's activations) for its next tensors; the
+    driver counts it as used. The check used to read the driver's figure alone: on a nearly full GPU a
+    cache that torch would have placed in that memory was refused."""
+    from types import SimpleNamespace
+    import qwen_lab.generation as generation
+    model = SimpleNamespace(lm_head=SimpleNamespace(weight=SimpleNamespace(device=torch.device("cuda", 0))))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 30, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 5 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 << 30)
+    assert generation._free_memory(model) == 4 << 30

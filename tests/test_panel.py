@@ -396,3 +396,25 @@ def test_each_reply_prefills_only_what_the_last_did_not_compute(chat):
     assert "個沿用上一次回覆算好的" in chinese.transcript.value and "kept from" not in chinese.transcript.value
     panel.clear()
     assert len(panel.prompt_cache) == 0
+
+
+def test_a_new_panel_frees_the_kv_caches_that_earlier_panels_keep(chat):
+    """ipywidgets keeps every panel ever made alive (its buttons' callbacks hold it): each re-run of a
+    panel's cell, each other model tried, kept its conversation's KV cache until the kernel restarted."""
+    import gc
+    import weakref
+    old = ChatPanel(chat, refresh_s=0.01)
+    old.temperature.value, old.max_new_tokens.value = 0.0, 6
+    old.send("Hi")
+    old.wait(30)
+    assert len(old.prompt_cache) > 0
+    earlier = weakref.ref(old)
+    del old
+    gc.collect()
+    assert earlier() is not None  # nothing but the panel itself can let go of its cache
+    ChatPanel(chat)
+    assert len(earlier().prompt_cache) == 0 and earlier().prompt_cache._caches is None
+    earlier().send("And then?")  # the older panel still works: its next reply prefills the conversation once
+    earlier().wait(30)
+    assert earlier().replies[-1]["cached_tokens"] == 0 and len(earlier().prompt_cache) > 0
+    assert [m["role"] for m in earlier().messages] == ["user", "assistant"] * 2

@@ -100,3 +100,26 @@ def test_static_decoding_serves_every_architecture(tmp_path, tokenizer):
         prompt = list(range(3, 15))
         assert (generate_stream(model, tok, prompt, config, static=True).result.token_ids
                 == generate_stream(model, tok, prompt, config, static=False).result.token_ids), arch
+
+
+def test_the_memory_check_counts_the_bucket_a_static_decoder_allocates_and_keeps(tiny_dir, monkeypatch):
+    """The decoder of a length bucket (512 positions at least) is made once and kept on the model: the check
+    used to count only this generation's positions (37 of a new 512), and to ask for them again each time
+    a kept decoder served, refusing a generation that allocated nothing."""
+    import qwen_lab.generation as generation
+    from qwen_lab.generation import PromptCache
+    files = resolve(str(tiny_dir))
+    model, tok = load_model(files, "float32", "cpu", matvec="none"), Tokenizer.from_files(files)
+    cfg = model.config
+    per_position = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
+    prompt, config = tok.encode("Hello! How are you today? I am"), GenerationConfig(max_new_tokens=8, do_sample=False)
+    monkeypatch.setattr(generation, "available_memory", lambda: 100 * per_position)
+    with pytest.raises(SettingError, match=r"^the KV cache for 512 positions needs"):
+        generate_stream(model, tok, prompt, config, static=True)
+    monkeypatch.undo()
+    cache = PromptCache()  # a kept eager cache is not the static decoder's: nothing of it is freed, nor used
+    generate_stream(model, tok, prompt, config, static=False, cache=cache).result
+    wanted = generate_stream(model, tok, prompt, config, static=True, cache=cache).result
+    monkeypatch.setattr(generation, "available_memory", lambda: 0)
+    again = generate_stream(model, tok, prompt, config, static=True, cache=cache).result  # the kept decoder
+    assert again.token_ids == wanted.token_ids and again.decode_path == "static" and len(cache) > 0
