@@ -17,7 +17,9 @@
    2 threads): GPU machines' server CPUs often have the AVX-512 / AVX512-BF16 that CI's lacks;
 5. (not with ``--quick``) the notebooks (English edition) executed on CUDA, nbval in lax mode
    (outputs may differ in the last digits from the CPU-made ones, errors may not); skipped, and
-   said so, where nbval is not installed;
+   said so, where nbval is not installed; then the same notebooks on a model loaded in bfloat16 and
+   in float16, as a real model's learner runs them there (``tests/test_notebooks_in_low_precision.py``:
+   an A100's or H100's bf16, a T4's float16; about 1.5 minutes);
 6. (with ``--cpu-bench``, about 4 more minutes) the CPU's decode benchmarks on 2 of its cores, as on
    the 2-core machine class (GPU machines' server CPUs are the other CPU family the kernels must
    serve): ``bench_step.py`` (a generation's token step and the whole-stack call against a read probe,
@@ -259,9 +261,14 @@ def main() -> None:
             report["steps"].append(run_step("notebooks on CUDA (nbval-lax)",
                                             [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
                                              *sorted(str(p) for p in (ROOT / "notebooks").glob("*.ipynb"))], 300))
-        except ImportError:
-            report["steps"].append({"name": "notebooks on CUDA", "ok": None, "tail": "nbval is not installed here"})
-            print("[skipped] notebooks: nbval is not installed here (carry its wheels)", flush=True)
+            save()
+            import nbclient  # noqa: F401  (the test executes the notebooks with it; without it, it would skip)
+            report["steps"].append(run_step("notebooks on CUDA in bfloat16 and float16",
+                                            [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                             "tests/test_notebooks_in_low_precision.py"], 300))
+        except ImportError as e:
+            report["steps"].append({"name": "notebooks on CUDA", "ok": None, "tail": f"{e.name} is not installed here"})
+            print(f"[skipped] notebooks: {e.name} is not installed here (carry its wheels)", flush=True)
     save()
     if args.cpu_bench:
         pin = ["taskset", "-c", "0,1"] if shutil.which("taskset") else []
