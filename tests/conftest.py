@@ -1,4 +1,5 @@
 """Fixtures: tiny Qwen2 checkpoints made on the fly, and the reference files of the real models."""
+import threading
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,26 @@ SAMPLE_TEXTS = [
     "def add(a, b):\n    return a + b\n",
     "<tools> {\"name\": \"get_weather\"} </tools> & <b>bold</b>",
 ] * 4
+
+
+def refusal_within(call, error, seconds: float = 20) -> str | None:
+    """The message of the ``error`` that ``call()`` raises within ``seconds``, else None.
+
+    Run in a daemon thread: a call that blocks forever (the open of a pipe waits for a writer) fails
+    the test instead of hanging the suite.
+    """
+    outcome = []
+
+    def attempt():
+        try:
+            call()
+        except error as e:
+            outcome.append(str(e))
+
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    return outcome[0] if outcome else None
 
 
 def qwen_template() -> str:
