@@ -77,7 +77,10 @@ def _inline(text: str) -> str:
         else:
             s = html.escape(part)
             s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
-            s = re.sub(r"(?<![*\w])\*(?!\s)(.+?)(?<!\s)\*(?!\w)", r"<i>\1</i>", s)
+            # [^*]: an opening * looks no further than the next *, so a line of openers that never
+            # close (" *a *a *a...") is rendered in linear time (with .+? each one scanned the rest of
+            # the line: 24,000 characters took 8 s, and the panel redraws every 0.1 s).
+            s = re.sub(r"(?<![*\w])\*(?!\s)([^*]+?)(?<!\s)\*(?!\w)", r"<i>\1</i>", s)
             rendered.append(s)
     return "".join(rendered)
 
