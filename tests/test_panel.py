@@ -433,6 +433,30 @@ def test_a_hostile_model_folder_adds_no_markup_to_the_panel(hostile_chat, monkey
     assert "</div></details><script>alert(3)</script>" in shown and "$\\href{javascript:alert(1)}{x}$" in shown
 
 
+def test_text_that_is_not_valid_unicode_still_reaches_the_browser(chat, monkeypatch):
+    """A template's JSON can hold half a character ("\\ud800"), which the kernel cannot send to the
+    browser as UTF-8: it raised there, out of send() (the message left in the history, the input box
+    emptied, no error shown) or out of ChatPanel() itself. Checked with the kernel's own packer."""
+    from jupyter_client.session import json_packer
+    from qwen_lab.chat_template import ChatTemplate
+    monkeypatch.setattr(chat, "template", ChatTemplate(
+        "{% if messages[-1].content == 'hi' %}{{ raise_exception('bad \ud800 text') }}{% endif %}prompt"))
+    panel = ChatPanel(chat)
+    panel.send("hi")
+    json_packer(panel.status.get_state())
+    assert "refused these messages: bad \\ud800 text" in panel.status.value  # its escape, visible
+    assert panel.messages == [] and panel.input.value == "hi"  # nothing lost
+
+    monkeypatch.setattr(chat, "template", ChatTemplate(
+        "{% if messages[0].role != 'system' %}<|im_start|>system\nYou are \ud800 helpful<|im_end|>\n{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "<|im_start|>assistant\n"))
+    panel = ChatPanel(chat)
+    for widget in (panel.system, panel.title, panel.transcript, panel.status):
+        json_packer(widget.get_state())
+    assert panel.system.value == "You are \\ud800 helpful"  # shown, editable, and what is sent
+
+
 # ---------------------------------------------------------------- the panel's language
 
 def _words(panel):
