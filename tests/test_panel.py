@@ -457,6 +457,35 @@ def test_text_that_is_not_valid_unicode_still_reaches_the_browser(chat, monkeypa
     assert panel.system.value == "You are \\ud800 helpful"  # shown, editable, and what is sent
 
 
+def test_a_direction_override_in_a_token_does_not_reorder_the_token_boxes():
+    """In Chromium: a token holding U+202E (right-to-left override) showed every later token box in
+    reverse order, so the "inside" view misstated the sequence; each box is now bidi-isolated."""
+    from pathlib import Path
+
+    from qwen_lab.markup import inside_view
+    from qwen_lab.panel import _STYLE
+    from qwen_lab.sampling import TokenChoice
+    from test_browser import CHROMIUM, need
+    need(Path(CHROMIUM).exists(), f"{CHROMIUM} is missing (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    pieces = ["one", "\u202etwo", "three", "four", "\u202dfive", "six"]
+    ids = list(range(len(pieces)))
+    view = inside_view("x", pieces, ids, set(), 100, pieces, [TokenChoice(i, 0.5, [(i, 0.5)]) for i in ids],
+                       lambda i: pieces[i], "done")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1300, "height": 800})
+            page.set_content(_STYLE + view.replace("<details", "<details open"))
+            rows = page.evaluate("[...document.querySelectorAll('.ql-tokens')].map(row => [...row.children]"
+                                 ".map(s => s.getBoundingClientRect().x))")
+        finally:
+            browser.close()
+    assert len(rows) == 2 and all(len(xs) == len(pieces) for xs in rows)
+    for xs in rows:  # the prompt's tokens, then the reply's: left to right, in order
+        assert xs == sorted(xs) and len(set(xs)) == len(xs), xs
+
+
 # ---------------------------------------------------------------- the panel's language
 
 def _words(panel):
