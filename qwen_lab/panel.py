@@ -460,7 +460,7 @@ class ChatPanel:
         status = html.escape(self.note, quote=False)
         if self.error:
             status += f"<span class='ql-error'>{html.escape(self._error_lead + self.error)}</span>"
-        self.status.value = f"<div class='ql-note'>{status}</div>" if status else ""
+        self.status.value = _sendable(f"<div class='ql-note'>{status}</div>") if status else ""
 
 
     def _inside_html(self, inside: dict) -> str:
@@ -491,4 +491,12 @@ def _template_default_system(chat: ChatModel) -> str:
         return ""
     probe = chat.render([{"role": "user", "content": "\x00"}], add_generation_prompt=False)
     match = re.match(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", probe, re.S)
-    return match.group(1) if match else ""
+    return _sendable(match.group(1)) if match else ""
+
+
+def _sendable(text: str) -> str:
+    """``text`` with each half character (a lone surrogate, such as ``"\\ud800"`` in a template's JSON)
+    written as its escape, ``\\ud800``: the kernel sends widget values as UTF-8, which cannot hold one,
+    so an error quoting a template's text, or its default system prompt, would otherwise fail to reach
+    the browser (the panel stuck, or not shown at all)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -272,6 +272,220 @@ def test_the_inside_view_escapes_everything_the_model_wrote():
     assert page.count("<span") == page.count("</span>") == 2 and page.count("</details>") == 1
 
 
+# ---------------------------------------------------------------- hostile text: nothing becomes markup
+
+#: What the panel's HTML may hold: the tags markup.py and panel.py write, with their own attributes.
+ALLOWED_TAGS = {"style", "div", "p", "br", "b", "i", "code", "pre", "ul", "li", "details", "summary", "span"}
+OUR_CLASSES = {"ql-chat", "ql-msg", "ql-user", "ql-assistant", "ql-streaming", "ql-meta", "ql-note", "ql-error",
+               "ql-code", "ql-inside", "ql-prompt-text", "ql-tokens", "ql-tok", "ql-special", "ql-scale"}
+EVIL = "<img src=x onerror=alert(1)>"
+
+
+def markup_of(page):
+    """Parse ``page`` as the browser would (html.parser) and return (problems, visible text): any tag,
+    attribute, class or style that markup.py/panel.py do not write is a problem, and so is a tag left open."""
+    import re
+    from html.parser import HTMLParser
+    colour = re.compile(r"background: hsl\(\d{1,3}, 75%, 82%\)")
+
+    class Checker(HTMLParser):
+        def __init__(self):
+            super().__init__(convert_charrefs=True)
+            self.problems, self.text, self.open = [], [], {}
+
+        def handle_starttag(self, tag, attrs):
+            if tag not in ALLOWED_TAGS:
+                self.problems.append(f"<{tag}>")
+            for name, value in attrs:
+                ok = {"class": lambda: set((value or "").split()) <= OUR_CLASSES,
+                      "style": lambda: colour.fullmatch(value or "") is not None,
+                      "title": lambda: tag == "span",
+                      "data-lang": lambda: tag == "pre"}.get(name, lambda: False)()
+                if not ok:
+                    self.problems.append(f"<{tag} {name}={value!r}>")
+            if tag != "br":
+                self.open[tag] = self.open.get(tag, 0) + 1
+
+        def handle_startendtag(self, tag, attrs):
+            self.problems.append(f"<{tag}/>")
+
+        def handle_endtag(self, tag):
+            self.open[tag] = self.open.get(tag, 0) - 1
+
+        def handle_comment(self, data):
+            self.problems.append("<!--")
+
+        def handle_decl(self, decl):
+            self.problems.append("<!")
+
+        def unknown_decl(self, data):
+            self.problems.append("<![")
+
+        def handle_pi(self, data):
+            self.problems.append("<?")
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    checker = Checker()
+    checker.feed(page)
+    checker.close()
+    unbalanced = [f"{n:+d} <{tag}>" for tag, n in checker.open.items() if n]
+    return checker.problems + unbalanced, "".join(checker.text)
+
+
+HOSTILE_MARKDOWN = [
+    "[x](javascript:alert(1)) [x](JaVaScRiPt:alert(1)) [x](&#106;avascript:alert(1)) [x](java\tscript:1)",
+    "[x](data:text/html;base64,PHNjcmlwdD4=) [x](vbscript:msgbox(1)) <javascript:alert(1)> ![a](x\" onerror=\"f())",
+    EVIL + "<svg/onload=alert(1)><iframe srcdoc='<script>alert(1)</script>'><style>*{display:none}</style>",
+    "<!-- x --><!--<![CDATA[x]]><?xml?><!DOCTYPE html>",
+    "**<script>alert(1)</script>** *" + EVIL + "* `\"><img src=x onerror=alert(1)>`",
+    "```\" onmouseover=\"alert(1)\n<b>\n```\n```'><script>\nunclosed fence",
+    "***a*** **a *b** c* *a **b* c** \\*a\\* \\<b\\> **a `b *c",
+    "- <b>x</b>\n* **y**\n- `</li></ul><script>`",
+    "&lt;script&gt; &amp;lt; &#60;b&#62; &quot; a\x00<b>\x00 \u202e<b>\u2066 a\u2028b\r\n<i>",
+    "$\\href{javascript:alert(1)}{x}$ \\(\\class{x}{y}\\) \\[\\require{html}\\] $$\\unicode{x}$$",
+]
+
+
+def test_markdown_adds_only_its_own_tags_whatever_the_text():
+    import random
+    rng = random.Random(0)
+    pieces = list("*`<>&\"'\n -_[]()!\\$#;=a b") + ["```", "**", "- ", "&amp;", "&#x27;", "<b>", "</i>", "\n\n",
+                                                     "javascript:", "onerror=", "<script>"]
+    texts = HOSTILE_MARKDOWN + ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 40))) for _ in range(3000)]
+    for text in texts:
+        page = render_markdown(text)
+        problems, _ = markup_of(page)
+        assert not problems, (text, page, problems)
+        assert "<style" not in page and "<details" not in page and "<span" not in page  # not Markdown's to write
+
+
+def test_markdown_renders_in_linear_time():
+    """Emphasis that never closes used to cost quadratic time: 24,000 characters of " *<" took 8 s,
+    in the kernel, on every redraw (the model writes the reply, the learner pastes the message)."""
+    import time
+    for text in (" *<" * 20_000, " *a*b" * 12_000, " **a *b" * 9_000, "**a " * 15_000, "`a" * 30_000):
+        start = time.perf_counter()
+        render_markdown(text)
+        assert time.perf_counter() - start < 5, text[:20]  # now a few ms; it took a minute
+
+
+@pytest.fixture(scope="module")
+def hostile_chat(tmp_path_factory):
+    """A model folder written by an attacker: its folder name, special tokens, vocabulary, chat
+    template and stop strings all carry HTML, quotes and MathJax."""
+    from tokenizers import AddedToken
+
+    from conftest import SAMPLE_TEXTS
+    from qwen_lab.tiny import build_random, save_checkpoint, tiny_config, train_tokenizer
+    tok = train_tokenizer(SAMPLE_TEXTS, 400)
+    tok.add_special_tokens([AddedToken(EVIL, special=True), AddedToken("'\"`<b>&amp;", special=True)])
+    tok.add_tokens(["</div></details><script>alert(3)</script>", "$\\href{javascript:alert(1)}{x}$"])
+    template = ("{%- if messages[0].role != 'system' %}<|im_start|>system\n<script>alert('system')</script> "
+                "$\\href{javascript:alert(1)}{x}$"
+                "<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+                "{% endfor %}<|im_start|>assistant\n" + EVIL + "'\"`<b>&amp;</div></details><script>alert(3)</script>")
+    eos = [tok.token_to_id(EVIL), tok.token_to_id("<|im_end|>")]
+    folder = tmp_path_factory.mktemp("hostile") / EVIL / "</b><svg onload=alert(2)>"
+    save_checkpoint(build_random(tiny_config(tok.get_vocab_size()), std=0.1), folder, tokenizer=tok,
+                    chat_template=template, generation_config={"eos_token_id": eos, "stop_strings": [EVIL]})
+    return ChatModel.load(str(folder), dtype="float32", device="cpu")
+
+
+@pytest.mark.parametrize("lang", ["en", "zh-TW"])
+def test_a_hostile_model_folder_adds_no_markup_to_the_panel(hostile_chat, monkeypatch, lang):
+    from qwen_lab.chat_template import ChatTemplate
+    from qwen_lab.sampling import TokenChoice
+    chat, tok = hostile_chat, hostile_chat.tokenizer
+    panel = ChatPanel(chat, refresh_s=0.01, lang=lang, template_vars={EVIL: EVIL})
+    assert "<script>" in panel.system.value  # the template's default system prompt, a text box's plain value
+    panel.inside.value = True
+    panel.max_new_tokens.value = 4
+    panel.send(f"{EVIL} **{EVIL}** `{EVIL}`")
+    panel.wait(60)
+    # a reply made of the hostile tokens, each offering them as alternatives, ended by the hostile EOS
+    hostile = [tok.token_to_id(t) for t in (EVIL, "</div></details><script>alert(3)</script>", "'\"`<b>&amp;")]
+    text = tok.decode(hostile)
+
+    def stream(*args, **kwargs):
+        def steps():
+            yield text
+            return GenerationResult(
+                text=text, token_ids=hostile, finish_reason="eos", prompt_tokens=5, generated_tokens=3, ttft_s=0.01,
+                decode_tokens_per_s=1.0, prefill_tokens_per_s=1.0, total_s=0.1,
+                finish_detail=f"the model wrote {tok.id_to_token(hostile[0])}",
+                choices=[TokenChoice(i, 0.5, [(j, 0.2) for j in hostile]) for i in hostile])
+        return GenerationStream(steps())
+    monkeypatch.setattr(chat, "stream", stream)
+    panel.send("again")
+    panel.wait(60)
+    monkeypatch.setattr(chat, "template", ChatTemplate("{{ raise_exception('" + EVIL + "') }}"))
+    panel.send("and an error")
+    assert panel.error
+
+    for widget in (panel.title, panel.transcript, panel.status):
+        problems, shown = markup_of(widget.value)
+        assert not problems, problems
+        assert EVIL in shown  # shown as text, not dropped
+    assert panel.transcript.value.count("<style>") == 1 and panel.transcript.value.startswith("<style>")
+    _, shown = markup_of(panel.transcript.value)
+    assert "</div></details><script>alert(3)</script>" in shown and "$\\href{javascript:alert(1)}{x}$" in shown
+
+
+def test_text_that_is_not_valid_unicode_still_reaches_the_browser(chat, monkeypatch):
+    """A template's JSON can hold half a character ("\\ud800"), which the kernel cannot send to the
+    browser as UTF-8: it raised there, out of send() (the message left in the history, the input box
+    emptied, no error shown) or out of ChatPanel() itself. Checked with the kernel's own packer."""
+    from jupyter_client.session import json_packer
+    from qwen_lab.chat_template import ChatTemplate
+    monkeypatch.setattr(chat, "template", ChatTemplate(
+        "{% if messages[-1].content == 'hi' %}{{ raise_exception('bad \ud800 text') }}{% endif %}prompt"))
+    panel = ChatPanel(chat)
+    panel.send("hi")
+    json_packer(panel.status.get_state())
+    assert "refused these messages: bad \\ud800 text" in panel.status.value  # its escape, visible
+    assert panel.messages == [] and panel.input.value == "hi"  # nothing lost
+
+    monkeypatch.setattr(chat, "template", ChatTemplate(
+        "{% if messages[0].role != 'system' %}<|im_start|>system\nYou are \ud800 helpful<|im_end|>\n{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "<|im_start|>assistant\n"))
+    panel = ChatPanel(chat)
+    for widget in (panel.system, panel.title, panel.transcript, panel.status):
+        json_packer(widget.get_state())
+    assert panel.system.value == "You are \\ud800 helpful"  # shown, editable, and what is sent
+
+
+def test_a_direction_override_in_a_token_does_not_reorder_the_token_boxes():
+    """In Chromium: a token holding U+202E (right-to-left override) showed every later token box in
+    reverse order, so the "inside" view misstated the sequence; each box is now bidi-isolated."""
+    from pathlib import Path
+
+    from qwen_lab.markup import inside_view
+    from qwen_lab.panel import _STYLE
+    from qwen_lab.sampling import TokenChoice
+    from test_browser import CHROMIUM, need
+    need(Path(CHROMIUM).exists(), f"{CHROMIUM} is missing (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    pieces = ["one", "\u202etwo", "three", "four", "\u202dfive", "six"]
+    ids = list(range(len(pieces)))
+    view = inside_view("x", pieces, ids, set(), 100, pieces, [TokenChoice(i, 0.5, [(i, 0.5)]) for i in ids],
+                       lambda i: pieces[i], "done")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1300, "height": 800})
+            page.set_content(_STYLE + view.replace("<details", "<details open"))
+            rows = page.evaluate("[...document.querySelectorAll('.ql-tokens')].map(row => [...row.children]"
+                                 ".map(s => s.getBoundingClientRect().x))")
+        finally:
+            browser.close()
+    assert len(rows) == 2 and all(len(xs) == len(pieces) for xs in rows)
+    for xs in rows:  # the prompt's tokens, then the reply's: left to right, in order
+        assert xs == sorted(xs) and len(set(xs)) == len(xs), xs
+
+
 # ---------------------------------------------------------------- the panel's language
 
 def _words(panel):
