@@ -9,8 +9,11 @@ Design:
 * generation runs in a worker thread, so the kernel stays responsive and the
   Stop button is heard; the worker sets a ``threading.Event`` and generation
   stops before the next token;
-* the transcript is redrawn at most every ``refresh_s`` seconds while a
-  reply streams (each redraw is one message to the browser);
+* the reply being written has a widget of its own (``streaming``), redrawn at most every
+  ``refresh_s`` seconds (each redraw is one message to the browser); the conversation before it
+  (``transcript``) is redrawn only when it changes, so a long conversation, or its *Show inside*
+  views (megabytes at a long context), is not re-sent ten times a second, and a learner scrolled
+  up to read it keeps their place. The conversation's box opens at its newest message;
 * the model's text is untrusted: ``qwen_lab.markup`` escapes it first, then turns
   a small Markdown subset into tags it writes itself — nothing the model writes
   becomes a tag;
@@ -153,7 +156,7 @@ LABELS = {
 
 _STYLE = """<style>
 .ql-chat {font-family: var(--jp-content-font-family, sans-serif); font-size: 14px; max-height: 420px;
-          overflow-y: auto; padding: 4px;}
+          overflow-y: auto; padding: 4px; display: flex; flex-direction: column-reverse;}
 .ql-msg {margin: 6px 0; padding: 6px 10px; border-radius: 8px; white-space: normal;}
 .ql-user {background: #e8f0fe; margin-left: 15%;}
 .ql-assistant {background: #f4f4f4; margin-right: 15%;}
@@ -217,7 +220,8 @@ class ChatPanel:
                               layout=w.Layout(width="160px"))
         self.inside = w.Checkbox(value=False, indent=False, layout=w.Layout(width="auto"),
                                  description=L["inside"])
-        self.transcript = w.HTML(layout=w.Layout(width="98%"))
+        self.transcript = w.HTML(layout=w.Layout(width="98%"))  # the conversation so far
+        self.streaming = w.HTML(layout=w.Layout(width="98%"))   # the reply being written, while it is
         self.status = w.HTML()
         self.input = w.Text(placeholder=L["placeholder"], layout=w.Layout(width="60%"))
         self.send_button = w.Button(description=L["send"], button_style="primary", icon="paper-plane")
@@ -246,8 +250,8 @@ class ChatPanel:
         settings = w.Accordion(children=[w.VBox([self.system, controls, controls2, self.inside])],
                                selected_index=None)
         settings.set_title(0, L["settings"])
-        self.widget = w.VBox([self.title, settings, self.transcript, self.status, buttons, actions,
-                              self.export_box])
+        self.widget = w.VBox([self.title, settings, self.transcript, self.streaming, self.status, buttons,
+                              actions, self.export_box])
         self.widget.add_class("qwen-lab-chat-panel")
         self._redraw()
 
@@ -396,7 +400,7 @@ class ChatPanel:
                     self._partial += delta
                     if time.monotonic() - last >= self.refresh_s:
                         last = time.monotonic()
-                        self._redraw()
+                        self._redraw_streaming()
                 result = stream.result
             self.messages.append({"role": "assistant", "content": result.text})
             if inside is not None:
@@ -432,7 +436,10 @@ class ChatPanel:
     # ---------------------------------------------------------------- drawing
 
     def _redraw(self) -> None:
-        parts, replies = [_STYLE, "<div class='ql-chat'>"], iter(self.replies)
+        """Everything: the conversation, the reply being written, the status line."""
+        # The box scrolls from its bottom (flex column-reverse around one block): it opens at the newest
+        # message, as a chat does; a plain scrolling box opened at the oldest on every redraw.
+        parts, replies = [_STYLE, "<div class='ql-chat'><div>"], iter(self.replies)
         for m in self.messages:
             role = m["role"]
             body = render_markdown(m["content"])
@@ -452,16 +459,21 @@ class ChatPanel:
                 if r and r.get("inside"):
                     meta += self._inside_html(r["inside"])
             parts.append(f"<div class='ql-msg ql-{role}'>{body}{meta}</div>")
-        if self._partial is not None:
-            parts.append(f"<div class='ql-msg ql-assistant ql-streaming'>{render_markdown(self._partial)}"
-                         f"<span class='ql-meta'> ▍</span></div>")
-        parts.append("</div>")
-        self.transcript.value = "".join(parts)
+        parts.append("</div></div>")
+        self.transcript.value = "".join(parts)  # unchanged: nothing is sent (traitlets compares)
+        self._redraw_streaming()
         status = html.escape(self.note, quote=False)
         if self.error:
             status += f"<span class='ql-error'>{html.escape(self._error_lead + self.error)}</span>"
         self.status.value = _sendable(f"<div class='ql-note'>{status}</div>") if status else ""
 
+    def _redraw_streaming(self) -> None:
+        """Only the reply being written (empty when none is): what changes while a reply streams."""
+        partial = self._partial
+        self.streaming.value = "" if partial is None else (
+            f"<div class='ql-chat'><div><div class='ql-msg ql-assistant ql-streaming'>{render_markdown(partial)}"
+            f"<span class='ql-meta'> ▍</span></div></div></div>")
+        self.streaming.layout.display = "none" if partial is None else None  # an empty widget still takes a line
 
     def _inside_html(self, inside: dict) -> str:
         tok = self.chat.tokenizer

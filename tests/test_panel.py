@@ -424,7 +424,7 @@ def test_a_hostile_model_folder_adds_no_markup_to_the_panel(hostile_chat, monkey
     panel.send("and an error")
     assert panel.error
 
-    for widget in (panel.title, panel.transcript, panel.status):
+    for widget in (panel.title, panel.transcript, panel.status):  # (streaming: a test of its own)
         problems, shown = markup_of(widget.value)
         assert not problems, problems
         assert EVIL in shown  # shown as text, not dropped
@@ -455,6 +455,78 @@ def test_text_that_is_not_valid_unicode_still_reaches_the_browser(chat, monkeypa
     for widget in (panel.system, panel.title, panel.transcript, panel.status):
         json_packer(widget.get_state())
     assert panel.system.value == "You are \\ud800 helpful"  # shown, editable, and what is sent
+
+
+def test_a_streaming_reply_redraws_only_its_own_widget(panel, chat, monkeypatch):
+    """Every redraw re-sent the whole conversation, its Show-inside views too (1.7 MB at a 30,000-token
+    prompt), ten times a second while a reply streamed; now the conversation is sent when it changes."""
+    import threading
+    import time
+    deltas, taken = ["One ", "two ", EVIL, " four"], threading.Semaphore(0)
+    go = threading.Semaphore(0)
+
+    def stream(*a, **k):
+        def steps():
+            for d in deltas:  # one delta each time the test says so, so that each one is redrawn
+                go.acquire(timeout=10)
+                yield d
+                taken.release()
+            return GenerationResult(text="".join(deltas), token_ids=[1] * 4, finish_reason="eos", prompt_tokens=5,
+                                    generated_tokens=4, ttft_s=0.01, decode_tokens_per_s=100.0,
+                                    prefill_tokens_per_s=500.0, total_s=0.1)
+        return GenerationStream(steps())
+
+    monkeypatch.setattr(chat, "stream", stream)
+    sent = {"transcript": [], "streaming": []}
+    panel.transcript.observe(lambda c: sent["transcript"].append(c["new"]), "value")
+    panel.streaming.observe(lambda c: sent["streaming"].append(c["new"]), "value")
+    panel.send("Count")
+    for _ in deltas:
+        time.sleep(0.02)  # past refresh_s since the last redraw
+        go.release()
+        assert taken.acquire(timeout=10)
+    panel.wait(30)
+    # the conversation: once with the question, once with the finished reply; the reply while written:
+    # each delta (refresh_s=0.01), growing, then cleared
+    assert len(sent["transcript"]) == 2 and "Count" in sent["transcript"][0] and "four" in sent["transcript"][1]
+    assert "One" not in sent["transcript"][0]
+    growing = sent["streaming"][:-1]
+    assert len(growing) >= 2 and all(a != b for a, b in zip(growing, growing[1:])) and sent["streaming"][-1] == ""
+    assert "two" in growing[-1] and "ql-streaming" in growing[-1]
+    for page in growing:
+        problems, _ = markup_of(page)
+        assert not problems, problems
+    assert panel.streaming.layout.display == "none"  # no empty line under the conversation
+
+
+def test_the_conversation_box_opens_at_its_newest_message(monkeypatch):
+    """In Chromium: the box (420 px, scrolling) opened at the oldest message on every redraw, so after a
+    few turns the newest reply was out of sight."""
+    from pathlib import Path
+
+    from test_browser import CHROMIUM, need
+    need(Path(CHROMIUM).exists(), f"{CHROMIUM} is missing (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chat = ChatModel.load("qwen-lab/tiny-chat", dtype="float32", device="cpu")  # a context that holds 8 turns
+    panel = ChatPanel(chat, refresh_s=0.01)
+    for turn in range(8):
+        monkeypatch.setattr(chat, "stream", lambda *a, turn=turn, **k: fake_stream([f"Reply {turn}. " + "Words. " * 40]))
+        panel.send(f"Question {turn}")
+        panel.wait(30)
+    assert len(panel.messages) == 16 and not panel.error
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 800})
+            page.set_content(panel.transcript.value)
+            seen = page.evaluate("""() => { const box = document.querySelector('.ql-chat').getBoundingClientRect();
+                return [...document.querySelectorAll('.ql-msg')].filter(m => { const r = m.getBoundingClientRect();
+                    return r.bottom > box.top && r.top < box.bottom; }).map(m => m.textContent.slice(0, 11)); }""")
+            height = page.evaluate("document.querySelector('.ql-chat').scrollHeight")
+        finally:
+            browser.close()
+    assert height > 420 * 2  # far more than the box shows
+    assert seen and seen[-1] == "Reply 7. Wo" and "Question 0" not in seen, seen
 
 
 def test_a_direction_override_in_a_token_does_not_reorder_the_token_boxes():
