@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--system", default=DEFAULT_SYSTEM, help="system prompt (default: the template's own)")
     g.add_argument("--cpu", action="store_true", help="run on the CPU even if CUDA is available")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on CUDA and on CPUs with bf16 instructions, else float32")
+                   help="auto: on CUDA bfloat16 (float16 on GPUs older than compute capability 8.0, such as the T4); "
+                        "on a CPU the checkpoint's own dtype (bfloat16 or float32; float32 for others)")
     g.add_argument("--temperature", type=float, help="0 means greedy (default: generation_config.json)")
     g.add_argument("--top-p", type=float)
     g.add_argument("--top-k", type=int)

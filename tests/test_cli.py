@@ -334,3 +334,18 @@ def test_top_logprobs_are_json_lines_on_stderr(capsys, tiny_dir, chat):
         assert line["logprob"] == pytest.approx(c.logprob, abs=1e-5) and line["text"] == chat.tokenizer.decode([c.token_id])
     code, _, err = run(capsys, "generate", "--model", tiny_dir, "--prompt", "Hi", "--top-logprobs", "99")
     assert code == 1 and "top_logprobs must be a whole number from 0 to 20" in err
+
+
+def test_the_help_says_what_auto_picks():
+    """--help said auto picks bfloat16 only on CPUs with bf16 instructions; load.choose_dtype keeps a bf16
+    checkpoint's dtype on every CPU (its pages shared, memory-mapped)."""
+    import torch
+
+    from qwen_lab.load import choose_dtype
+    done = subprocess.run([sys.executable, "-m", "qwen_lab.cli", "generate", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    help_text = " ".join(done.stdout.split())
+    assert "on a CPU the checkpoint's own dtype (bfloat16 or float32; float32 for others)" in help_text
+    cpu = torch.device("cpu")
+    assert [choose_dtype("auto", cpu, saved) for saved in (torch.bfloat16, torch.float32, torch.float16)] == \
+        [torch.bfloat16, torch.float32, torch.float32]
