@@ -17,8 +17,8 @@ One module per step of the walkthrough, each depending only on the ones before:
 'The capital of France is Paris.'
 """
 from .chat_template import ChatTemplate
-from .errors import (CheckpointError, ContextTooLongError, DownloadError, QwenLabError, TemplateError,
-                     UnsupportedArchitectureError)
+from .errors import (CheckpointError, ContextTooLongError, DownloadError, NumericalError, QwenLabError, SettingError,
+                     TemplateError, UnsupportedArchitectureError)
 from .generation import ChatModel, GenerationConfig, GenerationResult, GenerationStream, PromptCache, generate_stream
 from .hub import EMBEDDED_MODEL_ID, ModelFiles, resolve
 from .architectures import (ARCHITECTURES, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
@@ -31,7 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ARCHITECTURES", "EMBEDDED_MODEL_ID", "ChatModel", "ChatTemplate", "CheckpointError", "ContextTooLongError",
     "DownloadError", "GenerationConfig", "GenerationResult", "GenerationStream", "LlamaConfig", "LlamaForCausalLM",
-    "ModelFiles", "PromptCache", "Qwen2Config", "Qwen2ForCausalLM", "Qwen3Config", "Qwen3ForCausalLM", "QwenLabError",
-    "StreamDecoder", "TemplateError", "Tokenizer",
+    "ModelFiles", "NumericalError", "PromptCache", "Qwen2Config", "Qwen2ForCausalLM", "Qwen3Config", "Qwen3ForCausalLM",
+    "QwenLabError", "SettingError", "StreamDecoder", "TemplateError", "Tokenizer",
     "UnsupportedArchitectureError", "generate_stream", "load_model", "resolve",
 ]

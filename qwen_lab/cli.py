@@ -92,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "dtype, device and kernels that will run, threads, memory, Jupyter and "
                                    "ipywidgets; exit code 1 if a check failed. Nothing touches the network.")
     r.add_argument("models", nargs="*", metavar="MODEL",
-                   help="models that must be ready (default: QWEN_LAB_MODEL, else the walkthrough's model)")
+                   help="models that must be ready (default: QWEN_LAB_MODEL; without it, the walkthrough's model, "
+                        "only a warning if it is absent)")
     r.add_argument("--model", action="append", default=[], dest="more_models", metavar="MODEL",
                    help="one more model; repeatable")
     r.add_argument("--cache-dir", type=Path, help="the cache to look in (default: HF_HUB_CACHE)")

@@ -33,7 +33,8 @@ from .hub import (EMBEDDED_MODEL_ID, REQUIRED_FILES, SINGLE_WEIGHTS, WALKTHROUGH
                   resolve, shard_names)
 from .hub_guard import blob_of, check_blob, is_repo_id
 
-#: Python, torch and qwen_lab imported, before any model: about 0.22 GiB (benchmarks/RESULTS.md).
+#: Python, torch and qwen_lab imported, before any model: about 0.22 GiB (benchmarks/RESULTS.md), counted as
+#: 0.25 for a margin.
 RUNTIME_BYTES = int(0.25 * 2**30)
 #: A safetensors header larger than this is not a language model's (as in load.py).
 MAX_HEADER_BYTES = 100_000_000
@@ -81,13 +82,14 @@ def check_model(model: str, cache_dir: str | os.PathLike | None, required: bool,
             return Check("model", fail, f"{model}: {weights.name} {problem}; {fix}")
     hashed = ""
     if verify:
-        for path in paths:
-            blob = blob_of(path)
+        blobs = [(path, blob_of(path)) for path in paths]
+        for path, blob in blobs:
             problem = check_blob(blob) if blob is not None else None
             if problem:
                 return Check("model", fail, f"{model}: {path.name} is damaged ({problem}); "
                              f"`qwen-lab download --cache-dir {cache} {model}` fetches it again")
-        hashed = "; hashes checked"
+        # only a cache's blobs are named by their hash; a folder's files have nothing to check against
+        hashed = "; hashes checked" if any(b is not None for _, b in blobs) else "; not in a cache: no hashes to check"
     size = sum(p.stat().st_size for p in paths)
     if model == EMBEDDED_MODEL_ID:
         where = "the embedded model (inside the package: nothing to download)"
@@ -198,7 +200,7 @@ def check_runtime(model: str, files: ModelFiles) -> list[Check]:
     shared = " (one copy, shared by every process that loads this file)" if device.type == "cpu" and dtype == saved \
         else ""
     parts = f"{_count(params)} parameters x {dtype.itemsize} bytes{shared}" + \
-        (" + about 0.22 GiB for Python and torch" if device.type == "cpu" else "")
+        (f" + about {RUNTIME_BYTES / 2**30:.2f} GiB for Python and torch" if device.type == "cpu" else "")
     if free is None:
         checks.append(Check("memory", "warn", f"{model} needs {_gib(need)} ({parts}); this machine does not say "
                                               f"how much memory is free"))

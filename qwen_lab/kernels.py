@@ -6,8 +6,9 @@ memory. torch's CPU BLAS is built for matrix-matrix products and, measured on
 the shapes of a Qwen2.5 decode step, streams them at about half the machine's
 read bandwidth (``benchmarks/RESULTS.md``). ``csrc/kernels.c`` is the plain loop
 instead: each thread takes a block of rows of the row-major weight and reads
-them front to back with fused multiply-adds (AVX2 or AVX-512, picked by the
-CPU's flags at run time; bfloat16 pairs by AVX512-BF16 where the CPU has it),
+them front to back with fused multiply-adds (AVX2 or AVX-512 variants: those the
+CPU's flags allow at run time, the fastest measured per weight shape by ``tuning``;
+bfloat16 pairs by AVX512-BF16 where the CPU has it),
 summing in float32, for float32 and bfloat16 weights (``benchmarks/bench_gemv.py``
 compares them with torch).
 It also does in one call each what takes many small torch operations per token:
@@ -728,8 +729,8 @@ class TokenStep:
     ``DecoderModel.forward`` checks, for every token, that each layer, cache and hook is still as it
     was, then runs the embedding, the rotary angles, the final norm and the head as modules. After a
     step has streamed the whole model through the CPU's caches, that Python runs from main memory:
-    measured in a 0.5B bf16 generation on a 2-core Zen 3, 2.9-3.9 ms a token outside the C calls
-    (5% of the token, the memory streaming nothing), 1.0-1.3 ms with this step: the rest is the
+    measured in a 0.5B bf16 generation on a 2-core Zen 3, 3.5-4.4 ms a token outside the C calls
+    (6.6% of the token, the memory streaming nothing), 1.0-1.4 ms with this step (benchmarks/RESULTS.md): the rest is the
     choice of the token and the loop around it. The logits are the same numbers, bit for bit
     (``tests/test_kernels.py``); ``benchmarks/bench_step.py`` times it beside ``DecoderModel``.
 

@@ -1,7 +1,11 @@
 """qwen_lab.reference: the real models' small files inside the package, found by Hub id, nothing else."""
 import json
-import tomllib
 from fnmatch import fnmatch
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same module, from PyPI (the test extra)
+    import tomli as tomllib
 
 import pytest
 

@@ -7,8 +7,12 @@ show only on the day of a workshop; the checks below catch it at the commit.
 import os
 import re
 import subprocess
-import tomllib
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same module, from PyPI (the test extra)
+    import tomli as tomllib
 
 import yaml
 from packaging.requirements import Requirement
