@@ -516,3 +516,63 @@ def test_learner_start_links_what_the_notebooks_link_to_so_their_links_open(tmp_
                 inside = os.path.normpath(notebook.parent / link)  # as the server sees it: links not followed
                 assert inside.startswith(str(home) + os.sep) and os.path.exists(inside), \
                     f"{notebook.relative_to(home)}: {link} does not open in the learner's home"
+
+
+def dockerignore_matcher(text: str):
+    """Docker's ignore rules as a function of a context path: True if the build context leaves it out.
+
+    As BuildKit reads them: one pattern a line, ``#`` comments, a leading ``/`` dropped, ``*`` and ``?``
+    within one path element, ``**`` any number of elements, ``!`` an exception (the last matching line
+    decides), and a path left out when it or any folder above it matches.
+    """
+    rules = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        keep = line.startswith("!")
+        pattern = os.path.normpath(line.lstrip("!").strip().lstrip("/"))
+        regex = ""
+        for part in re.split(r"(\*\*/|/\*\*$|\*\*|\*|\?)", pattern):
+            regex += {"**/": "(?:.*/)?", "/**": "(?:/.*)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}.get(
+                part, re.escape(part))
+        rules.append((re.compile(regex + r"\Z"), keep))
+
+    def ignored(path: str) -> bool:
+        parts = path.split("/")
+        prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        verdict = False
+        for regex, keep in rules:
+            if any(regex.match(p) for p in prefixes):
+                verdict = not keep
+        return verdict
+
+    return ignored
+
+
+def test_the_image_s_build_context_holds_every_file_its_copy_lines_name():
+    """BuildKit reads z2jh/Dockerfile.dockerignore: a COPY of an ignored folder fails the build ("not found")."""
+    dockerfile = (WORKSHOP / "z2jh" / "Dockerfile").read_text()
+    ignored = dockerignore_matcher((WORKSHOP / "z2jh" / "Dockerfile.dockerignore").read_text())
+    sources = [source for line in re.findall(r"^COPY (.+)$", dockerfile, re.M)
+               for source in [w for w in line.split() if not w.startswith("--")][:-1]]
+    assert {"qwen_lab", "training", "notebooks", "workshop/learner_start.py"} <= set(sources)
+    tracked = subprocess.run(["git", "ls-files", *sources], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    for source in sources:  # each names files the repository has, and none of them is left out
+        files = [f for f in tracked if f == source or f.startswith(source + "/")]
+        assert files, f"COPY {source}: no such file in the repository"
+        assert not [f for f in files if ignored(f)], f"COPY {source}: the build context leaves out {source}"
+    # what must stay out: local environments, npm's packages, the offline room's multi-GB cache and wheels
+    for path in (".venv/bin/python", "workshop/node_modules/.bin/configurable-http-proxy", "room/hf-cache/x",
+                 "room/wheelhouse/torch.whl", "wheelhouse/x.whl", "qwen_lab/__pycache__/hub.cpython-311.pyc",
+                 "notebooks/.ipynb_checkpoints/01_download-checkpoint.ipynb"):
+        assert ignored(path), f"{path} would be sent to the builder"
+
+
+def test_the_dockerignore_matcher_follows_docker_s_rules():
+    ignored = dockerignore_matcher("# a comment\n/build\n**/*.pyc\ndocs/*.md\n!docs/keep.md\nx?z\n")
+    assert ignored("build") and ignored("build/lib/a.py") and not ignored("src/build")
+    assert ignored("a.pyc") and ignored("a/b/c.pyc") and not ignored("a.py")
+    assert ignored("docs/a.md") and not ignored("docs/keep.md") and not ignored("docs/sub/a.md")
+    assert ignored("xyz") and not ignored("xyyz") and not ignored("# a comment")
