@@ -287,8 +287,14 @@ def chat_turn(hub: Hub, name: str, question: str) -> dict:
     return report
 
 
+def kit_files() -> dict:
+    """The kit's files that learners' servers and kernels run or open (Python's own __pycache__ aside)."""
+    return {f"{name}/{path}": entry for name in room.KIT_PARTS if (ROOT / name).is_dir()
+            for path, entry in tree(ROOT / name).items() if "__pycache__" not in path}
+
+
 def test_four_learners_chat_from_one_shared_read_only_cache(hub, cache):
-    before = tree(cache)
+    before, kit_before = tree(cache), kit_files()
     with ThreadPoolExecutor(len(LEARNERS)) as pool:  # the room logs in at once
         reports = dict(zip(LEARNERS, pool.map(lambda name: chat_turn(hub, name, LEARNERS[name][0]), LEARNERS)))
     blob = weights_blob(cache)
@@ -315,10 +321,21 @@ def test_four_learners_chat_from_one_shared_read_only_cache(hub, cache):
         if not ROOT_USER:  # root writes anywhere; anyone else cannot write the shared cache
             assert report["cache_writable"] is False
         assert report["stop"] in (202, 204)
-    # nothing wrote into the cache, and no learner has a copy of the model of their own
+    # nothing wrote into the cache, nor into the kit (so it can be read-only to them), and no learner has a copy
+    # of the model of their own
     assert tree(cache) == before
+    assert kit_files() == kit_before
     homes = hub.folder / "homes"
     assert not [p for p in homes.rglob("*") if p.name.endswith(".safetensors") or p.name.startswith("models--")]
+
+
+def test_the_hub_warns_at_start_when_learners_could_change_the_kit_or_the_cache(hub, cache):
+    log = (hub.folder / "hub.log").read_text(errors="replace")
+    kit = room.writable_kit_warning(ROOT)  # a checkout is its owner's to write; the room's kit is root's
+    assert (f"jupyterhub_config.py: warning: {kit}\n" in log) if kit else "warning: the kit" not in log
+    cache_is_writable = os.access(cache, os.W_OK)  # root writes anywhere; anyone else cannot write this cache
+    assert (f"jupyterhub_config.py: warning: the shared cache {cache} is writable by the learners" in log) \
+        is cache_is_writable
 
 
 def test_a_wrong_password_or_a_name_that_is_no_folder_name_is_refused(hub):
@@ -394,6 +411,34 @@ def test_bad_room_settings_get_one_line(env, message):
     with pytest.raises(room.RoomError) as e:
         room.Room.from_environ(env, cores=8)
     assert str(e.value) == message
+
+
+def test_a_kit_learners_could_change_is_one_line_saying_the_fix(monkeypatch, tmp_path):
+    kit = tmp_path / "kit"
+    for name in ("qwen_lab/generation.py", "qwen_lab/models/tiny-chat/config.json", "notebooks/01_download.ipynb",
+                 "training/corpus.py", "workshop/learner_start.py", "README.md"):
+        (kit / name).parent.mkdir(parents=True, exist_ok=True)
+        (kit / name).write_text("")
+    (kit / "notebooks" / "hub.py").symlink_to(kit / "qwen_lab" / "generation.py")  # a link is its target's business
+    for path in [kit, *kit.rglob("*")]:  # as `chmod -R a+rX,go-w` run by root leaves it for the hub's user
+        if not path.is_symlink():
+            path.chmod(0o555 if path.is_dir() else 0o444)
+    if ROOT_USER:  # root may write anything: the mode bits decide for the unprivileged user the hub runs as
+        monkeypatch.setattr(room.os, "access", lambda p, mode: bool(os.stat(p).st_mode & stat.S_IWUSR))
+    try:
+        assert room.writable_kit_warning(kit) is None
+        (kit / "qwen_lab" / "models" / "tiny-chat" / "config.json").chmod(0o644)
+        assert room.writable_kit_warning(kit) == (
+            f"the kit {kit} is writable by the learners, who run as this user ({kit}/qwen_lab/models/tiny-chat/"
+            f"config.json, for one): a change there reaches every learner's kernel; as root: `chown -R root: {kit} "
+            f"&& chmod -R a+rX,go-w {kit}`")
+        kit.chmod(0o755)  # the kit's own folder: a learner could add a module beside the package
+        assert room.writable_kit_warning(kit).startswith(f"the kit {kit} is writable by the learners, who run as "
+                                                         f"this user: a change there")
+    finally:
+        for path in [kit, *kit.rglob("*")]:
+            if not path.is_symlink():
+                path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def test_threads_are_the_cores_shared_by_the_learners():

@@ -69,6 +69,6 @@ c.ConfigurableHTTPProxy.pid_file = str(settings.state / "jupyterhub-proxy.pid")
 c.JupyterHub.cleanup_servers = True
 c.JupyterHub.cleanup_proxy = True
 
-warning = room.writable_cache_warning(settings)
-if warning:
-    print(f"jupyterhub_config.py: warning: {warning}", file=sys.stderr)
+for warning in (room.writable_cache_warning(settings), room.writable_kit_warning(room.REPO)):
+    if warning:
+        print(f"jupyterhub_config.py: warning: {warning}", file=sys.stderr)

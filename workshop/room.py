@@ -201,3 +201,27 @@ def writable_cache_warning(room: Room) -> str | None:
         return (f"the shared cache {room.cache} is writable by the learners (they run as this user): make it "
                 f"read-only, e.g. `chmod -R a-w {room.cache}` as its owner")
     return None
+
+
+#: The kit's parts that learners' servers and kernels run or open: the package, what learner_start.py copies and
+#: links, and the workshop's scripts (learner_start.py runs at every learner's start).
+KIT_PARTS = ("qwen_lab", "training", "notebooks", "README.md", "workshop")
+
+
+def writable_kit_warning(kit: Path = REPO) -> str | None:
+    """A warning when learners (who run as the hub's user here) could change the kit itself.
+
+    Every kernel imports ``qwen_lab`` from the kit (an editable install), and each learner's home
+    links to its files (``learner_start.py``): a learner who opens ``qwen_lab/generation.py`` in
+    JupyterLab and lets it autosave would change it for the whole room, if the file is writable.
+    Nothing writes into the kit at run time (compiled kernels go to ``~/.cache/qwen_lab``; Python
+    skips a ``__pycache__`` it cannot write), so it can belong to root, read-only to everyone else.
+    """
+    for part in (kit, *(kit / name for name in KIT_PARTS)):
+        paths = [part] if part == kit or not part.is_dir() else [part, *sorted(part.rglob("*"))]
+        writable = next((p for p in paths if p.exists() and not p.is_symlink() and os.access(p, os.W_OK)), None)
+        if writable is not None:
+            where = "" if writable == kit else f" ({writable}, for one)"
+            return (f"the kit {kit} is writable by the learners, who run as this user{where}: a change there "
+                    f"reaches every learner's kernel; as root: `chown -R root: {kit} && chmod -R a+rX,go-w {kit}`")
+    return None
