@@ -89,12 +89,13 @@ def hub_environment(tmp: Path, cache: Path, **more) -> dict:
     """The hub's environment: this one without qwen-lab's and Hugging Face's settings, plus the room's."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("QWEN_LAB_", "HF_", "JUPYTERHUB_", "JPY_"))}
     env.update(QWEN_LAB_HUB_PASSWORD=PASSWORD, QWEN_LAB_HUB_CACHE=str(cache), QWEN_LAB_MODEL=REPO_ID,
+               QWEN_LAB_HUB_REAL_MODELS=REPO_ID,  # the room's real model, here served by LocalHub into the cache
                QWEN_LAB_HUB_LEARNERS=str(len(LEARNERS)), QWEN_LAB_HUB_STATE=str(tmp / "state"),
                QWEN_LAB_HUB_HOMES=str(tmp / "homes" / "{username}"))
     if ROOT_USER:  # this sandbox runs as root: the config refuses that unless told it is a throwaway machine
         env["QWEN_LAB_HUB_ALLOW_ROOT"] = "1"
     env.update(more)
-    return env
+    return {k: v for k, v in env.items() if v is not None}  # None: not set at all
 
 
 # ---------------------------------------------------------------- the shared cache, filled as a room's is
@@ -375,6 +376,34 @@ def test_the_hub_without_the_model_in_the_cache_says_how_to_fill_it(tmp_path, ca
     assert f"`qwen-lab download --cache-dir {cache} Qwen/Qwen2.5-1.5B-Instruct`" in last_line(done)
 
 
+def test_the_hub_without_a_real_model_in_the_cache_says_how_to_fill_it(tmp_path, cache):
+    """Learners switch to the real models for notebook 07: each must be in the cache before the day starts."""
+    done = run_config(tmp_path, cache, QWEN_LAB_MODEL="", QWEN_LAB_HUB_REAL_MODELS=f"{REPO_ID}, Qwen/Qwen2.5-0.5B-Instruct")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert last_line(done).startswith(f"jupyterhub_config.py: error: QWEN_LAB_HUB_REAL_MODELS: "
+                                      f"Qwen/Qwen2.5-0.5B-Instruct: not in the cache {cache}; ")
+    assert f"`qwen-lab download --cache-dir {cache} Qwen/Qwen2.5-0.5B-Instruct`" in last_line(done)
+    # the default real model, not asked for and not in this cache, is refused the same way
+    done = run_config(tmp_path, cache, QWEN_LAB_MODEL="", QWEN_LAB_HUB_REAL_MODELS=None)
+    assert done.returncode == 1
+    assert last_line(done).startswith(f"jupyterhub_config.py: error: QWEN_LAB_HUB_REAL_MODELS: "
+                                      f"{room.DEFAULT_REAL_MODELS[0]}: not in the cache {cache}; ")
+
+
+def test_learners_start_on_tiny_chat_and_the_real_models_are_the_room_s_choice():
+    settings = {"QWEN_LAB_HUB_PASSWORD": PASSWORD}
+    default = room.Room.from_environ(settings, cores=8)
+    assert default.model == room.DEFAULT_MODEL == "qwen-lab/tiny-chat"  # docs/workshop.md: 01-06 on tiny-chat
+    assert room.learner_environment(default)["QWEN_LAB_MODEL"] == "qwen-lab/tiny-chat"
+    assert default.real_models == room.DEFAULT_REAL_MODELS == ("Qwen/Qwen2.5-1.5B-Instruct",)
+    chosen = room.Room.from_environ({**settings, "QWEN_LAB_MODEL": "Qwen/Qwen2.5-0.5B-Instruct",
+                                     "QWEN_LAB_HUB_REAL_MODELS": " Qwen/Qwen2.5-0.5B-Instruct ,Qwen/Qwen3-0.6B,"},
+                                    cores=8)
+    assert room.learner_environment(chosen)["QWEN_LAB_MODEL"] == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert chosen.real_models == ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen3-0.6B")
+    assert room.Room.from_environ({**settings, "QWEN_LAB_HUB_REAL_MODELS": ""}, cores=8).real_models == ()
+
+
 def test_find_proxy_without_npm_s_proxy_or_node(monkeypatch, tmp_path):
     monkeypatch.setattr(room, "LOCAL_PROXY", tmp_path / "node_modules" / ".bin" / "configurable-http-proxy")
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # nothing on PATH either
@@ -524,6 +553,17 @@ def test_kubernetes_config_agrees_with_the_tested_one(monkeypatch, tmp_path):
                 "QWEN_LAB_THREADS": str(single["cpu"]["limit"]), "OMP_NUM_THREADS": str(single["cpu"]["limit"])}
     assert single["extraEnv"] == expected
     assert env["QWEN_LAB_MODEL"] == single["extraEnv"]["QWEN_LAB_MODEL"] == room.DEFAULT_MODEL
+    # the real models learners switch to: what the fill-cache Job downloads, what the docs say
+    [job] = [d for d in yaml.safe_load_all((WORKSHOP / "z2jh" / "fill-cache.yaml").read_text()) if d["kind"] == "Job"]
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[:4] == ["qwen-lab", "download", "--cache-dir", mount["mountPath"]]
+    assert tuple(command[4:]) == room.DEFAULT_REAL_MODELS
+    guide = (ROOT / "docs" / "workshop.md").read_text()
+    for name in sorted(set(re.findall(r"\bQWEN_LAB_HUB_[A-Z_]+", (WORKSHOP / "room.py").read_text()))):
+        assert f"``{name}``" in room.__doc__, f"{name} is missing from room.py's table of settings"
+    assert f"default ``{room.DEFAULT_MODEL}``" in room.__doc__
+    assert f"default ``{','.join(room.DEFAULT_REAL_MODELS)}``" in room.__doc__
+    assert f"QWEN_LAB_HUB_REAL_MODELS={','.join(room.DEFAULT_REAL_MODELS)}" in guide
     assert env["HF_HUB_CACHE"] == mount["mountPath"] == room.DEFAULT_CACHE
     assert env["HF_HUB_OFFLINE"] == single["extraEnv"]["HF_HUB_OFFLINE"] == "1"
     assert re.search(rf"^ENV QWEN_LAB_NOTEBOOKS={re.escape(notebooks)}$", dockerfile, re.M)

@@ -7,7 +7,12 @@ never edited (a systemd unit's ``Environment=`` lines, or ``export`` before ``ma
 ``QWEN_LAB_HUB_PASSWORD``             the room's shared password, 8 characters or more (required)
 ``QWEN_LAB_HUB_ADMIN_PASSWORD``       optional, 32 characters or more: log in as ``instructor`` with it to
                                       see and stop every learner's server (``/hub/admin``)
-``QWEN_LAB_MODEL``                    the model the notebooks use (default ``Qwen/Qwen2.5-1.5B-Instruct``)
+``QWEN_LAB_MODEL``                    the model the notebooks use (default ``qwen-lab/tiny-chat``, the embedded
+                                      model: notebooks 01-06 give every learner the committed outputs)
+``QWEN_LAB_HUB_REAL_MODELS``          the real model(s) learners switch to for notebook 07 (``%env
+                                      QWEN_LAB_MODEL=...``, then restart the kernel), comma-separated Hub ids, each
+                                      of which must be in the cache (default ``Qwen/Qwen2.5-1.5B-Instruct``; empty:
+                                      none)
 ``QWEN_LAB_HUB_CACHE``                the shared Hugging Face cache, filled once with ``qwen-lab download
                                       --cache-dir``; learners only read it (default ``/srv/qwen-lab/hf-cache``)
 ``QWEN_LAB_HUB_LEARNERS``             how many learners work at once (default 30): each gets
@@ -39,7 +44,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
-DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
+DEFAULT_MODEL = "qwen-lab/tiny-chat"  # the teaching plan's model for 01-06 (docs/workshop.md, "Which model, when")
+DEFAULT_REAL_MODELS = ("Qwen/Qwen2.5-1.5B-Instruct",)  # and the real one for 07
 DEFAULT_CACHE = "/srv/qwen-lab/hf-cache"
 DEFAULT_HOMES = "/srv/qwen-lab/learners/{username}"
 DEFAULT_STATE = "/srv/qwen-lab/hub"
@@ -61,6 +67,7 @@ class Room:
     password: str
     admin_password: str | None
     model: str
+    real_models: tuple[str, ...]
     cache: Path
     threads: int
     homes: str
@@ -86,12 +93,20 @@ class Room:
             raise RoomError(f"QWEN_LAB_HUB_HOMES={homes!r} must be an absolute path containing {{username}}, "
                             f"e.g. {DEFAULT_HOMES}")
         return cls(password=password, admin_password=admin,
-                   model=environ.get("QWEN_LAB_MODEL") or DEFAULT_MODEL,
+                   model=environ.get("QWEN_LAB_MODEL") or DEFAULT_MODEL, real_models=_real_models(environ),
                    cache=Path(environ.get("QWEN_LAB_HUB_CACHE") or DEFAULT_CACHE),
                    threads=_threads(environ, cores), homes=homes,
                    state=Path(environ.get("QWEN_LAB_HUB_STATE") or DEFAULT_STATE),
                    notebooks=Path(environ.get("QWEN_LAB_NOTEBOOKS") or REPO / "notebooks"),
                    allow_root=environ.get("QWEN_LAB_HUB_ALLOW_ROOT") == "1", solutions=_solutions(environ))
+
+
+def _real_models(environ) -> tuple[str, ...]:
+    """QWEN_LAB_HUB_REAL_MODELS: unset, the default; set, its comma-separated names (none if it is empty)."""
+    value = environ.get("QWEN_LAB_HUB_REAL_MODELS")
+    if value is None:
+        return DEFAULT_REAL_MODELS
+    return tuple(name.strip() for name in value.split(",") if name.strip())
 
 
 def _solutions(environ) -> bool:
@@ -190,9 +205,10 @@ def check(room: Room) -> None:
             raise RoomError(f"cannot create {folder} ({what}): {e.strerror}; create it, writable by the user "
                             f"the hub runs as") from None
     from qwen_lab.doctor import check_model  # the kit's own check: the files are there, and whole
-    result = check_model(room.model, room.cache, required=True)
-    if result.status == "FAIL":
-        raise RoomError(f"QWEN_LAB_MODEL: {result.detail}")
+    for setting, model in [("QWEN_LAB_MODEL", room.model), *(("QWEN_LAB_HUB_REAL_MODELS", m) for m in room.real_models)]:
+        result = check_model(model, room.cache, required=True)
+        if result.status == "FAIL":
+            raise RoomError(f"{setting}: {result.detail}")
 
 
 def writable_cache_warning(room: Room) -> str | None:
