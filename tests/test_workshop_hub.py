@@ -55,6 +55,9 @@ def load_room():
 
 
 room = load_room()
+_spec = importlib.util.spec_from_file_location("learner_start", WORKSHOP / "learner_start.py")
+learner_start = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(learner_start)
 
 
 def need(condition, why):
@@ -322,6 +325,15 @@ def test_four_learners_chat_from_one_shared_read_only_cache(hub, cache):
         if not ROOT_USER:  # root writes anywhere; anyone else cannot write the shared cache
             assert report["cache_writable"] is False
         assert report["stop"] in (202, 204)
+    # each learner's server stops kernels left idle and disconnected, and a closed notebook tab shuts its kernel down
+    log = (hub.folder / "hub.log").read_text(errors="replace")
+    culling = (f"Culling kernels with idle durations > {learner_start.CULL_IDLE_SECONDS} seconds at 300 second "
+               f"intervals")
+    assert log.count(culling) >= len(LEARNERS), log[-4000:]
+    setting, values = learner_start.KERNEL_SHUTDOWN_SETTING
+    for name in LEARNERS:
+        path = hub.folder / "homes" / name / ".jupyter" / "lab" / "user-settings" / setting
+        assert json.loads(path.read_text()) == values
     # nothing wrote into the cache, nor into the kit (so it can be read-only to them), and no learner has a copy
     # of the model of their own
     assert tree(cache) == before
@@ -500,6 +512,43 @@ def test_learner_start_copies_the_notebooks_without_overwriting_edits(tmp_path):
     # the instructor hands out the solutions: the next start adds them, and only them
     solutions = sorted(f"solutions/{p.name}" for p in (source / "solutions").glob("*.ipynb"))
     assert len(solutions) == len(english) and learner_start.copy_notebooks(source, dest, solutions=True) == solutions
+
+
+def test_learner_start_has_closed_tabs_shut_their_kernels_down_unless_the_learner_chose(tmp_path):
+    """Each notebook opened starts a kernel, and JupyterLab keeps it when its tab closes: seven per learner by 07."""
+    name, values = learner_start.KERNEL_SHUTDOWN_SETTING
+    schema = Path(sys.prefix) / "share" / "jupyter" / "lab" / "schemas" / name.with_suffix(".json")
+    assert json.loads(schema.read_text())["properties"]["kernelShutdown"]["default"] is False  # JupyterLab's own
+    assert learner_start.shut_kernels_down_on_close(tmp_path) is True
+    assert json.loads((tmp_path / name).read_text()) == values == {"kernelShutdown": True}
+    (tmp_path / name).write_text('{"kernelShutdown": false, "recordTiming": true}')  # the learner's own choice
+    assert learner_start.shut_kernels_down_on_close(tmp_path) is False
+    assert (tmp_path / name).read_text() == '{"kernelShutdown": false, "recordTiming": true}'
+
+
+def test_learner_start_starts_the_server_with_kernel_culling_and_the_hub_s_arguments(monkeypatch, tmp_path):
+    from jupyter_server.services.kernels.kernelmanager import MappingKernelManager
+    for argument in learner_start.KERNEL_CULLING:  # each a configurable trait of the installed jupyter_server
+        cls, trait = argument.removeprefix("--").split("=")[0].split(".")
+        assert cls == "MappingKernelManager" and MappingKernelManager.class_traits(config=True).get(trait), argument
+    home = tmp_path / "home"
+    home.mkdir()
+    for name in list(os.environ):
+        if name.startswith(("JUPYTER", "QWEN_LAB_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("QWEN_LAB_NOTEBOOKS", str(ROOT / "notebooks"))
+    calls = []
+    monkeypatch.setattr(learner_start.os, "execv", lambda path, args: calls.append((path, args)))
+    learner_start.main(["--ServerApp.allow_root=True"])
+    assert calls == [(sys.executable, [sys.executable, "-m", "jupyterhub.singleuser",
+                                       f"--MappingKernelManager.cull_idle_timeout={learner_start.CULL_IDLE_SECONDS}",
+                                       "--MappingKernelManager.cull_interval=300",
+                                       "--MappingKernelManager.cull_connected=False",
+                                       "--ServerApp.allow_root=True"])]
+    setting, values = learner_start.KERNEL_SHUTDOWN_SETTING
+    assert json.loads((home / ".jupyter" / "lab" / "user-settings" / setting).read_text()) == values
+    assert (home / "notebooks" / "01_download.ipynb").is_file() and (home / "qwen_lab").is_symlink()
 
 
 def test_solutions_asked_for_but_not_there_is_one_line(tmp_path):
