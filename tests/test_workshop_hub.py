@@ -432,6 +432,31 @@ def test_find_proxy_without_npm_s_proxy_or_node(monkeypatch, tmp_path):
     assert str(e.value).startswith("node not found: configurable-http-proxy runs on Node.js 18 or later")
 
 
+@pytest.mark.parametrize("version, refused", [("v16.20.2", "Node.js v16.20.2"), ("v8.10.0", "Node.js v8.10.0"),
+                                              ("", "Node.js of no version it can tell"), ("v18.19.0", None),
+                                              ("v22.12.0", None)])
+def test_find_proxy_refuses_a_node_too_old_for_the_proxy(monkeypatch, tmp_path, version, refused):
+    """An older distribution's nodejs would fail at the proxy's first start, far from the cause: one line instead."""
+    package = json.loads((WORKSHOP / "package-lock.json").read_text())["packages"]["node_modules/configurable-http-proxy"]
+    assert package["engines"]["node"].replace(" ", "") == f">={room.MIN_NODE}"
+    proxy = tmp_path / "node_modules" / ".bin" / "configurable-http-proxy"
+    node = tmp_path / "bin" / "node"
+    for path, text in ((proxy, "#!/usr/bin/env node\n"), (node, f"#!/bin/sh\necho '{version}'\n")):
+        path.parent.mkdir(parents=True)
+        path.write_text(text)
+        path.chmod(0o755)
+    monkeypatch.setattr(room, "LOCAL_PROXY", proxy)
+    monkeypatch.setenv("PATH", str(node.parent))
+    if refused is None:
+        assert room.find_proxy({}) == str(proxy)
+        return
+    with pytest.raises(room.RoomError) as e:
+        room.find_proxy({})
+    assert str(e.value) == (f"{node} is {refused}: configurable-http-proxy needs Node.js 18 or later "
+                            f"(https://nodejs.org/en/download, or your distribution's nodejs package where it is 18 "
+                            f"or later)")
+
+
 @pytest.mark.parametrize("env, message", [
     ({}, "QWEN_LAB_HUB_PASSWORD is not set: set the room's shared password, 8 characters or more, in the hub's "
          "environment"),

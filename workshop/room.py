@@ -36,7 +36,9 @@ prints it and stops, before JupyterHub starts anything.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +53,10 @@ DEFAULT_HOMES = "/srv/qwen-lab/learners/{username}"
 DEFAULT_STATE = "/srv/qwen-lab/hub"
 DEFAULT_LEARNERS = 30
 LOCAL_PROXY = HERE / "node_modules" / ".bin" / "configurable-http-proxy"
+#: The oldest Node.js that configurable-http-proxy 5 runs on (the "engines" of workshop/package-lock.json).
+MIN_NODE = 18
+NODE_ADVICE = (f"https://nodejs.org/en/download, or your distribution's nodejs package where it is {MIN_NODE} or "
+               f"later")
 MIN_PASSWORD = 8         # SharedPasswordAuthenticator's own minimums
 MIN_ADMIN_PASSWORD = 32
 ADMIN_USER = "instructor"
@@ -180,9 +186,17 @@ def find_proxy(environ=os.environ) -> str:
         where = f"QWEN_LAB_HUB_PROXY={chosen} is not an executable file" if chosen else "configurable-http-proxy not found"
         raise RoomError(f"{where}: run `make workshop-proxy` (npm ci in workshop/) or "
                         f"`npm install -g configurable-http-proxy`")
-    if shutil.which("node") is None:
-        raise RoomError("node not found: configurable-http-proxy runs on Node.js 18 or later "
-                        "(apt-get install nodejs, or https://nodejs.org)")
+    node = shutil.which("node")
+    if node is None:
+        raise RoomError(f"node not found: configurable-http-proxy runs on Node.js {MIN_NODE} or later ({NODE_ADVICE})")
+    try:
+        version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        version = ""
+    major = re.match(r"v(\d+)\.", version)
+    if major is None or int(major.group(1)) < MIN_NODE:
+        raise RoomError(f"{node} is Node.js {version[:40] or 'of no version it can tell'}: configurable-http-proxy "
+                        f"needs Node.js {MIN_NODE} or later ({NODE_ADVICE})")
     return found
 
 
