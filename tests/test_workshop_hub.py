@@ -222,7 +222,7 @@ print(json.dumps({
     "model": MODEL, "why": why, "reply": reply, "pid": os.getpid(), "ppid": os.getppid(),
     "home": os.path.expanduser("~"), "notebooks": sorted(os.listdir(os.path.expanduser("~/notebooks"))),
     "env": {k: os.environ.get(k) for k in ("QWEN_LAB_MODEL", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "QWEN_LAB_THREADS",
-                                           "OMP_NUM_THREADS")},
+                                           "OMP_NUM_THREADS", "QWEN_LAB_SOURCE")},
     "threads": kernels.num_threads(), "dtype": str(chat.model.lm_head.weight.dtype),
     "cache_writable": os.access(os.environ["HF_HUB_CACHE"], os.W_OK),
 }))
@@ -309,7 +309,8 @@ def test_four_learners_chat_from_one_shared_read_only_cache(hub, cache):
         assert LEARNERS[name][1] in report["reply"], (name, report["reply"])
         assert report["model"] == REPO_ID and report["why"] == "chosen by QWEN_LAB_MODEL"
         assert report["env"] == {"QWEN_LAB_MODEL": REPO_ID, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache),
-                                 "QWEN_LAB_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+                                 "QWEN_LAB_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
+                                 "QWEN_LAB_SOURCE": str(ROOT)}  # JupyterHub passes on only what it is given
         assert report["threads"] == threads
         # their own folder, with their own copy of every notebook, the glossary and the Chinese edition;
         # not the solutions (QWEN_LAB_HUB_SOLUTIONS is not set)
@@ -623,7 +624,11 @@ def test_kubernetes_config_agrees_with_the_tested_one(monkeypatch, tmp_path):
     env.pop("PATH")
     mount = next(m for m in single["storage"]["extraVolumeMounts"] if m["name"] == "hf-cache")
     notebooks = re.search(r"^COPY notebooks (\S+)$", dockerfile, re.M).group(1)  # all of it: zh-TW/, solutions/...
-    expected = {**env, "HF_HUB_CACHE": mount["mountPath"], "QWEN_LAB_NOTEBOOKS": notebooks,
+    source = re.search(r"^COPY qwen_lab (\S+)/qwen_lab$", dockerfile, re.M).group(1)  # the kit, as the image holds it
+    assert re.search(rf"^COPY training {re.escape(source)}/training$", dockerfile, re.M)
+    assert re.search(rf"^ENV QWEN_LAB_SOURCE={re.escape(source)}$", dockerfile, re.M)
+    assert env["QWEN_LAB_SOURCE"] == str(ROOT)  # on one server: this kit
+    expected = {**env, "HF_HUB_CACHE": mount["mountPath"], "QWEN_LAB_NOTEBOOKS": notebooks, "QWEN_LAB_SOURCE": source,
                 "QWEN_LAB_THREADS": str(single["cpu"]["limit"]), "OMP_NUM_THREADS": str(single["cpu"]["limit"])}
     assert single["extraEnv"] == expected
     assert env["QWEN_LAB_MODEL"] == single["extraEnv"]["QWEN_LAB_MODEL"] == room.DEFAULT_MODEL

@@ -169,6 +169,7 @@ def learner_environment(room: Room, python: str = sys.executable) -> dict[str, s
         "QWEN_LAB_THREADS": str(room.threads),   # qwen_lab's thread count (threads.choose_threads)
         "OMP_NUM_THREADS": str(room.threads),    # and torch's own pool, from the start
         "QWEN_LAB_NOTEBOOKS": str(room.notebooks),  # learner_start.py copies these into ~/notebooks
+        "QWEN_LAB_SOURCE": str(REPO),            # and links this kit's README.md, qwen_lab/, training/ beside them
         "QWEN_LAB_SOLUTIONS": "1" if room.solutions else "0",  # and their solutions/ too, if "1"
         # the kit's commands (qwen-lab doctor...) in the learners' terminals
         "PATH": os.pathsep.join([str(Path(python).parent), os.environ.get("PATH", os.defpath)]),
