@@ -734,6 +734,40 @@ def test_the_image_s_build_context_holds_every_file_its_copy_lines_name():
         assert ignored(path), f"{path} would be sent to the builder"
 
 
+def fake_wheel(folder: Path, name: str, requires: list[str] = (), extras: list[str] = ()) -> None:
+    """A wheel with nothing in it but the metadata pip's resolver reads."""
+    import zipfile
+    dist = f"{name.replace('-', '_')}-0.0.1"
+    metadata = "".join([f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.0.1\n",
+                        *(f"Provides-Extra: {e}\n" for e in extras), *(f"Requires-Dist: {r}\n" for r in requires)])
+    with zipfile.ZipFile(folder / f"{dist}-py3-none-any.whl", "w") as wheel:
+        wheel.writestr(f"{dist}.dist-info/METADATA", metadata)
+        wheel.writestr(f"{dist}.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                                   "Tag: py3-none-any\n")
+        wheel.writestr(f"{dist}.dist-info/RECORD", "")
+
+
+def test_make_wheelhouse_checks_the_extras_it_was_asked_for(tmp_path):
+    """`WHEELHOUSE_EXTRAS=notebooks,workshop` is for a hub server: a wheelhouse without JupyterHub must not pass."""
+    need(subprocess.run(["make", "--version"], capture_output=True).returncode == 0, "make is not installed")
+    fake_wheel(tmp_path, "qwen-lab", ["notebook-dep; extra == 'notebooks'", "hub-dep; extra == 'workshop'"],
+               ["notebooks", "workshop"])
+    fake_wheel(tmp_path, "notebook-dep")  # and no hub-dep
+
+    def check(extras: str) -> subprocess.CompletedProcess:
+        """The recipe's last command (its check), as make would run it, on this folder."""
+        recipe = subprocess.run(["make", "-n", "wheelhouse", f"VENV={sys.prefix}", f"WHEELHOUSE={tmp_path}",
+                                 f"WHEELHOUSE_EXTRAS={extras}"], cwd=ROOT, capture_output=True, text=True, check=True)
+        last = recipe.stdout.replace("\\\n", " ").strip().splitlines()[-1]
+        return subprocess.run(["sh", "-c", last], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    done = check("notebooks")
+    assert done.returncode == 0 and "pip installs qwen-lab[notebooks] from them alone" in done.stdout, done
+    done = check("notebooks,workshop")
+    assert done.returncode == 1, done
+    assert f"{tmp_path} lacks a wheel for hub-dep (needed by qwen-lab[notebooks,workshop]" in done.stdout
+
+
 def test_the_dockerignore_matcher_follows_docker_s_rules():
     ignored = dockerignore_matcher("# a comment\n/build\n**/*.pyc\ndocs/*.md\n!docs/keep.md\nx?z\n")
     assert ignored("build") and ignored("build/lib/a.py") and not ignored("src/build")
