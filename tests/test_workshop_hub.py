@@ -391,7 +391,8 @@ def test_the_hub_without_the_model_in_the_cache_says_how_to_fill_it(tmp_path, ca
 
 def test_the_hub_without_a_real_model_in_the_cache_says_how_to_fill_it(tmp_path, cache):
     """Learners switch to the real models for notebook 07: each must be in the cache before the day starts."""
-    done = run_config(tmp_path, cache, QWEN_LAB_MODEL="", QWEN_LAB_HUB_REAL_MODELS=f"{REPO_ID}, Qwen/Qwen2.5-0.5B-Instruct")
+    done = run_config(tmp_path, cache, QWEN_LAB_MODEL="",
+                      QWEN_LAB_HUB_REAL_MODELS=f"{REPO_ID}, Qwen/Qwen2.5-0.5B-Instruct")
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert last_line(done).startswith(f"jupyterhub_config.py: error: QWEN_LAB_HUB_REAL_MODELS: "
                                       f"Qwen/Qwen2.5-0.5B-Instruct: not in the cache {cache}; ")
@@ -438,7 +439,8 @@ def test_find_proxy_without_npm_s_proxy_or_node(monkeypatch, tmp_path):
                                               ("v22.12.0", None)])
 def test_find_proxy_refuses_a_node_too_old_for_the_proxy(monkeypatch, tmp_path, version, refused):
     """An older distribution's nodejs would fail at the proxy's first start, far from the cause: one line instead."""
-    package = json.loads((WORKSHOP / "package-lock.json").read_text())["packages"]["node_modules/configurable-http-proxy"]
+    lock = json.loads((WORKSHOP / "package-lock.json").read_text())
+    package = lock["packages"]["node_modules/configurable-http-proxy"]
     assert package["engines"]["node"].replace(" ", "") == f">={room.MIN_NODE}"
     proxy = tmp_path / "node_modules" / ".bin" / "configurable-http-proxy"
     node = tmp_path / "bin" / "node"

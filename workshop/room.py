@@ -220,7 +220,8 @@ def check(room: Room) -> None:
             raise RoomError(f"cannot create {folder} ({what}): {e.strerror}; create it, writable by the user "
                             f"the hub runs as") from None
     from qwen_lab.doctor import check_model  # the kit's own check: the files are there, and whole
-    for setting, model in [("QWEN_LAB_MODEL", room.model), *(("QWEN_LAB_HUB_REAL_MODELS", m) for m in room.real_models)]:
+    wanted = [("QWEN_LAB_MODEL", room.model), *(("QWEN_LAB_HUB_REAL_MODELS", m) for m in room.real_models)]
+    for setting, model in wanted:  # the notebooks' model, and each the learners switch to for 07
         result = check_model(model, room.cache, required=True)
         if result.status == "FAIL":
             raise RoomError(f"{setting}: {result.detail}")
