@@ -66,8 +66,8 @@ doctor: $(VENV)/.notebooks
 
 # Every wheel the kit needs, for a room without network (docs/workshop.md): the kit itself, torch as
 # TORCH says, and the rest, binary wheels only, for this machine's Python and platform. The last
-# line checks that pip can install the kit from the folder alone. In the room:
-#   pip install --no-index --find-links wheelhouse "qwen-lab[notebooks]"
+# line checks that pip can install the kit, with the extras asked for, from the folder alone. In the room:
+#   pip install --no-index --find-links wheelhouse "qwen-lab[notebooks]"    (or [notebooks,workshop])
 # (build/ is setuptools' scratch, emptied first: a module deleted since the last build must not ride along.)
 wheelhouse: $(VENV)/.notebooks
 	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
@@ -76,7 +76,8 @@ wheelhouse: $(VENV)/.notebooks
 	$(BIN)/python -m pip download -q --only-binary=:all: --dest $(WHEELHOUSE) $(TORCH)
 	$(BIN)/python -m pip download -q --only-binary=:all: --dest $(WHEELHOUSE) --find-links $(WHEELHOUSE) \
 	    "$(firstword $(TORCH))" "$$(ls $(WHEELHOUSE)/qwen_lab-*.whl)[$(WHEELHOUSE_EXTRAS)]"
-	$(OFFLINE) $(BIN)/qwen-lab doctor --wheelhouse $(WHEELHOUSE) qwen-lab/tiny-chat
+	$(OFFLINE) $(BIN)/python -c 'import sys, pathlib, qwen_lab.doctor as d; c = d.check_wheelhouse(pathlib.Path(sys.argv[1]), sys.argv[2]); print(c.line()); sys.exit(c.status == "FAIL")' \
+	    $(WHEELHOUSE) "qwen-lab[$(WHEELHOUSE_EXTRAS)]"
 
 # JupyterHub's proxy, from npm, into workshop/node_modules (the versions of workshop/package-lock.json).
 workshop-proxy: $(PROXY_STAMP)

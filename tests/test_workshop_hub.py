@@ -55,6 +55,9 @@ def load_room():
 
 
 room = load_room()
+_spec = importlib.util.spec_from_file_location("learner_start", WORKSHOP / "learner_start.py")
+learner_start = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(learner_start)
 
 
 def need(condition, why):
@@ -89,12 +92,13 @@ def hub_environment(tmp: Path, cache: Path, **more) -> dict:
     """The hub's environment: this one without qwen-lab's and Hugging Face's settings, plus the room's."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("QWEN_LAB_", "HF_", "JUPYTERHUB_", "JPY_"))}
     env.update(QWEN_LAB_HUB_PASSWORD=PASSWORD, QWEN_LAB_HUB_CACHE=str(cache), QWEN_LAB_MODEL=REPO_ID,
+               QWEN_LAB_HUB_REAL_MODELS=REPO_ID,  # the room's real model, here served by LocalHub into the cache
                QWEN_LAB_HUB_LEARNERS=str(len(LEARNERS)), QWEN_LAB_HUB_STATE=str(tmp / "state"),
                QWEN_LAB_HUB_HOMES=str(tmp / "homes" / "{username}"))
     if ROOT_USER:  # this sandbox runs as root: the config refuses that unless told it is a throwaway machine
         env["QWEN_LAB_HUB_ALLOW_ROOT"] = "1"
     env.update(more)
-    return env
+    return {k: v for k, v in env.items() if v is not None}  # None: not set at all
 
 
 # ---------------------------------------------------------------- the shared cache, filled as a room's is
@@ -218,7 +222,7 @@ print(json.dumps({
     "model": MODEL, "why": why, "reply": reply, "pid": os.getpid(), "ppid": os.getppid(),
     "home": os.path.expanduser("~"), "notebooks": sorted(os.listdir(os.path.expanduser("~/notebooks"))),
     "env": {k: os.environ.get(k) for k in ("QWEN_LAB_MODEL", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "QWEN_LAB_THREADS",
-                                           "OMP_NUM_THREADS")},
+                                           "OMP_NUM_THREADS", "QWEN_LAB_SOURCE")},
     "threads": kernels.num_threads(), "dtype": str(chat.model.lm_head.weight.dtype),
     "cache_writable": os.access(os.environ["HF_HUB_CACHE"], os.W_OK),
 }))
@@ -287,8 +291,14 @@ def chat_turn(hub: Hub, name: str, question: str) -> dict:
     return report
 
 
+def kit_files() -> dict:
+    """The kit's files that learners' servers and kernels run or open (Python's own __pycache__ aside)."""
+    return {f"{name}/{path}": entry for name in room.KIT_PARTS if (ROOT / name).is_dir()
+            for path, entry in tree(ROOT / name).items() if "__pycache__" not in path}
+
+
 def test_four_learners_chat_from_one_shared_read_only_cache(hub, cache):
-    before = tree(cache)
+    before, kit_before = tree(cache), kit_files()
     with ThreadPoolExecutor(len(LEARNERS)) as pool:  # the room logs in at once
         reports = dict(zip(LEARNERS, pool.map(lambda name: chat_turn(hub, name, LEARNERS[name][0]), LEARNERS)))
     blob = weights_blob(cache)
@@ -299,7 +309,8 @@ def test_four_learners_chat_from_one_shared_read_only_cache(hub, cache):
         assert LEARNERS[name][1] in report["reply"], (name, report["reply"])
         assert report["model"] == REPO_ID and report["why"] == "chosen by QWEN_LAB_MODEL"
         assert report["env"] == {"QWEN_LAB_MODEL": REPO_ID, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache),
-                                 "QWEN_LAB_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+                                 "QWEN_LAB_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
+                                 "QWEN_LAB_SOURCE": str(ROOT)}  # JupyterHub passes on only what it is given
         assert report["threads"] == threads
         # their own folder, with their own copy of every notebook, the glossary and the Chinese edition;
         # not the solutions (QWEN_LAB_HUB_SOLUTIONS is not set)
@@ -315,10 +326,30 @@ def test_four_learners_chat_from_one_shared_read_only_cache(hub, cache):
         if not ROOT_USER:  # root writes anywhere; anyone else cannot write the shared cache
             assert report["cache_writable"] is False
         assert report["stop"] in (202, 204)
-    # nothing wrote into the cache, and no learner has a copy of the model of their own
+    # each learner's server stops kernels left idle and disconnected, and a closed notebook tab shuts its kernel down
+    log = (hub.folder / "hub.log").read_text(errors="replace")
+    culling = (f"Culling kernels with idle durations > {learner_start.CULL_IDLE_SECONDS} seconds at 300 second "
+               f"intervals")
+    assert log.count(culling) >= len(LEARNERS), log[-4000:]
+    setting, values = learner_start.KERNEL_SHUTDOWN_SETTING
+    for name in LEARNERS:
+        path = hub.folder / "homes" / name / ".jupyter" / "lab" / "user-settings" / setting
+        assert json.loads(path.read_text()) == values
+    # nothing wrote into the cache, nor into the kit (so it can be read-only to them), and no learner has a copy
+    # of the model of their own
     assert tree(cache) == before
+    assert kit_files() == kit_before
     homes = hub.folder / "homes"
     assert not [p for p in homes.rglob("*") if p.name.endswith(".safetensors") or p.name.startswith("models--")]
+
+
+def test_the_hub_warns_at_start_when_learners_could_change_the_kit_or_the_cache(hub, cache):
+    log = (hub.folder / "hub.log").read_text(errors="replace")
+    kit = room.writable_kit_warning(ROOT)  # a checkout is its owner's to write; the room's kit is root's
+    assert (f"jupyterhub_config.py: warning: {kit}\n" in log) if kit else "warning: the kit" not in log
+    cache_is_writable = os.access(cache, os.W_OK)  # root writes anywhere; anyone else cannot write this cache
+    assert (f"jupyterhub_config.py: warning: the shared cache {cache} is writable by the learners" in log) \
+        is cache_is_writable
 
 
 def test_a_wrong_password_or_a_name_that_is_no_folder_name_is_refused(hub):
@@ -358,6 +389,35 @@ def test_the_hub_without_the_model_in_the_cache_says_how_to_fill_it(tmp_path, ca
     assert f"`qwen-lab download --cache-dir {cache} Qwen/Qwen2.5-1.5B-Instruct`" in last_line(done)
 
 
+def test_the_hub_without_a_real_model_in_the_cache_says_how_to_fill_it(tmp_path, cache):
+    """Learners switch to the real models for notebook 07: each must be in the cache before the day starts."""
+    done = run_config(tmp_path, cache, QWEN_LAB_MODEL="",
+                      QWEN_LAB_HUB_REAL_MODELS=f"{REPO_ID}, Qwen/Qwen2.5-0.5B-Instruct")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert last_line(done).startswith(f"jupyterhub_config.py: error: QWEN_LAB_HUB_REAL_MODELS: "
+                                      f"Qwen/Qwen2.5-0.5B-Instruct: not in the cache {cache}; ")
+    assert f"`qwen-lab download --cache-dir {cache} Qwen/Qwen2.5-0.5B-Instruct`" in last_line(done)
+    # the default real model, not asked for and not in this cache, is refused the same way
+    done = run_config(tmp_path, cache, QWEN_LAB_MODEL="", QWEN_LAB_HUB_REAL_MODELS=None)
+    assert done.returncode == 1
+    assert last_line(done).startswith(f"jupyterhub_config.py: error: QWEN_LAB_HUB_REAL_MODELS: "
+                                      f"{room.DEFAULT_REAL_MODELS[0]}: not in the cache {cache}; ")
+
+
+def test_learners_start_on_tiny_chat_and_the_real_models_are_the_room_s_choice():
+    settings = {"QWEN_LAB_HUB_PASSWORD": PASSWORD}
+    default = room.Room.from_environ(settings, cores=8)
+    assert default.model == room.DEFAULT_MODEL == "qwen-lab/tiny-chat"  # docs/workshop.md: 01-06 on tiny-chat
+    assert room.learner_environment(default)["QWEN_LAB_MODEL"] == "qwen-lab/tiny-chat"
+    assert default.real_models == room.DEFAULT_REAL_MODELS == ("Qwen/Qwen2.5-1.5B-Instruct",)
+    chosen = room.Room.from_environ({**settings, "QWEN_LAB_MODEL": "Qwen/Qwen2.5-0.5B-Instruct",
+                                     "QWEN_LAB_HUB_REAL_MODELS": " Qwen/Qwen2.5-0.5B-Instruct ,Qwen/Qwen3-0.6B,"},
+                                    cores=8)
+    assert room.learner_environment(chosen)["QWEN_LAB_MODEL"] == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert chosen.real_models == ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen3-0.6B")
+    assert room.Room.from_environ({**settings, "QWEN_LAB_HUB_REAL_MODELS": ""}, cores=8).real_models == ()
+
+
 def test_find_proxy_without_npm_s_proxy_or_node(monkeypatch, tmp_path):
     monkeypatch.setattr(room, "LOCAL_PROXY", tmp_path / "node_modules" / ".bin" / "configurable-http-proxy")
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # nothing on PATH either
@@ -372,6 +432,32 @@ def test_find_proxy_without_npm_s_proxy_or_node(monkeypatch, tmp_path):
     with pytest.raises(room.RoomError) as e:
         room.find_proxy({})
     assert str(e.value).startswith("node not found: configurable-http-proxy runs on Node.js 18 or later")
+
+
+@pytest.mark.parametrize("version, refused", [("v16.20.2", "Node.js v16.20.2"), ("v8.10.0", "Node.js v8.10.0"),
+                                              ("", "Node.js of no version it can tell"), ("v18.19.0", None),
+                                              ("v22.12.0", None)])
+def test_find_proxy_refuses_a_node_too_old_for_the_proxy(monkeypatch, tmp_path, version, refused):
+    """An older distribution's nodejs would fail at the proxy's first start, far from the cause: one line instead."""
+    lock = json.loads((WORKSHOP / "package-lock.json").read_text())
+    package = lock["packages"]["node_modules/configurable-http-proxy"]
+    assert package["engines"]["node"].replace(" ", "") == f">={room.MIN_NODE}"
+    proxy = tmp_path / "node_modules" / ".bin" / "configurable-http-proxy"
+    node = tmp_path / "bin" / "node"
+    for path, text in ((proxy, "#!/usr/bin/env node\n"), (node, f"#!/bin/sh\necho '{version}'\n")):
+        path.parent.mkdir(parents=True)
+        path.write_text(text)
+        path.chmod(0o755)
+    monkeypatch.setattr(room, "LOCAL_PROXY", proxy)
+    monkeypatch.setenv("PATH", str(node.parent))
+    if refused is None:
+        assert room.find_proxy({}) == str(proxy)
+        return
+    with pytest.raises(room.RoomError) as e:
+        room.find_proxy({})
+    assert str(e.value) == (f"{node} is {refused}: configurable-http-proxy needs Node.js 18 or later "
+                            f"(https://nodejs.org/en/download, or your distribution's nodejs package where it is 18 "
+                            f"or later)")
 
 
 @pytest.mark.parametrize("env, message", [
@@ -394,6 +480,34 @@ def test_bad_room_settings_get_one_line(env, message):
     with pytest.raises(room.RoomError) as e:
         room.Room.from_environ(env, cores=8)
     assert str(e.value) == message
+
+
+def test_a_kit_learners_could_change_is_one_line_saying_the_fix(monkeypatch, tmp_path):
+    kit = tmp_path / "kit"
+    for name in ("qwen_lab/generation.py", "qwen_lab/models/tiny-chat/config.json", "notebooks/01_download.ipynb",
+                 "training/corpus.py", "workshop/learner_start.py", "README.md"):
+        (kit / name).parent.mkdir(parents=True, exist_ok=True)
+        (kit / name).write_text("")
+    (kit / "notebooks" / "hub.py").symlink_to(kit / "qwen_lab" / "generation.py")  # a link is its target's business
+    for path in [kit, *kit.rglob("*")]:  # as `chmod -R a+rX,go-w` run by root leaves it for the hub's user
+        if not path.is_symlink():
+            path.chmod(0o555 if path.is_dir() else 0o444)
+    if ROOT_USER:  # root may write anything: the mode bits decide for the unprivileged user the hub runs as
+        monkeypatch.setattr(room.os, "access", lambda p, mode: bool(os.stat(p).st_mode & stat.S_IWUSR))
+    try:
+        assert room.writable_kit_warning(kit) is None
+        (kit / "qwen_lab" / "models" / "tiny-chat" / "config.json").chmod(0o644)
+        assert room.writable_kit_warning(kit) == (
+            f"the kit {kit} is writable by the learners, who run as this user ({kit}/qwen_lab/models/tiny-chat/"
+            f"config.json, for one): a change there reaches every learner's kernel; as root: `chown -R root: {kit} "
+            f"&& chmod -R a+rX,go-w {kit}`")
+        kit.chmod(0o755)  # the kit's own folder: a learner could add a module beside the package
+        assert room.writable_kit_warning(kit).startswith(f"the kit {kit} is writable by the learners, who run as "
+                                                         f"this user: a change there")
+    finally:
+        for path in [kit, *kit.rglob("*")]:
+            if not path.is_symlink():
+                path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def test_threads_are_the_cores_shared_by_the_learners():
@@ -426,6 +540,43 @@ def test_learner_start_copies_the_notebooks_without_overwriting_edits(tmp_path):
     # the instructor hands out the solutions: the next start adds them, and only them
     solutions = sorted(f"solutions/{p.name}" for p in (source / "solutions").glob("*.ipynb"))
     assert len(solutions) == len(english) and learner_start.copy_notebooks(source, dest, solutions=True) == solutions
+
+
+def test_learner_start_has_closed_tabs_shut_their_kernels_down_unless_the_learner_chose(tmp_path):
+    """Each notebook opened starts a kernel, and JupyterLab keeps it when its tab closes: seven per learner by 07."""
+    name, values = learner_start.KERNEL_SHUTDOWN_SETTING
+    schema = Path(sys.prefix) / "share" / "jupyter" / "lab" / "schemas" / name.with_suffix(".json")
+    assert json.loads(schema.read_text())["properties"]["kernelShutdown"]["default"] is False  # JupyterLab's own
+    assert learner_start.shut_kernels_down_on_close(tmp_path) is True
+    assert json.loads((tmp_path / name).read_text()) == values == {"kernelShutdown": True}
+    (tmp_path / name).write_text('{"kernelShutdown": false, "recordTiming": true}')  # the learner's own choice
+    assert learner_start.shut_kernels_down_on_close(tmp_path) is False
+    assert (tmp_path / name).read_text() == '{"kernelShutdown": false, "recordTiming": true}'
+
+
+def test_learner_start_starts_the_server_with_kernel_culling_and_the_hub_s_arguments(monkeypatch, tmp_path):
+    from jupyter_server.services.kernels.kernelmanager import MappingKernelManager
+    for argument in learner_start.KERNEL_CULLING:  # each a configurable trait of the installed jupyter_server
+        cls, trait = argument.removeprefix("--").split("=")[0].split(".")
+        assert cls == "MappingKernelManager" and MappingKernelManager.class_traits(config=True).get(trait), argument
+    home = tmp_path / "home"
+    home.mkdir()
+    for name in list(os.environ):
+        if name.startswith(("JUPYTER", "QWEN_LAB_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("QWEN_LAB_NOTEBOOKS", str(ROOT / "notebooks"))
+    calls = []
+    monkeypatch.setattr(learner_start.os, "execv", lambda path, args: calls.append((path, args)))
+    learner_start.main(["--ServerApp.allow_root=True"])
+    assert calls == [(sys.executable, [sys.executable, "-m", "jupyterhub.singleuser",
+                                       f"--MappingKernelManager.cull_idle_timeout={learner_start.CULL_IDLE_SECONDS}",
+                                       "--MappingKernelManager.cull_interval=300",
+                                       "--MappingKernelManager.cull_connected=False",
+                                       "--ServerApp.allow_root=True"])]
+    setting, values = learner_start.KERNEL_SHUTDOWN_SETTING
+    assert json.loads((home / ".jupyter" / "lab" / "user-settings" / setting).read_text()) == values
+    assert (home / "notebooks" / "01_download.ipynb").is_file() and (home / "qwen_lab").is_symlink()
 
 
 def test_solutions_asked_for_but_not_there_is_one_line(tmp_path):
@@ -475,10 +626,25 @@ def test_kubernetes_config_agrees_with_the_tested_one(monkeypatch, tmp_path):
     env.pop("PATH")
     mount = next(m for m in single["storage"]["extraVolumeMounts"] if m["name"] == "hf-cache")
     notebooks = re.search(r"^COPY notebooks (\S+)$", dockerfile, re.M).group(1)  # all of it: zh-TW/, solutions/...
-    expected = {**env, "HF_HUB_CACHE": mount["mountPath"], "QWEN_LAB_NOTEBOOKS": notebooks,
+    source = re.search(r"^COPY qwen_lab (\S+)/qwen_lab$", dockerfile, re.M).group(1)  # the kit, as the image holds it
+    assert re.search(rf"^COPY training {re.escape(source)}/training$", dockerfile, re.M)
+    assert re.search(rf"^ENV QWEN_LAB_SOURCE={re.escape(source)}$", dockerfile, re.M)
+    assert env["QWEN_LAB_SOURCE"] == str(ROOT)  # on one server: this kit
+    expected = {**env, "HF_HUB_CACHE": mount["mountPath"], "QWEN_LAB_NOTEBOOKS": notebooks, "QWEN_LAB_SOURCE": source,
                 "QWEN_LAB_THREADS": str(single["cpu"]["limit"]), "OMP_NUM_THREADS": str(single["cpu"]["limit"])}
     assert single["extraEnv"] == expected
     assert env["QWEN_LAB_MODEL"] == single["extraEnv"]["QWEN_LAB_MODEL"] == room.DEFAULT_MODEL
+    # the real models learners switch to: what the fill-cache Job downloads, what the docs say
+    [job] = [d for d in yaml.safe_load_all((WORKSHOP / "z2jh" / "fill-cache.yaml").read_text()) if d["kind"] == "Job"]
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[:4] == ["qwen-lab", "download", "--cache-dir", mount["mountPath"]]
+    assert tuple(command[4:]) == room.DEFAULT_REAL_MODELS
+    guide = (ROOT / "docs" / "workshop.md").read_text()
+    for name in sorted(set(re.findall(r"\bQWEN_LAB_HUB_[A-Z_]+", (WORKSHOP / "room.py").read_text()))):
+        assert f"``{name}``" in room.__doc__, f"{name} is missing from room.py's table of settings"
+    assert f"default ``{room.DEFAULT_MODEL}``" in room.__doc__
+    assert f"default ``{','.join(room.DEFAULT_REAL_MODELS)}``" in room.__doc__
+    assert f"QWEN_LAB_HUB_REAL_MODELS={','.join(room.DEFAULT_REAL_MODELS)}" in guide
     assert env["HF_HUB_CACHE"] == mount["mountPath"] == room.DEFAULT_CACHE
     assert env["HF_HUB_OFFLINE"] == single["extraEnv"]["HF_HUB_OFFLINE"] == "1"
     assert re.search(rf"^ENV QWEN_LAB_NOTEBOOKS={re.escape(notebooks)}$", dockerfile, re.M)
@@ -516,3 +682,97 @@ def test_learner_start_links_what_the_notebooks_link_to_so_their_links_open(tmp_
                 inside = os.path.normpath(notebook.parent / link)  # as the server sees it: links not followed
                 assert inside.startswith(str(home) + os.sep) and os.path.exists(inside), \
                     f"{notebook.relative_to(home)}: {link} does not open in the learner's home"
+
+
+def dockerignore_matcher(text: str):
+    """Docker's ignore rules as a function of a context path: True if the build context leaves it out.
+
+    As BuildKit reads them: one pattern a line, ``#`` comments, a leading ``/`` dropped, ``*`` and ``?``
+    within one path element, ``**`` any number of elements, ``!`` an exception (the last matching line
+    decides), and a path left out when it or any folder above it matches.
+    """
+    rules = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        keep = line.startswith("!")
+        pattern = os.path.normpath(line.lstrip("!").strip().lstrip("/"))
+        regex = ""
+        for part in re.split(r"(\*\*/|/\*\*$|\*\*|\*|\?)", pattern):
+            regex += {"**/": "(?:.*/)?", "/**": "(?:/.*)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}.get(
+                part, re.escape(part))
+        rules.append((re.compile(regex + r"\Z"), keep))
+
+    def ignored(path: str) -> bool:
+        parts = path.split("/")
+        prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        verdict = False
+        for regex, keep in rules:
+            if any(regex.match(p) for p in prefixes):
+                verdict = not keep
+        return verdict
+
+    return ignored
+
+
+def test_the_image_s_build_context_holds_every_file_its_copy_lines_name():
+    """BuildKit reads z2jh/Dockerfile.dockerignore: a COPY of an ignored folder fails the build ("not found")."""
+    dockerfile = (WORKSHOP / "z2jh" / "Dockerfile").read_text()
+    ignored = dockerignore_matcher((WORKSHOP / "z2jh" / "Dockerfile.dockerignore").read_text())
+    sources = [source for line in re.findall(r"^COPY (.+)$", dockerfile, re.M)
+               for source in [w for w in line.split() if not w.startswith("--")][:-1]]
+    assert {"qwen_lab", "training", "notebooks", "workshop/learner_start.py"} <= set(sources)
+    tracked = subprocess.run(["git", "ls-files", *sources], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    for source in sources:  # each names files the repository has, and none of them is left out
+        files = [f for f in tracked if f == source or f.startswith(source + "/")]
+        assert files, f"COPY {source}: no such file in the repository"
+        assert not [f for f in files if ignored(f)], f"COPY {source}: the build context leaves out {source}"
+    # what must stay out: local environments, npm's packages, the offline room's multi-GB cache and wheels
+    for path in (".venv/bin/python", "workshop/node_modules/.bin/configurable-http-proxy", "room/hf-cache/x",
+                 "room/wheelhouse/torch.whl", "wheelhouse/x.whl", "qwen_lab/__pycache__/hub.cpython-311.pyc",
+                 "notebooks/.ipynb_checkpoints/01_download-checkpoint.ipynb"):
+        assert ignored(path), f"{path} would be sent to the builder"
+
+
+def fake_wheel(folder: Path, name: str, requires: list[str] = (), extras: list[str] = ()) -> None:
+    """A wheel with nothing in it but the metadata pip's resolver reads."""
+    import zipfile
+    dist = f"{name.replace('-', '_')}-0.0.1"
+    metadata = "".join([f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.0.1\n",
+                        *(f"Provides-Extra: {e}\n" for e in extras), *(f"Requires-Dist: {r}\n" for r in requires)])
+    with zipfile.ZipFile(folder / f"{dist}-py3-none-any.whl", "w") as wheel:
+        wheel.writestr(f"{dist}.dist-info/METADATA", metadata)
+        wheel.writestr(f"{dist}.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                                   "Tag: py3-none-any\n")
+        wheel.writestr(f"{dist}.dist-info/RECORD", "")
+
+
+def test_make_wheelhouse_checks_the_extras_it_was_asked_for(tmp_path):
+    """`WHEELHOUSE_EXTRAS=notebooks,workshop` is for a hub server: a wheelhouse without JupyterHub must not pass."""
+    need(subprocess.run(["make", "--version"], capture_output=True).returncode == 0, "make is not installed")
+    fake_wheel(tmp_path, "qwen-lab", ["notebook-dep; extra == 'notebooks'", "hub-dep; extra == 'workshop'"],
+               ["notebooks", "workshop"])
+    fake_wheel(tmp_path, "notebook-dep")  # and no hub-dep
+
+    def check(extras: str) -> subprocess.CompletedProcess:
+        """The recipe's last command (its check), as make would run it, on this folder."""
+        recipe = subprocess.run(["make", "-n", "wheelhouse", f"VENV={sys.prefix}", f"WHEELHOUSE={tmp_path}",
+                                 f"WHEELHOUSE_EXTRAS={extras}"], cwd=ROOT, capture_output=True, text=True, check=True)
+        last = recipe.stdout.replace("\\\n", " ").strip().splitlines()[-1]
+        return subprocess.run(["sh", "-c", last], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    done = check("notebooks")
+    assert done.returncode == 0 and "pip installs qwen-lab[notebooks] from them alone" in done.stdout, done
+    done = check("notebooks,workshop")
+    assert done.returncode == 1, done
+    assert f"{tmp_path} lacks a wheel for hub-dep (needed by qwen-lab[notebooks,workshop]" in done.stdout
+
+
+def test_the_dockerignore_matcher_follows_docker_s_rules():
+    ignored = dockerignore_matcher("# a comment\n/build\n**/*.pyc\ndocs/*.md\n!docs/keep.md\nx?z\n")
+    assert ignored("build") and ignored("build/lib/a.py") and not ignored("src/build")
+    assert ignored("a.pyc") and ignored("a/b/c.pyc") and not ignored("a.py")
+    assert ignored("docs/a.md") and not ignored("docs/keep.md") and not ignored("docs/sub/a.md")
+    assert ignored("xyz") and not ignored("xyyz") and not ignored("# a comment")

@@ -9,10 +9,12 @@ in ``room.py``); ``docs/workshop.md`` walks through the setup. What each learner
 
 * **their own folder** (``QWEN_LAB_HUB_HOMES``) holding a copy of the notebooks, made at each
   start by ``learner_start.py`` without overwriting their edits;
-* **the same model, read from one shared cache**: ``QWEN_LAB_MODEL``, ``HF_HUB_CACHE`` pointing at
-  the folder filled once by ``qwen-lab download --cache-dir``, and ``HF_HUB_OFFLINE=1``, so no
-  kernel waits for the Hub or writes its own copy. A bf16 model stays memory-mapped from that
-  file, so all the learners' kernels share one copy of the weights in memory;
+* **the same model**: ``QWEN_LAB_MODEL``, by default the embedded tiny-chat (notebooks 01-06, the
+  committed outputs); the real models learners switch to for 07 (``QWEN_LAB_HUB_REAL_MODELS``)
+  are read from one shared cache: ``HF_HUB_CACHE`` points at the folder filled once by ``qwen-lab
+  download --cache-dir``, and ``HF_HUB_OFFLINE=1``, so no kernel waits for the Hub or writes its
+  own copy. A bf16 model stays memory-mapped from that file, so all the learners' kernels share one
+  copy of the weights in memory;
 * **a thread count** sized as the server's cores / learners (``QWEN_LAB_THREADS``).
 
 The spawner is JupyterHub's ``SimpleLocalProcessSpawner``: each learner's server is a process of
@@ -69,6 +71,6 @@ c.ConfigurableHTTPProxy.pid_file = str(settings.state / "jupyterhub-proxy.pid")
 c.JupyterHub.cleanup_servers = True
 c.JupyterHub.cleanup_proxy = True
 
-warning = room.writable_cache_warning(settings)
-if warning:
-    print(f"jupyterhub_config.py: warning: {warning}", file=sys.stderr)
+for warning in (room.writable_cache_warning(settings), room.writable_kit_warning(room.REPO)):
+    if warning:
+        print(f"jupyterhub_config.py: warning: {warning}", file=sys.stderr)

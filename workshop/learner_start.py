@@ -13,10 +13,19 @@ notebooks link to the kit's files beside their folder (``../README.md``, ``../qw
 checkout; by default the notebooks' parent folder), so the links open, on the kit's own read-only
 files. Then this process becomes ``jupyterhub-singleuser`` with the arguments JupyterHub gave.
 
+Kernels are the room's memory: each notebook a learner opens starts its own (about 0.3 GiB each,
+``benchmarks/RESULTS.md``), and JupyterLab keeps it running when the notebook's tab is closed, so a
+learner reaching notebook 07 could hold seven. Two settings keep that down: a learner who has no
+JupyterLab settings of their own for notebooks gets one saying that closing a notebook's tab shuts
+its kernel down (``KERNEL_SHUTDOWN_SETTING``), and the server stops kernels left idle with no
+connection for ``CULL_IDLE_SECONDS`` (``KERNEL_CULLING``: a kernel behind an open tab is never
+stopped, however long it idles).
+
     python learner_start.py [jupyterhub-singleuser arguments...]
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -28,6 +37,17 @@ GIVEN = ("*.ipynb", "GLOSSARY.md", "zh-TW/*.ipynb")
 SOLUTIONS = "solutions/*.ipynb"
 #: What the notebooks' links reach outside their folder, linked (never copied) into the learner's home.
 LINKED = ("README.md", "qwen_lab", "training")
+#: JupyterLab's setting "Shut down kernel" when closing a notebook: the notebook plugin's settings file, under
+#: the user-settings folder, and its value (schema: share/jupyter/lab/schemas/@jupyterlab/notebook-extension/
+#: tracker.json, key kernelShutdown, false by default).
+KERNEL_SHUTDOWN_SETTING = (Path("@jupyterlab") / "notebook-extension" / "tracker.jupyterlab-settings",
+                           {"kernelShutdown": True})
+#: Longer than a break: a laptop that slept through one finds its kernels still there.
+CULL_IDLE_SECONDS = 30 * 60
+#: jupyter_server's culling of idle kernels; cull_connected=False spares every kernel an open tab is connected to.
+KERNEL_CULLING = (f"--MappingKernelManager.cull_idle_timeout={CULL_IDLE_SECONDS}",
+                  "--MappingKernelManager.cull_interval=300",
+                  "--MappingKernelManager.cull_connected=False")
 
 
 def copy_notebooks(source: Path, dest: Path, solutions: bool = False) -> list[str]:
@@ -59,6 +79,25 @@ def link_sources(source: Path, home: Path) -> list[str]:
     return linked
 
 
+def lab_settings_dir() -> Path:
+    """JupyterLab's user-settings folder, found as ``jupyterlab.commands.get_user_settings_dir`` finds it
+    (that module takes seconds to import; every learner's start waits on this one)."""
+    from jupyter_core.paths import jupyter_config_dir
+    return Path(os.environ.get("JUPYTERLAB_SETTINGS_DIR") or Path(jupyter_config_dir()) / "lab" / "user-settings")
+
+
+def shut_kernels_down_on_close(settings_dir: Path) -> bool:
+    """Write the notebook plugin's setting that shuts a kernel down with its tab, unless the learner has
+    that settings file already (their own choices, whatever they are, stay theirs); True if written."""
+    name, values = KERNEL_SHUTDOWN_SETTING
+    path = settings_dir / name
+    if os.path.lexists(path):
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(values, indent=2) + "\n", encoding="utf-8")
+    return True
+
+
 def main(argv: list[str]) -> None:
     source = os.environ.get("QWEN_LAB_NOTEBOOKS")
     if source and Path(source).is_dir():
@@ -75,7 +114,14 @@ def main(argv: list[str]) -> None:
     else:  # the server still starts: a learner without notebooks can still be helped
         print(f"learner_start: warning: QWEN_LAB_NOTEBOOKS={source!r} is not a folder: no notebooks copied",
               file=sys.stderr, flush=True)
-    os.execv(sys.executable, [sys.executable, "-m", "jupyterhub.singleuser", *argv])
+    try:
+        if shut_kernels_down_on_close(lab_settings_dir()):
+            print("learner_start: closing a notebook's tab shuts its kernel down (JupyterLab setting written)",
+                  file=sys.stderr, flush=True)
+    except OSError as e:  # a convenience too: the culling below still stops the kernels left behind
+        print(f"learner_start: warning: cannot write JupyterLab's settings: {e}", file=sys.stderr, flush=True)
+    # the room's own arguments last, so that they win over these
+    os.execv(sys.executable, [sys.executable, "-m", "jupyterhub.singleuser", *KERNEL_CULLING, *argv])
 
 
 if __name__ == "__main__":

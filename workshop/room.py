@@ -7,7 +7,12 @@ never edited (a systemd unit's ``Environment=`` lines, or ``export`` before ``ma
 ``QWEN_LAB_HUB_PASSWORD``             the room's shared password, 8 characters or more (required)
 ``QWEN_LAB_HUB_ADMIN_PASSWORD``       optional, 32 characters or more: log in as ``instructor`` with it to
                                       see and stop every learner's server (``/hub/admin``)
-``QWEN_LAB_MODEL``                    the model the notebooks use (default ``Qwen/Qwen2.5-1.5B-Instruct``)
+``QWEN_LAB_MODEL``                    the model the notebooks use (default ``qwen-lab/tiny-chat``, the embedded
+                                      model: notebooks 01-06 give every learner the committed outputs)
+``QWEN_LAB_HUB_REAL_MODELS``          the real model(s) learners switch to for notebook 07 (``%env
+                                      QWEN_LAB_MODEL=...``, then restart the kernel), comma-separated Hub ids, each
+                                      of which must be in the cache (default ``Qwen/Qwen2.5-1.5B-Instruct``; empty:
+                                      none)
 ``QWEN_LAB_HUB_CACHE``                the shared Hugging Face cache, filled once with ``qwen-lab download
                                       --cache-dir``; learners only read it (default ``/srv/qwen-lab/hf-cache``)
 ``QWEN_LAB_HUB_LEARNERS``             how many learners work at once (default 30): each gets
@@ -31,7 +36,9 @@ prints it and stops, before JupyterHub starts anything.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,12 +46,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
-DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
+DEFAULT_MODEL = "qwen-lab/tiny-chat"  # the teaching plan's model for 01-06 (docs/workshop.md, "Which model, when")
+DEFAULT_REAL_MODELS = ("Qwen/Qwen2.5-1.5B-Instruct",)  # and the real one for 07
 DEFAULT_CACHE = "/srv/qwen-lab/hf-cache"
 DEFAULT_HOMES = "/srv/qwen-lab/learners/{username}"
 DEFAULT_STATE = "/srv/qwen-lab/hub"
 DEFAULT_LEARNERS = 30
 LOCAL_PROXY = HERE / "node_modules" / ".bin" / "configurable-http-proxy"
+#: The oldest Node.js that configurable-http-proxy 5 runs on (the "engines" of workshop/package-lock.json).
+MIN_NODE = 18
+NODE_ADVICE = (f"https://nodejs.org/en/download, or your distribution's nodejs package where it is {MIN_NODE} or "
+               f"later")
 MIN_PASSWORD = 8         # SharedPasswordAuthenticator's own minimums
 MIN_ADMIN_PASSWORD = 32
 ADMIN_USER = "instructor"
@@ -61,6 +73,7 @@ class Room:
     password: str
     admin_password: str | None
     model: str
+    real_models: tuple[str, ...]
     cache: Path
     threads: int
     homes: str
@@ -86,12 +99,20 @@ class Room:
             raise RoomError(f"QWEN_LAB_HUB_HOMES={homes!r} must be an absolute path containing {{username}}, "
                             f"e.g. {DEFAULT_HOMES}")
         return cls(password=password, admin_password=admin,
-                   model=environ.get("QWEN_LAB_MODEL") or DEFAULT_MODEL,
+                   model=environ.get("QWEN_LAB_MODEL") or DEFAULT_MODEL, real_models=_real_models(environ),
                    cache=Path(environ.get("QWEN_LAB_HUB_CACHE") or DEFAULT_CACHE),
                    threads=_threads(environ, cores), homes=homes,
                    state=Path(environ.get("QWEN_LAB_HUB_STATE") or DEFAULT_STATE),
                    notebooks=Path(environ.get("QWEN_LAB_NOTEBOOKS") or REPO / "notebooks"),
                    allow_root=environ.get("QWEN_LAB_HUB_ALLOW_ROOT") == "1", solutions=_solutions(environ))
+
+
+def _real_models(environ) -> tuple[str, ...]:
+    """QWEN_LAB_HUB_REAL_MODELS: unset, the default; set, its comma-separated names (none if it is empty)."""
+    value = environ.get("QWEN_LAB_HUB_REAL_MODELS")
+    if value is None:
+        return DEFAULT_REAL_MODELS
+    return tuple(name.strip() for name in value.split(",") if name.strip())
 
 
 def _solutions(environ) -> bool:
@@ -148,6 +169,7 @@ def learner_environment(room: Room, python: str = sys.executable) -> dict[str, s
         "QWEN_LAB_THREADS": str(room.threads),   # qwen_lab's thread count (threads.choose_threads)
         "OMP_NUM_THREADS": str(room.threads),    # and torch's own pool, from the start
         "QWEN_LAB_NOTEBOOKS": str(room.notebooks),  # learner_start.py copies these into ~/notebooks
+        "QWEN_LAB_SOURCE": str(REPO),            # and links this kit's README.md, qwen_lab/, training/ beside them
         "QWEN_LAB_SOLUTIONS": "1" if room.solutions else "0",  # and their solutions/ too, if "1"
         # the kit's commands (qwen-lab doctor...) in the learners' terminals
         "PATH": os.pathsep.join([str(Path(python).parent), os.environ.get("PATH", os.defpath)]),
@@ -165,9 +187,17 @@ def find_proxy(environ=os.environ) -> str:
         where = f"QWEN_LAB_HUB_PROXY={chosen} is not an executable file" if chosen else "configurable-http-proxy not found"
         raise RoomError(f"{where}: run `make workshop-proxy` (npm ci in workshop/) or "
                         f"`npm install -g configurable-http-proxy`")
-    if shutil.which("node") is None:
-        raise RoomError("node not found: configurable-http-proxy runs on Node.js 18 or later "
-                        "(apt-get install nodejs, or https://nodejs.org)")
+    node = shutil.which("node")
+    if node is None:
+        raise RoomError(f"node not found: configurable-http-proxy runs on Node.js {MIN_NODE} or later ({NODE_ADVICE})")
+    try:
+        version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        version = ""
+    major = re.match(r"v(\d+)\.", version)
+    if major is None or int(major.group(1)) < MIN_NODE:
+        raise RoomError(f"{node} is Node.js {version[:40] or 'of no version it can tell'}: configurable-http-proxy "
+                        f"needs Node.js {MIN_NODE} or later ({NODE_ADVICE})")
     return found
 
 
@@ -190,9 +220,11 @@ def check(room: Room) -> None:
             raise RoomError(f"cannot create {folder} ({what}): {e.strerror}; create it, writable by the user "
                             f"the hub runs as") from None
     from qwen_lab.doctor import check_model  # the kit's own check: the files are there, and whole
-    result = check_model(room.model, room.cache, required=True)
-    if result.status == "FAIL":
-        raise RoomError(f"QWEN_LAB_MODEL: {result.detail}")
+    wanted = [("QWEN_LAB_MODEL", room.model), *(("QWEN_LAB_HUB_REAL_MODELS", m) for m in room.real_models)]
+    for setting, model in wanted:  # the notebooks' model, and each the learners switch to for 07
+        result = check_model(model, room.cache, required=True)
+        if result.status == "FAIL":
+            raise RoomError(f"{setting}: {result.detail}")
 
 
 def writable_cache_warning(room: Room) -> str | None:
@@ -200,4 +232,28 @@ def writable_cache_warning(room: Room) -> str | None:
     if room.cache.is_dir() and os.access(room.cache, os.W_OK):
         return (f"the shared cache {room.cache} is writable by the learners (they run as this user): make it "
                 f"read-only, e.g. `chmod -R a-w {room.cache}` as its owner")
+    return None
+
+
+#: The kit's parts that learners' servers and kernels run or open: the package, what learner_start.py copies and
+#: links, and the workshop's scripts (learner_start.py runs at every learner's start).
+KIT_PARTS = ("qwen_lab", "training", "notebooks", "README.md", "workshop")
+
+
+def writable_kit_warning(kit: Path = REPO) -> str | None:
+    """A warning when learners (who run as the hub's user here) could change the kit itself.
+
+    Every kernel imports ``qwen_lab`` from the kit (an editable install), and each learner's home
+    links to its files (``learner_start.py``): a learner who opens ``qwen_lab/generation.py`` in
+    JupyterLab and lets it autosave would change it for the whole room, if the file is writable.
+    Nothing writes into the kit at run time (compiled kernels go to ``~/.cache/qwen_lab``; Python
+    skips a ``__pycache__`` it cannot write), so it can belong to root, read-only to everyone else.
+    """
+    for part in (kit, *(kit / name for name in KIT_PARTS)):
+        paths = [part] if part == kit or not part.is_dir() else [part, *sorted(part.rglob("*"))]
+        writable = next((p for p in paths if p.exists() and not p.is_symlink() and os.access(p, os.W_OK)), None)
+        if writable is not None:
+            where = "" if writable == kit else f" ({writable}, for one)"
+            return (f"the kit {kit} is writable by the learners, who run as this user{where}: a change there "
+                    f"reaches every learner's kernel; as root: `chown -R root: {kit} && chmod -R a+rX,go-w {kit}`")
     return None
