@@ -86,7 +86,8 @@ $(PROXY_STAMP): workshop/package.json workshop/package-lock.json
 	touch $@
 
 # The room's JupyterHub on this machine: set QWEN_LAB_HUB_PASSWORD and the rest first
-# (workshop/room.py lists them; docs/workshop.md walks through it); HUB_ARGS="--port 8443 --ssl-key ..." adds options (the hub's user cannot bind a port below 1024).
+# (workshop/room.py lists them; docs/workshop.md walks through it); HUB_ARGS="--port 8443 --ssl-key ..." adds
+# options (the hub's user cannot bind a port below 1024).
 HUB_ARGS ?=
 hub: $(VENV)/.workshop $(PROXY_STAMP)
 	$(BIN)/jupyterhub -f workshop/jupyterhub_config.py $(HUB_ARGS)

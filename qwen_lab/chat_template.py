@@ -92,7 +92,8 @@ class ChatTemplate:
             if not required:
                 return None
             raise TemplateError(f"{files.root} has no chat template (neither chat_template.jinja nor a "
-                                f"chat_template in tokenizer_config.json): it is not a chat model: send a raw prompt (qwen-lab generate --raw)")
+                                f"chat_template in tokenizer_config.json): it is not a chat model: send a raw prompt "
+                                f"(qwen-lab generate --raw)")
         if special_tokens is None:
             from .tokenizer import special_tokens as read_special_tokens
             special_tokens = read_special_tokens(config)

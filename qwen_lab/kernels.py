@@ -730,8 +730,8 @@ class TokenStep:
     was, then runs the embedding, the rotary angles, the final norm and the head as modules. After a
     step has streamed the whole model through the CPU's caches, that Python runs from main memory:
     measured in a 0.5B bf16 generation on a 2-core Zen 3, 3.5-4.4 ms a token outside the C calls
-    (6.6% of the token, the memory streaming nothing), 1.0-1.4 ms with this step (benchmarks/RESULTS.md): the rest is the
-    choice of the token and the loop around it. The logits are the same numbers, bit for bit
+    (6.6% of the token, the memory streaming nothing), 1.0-1.4 ms with this step (benchmarks/RESULTS.md):
+    the rest is the choice of the token and the loop around it. The logits are the same numbers, bit for bit
     (``tests/test_kernels.py``); ``benchmarks/bench_step.py`` times it beside ``DecoderModel``.
 
     What the model is made of is read once: a weight replaced, a plan or a hook changed during a

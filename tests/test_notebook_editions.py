@@ -131,7 +131,8 @@ ALL_NOTEBOOKS = ENGLISH + sorted(NOTEBOOKS.glob("zh-TW/*.ipynb")) + sorted(NOTEB
 
 
 def heading_anchors(markdown: Path) -> set[str]:
-    """The anchors GitHub and JupyterLab give a Markdown file's headings ("## Teaching a workshop" -> teaching-a-workshop)."""
+    """The anchors GitHub and JupyterLab give a Markdown file's headings ("## Teaching a workshop" ->
+    teaching-a-workshop)."""
     return {re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
             for line in markdown.read_text(encoding="utf-8").splitlines() if line.startswith("#")}
 

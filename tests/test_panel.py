@@ -510,7 +510,8 @@ def test_the_conversation_box_opens_at_its_newest_message(monkeypatch):
     chat = ChatModel.load("qwen-lab/tiny-chat", dtype="float32", device="cpu")  # a context that holds 8 turns
     panel = ChatPanel(chat, refresh_s=0.01)
     for turn in range(8):
-        monkeypatch.setattr(chat, "stream", lambda *a, turn=turn, **k: fake_stream([f"Reply {turn}. " + "Words. " * 40]))
+        reply = f"Reply {turn}. " + "Words. " * 40
+        monkeypatch.setattr(chat, "stream", lambda *a, reply=reply, **k: fake_stream([reply]))
         panel.send(f"Question {turn}")
         panel.wait(30)
     assert len(panel.messages) == 16 and not panel.error
