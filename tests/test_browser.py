@@ -3,6 +3,9 @@
 Skipped when Chromium or Playwright is missing, unless QWEN_LAB_REQUIRE_BROWSER=1 (as in .ci/run),
 which turns the skip into a failure. The screenshot lands in artifacts/chat_panel.png.
 """
+import contextlib
+import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -26,11 +29,10 @@ def need(condition, why):
         pytest.skip(why)
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    need(Path(CHROMIUM).exists(), f"{CHROMIUM} is missing (apt-get install chromium)")
-    root = tmp_path_factory.mktemp("lab")
-    shutil.copy(ROOT / "notebooks" / "07_chat_panel.ipynb", root)  # a copy: autosave never touches the repo
+@contextlib.contextmanager
+def jupyterlab(root: Path):
+    """JupyterLab serving ``root`` on loopback, without a token, its config (and user settings) in ``root/.jupyter``;
+    yields its URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -44,33 +46,47 @@ def lab(tmp_path_factory):
          "--LabApp.news_url=", "--LabServerApp.extension_manager=readonly"],
         cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{url}/api/status", timeout=2)
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        server.kill()
-        pytest.fail("JupyterLab did not start: " + (root / "lab.log").read_text()[-2000:])
-    yield url
-    server.terminate()
     try:
-        server.wait(20)
-    except subprocess.TimeoutExpired:
-        server.kill()
-    log.close()
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{url}/api/status", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("JupyterLab did not start: " + (root / "lab.log").read_text()[-2000:])
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+def chromium(sync_api, p):
+    return p.chromium.launch(
+        executable_path=CHROMIUM, headless=True,
+        args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+              "--disable-background-networking", "--disable-component-update"])
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    need(Path(CHROMIUM).exists(), f"{CHROMIUM} is missing (apt-get install chromium)")
+    root = tmp_path_factory.mktemp("lab")
+    shutil.copy(ROOT / "notebooks" / "07_chat_panel.ipynb", root)  # a copy: autosave never touches the repo
+    with jupyterlab(root) as url:
+        yield url
 
 
 def test_chat_panel_streams_and_stops_in_chromium(lab):
     sync_api = pytest.importorskip("playwright.sync_api")
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-                  "--disable-background-networking", "--disable-component-update"])
+        browser = chromium(sync_api, p)
         page = browser.new_page(viewport={"width": 1300, "height": 1100})
         try:
             page.goto(f"{lab}/lab/tree/07_chat_panel.ipynb", wait_until="domcontentloaded")
@@ -138,3 +154,51 @@ def test_chat_panel_streams_and_stops_in_chromium(lab):
             raise
         finally:
             browser.close()
+
+
+@pytest.mark.parametrize("setting", [True, False], ids=["workshop-setting", "jupyterlab-default"])
+def test_closing_a_notebook_tab_shuts_its_kernel_down_with_the_workshop_s_setting(tmp_path, setting):
+    """workshop/learner_start.py writes JupyterLab's setting that shuts a kernel down with its notebook's tab
+    (each idle kernel keeps ~0.3 GiB of a room's memory); without it the kernel stays. Seen here in a browser."""
+    need(Path(CHROMIUM).exists(), f"{CHROMIUM} is missing (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    spec = importlib.util.spec_from_file_location("learner_start", ROOT / "workshop" / "learner_start.py")
+    learner_start = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(learner_start)
+    if setting:
+        assert learner_start.shut_kernels_down_on_close(tmp_path / ".jupyter" / "lab" / "user-settings")
+    (tmp_path / "n.ipynb").write_text(json.dumps({
+        "cells": [{"cell_type": "code", "metadata": {}, "source": "1 + 1", "outputs": [], "execution_count": None,
+                   "id": "c0"}],
+        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+        "nbformat": 4, "nbformat_minor": 5}))
+
+    def kernels(url):
+        with urllib.request.urlopen(f"{url}/api/kernels", timeout=10) as r:
+            return json.load(r)
+
+    with jupyterlab(tmp_path) as url, sync_api.sync_playwright() as p:
+        browser = chromium(sync_api, p)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 800})
+            page.goto(f"{url}/lab/tree/n.ipynb", wait_until="domcontentloaded")
+            deadline = time.time() + 90  # the notebook's kernel starts
+            while not kernels(url) and time.time() < deadline:
+                time.sleep(0.5)
+            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
+            assert len(kernels(url)) == 1
+            tab = page.locator(".lm-DockPanel-tabBar .lm-TabBar-tab", has_text="n.ipynb")
+            tab.locator(".lm-TabBar-tabCloseIcon").click()
+            discard = page.locator(".jp-Dialog").get_by_role("button", name="Discard")  # "Save your work?"
+            try:
+                discard.click(timeout=5_000)
+            except sync_api.TimeoutError:
+                pass  # closed without asking
+            tab.wait_for(state="detached", timeout=10_000)  # the tab really closed
+            deadline = time.time() + 15  # a shutdown takes a second or two
+            while kernels(url) and time.time() < deadline:
+                time.sleep(0.5)
+            left = kernels(url)
+        finally:
+            browser.close()
+    assert len(left) == (0 if setting else 1), left
