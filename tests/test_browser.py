@@ -4,7 +4,6 @@ Skipped when Chromium or Playwright is missing, unless QWEN_LAB_REQUIRE_BROWSER=
 which turns the skip into a failure. The screenshot lands in artifacts/chat_panel.png.
 """
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -66,7 +65,8 @@ def jupyterlab(root: Path):
         log.close()
 
 
-def chromium(sync_api, p):
+def chromium(p):
+    """Debian's Chromium, headless, launched by Playwright's ``p`` (without its network chatter)."""
     return p.chromium.launch(
         executable_path=CHROMIUM, headless=True,
         args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
@@ -86,7 +86,7 @@ def test_chat_panel_streams_and_stops_in_chromium(lab):
     sync_api = pytest.importorskip("playwright.sync_api")
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_api.sync_playwright() as p:
-        browser = chromium(sync_api, p)
+        browser = chromium(p)
         page = browser.new_page(viewport={"width": 1300, "height": 1100})
         try:
             page.goto(f"{lab}/lab/tree/07_chat_panel.ipynb", wait_until="domcontentloaded")
@@ -162,9 +162,7 @@ def test_closing_a_notebook_tab_shuts_its_kernel_down_with_the_workshop_s_settin
     (each idle kernel keeps ~0.3 GiB of a room's memory); without it the kernel stays. Seen here in a browser."""
     need(Path(CHROMIUM).exists(), f"{CHROMIUM} is missing (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api")
-    spec = importlib.util.spec_from_file_location("learner_start", ROOT / "workshop" / "learner_start.py")
-    learner_start = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(learner_start)
+    from test_workshop_hub import learner_start
     if setting:
         assert learner_start.shut_kernels_down_on_close(tmp_path / ".jupyter" / "lab" / "user-settings")
     (tmp_path / "n.ipynb").write_text(json.dumps({
@@ -178,7 +176,7 @@ def test_closing_a_notebook_tab_shuts_its_kernel_down_with_the_workshop_s_settin
             return json.load(r)
 
     with jupyterlab(tmp_path) as url, sync_api.sync_playwright() as p:
-        browser = chromium(sync_api, p)
+        browser = chromium(p)
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 800})
             page.goto(f"{url}/lab/tree/n.ipynb", wait_until="domcontentloaded")

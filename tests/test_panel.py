@@ -504,7 +504,7 @@ def test_the_conversation_box_opens_at_its_newest_message(monkeypatch):
     few turns the newest reply was out of sight."""
     from pathlib import Path
 
-    from test_browser import CHROMIUM, need
+    from test_browser import CHROMIUM, chromium, need
     need(Path(CHROMIUM).exists(), f"{CHROMIUM} is missing (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api")
     chat = ChatModel.load("qwen-lab/tiny-chat", dtype="float32", device="cpu")  # a context that holds 8 turns
@@ -516,7 +516,7 @@ def test_the_conversation_box_opens_at_its_newest_message(monkeypatch):
         panel.wait(30)
     assert len(panel.messages) == 16 and not panel.error
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        browser = chromium(p)
         try:
             page = browser.new_page(viewport={"width": 900, "height": 800})
             page.set_content(panel.transcript.value)
@@ -538,7 +538,7 @@ def test_a_direction_override_in_a_token_does_not_reorder_the_token_boxes():
     from qwen_lab.markup import inside_view
     from qwen_lab.panel import _STYLE
     from qwen_lab.sampling import TokenChoice
-    from test_browser import CHROMIUM, need
+    from test_browser import CHROMIUM, chromium, need
     need(Path(CHROMIUM).exists(), f"{CHROMIUM} is missing (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api")
     pieces = ["one", "\u202etwo", "three", "four", "\u202dfive", "six"]
@@ -546,7 +546,7 @@ def test_a_direction_override_in_a_token_does_not_reorder_the_token_boxes():
     view = inside_view("x", pieces, ids, set(), 100, pieces, [TokenChoice(i, 0.5, [(i, 0.5)]) for i in ids],
                        lambda i: pieces[i], "done")
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        browser = chromium(p)
         try:
             page = browser.new_page(viewport={"width": 1300, "height": 800})
             page.set_content(_STYLE + view.replace("<details", "<details open"))

@@ -522,9 +522,6 @@ def test_threads_are_the_cores_shared_by_the_learners():
 
 
 def test_learner_start_copies_the_notebooks_without_overwriting_edits(tmp_path):
-    spec = importlib.util.spec_from_file_location("learner_start", WORKSHOP / "learner_start.py")
-    learner_start = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(learner_start)
     dest = tmp_path / "notebooks"
     (dest / "zh-TW").mkdir(parents=True)
     (dest / "05_generate.ipynb").write_text("my edits")
@@ -666,9 +663,6 @@ def test_kubernetes_config_agrees_with_the_tested_one(monkeypatch, tmp_path):
 
 def test_learner_start_links_what_the_notebooks_link_to_so_their_links_open(tmp_path):
     """The notebooks link to ../README.md, ../qwen_lab/hub.py...: in a learner's home those were 404s."""
-    spec = importlib.util.spec_from_file_location("learner_start", WORKSHOP / "learner_start.py")
-    learner_start = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(learner_start)
     home = tmp_path / "home"
     (home / "training").mkdir(parents=True)  # the learner's own folder of that name stays theirs
     learner_start.copy_notebooks(ROOT / "notebooks", home / "notebooks", solutions=True)
