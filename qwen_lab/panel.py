@@ -19,7 +19,10 @@ Design:
   becomes a tag;
 * *Show inside* (in Settings, off by default) keeps, per reply, the exact prompt
   the template produced and its tokens, and each new token's probability with
-  its likeliest alternatives (``top_logprobs=5``), shown under the reply;
+  its likeliest alternatives (``top_logprobs=5``), shown under the reply. A reply's view
+  leaves out the start its prompt shares with the prompt shown above it (a marker says how
+  many characters and tokens): every turn re-sends the whole conversation, and views that each
+  showed it whole grew with the square of its length (``markup.inside_view``);
 * one ``ChatModel`` may serve several panels: ``ChatPanel.load`` caches it, and
   its lock lets one reply be generated at a time;
 * each panel keeps its conversation's KV cache between replies (``generation.PromptCache``):
@@ -143,6 +146,9 @@ LABELS = {
             "summary": "內部：提示詞（上下文 {context:,} 個 token 中的 {tokens:,} 個）· 每個 token 的機率 "
                        "· 結束原因：{finish}",
             "prompt": "聊天範本產生的提示詞，一字不差：",
+            "repeated": "每一輪都會重送整段對話：上面的提示詞已經顯示過的部分，這裡省略（⋯）。",
+            "elided_chars": "⋯ 前 {chars:,} 個字元，和上面的提示詞相同 ⋯",
+            "elided_tokens": "⋯ 前 {tokens:,} 個 token，和上面相同 ⋯",
             "tokens": "它的 token（特殊 token 有標示；滑鼠停在上面可看 id）：",
             "reply": "回覆，一個 token 一個 token，依機率上色（滑鼠停在上面可看最可能的其他選擇）：",
             "scale": "紅：不太可能 · 黃：幾個選擇之一 · 綠：幾乎確定",
@@ -183,6 +189,7 @@ class ChatPanel:
         self.lang = choose_language(lang)
         self.labels = L = LABELS[self.lang]
         self.chat, self.refresh_s, self.overrides = chat, refresh_s, overrides
+        self._views: dict[int, tuple[dict, str]] = {}  # id of a reply's "inside" -> it, and its view's HTML
         self.template_vars = dict(template_vars or {})
         self.messages: list[dict] = []
         self.replies: list[dict] = []        # per assistant message: stats and flags
@@ -382,7 +389,8 @@ class ChatPanel:
         inside = None
         if self.inside.value:  # the model's choices: 5 alternatives per token (a cost too small to measure here: benchmarks/RESULTS.md)
             settings["top_logprobs"] = 5
-            inside = {"prompt_text": prompt_text, "prompt_ids": prompt}
+            inside = {"prompt_text": prompt_text, "prompt_ids": prompt, **self._shared_with_last_view(prompt_text,
+                                                                                                     prompt)}
         self._cancel = threading.Event()
         self._partial = ""
         self._set_busy(True)
@@ -405,7 +413,10 @@ class ChatPanel:
             self.messages.append({"role": "assistant", "content": result.text})
             if inside is not None:
                 inside.update(choices=result.choices, finish=result.finish_detail)
+                view = self._inside_html(self.chat, inside)  # drawn once: it never changes
             self.replies.append({**result.stats(), "stopped": result.finish_reason == "cancelled", "inside": inside})
+            if inside is not None:  # after its reply: a redraw meanwhile drops the views of replies not there
+                self._views[id(inside)] = inside, view
             if result.finish_reason == "length" and \
                     result.prompt_tokens + result.generated_tokens >= self.chat.context_length:
                 self.note = self.labels["context_end"]
@@ -440,6 +451,8 @@ class ChatPanel:
         # The box scrolls from its bottom (flex column-reverse around one block): it opens at the newest
         # message, as a chat does; a plain scrolling box opened at the oldest on every redraw.
         parts, replies = [_STYLE, "<div class='ql-chat'><div>"], iter(self.replies)
+        kept = {id(r["inside"]) for r in self.replies if r and r.get("inside")}
+        self._views = {i: view for i, view in self._views.items() if i in kept}  # those of replies removed: gone
         for m in self.messages:
             role = m["role"]
             body = render_markdown(m["content"])
@@ -456,8 +469,9 @@ class ChatPanel:
                                                                      prompt=r["prompt_tokens"])
                     stopped = f" · <b>{html.escape(self.labels['stopped'])}</b>" if r["stopped"] else ""
                     meta = f"<div class='ql-meta'>{html.escape(line)}{stopped}</div>"
-                if r and r.get("inside"):
-                    meta += self._inside_html(r["inside"])
+                view = self._views.get(id(r.get("inside"))) if r else None
+                if view and view[0] is r["inside"]:
+                    meta += view[1]
             parts.append(f"<div class='ql-msg ql-{role}'>{body}{meta}</div>")
         parts.append("</div></div>")
         self.transcript.value = "".join(parts)  # unchanged: nothing is sent (traitlets compares)
@@ -475,13 +489,29 @@ class ChatPanel:
             f"<span class='ql-meta'> ▍</span></div></div></div>")
         self.streaming.layout.display = "none" if partial is None else None  # an empty widget still takes a line
 
-    def _inside_html(self, inside: dict) -> str:
-        tok = self.chat.tokenizer
-        pieces = [tok.decode([i]) for i in inside["prompt_ids"]]
-        reply = [tok.decode([c.token_id]) for c in inside["choices"]]
-        return inside_view(inside["prompt_text"], pieces, inside["prompt_ids"], tok.special_ids,
-                           self.chat.context_length, reply, inside["choices"], lambda i: tok.decode([i]),
-                           inside["finish"], self.labels["inside_view"])
+    def _shared_with_last_view(self, text: str, ids: list[int]) -> dict:
+        """How many of a new prompt's first characters and tokens are those of the last *Show inside* view's.
+
+        Its view leaves them out. Each turn's prompt is the one before, then the reply, then the new
+        message: views that each showed the whole prompt grew with the square of the conversation
+        (16 turns of tiny-chat, 40-token replies: 280 kB of HTML, re-sent twice a turn; 96 kB now, and
+        twice 8 turns' 48 kB). What the prompt added is what is new to a learner, the last reply as the
+        template wrote it back included; a marker says what is left out and how long it is. (The whole
+        prompt under the last reply alone, earlier views collapsed, would still send the whole prompt
+        every turn, megabytes at a long context, and hide what each turn added: the view's lesson.) Compared,
+        not assumed: an edited system prompt, or a template that rewrites earlier turns (Qwen3 drops
+        their thinking), shares less, and the view shows more."""
+        last = next((r["inside"] for r in reversed(self.replies) if r and r.get("inside")), None)
+        if last is None:
+            return {"shared_chars": 0, "shared_tokens": 0}
+        return {"shared_chars": len(os.path.commonprefix([last["prompt_text"], text])),
+                "shared_tokens": len(os.path.commonprefix([last["prompt_ids"], ids]))}
+
+    def _inside_html(self, chat: ChatModel, inside: dict) -> str:
+        tok = chat.tokenizer
+        return inside_view(inside["prompt_text"], inside["prompt_ids"], tok.special_ids, chat.context_length,
+                           inside["choices"], lambda i: tok.decode([i]), inside["finish"], self.labels["inside_view"],
+                           shared_chars=inside["shared_chars"], shared_tokens=inside["shared_tokens"])
 
 
 def _write_atomically(path: Path, text: str) -> None:
