@@ -23,8 +23,14 @@ Design:
   leaves out the start its prompt shares with the prompt shown above it (a marker says how
   many characters and tokens): every turn re-sends the whole conversation, and views that each
   showed it whole grew with the square of its length (``markup.inside_view``);
-* one ``ChatModel`` may serve several panels: ``ChatPanel.load`` caches it, and
-  its lock lets one reply be generated at a time;
+* one ``ChatModel`` may serve several panels: its lock lets one reply be generated at a time.
+  ``ChatPanel.load`` keeps **one** model in memory. Re-running a cell, or a second panel, with the
+  same model, dtype and device reuses it; another model (or the same in another dtype) first
+  releases it from every panel using it, then loads: trying Qwen2.5-0.5B, then 1.5B, then 3B on
+  an 8 GB laptop holds one of them at a time, not all three. A released panel keeps its
+  conversation (Export, Undo, New chat still work) and says in one line, when a message is
+  sent, how to chat again: run its cell again. To keep two models side by side, load them
+  yourself: ``ChatPanel(ChatModel.load(...))``; ``load`` releases only the model it loaded;
 * each panel keeps its conversation's KV cache between replies (``generation.PromptCache``):
   a new message, Regenerate or Undo prefills only what the last reply did not already compute,
   so the wait for a reply's first token does not grow with the conversation. ipywidgets keeps
@@ -37,6 +43,7 @@ Design:
 """
 from __future__ import annotations
 
+import gc
 import html
 import json
 import os
@@ -50,8 +57,10 @@ from pathlib import Path
 
 import ipywidgets as w
 
-from .errors import QwenLabError
+from .errors import ModelReleasedError, QwenLabError
 from .generation import ChatModel, PromptCache
+from .hub import resolve
+from .load import choose_dtype, parse_device
 from .lang import choose_language
 from .markup import CSS as _INSIDE_CSS
 from .markup import INSIDE_WORDS, inside_view, render_markdown
@@ -60,8 +69,8 @@ __all__ = ["LABELS", "ChatPanel", "render_markdown"]
 
 CONTEXT_WARNING = 0.8  # share of the context window after which the panel warns
 
-_loaded: dict[tuple, ChatModel] = {}
-_panels: weakref.WeakSet = weakref.WeakSet()  # every panel made: a new one frees their KV caches
+_loaded: dict[tuple, ChatModel] = {}  # (model, dtype, device) -> what ChatPanel.load loaded: one at most
+_panels: weakref.WeakSet = weakref.WeakSet()  # every panel made: a new one frees their KV caches, load their model
 
 #: Every label, button, placeholder and status line of the panel, per language (``qwen_lab.lang``).
 #: The ``{...}`` fields are filled with ``str.format``; a language may leave one out (Chinese has no plural).
@@ -94,6 +103,8 @@ LABELS = {
         "context_nearly_full": "Context nearly full: {used:.0%} ({prompt:,} of {context:,} tokens); this reply can "
                                "have at most {max_new:,} tokens. Start a new chat soon.",
         "context_end": "The reply reached the end of the context window: press New chat or Undo to go on.",
+        "released": "{name} was released from memory when ChatPanel.load loaded {other} (it keeps one model at "
+                    "a time): run this panel's cell again to chat with {name}",
         "error": "Error: ",
         "error_kind": "Error: ",  # the messages are English already: no kind before them
         "error_kinds": {},
@@ -128,6 +139,8 @@ LABELS = {
         "context_nearly_full": "上下文快滿了：已用 {used:.0%}（{context:,} 個 token 中的 {prompt:,} 個）；"
                                "這次回覆最多 {max_new:,} 個 token。請盡快開新對話。",
         "context_end": "回覆寫到了上下文視窗的盡頭：按「新對話」或「復原」才能繼續。",
+        "released": "ChatPanel.load 載入 {other} 時，已把 {name} 從記憶體釋放（它一次只留一個模型）："
+                    "要再和 {name} 對話，請重新執行這個面板的儲存格",
         "error": "錯誤：",
         # the library's messages are English: a learner reads here, in Chinese, what kind of error it is
         "error_kind": "錯誤（{kind}）：",
@@ -135,6 +148,7 @@ LABELS = {
             "TemplateError": "聊天範本無法產生提示詞",
             "NumericalError": "模型算出了 NaN 或無限大：權重或設定檔壞了",
             "ContextTooLongError": "提示詞超出了模型的上下文",
+            "ModelReleasedError": "這個面板的模型已從記憶體釋放",
             "SettingError": "有個設定值不合法",
             "CheckpointError": "模型的權重檔有問題",
             "DownloadError": "取不到模型的檔案",
@@ -188,7 +202,8 @@ class ChatPanel:
         ``lang``: ``"en"`` or ``"zh-TW"`` (default: ``qwen_lab.lang.choose_language()``)."""
         self.lang = choose_language(lang)
         self.labels = L = LABELS[self.lang]
-        self.chat, self.refresh_s, self.overrides = chat, refresh_s, overrides
+        self._chat, self.refresh_s, self.overrides = chat, refresh_s, overrides
+        self._released = self._released_note = ""  # why the model was let go (ChatPanel.load), once it was
         self._views: dict[int, tuple[dict, str]] = {}  # id of a reply's "inside" -> it, and its view's HTML
         self.template_vars = dict(template_vars or {})
         self.messages: list[dict] = []
@@ -265,11 +280,45 @@ class ChatPanel:
     @classmethod
     def load(cls, model: str = "qwen-lab/tiny-chat", *, dtype: str = "auto", device: str | None = None,
              **kwargs) -> "ChatPanel":
-        """A panel on ``model``; several panels of the same model share one load."""
-        key = (model, dtype, device)
+        """A panel on ``model``. ``load`` keeps one model: the same ``model``, ``dtype`` and ``device``
+        again share its load; another releases it from the panels using it, then loads (module docstring).
+
+        The new model's files are found (or downloaded), and ``dtype`` and ``device`` checked, before
+        anything is released: a misspelt name keeps the model there was.
+        """
+        key = (str(model), dtype, device)
         if key not in _loaded:
-            _loaded[key] = ChatModel.load(model, dtype=dtype, device=device)
+            files = resolve(model)
+            choose_dtype(dtype, parse_device(device))
+            for earlier in _loaded.values():
+                for panel in list(_panels):
+                    if panel._chat is earlier:
+                        panel._release(files.model_id)
+            _loaded.clear()
+            # Its memory goes back before the new model takes its own: the panels held the last references
+            # (a cycle among what the model holds, none seen on a CPU, would wait for Python's next collection).
+            gc.collect()
+            _loaded[key] = ChatModel.from_files(files, dtype=dtype, device=device)
         return cls(_loaded[key], **kwargs)
+
+    @property
+    def chat(self) -> ChatModel:
+        """The model this panel chats with; ``ModelReleasedError`` once ``ChatPanel.load`` released it."""
+        if self._chat is None:
+            raise ModelReleasedError(self._released)
+        return self._chat
+
+    def _release(self, other: str) -> None:
+        """Let go of the model and its KV cache (``ChatPanel.load`` loads ``other``); the conversation stays.
+
+        A reply being written still finishes: its worker holds the model until then."""
+        name = self._chat.name
+        self._chat = None
+        self._released = LABELS["en"]["released"].format(name=name, other=other)  # the library's errors: English
+        self._released_note = self.labels["released"].format(name=name, other=other)
+        self.prompt_cache.clear()
+        self.note = self._released_note
+        self._redraw()
 
     def _ipython_display_(self):
         from IPython.display import display
@@ -362,6 +411,9 @@ class ChatPanel:
         return ([{"role": "system", "content": system}] if system else []) + [dict(m) for m in self.messages]
 
     def _start(self) -> bool:
+        if self._chat is None:
+            self._fail(self._released_note)
+            return False
         conversation = self._conversation()
         self.error = ""
         try:
@@ -395,14 +447,14 @@ class ChatPanel:
         self._partial = ""
         self._set_busy(True)
         self._redraw()  # the user's message (and any note) shows at once
-        self._worker = threading.Thread(target=self._run, args=(prompt, settings, inside), daemon=True)
+        self._worker = threading.Thread(target=self._run, args=(self._chat, prompt, settings, inside), daemon=True)
         self._worker.start()
         return True
 
-    def _run(self, prompt: list[int], settings: dict, inside: dict | None) -> None:
-        try:
-            with self.chat.lock:  # panels sharing a model take turns
-                stream = self.chat.stream(prompt, cancel=self._cancel, cache=self.prompt_cache, **settings)
+    def _run(self, chat: ChatModel, prompt: list[int], settings: dict, inside: dict | None) -> None:
+        try:  # chat: this reply's model, even if ChatPanel.load releases it from the panel meanwhile
+            with chat.lock:  # panels sharing a model take turns
+                stream = chat.stream(prompt, cancel=self._cancel, cache=self.prompt_cache, **settings)
                 last = 0.0
                 for delta in stream:
                     self._partial += delta
@@ -413,16 +465,19 @@ class ChatPanel:
             self.messages.append({"role": "assistant", "content": result.text})
             if inside is not None:
                 inside.update(choices=result.choices, finish=result.finish_detail)
-                view = self._inside_html(self.chat, inside)  # drawn once: it never changes
+                view = self._inside_html(chat, inside)  # drawn once: it never changes
             self.replies.append({**result.stats(), "stopped": result.finish_reason == "cancelled", "inside": inside})
             if inside is not None:  # after its reply: a redraw meanwhile drops the views of replies not there
                 self._views[id(inside)] = inside, view
             if result.finish_reason == "length" and \
-                    result.prompt_tokens + result.generated_tokens >= self.chat.context_length:
+                    result.prompt_tokens + result.generated_tokens >= chat.context_length:
                 self.note = self.labels["context_end"]
         except Exception as e:  # shown in the panel; the history stays as it was
             self._fail(f"{type(e).__name__}: {e}" if not isinstance(e, QwenLabError) else str(e), e)
         finally:
+            if self._chat is None:  # released while this reply was written: the keys and values it kept too
+                self.prompt_cache.clear()
+                self.note = self._released_note
             self._partial = None
             self._set_busy(False)
             self._redraw()

@@ -171,6 +171,97 @@ def test_panels_share_one_model_load(tiny_dir):
     assert a.chat is b.chat and a is not b
 
 
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory, tokenizer):
+    """Two tiny checkpoints of their own (not the module's ``chat``): models a learner tries in turn."""
+    from conftest import make_checkpoint
+    return [str(make_checkpoint(tmp_path_factory.mktemp(name), tokenizer, seed=seed))
+            for name, seed in (("first", 3), ("second", 4))]
+
+
+def test_load_keeps_one_model_and_releases_the_one_before(two_models, tmp_path):
+    """Each model ChatPanel.load ever loaded stayed in memory (its cache, and every panel, held it): a
+    learner trying 0.5B, then 1.5B, then 3B on a laptop held all three, and swapped or was killed."""
+    import gc
+    import weakref
+
+    from qwen_lab.errors import DownloadError, ModelReleasedError, SettingError
+    first_dir, second_dir = two_models
+    first = ChatPanel.load(first_dir, dtype="float32", device="cpu", refresh_s=0.01)
+    first.temperature.value, first.max_new_tokens.value = 0.0, 4
+    first.send("Hi")
+    first.wait(30)
+    again = ChatPanel.load(first_dir, dtype="float32", device="cpu")  # the cell run again: the same load
+    beside = ChatPanel(first.chat)                                      # a panel made from it by hand
+    assert again.chat is first.chat is beside.chat
+    model, weight = weakref.ref(first.chat), weakref.ref(first.chat.model.model.embed_tokens.weight)
+
+    for wrong in (dict(model=str(tmp_path / "no-such-model")), dict(model=second_dir, dtype="float33")):
+        with pytest.raises((DownloadError, SettingError)):
+            ChatPanel.load(**{"dtype": "float32", "device": "cpu", **wrong})
+    gc.collect()
+    assert model() is not None and first.chat is again.chat  # a misspelt name or dtype keeps the model there was
+
+    second = ChatPanel.load(second_dir, dtype="float32", device="cpu", refresh_s=0.01)
+    gc.collect()
+    assert model() is None and weight() is None  # its parameters freed, though three panels showed it
+    assert second.chat.name == second_dir and len(first.prompt_cache) == 0
+
+    # a released panel says so in one line, loses nothing, and still exports its conversation
+    for panel in (first, again, beside):
+        assert "was released from memory when ChatPanel.load loaded" in panel.status.value
+    first.input.value = "Still there?"
+    first.send_button.click()
+    assert not first.busy and first.input.value == "Still there?" and len(first.messages) == 2
+    assert first.error.startswith(f"{first_dir} was released from memory") and "\n" not in first.error
+    assert f"Error: {html.escape(first.error)}" in first.status.value and "run this panel" in first.error
+    first.regenerate()
+    assert len(first.messages) == 2 and [m["role"] for m in json.loads(first.export())][1:] == ["user", "assistant"]
+    with pytest.raises(ModelReleasedError, match="run this panel's cell again"):
+        first.chat
+
+    # a model loaded by hand is the caller's: load releases only the model it loaded itself
+    own = ChatModel.load(second_dir, dtype="float32", device="cpu")
+    mine = ChatPanel(own)
+    ChatPanel.load(first_dir, dtype="float32", device="cpu")
+    assert mine.chat is own and "released" not in mine.status.value
+    with pytest.raises(ModelReleasedError):
+        second.chat
+
+
+def test_a_reply_being_written_when_its_model_is_released_still_finishes(two_models):
+    import gc
+    import threading
+    import weakref
+    first_dir, second_dir = two_models
+    panel = ChatPanel.load(first_dir, dtype="float32", device="cpu", refresh_s=0.01, lang="zh-TW")
+    go = threading.Event()
+
+    def stream(*args, **kwargs):  # set on the instance, holding nothing of it
+        def steps():
+            yield "Hello"
+            go.wait(10)
+            yield " world"
+            return GenerationResult(text="Hello world", token_ids=[1, 2], finish_reason="eos", prompt_tokens=5,
+                                    generated_tokens=2, ttft_s=0.01, decode_tokens_per_s=1.0,
+                                    prefill_tokens_per_s=1.0, total_s=0.1)
+        return GenerationStream(steps())
+    panel.chat.stream = stream
+    model = weakref.ref(panel.chat)
+    panel.send("Hi")
+    ChatPanel.load(second_dir, dtype="float32", device="cpu")
+    gc.collect()
+    assert panel.busy and model() is not None  # the reply's worker holds the model until it ends
+    go.set()
+    panel.wait(30)
+    gc.collect()
+    assert model() is None and len(panel.prompt_cache) == 0
+    assert panel.messages[-1] == {"role": "assistant", "content": "Hello world"} and not panel.error
+    assert "已把" in panel.status.value and "從記憶體釋放" in panel.status.value  # said in the panel's language
+    panel.send("again")
+    assert "錯誤：ChatPanel.load 載入" in panel.status.value and panel.input.value == "again"
+
+
 def test_markdown_subset():
     html = render_markdown("Use `x < y`:\n\n```python\nprint('<hi>')\n```\n- **one**\n- *two*")
     assert "<code>x &lt; y</code>" in html
