@@ -467,7 +467,7 @@ class ChatPanel:
                 inside.update(choices=result.choices, finish=result.finish_detail)
                 view = self._inside_html(chat, inside)  # drawn once: it never changes
             self.replies.append({**result.stats(), "stopped": result.finish_reason == "cancelled", "inside": inside})
-            if inside is not None:  # after its reply: a redraw meanwhile drops the views of replies not there
+            if inside is not None:  # after its reply: a redraw drops the views of replies not there
                 self._views[id(inside)] = inside, view
             if result.finish_reason == "length" and \
                     result.prompt_tokens + result.generated_tokens >= chat.context_length:
@@ -506,8 +506,11 @@ class ChatPanel:
         # The box scrolls from its bottom (flex column-reverse around one block): it opens at the newest
         # message, as a chat does; a plain scrolling box opened at the oldest on every redraw.
         parts, replies = [_STYLE, "<div class='ql-chat'><div>"], iter(self.replies)
+        drawn = list(self._views)  # then the replies: the worker adds a reply before its view
         kept = {id(r["inside"]) for r in self.replies if r and r.get("inside")}
-        self._views = {i: view for i, view in self._views.items() if i in kept}  # those of replies removed: gone
+        for i in drawn:
+            if i not in kept:  # the view of a reply taken back (Undo, Regenerate, New chat)
+                self._views.pop(i, None)  # (a redraw in the other thread may have dropped it)
         for m in self.messages:
             role = m["role"]
             body = render_markdown(m["content"])
