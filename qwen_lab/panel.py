@@ -27,7 +27,8 @@ Design:
   ``ChatPanel.load`` keeps **one** model in memory. Re-running a cell, or a second panel, with the
   same model, dtype and device reuses it; another model (or the same in another dtype) first
   releases it from every panel using it, then loads: trying Qwen2.5-0.5B, then 1.5B, then 3B on
-  an 8 GB laptop holds one of them at a time, not all three. A released panel keeps its
+  an 8 GB laptop holds one of them at a time, not all three (unless a variable of the notebook
+  holds one: ``chat = panel.chat`` keeps it). A released panel keeps its
   conversation (Export, Undo, New chat still work) and says in one line, when a message is
   sent, how to chat again: run its cell again. To keep two models side by side, load them
   yourself: ``ChatPanel(ChatModel.load(...))``; ``load`` releases only the model it loaded;
