@@ -35,5 +35,9 @@ class SettingError(QwenLabError, ValueError):
     """
 
 
+class ModelReleasedError(QwenLabError):
+    """A chat panel's model was released (``ChatPanel.load`` keeps one model in memory): load it again."""
+
+
 class NumericalError(QwenLabError):
     """The model computed NaN or infinite logits: its weights or its config are broken."""

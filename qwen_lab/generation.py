@@ -563,7 +563,12 @@ class ChatModel:
     @classmethod
     def load(cls, model: str = "qwen-lab/tiny-chat", *, dtype: str | torch.dtype = "auto",
              device: str | torch.device | None = None, revision: str | None = None, **hub_options) -> "ChatModel":
-        files = resolve(model, revision, **hub_options)
+        return cls.from_files(resolve(model, revision, **hub_options), dtype=dtype, device=device)
+
+    @classmethod
+    def from_files(cls, files: ModelFiles, *, dtype: str | torch.dtype = "auto",
+                   device: str | torch.device | None = None) -> "ChatModel":
+        """``load`` once the files are found (``hub.resolve``): what takes the memory."""
         tokenizer = Tokenizer.from_files(files)
         template = ChatTemplate.from_files(files, required=False)  # None for a base model: raw prompts only
         generation_config = GenerationConfig.from_files(files)

@@ -19,9 +19,19 @@ Design:
   becomes a tag;
 * *Show inside* (in Settings, off by default) keeps, per reply, the exact prompt
   the template produced and its tokens, and each new token's probability with
-  its likeliest alternatives (``top_logprobs=5``), shown under the reply;
-* one ``ChatModel`` may serve several panels: ``ChatPanel.load`` caches it, and
-  its lock lets one reply be generated at a time;
+  its likeliest alternatives (``top_logprobs=5``), shown under the reply. A reply's view
+  leaves out the start its prompt shares with the prompt shown above it (a marker says how
+  many characters and tokens): every turn re-sends the whole conversation, and views that each
+  showed it whole grew with the square of its length (``markup.inside_view``);
+* one ``ChatModel`` may serve several panels: its lock lets one reply be generated at a time.
+  ``ChatPanel.load`` keeps **one** model in memory. Re-running a cell, or a second panel, with the
+  same model, dtype and device reuses it; another model (or the same in another dtype) first
+  releases it from every panel using it, then loads: trying Qwen2.5-0.5B, then 1.5B, then 3B on
+  an 8 GB laptop holds one of them at a time, not all three (unless a variable of the notebook
+  holds one: ``chat = panel.chat`` keeps it). A released panel keeps its
+  conversation (Export, Undo, New chat still work) and says in one line, when a message is
+  sent, how to chat again: run its cell again. To keep two models side by side, load them
+  yourself: ``ChatPanel(ChatModel.load(...))``; ``load`` releases only the model it loaded;
 * each panel keeps its conversation's KV cache between replies (``generation.PromptCache``):
   a new message, Regenerate or Undo prefills only what the last reply did not already compute,
   so the wait for a reply's first token does not grow with the conversation. ipywidgets keeps
@@ -34,6 +44,7 @@ Design:
 """
 from __future__ import annotations
 
+import gc
 import html
 import json
 import os
@@ -47,8 +58,10 @@ from pathlib import Path
 
 import ipywidgets as w
 
-from .errors import QwenLabError
+from .errors import ModelReleasedError, QwenLabError
 from .generation import ChatModel, PromptCache
+from .hub import resolve
+from .load import choose_dtype, parse_device
 from .lang import choose_language
 from .markup import CSS as _INSIDE_CSS
 from .markup import INSIDE_WORDS, inside_view, render_markdown
@@ -57,8 +70,8 @@ __all__ = ["LABELS", "ChatPanel", "render_markdown"]
 
 CONTEXT_WARNING = 0.8  # share of the context window after which the panel warns
 
-_loaded: dict[tuple, ChatModel] = {}
-_panels: weakref.WeakSet = weakref.WeakSet()  # every panel made: a new one frees their KV caches
+_loaded: dict[tuple, ChatModel] = {}  # (model, dtype, device) -> what ChatPanel.load loaded: one at most
+_panels: weakref.WeakSet = weakref.WeakSet()  # every panel made: a new one frees their KV caches, load their model
 
 #: Every label, button, placeholder and status line of the panel, per language (``qwen_lab.lang``).
 #: The ``{...}`` fields are filled with ``str.format``; a language may leave one out (Chinese has no plural).
@@ -91,6 +104,8 @@ LABELS = {
         "context_nearly_full": "Context nearly full: {used:.0%} ({prompt:,} of {context:,} tokens); this reply can "
                                "have at most {max_new:,} tokens. Start a new chat soon.",
         "context_end": "The reply reached the end of the context window: press New chat or Undo to go on.",
+        "released": "{name} was released from memory when ChatPanel.load loaded {other} (it keeps one model at "
+                    "a time): run this panel's cell again to chat with {name}",
         "error": "Error: ",
         "error_kind": "Error: ",  # the messages are English already: no kind before them
         "error_kinds": {},
@@ -125,6 +140,8 @@ LABELS = {
         "context_nearly_full": "上下文快滿了：已用 {used:.0%}（{context:,} 個 token 中的 {prompt:,} 個）；"
                                "這次回覆最多 {max_new:,} 個 token。請盡快開新對話。",
         "context_end": "回覆寫到了上下文視窗的盡頭：按「新對話」或「復原」才能繼續。",
+        "released": "ChatPanel.load 載入 {other} 時，已把 {name} 從記憶體釋放（它一次只留一個模型）："
+                    "要再和 {name} 對話，請重新執行這個面板的儲存格",
         "error": "錯誤：",
         # the library's messages are English: a learner reads here, in Chinese, what kind of error it is
         "error_kind": "錯誤（{kind}）：",
@@ -132,6 +149,7 @@ LABELS = {
             "TemplateError": "聊天範本無法產生提示詞",
             "NumericalError": "模型算出了 NaN 或無限大：權重或設定檔壞了",
             "ContextTooLongError": "提示詞超出了模型的上下文",
+            "ModelReleasedError": "這個面板的模型已從記憶體釋放",
             "SettingError": "有個設定值不合法",
             "CheckpointError": "模型的權重檔有問題",
             "DownloadError": "取不到模型的檔案",
@@ -143,6 +161,9 @@ LABELS = {
             "summary": "內部：提示詞（上下文 {context:,} 個 token 中的 {tokens:,} 個）· 每個 token 的機率 "
                        "· 結束原因：{finish}",
             "prompt": "聊天範本產生的提示詞，一字不差：",
+            "repeated": "每一輪都會重送整段對話：上面的提示詞已經顯示過的部分，這裡省略（⋯）。",
+            "elided_chars": "⋯ 前 {chars:,} 個字元，和上面的提示詞相同 ⋯",
+            "elided_tokens": "⋯ 前 {tokens:,} 個 token，和上面相同 ⋯",
             "tokens": "它的 token（特殊 token 有標示；滑鼠停在上面可看 id）：",
             "reply": "回覆，一個 token 一個 token，依機率上色（滑鼠停在上面可看最可能的其他選擇）：",
             "scale": "紅：不太可能 · 黃：幾個選擇之一 · 綠：幾乎確定",
@@ -182,7 +203,9 @@ class ChatPanel:
         ``lang``: ``"en"`` or ``"zh-TW"`` (default: ``qwen_lab.lang.choose_language()``)."""
         self.lang = choose_language(lang)
         self.labels = L = LABELS[self.lang]
-        self.chat, self.refresh_s, self.overrides = chat, refresh_s, overrides
+        self._chat, self.refresh_s, self.overrides = chat, refresh_s, overrides
+        self._released = self._released_note = ""  # why the model was let go (ChatPanel.load), once it was
+        self._views: dict[int, tuple[dict, str]] = {}  # id of a reply's "inside" -> it, and its view's HTML
         self.template_vars = dict(template_vars or {})
         self.messages: list[dict] = []
         self.replies: list[dict] = []        # per assistant message: stats and flags
@@ -258,11 +281,45 @@ class ChatPanel:
     @classmethod
     def load(cls, model: str = "qwen-lab/tiny-chat", *, dtype: str = "auto", device: str | None = None,
              **kwargs) -> "ChatPanel":
-        """A panel on ``model``; several panels of the same model share one load."""
-        key = (model, dtype, device)
+        """A panel on ``model``. ``load`` keeps one model: the same ``model``, ``dtype`` and ``device``
+        again share its load; another releases it from the panels using it, then loads (module docstring).
+
+        The new model's files are found (or downloaded), and ``dtype`` and ``device`` checked, before
+        anything is released: a misspelt name keeps the model there was.
+        """
+        key = (str(model), dtype, device)
         if key not in _loaded:
-            _loaded[key] = ChatModel.load(model, dtype=dtype, device=device)
+            files = resolve(model)
+            choose_dtype(dtype, parse_device(device))
+            for earlier in _loaded.values():
+                for panel in list(_panels):
+                    if panel._chat is earlier:
+                        panel._release(files.model_id)
+            _loaded.clear()
+            # Its memory goes back before the new model takes its own: the panels held the last references
+            # (a cycle among what the model holds, none seen on a CPU, would wait for Python's next collection).
+            gc.collect()
+            _loaded[key] = ChatModel.from_files(files, dtype=dtype, device=device)
         return cls(_loaded[key], **kwargs)
+
+    @property
+    def chat(self) -> ChatModel:
+        """The model this panel chats with; ``ModelReleasedError`` once ``ChatPanel.load`` released it."""
+        if self._chat is None:
+            raise ModelReleasedError(self._released)
+        return self._chat
+
+    def _release(self, other: str) -> None:
+        """Let go of the model and its KV cache (``ChatPanel.load`` loads ``other``); the conversation stays.
+
+        A reply being written still finishes: its worker holds the model until then."""
+        name = self._chat.name
+        self._chat = None
+        self._released = LABELS["en"]["released"].format(name=name, other=other)  # the library's errors: English
+        self._released_note = self.labels["released"].format(name=name, other=other)
+        self.prompt_cache.clear()
+        self.note = self._released_note
+        self._redraw()
 
     def _ipython_display_(self):
         from IPython.display import display
@@ -355,6 +412,9 @@ class ChatPanel:
         return ([{"role": "system", "content": system}] if system else []) + [dict(m) for m in self.messages]
 
     def _start(self) -> bool:
+        if self._chat is None:
+            self._fail(self._released_note)
+            return False
         conversation = self._conversation()
         self.error = ""
         try:
@@ -382,19 +442,20 @@ class ChatPanel:
         inside = None
         if self.inside.value:  # the model's choices: 5 alternatives per token (a cost too small to measure here: benchmarks/RESULTS.md)
             settings["top_logprobs"] = 5
-            inside = {"prompt_text": prompt_text, "prompt_ids": prompt}
+            inside = {"prompt_text": prompt_text, "prompt_ids": prompt, **self._shared_with_last_view(prompt_text,
+                                                                                                     prompt)}
         self._cancel = threading.Event()
         self._partial = ""
         self._set_busy(True)
         self._redraw()  # the user's message (and any note) shows at once
-        self._worker = threading.Thread(target=self._run, args=(prompt, settings, inside), daemon=True)
+        self._worker = threading.Thread(target=self._run, args=(self._chat, prompt, settings, inside), daemon=True)
         self._worker.start()
         return True
 
-    def _run(self, prompt: list[int], settings: dict, inside: dict | None) -> None:
-        try:
-            with self.chat.lock:  # panels sharing a model take turns
-                stream = self.chat.stream(prompt, cancel=self._cancel, cache=self.prompt_cache, **settings)
+    def _run(self, chat: ChatModel, prompt: list[int], settings: dict, inside: dict | None) -> None:
+        try:  # chat: this reply's model, even if ChatPanel.load releases it from the panel meanwhile
+            with chat.lock:  # panels sharing a model take turns
+                stream = chat.stream(prompt, cancel=self._cancel, cache=self.prompt_cache, **settings)
                 last = 0.0
                 for delta in stream:
                     self._partial += delta
@@ -405,13 +466,19 @@ class ChatPanel:
             self.messages.append({"role": "assistant", "content": result.text})
             if inside is not None:
                 inside.update(choices=result.choices, finish=result.finish_detail)
+                view = self._inside_html(chat, inside)  # drawn once: it never changes
             self.replies.append({**result.stats(), "stopped": result.finish_reason == "cancelled", "inside": inside})
+            if inside is not None:  # after its reply: a redraw drops the views of replies not there
+                self._views[id(inside)] = inside, view
             if result.finish_reason == "length" and \
-                    result.prompt_tokens + result.generated_tokens >= self.chat.context_length:
+                    result.prompt_tokens + result.generated_tokens >= chat.context_length:
                 self.note = self.labels["context_end"]
         except Exception as e:  # shown in the panel; the history stays as it was
             self._fail(f"{type(e).__name__}: {e}" if not isinstance(e, QwenLabError) else str(e), e)
         finally:
+            if self._chat is None:  # released while this reply was written: the keys and values it kept too
+                self.prompt_cache.clear()
+                self.note = self._released_note
             self._partial = None
             self._set_busy(False)
             self._redraw()
@@ -440,6 +507,11 @@ class ChatPanel:
         # The box scrolls from its bottom (flex column-reverse around one block): it opens at the newest
         # message, as a chat does; a plain scrolling box opened at the oldest on every redraw.
         parts, replies = [_STYLE, "<div class='ql-chat'><div>"], iter(self.replies)
+        drawn = list(self._views)  # then the replies: the worker adds a reply before its view
+        kept = {id(r["inside"]) for r in self.replies if r and r.get("inside")}
+        for i in drawn:
+            if i not in kept:  # the view of a reply taken back (Undo, Regenerate, New chat)
+                self._views.pop(i, None)  # (a redraw in the other thread may have dropped it)
         for m in self.messages:
             role = m["role"]
             body = render_markdown(m["content"])
@@ -456,8 +528,9 @@ class ChatPanel:
                                                                      prompt=r["prompt_tokens"])
                     stopped = f" · <b>{html.escape(self.labels['stopped'])}</b>" if r["stopped"] else ""
                     meta = f"<div class='ql-meta'>{html.escape(line)}{stopped}</div>"
-                if r and r.get("inside"):
-                    meta += self._inside_html(r["inside"])
+                view = self._views.get(id(r.get("inside"))) if r else None
+                if view and view[0] is r["inside"]:
+                    meta += view[1]
             parts.append(f"<div class='ql-msg ql-{role}'>{body}{meta}</div>")
         parts.append("</div></div>")
         self.transcript.value = "".join(parts)  # unchanged: nothing is sent (traitlets compares)
@@ -475,13 +548,29 @@ class ChatPanel:
             f"<span class='ql-meta'> ▍</span></div></div></div>")
         self.streaming.layout.display = "none" if partial is None else None  # an empty widget still takes a line
 
-    def _inside_html(self, inside: dict) -> str:
-        tok = self.chat.tokenizer
-        pieces = [tok.decode([i]) for i in inside["prompt_ids"]]
-        reply = [tok.decode([c.token_id]) for c in inside["choices"]]
-        return inside_view(inside["prompt_text"], pieces, inside["prompt_ids"], tok.special_ids,
-                           self.chat.context_length, reply, inside["choices"], lambda i: tok.decode([i]),
-                           inside["finish"], self.labels["inside_view"])
+    def _shared_with_last_view(self, text: str, ids: list[int]) -> dict:
+        """How many of a new prompt's first characters and tokens are those of the last *Show inside* view's.
+
+        Its view leaves them out. Each turn's prompt is the one before, then the reply, then the new
+        message: views that each showed the whole prompt grew with the square of the conversation
+        (16 turns of tiny-chat, 40-token replies: 280 kB of HTML, re-sent twice a turn; 96 kB now, and
+        twice 8 turns' 48 kB). What the prompt added is what is new to a learner, the last reply as the
+        template wrote it back included; a marker says what is left out and how long it is. (The whole
+        prompt under the last reply alone, earlier views collapsed, would still send the whole prompt
+        every turn, megabytes at a long context, and hide what each turn added: the view's lesson.) Compared,
+        not assumed: an edited system prompt, or a template that rewrites earlier turns (Qwen3 drops
+        their thinking), shares less, and the view shows more."""
+        last = next((r["inside"] for r in reversed(self.replies) if r and r.get("inside")), None)
+        if last is None:
+            return {"shared_chars": 0, "shared_tokens": 0}
+        return {"shared_chars": len(os.path.commonprefix([last["prompt_text"], text])),
+                "shared_tokens": len(os.path.commonprefix([last["prompt_ids"], ids]))}
+
+    def _inside_html(self, chat: ChatModel, inside: dict) -> str:
+        tok = chat.tokenizer
+        return inside_view(inside["prompt_text"], inside["prompt_ids"], tok.special_ids, chat.context_length,
+                           inside["choices"], lambda i: tok.decode([i]), inside["finish"], self.labels["inside_view"],
+                           shared_chars=inside["shared_chars"], shared_tokens=inside["shared_tokens"])
 
 
 def _write_atomically(path: Path, text: str) -> None:

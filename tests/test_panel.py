@@ -171,6 +171,97 @@ def test_panels_share_one_model_load(tiny_dir):
     assert a.chat is b.chat and a is not b
 
 
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory, tokenizer):
+    """Two tiny checkpoints of their own (not the module's ``chat``): models a learner tries in turn."""
+    from conftest import make_checkpoint
+    return [str(make_checkpoint(tmp_path_factory.mktemp(name), tokenizer, seed=seed))
+            for name, seed in (("first", 3), ("second", 4))]
+
+
+def test_load_keeps_one_model_and_releases_the_one_before(two_models, tmp_path):
+    """Each model ChatPanel.load ever loaded stayed in memory (its cache, and every panel, held it): a
+    learner trying 0.5B, then 1.5B, then 3B on a laptop held all three, and swapped or was killed."""
+    import gc
+    import weakref
+
+    from qwen_lab.errors import DownloadError, ModelReleasedError, SettingError
+    first_dir, second_dir = two_models
+    first = ChatPanel.load(first_dir, dtype="float32", device="cpu", refresh_s=0.01)
+    first.temperature.value, first.max_new_tokens.value = 0.0, 4
+    first.send("Hi")
+    first.wait(30)
+    again = ChatPanel.load(first_dir, dtype="float32", device="cpu")  # the cell run again: the same load
+    beside = ChatPanel(first.chat)                                      # a panel made from it by hand
+    assert again.chat is first.chat is beside.chat
+    model, weight = weakref.ref(first.chat), weakref.ref(first.chat.model.model.embed_tokens.weight)
+
+    for wrong in (dict(model=str(tmp_path / "no-such-model")), dict(model=second_dir, dtype="float33")):
+        with pytest.raises((DownloadError, SettingError)):
+            ChatPanel.load(**{"dtype": "float32", "device": "cpu", **wrong})
+    gc.collect()
+    assert model() is not None and first.chat is again.chat  # a misspelt name or dtype keeps the model there was
+
+    second = ChatPanel.load(second_dir, dtype="float32", device="cpu", refresh_s=0.01)
+    gc.collect()
+    assert model() is None and weight() is None  # its parameters freed, though three panels showed it
+    assert second.chat.name == second_dir and len(first.prompt_cache) == 0
+
+    # a released panel says so in one line, loses nothing, and still exports its conversation
+    for panel in (first, again, beside):
+        assert "was released from memory when ChatPanel.load loaded" in panel.status.value
+    first.input.value = "Still there?"
+    first.send_button.click()
+    assert not first.busy and first.input.value == "Still there?" and len(first.messages) == 2
+    assert first.error.startswith(f"{first_dir} was released from memory") and "\n" not in first.error
+    assert f"Error: {html.escape(first.error)}" in first.status.value and "run this panel" in first.error
+    first.regenerate()
+    assert len(first.messages) == 2 and [m["role"] for m in json.loads(first.export())][1:] == ["user", "assistant"]
+    with pytest.raises(ModelReleasedError, match="run this panel's cell again"):
+        first.chat
+
+    # a model loaded by hand is the caller's: load releases only the model it loaded itself
+    own = ChatModel.load(second_dir, dtype="float32", device="cpu")
+    mine = ChatPanel(own)
+    ChatPanel.load(first_dir, dtype="float32", device="cpu")
+    assert mine.chat is own and "released" not in mine.status.value
+    with pytest.raises(ModelReleasedError):
+        second.chat
+
+
+def test_a_reply_being_written_when_its_model_is_released_still_finishes(two_models):
+    import gc
+    import threading
+    import weakref
+    first_dir, second_dir = two_models
+    panel = ChatPanel.load(first_dir, dtype="float32", device="cpu", refresh_s=0.01, lang="zh-TW")
+    go = threading.Event()
+
+    def stream(*args, **kwargs):  # set on the instance, holding nothing of it
+        def steps():
+            yield "Hello"
+            go.wait(10)
+            yield " world"
+            return GenerationResult(text="Hello world", token_ids=[1, 2], finish_reason="eos", prompt_tokens=5,
+                                    generated_tokens=2, ttft_s=0.01, decode_tokens_per_s=1.0,
+                                    prefill_tokens_per_s=1.0, total_s=0.1)
+        return GenerationStream(steps())
+    panel.chat.stream = stream
+    model = weakref.ref(panel.chat)
+    panel.send("Hi")
+    ChatPanel.load(second_dir, dtype="float32", device="cpu")
+    gc.collect()
+    assert panel.busy and model() is not None  # the reply's worker holds the model until it ends
+    go.set()
+    panel.wait(30)
+    gc.collect()
+    assert model() is None and len(panel.prompt_cache) == 0
+    assert panel.messages[-1] == {"role": "assistant", "content": "Hello world"} and not panel.error
+    assert "已把" in panel.status.value and "從記憶體釋放" in panel.status.value  # said in the panel's language
+    panel.send("again")
+    assert "錯誤：ChatPanel.load 載入" in panel.status.value and panel.input.value == "again"
+
+
 def test_markdown_subset():
     html = render_markdown("Use `x < y`:\n\n```python\nprint('<hi>')\n```\n- **one**\n- *two*")
     assert "<code>x &lt; y</code>" in html
@@ -242,6 +333,91 @@ def test_show_inside_keeps_the_prompt_and_the_probabilities(panel, chat):
     assert "likeliest:" in page and "ended: " in page
 
 
+def inside_views(page):
+    """Each *Show inside* view of ``page`` as the browser shows it: the prompt's text and token ids it
+    shows, and how many characters and tokens its markers say it leaves out."""
+    import re
+    from html.parser import HTMLParser
+
+    class Views(HTMLParser):
+        def __init__(self):
+            super().__init__(convert_charrefs=True)
+            self.views, self.box, self.elided = [], None, False
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            classes = set((attrs.get("class") or "").split())
+            if tag == "details":
+                self.views.append({"text": "", "ids": [], "markers": {"text": "", "tokens": ""}, "rows": 0})
+            elif tag == "div" and "ql-prompt-text" in classes:
+                self.box = "text"
+            elif tag == "div" and "ql-tokens" in classes:
+                self.views[-1]["rows"] += 1
+                self.box = "tokens" if self.views[-1]["rows"] == 1 else "reply"
+            elif tag == "span" and "ql-elided" in classes:
+                self.elided = True
+            elif tag == "span" and self.box == "tokens":
+                self.views[-1]["ids"].append(int(attrs["title"].removeprefix("id ")))
+
+        def handle_endtag(self, tag):
+            if tag == "div":
+                self.box = None
+            elif tag == "span":
+                self.elided = False
+
+        def handle_data(self, data):
+            if self.box in ("text", "tokens"):
+                if self.elided:
+                    self.views[-1]["markers"][self.box] += data
+                elif self.box == "text":
+                    self.views[-1]["text"] += data
+
+    parser = Views()
+    parser.feed(page)
+    for view in parser.views:
+        chars = re.search(r"the first ([\d,]+) characters", view["markers"]["text"])
+        tokens = re.search(r"the first ([\d,]+) tokens", view["markers"]["tokens"])
+        view["elided_chars"] = int(chars.group(1).replace(",", "")) if chars else 0
+        view["elided_tokens"] = int(tokens.group(1).replace(",", "")) if tokens else 0
+    return parser.views
+
+
+def test_inside_views_show_each_part_of_the_prompt_once(chat):
+    """Each reply's view showed its whole prompt, which holds the whole conversation so far: the
+    conversation's HTML grew with the square of its length (tiny-chat: 90 kB after 8 turns, 280 kB
+    after 16), re-sent twice a turn. A view now shows what its prompt added to the prompt above it,
+    and says how much it leaves out: read top to bottom, the views spell each prompt exactly."""
+    panel = ChatPanel(chat, refresh_s=0.01, lang="en")
+    panel.inside.value, panel.temperature.value, panel.max_new_tokens.value = True, 0.0, 6
+
+    def ask(text):
+        panel.send(text)
+        panel.wait(30)
+        assert not panel.error and panel.messages[-1]["role"] == "assistant"
+
+    for turn in range(8):
+        ask(f"Question {turn}?")
+    panel.undo()                   # a view of a reply taken back is gone, and the next is drawn against the one before
+    panel.inside.value = False
+    ask("Not looked inside")       # a reply without a view: the next is drawn against the last view there is
+    panel.inside.value = True
+    ask("And now?")
+    panel.regenerate()
+    panel.wait(30)
+    records = [r["inside"] for r in panel.replies if r["inside"]]
+    views = inside_views(panel.transcript.value)
+    assert len(views) == len(records) == 8 and len(panel.replies) == 9
+    text, ids = "", []
+    for view, inside in zip(views, records):
+        assert view["elided_chars"] <= len(text) and view["elided_tokens"] <= len(ids)
+        text = text[:view["elided_chars"]] + view["text"]
+        ids = ids[:view["elided_tokens"]] + view["ids"]
+        assert text == inside["prompt_text"] and ids == inside["prompt_ids"]
+    assert views[0]["elided_tokens"] == 0 and all(v["elided_tokens"] > 0 for v in views[1:])
+    # each prompt token shown about once in all: the views grow with the conversation, not with its square
+    assert sum(len(v["ids"]) for v in views) <= len(records[-1]["prompt_ids"]) + 2 * len(views)
+
+
 def test_inside_is_off_by_default_and_costs_nothing(panel):
     panel.send("Hi")
     panel.wait(30)
@@ -253,8 +429,8 @@ def test_the_inside_view_escapes_everything_the_model_wrote():
     from qwen_lab.markup import inside_view
     from qwen_lab.sampling import TokenChoice
     evil = "<img src=x onerror=alert(1)><script>alert(2)</script>'\"</span></details>"
-    page = inside_view(evil, [evil], [7], {7}, 100, [evil], [TokenChoice(7, 0.5, [(7, 0.5), (8, 0.2)])],
-                       lambda i: evil, evil)
+    choices = [TokenChoice(7, 0.5, [(7, 0.5), (8, 0.2)])]
+    page = inside_view(evil, [7], {7}, 100, choices, lambda i: evil, evil)
 
     class Tags(HTMLParser):
         def __init__(self):
@@ -270,6 +446,14 @@ def test_the_inside_view_escapes_everything_the_model_wrote():
     assert set(parser.tags) == {"details", "summary", "div", "span"}  # only the tags markup.py writes
     assert set(parser.attributes) <= {"class", "title", "style"}      # no onerror, no src
     assert page.count("<span") == page.count("</span>") == 2 and page.count("</details>") == 1
+    # the start a prompt shares with the one above, left out: cut anywhere, even inside a tag or an entity
+    for chars in (1, 5, evil.index("</span>") + 2, len(evil) + 3, 2 * len(evil) - 1):
+        page = inside_view(evil + evil, [7, 8], {7}, 100, choices, lambda i: evil, evil, shared_chars=chars,
+                           shared_tokens=1)
+        problems, shown = markup_of(page)
+        assert not problems, (chars, problems)
+        assert f"the first {chars:,} characters" in shown and (evil + evil)[chars:] in shown
+        assert "the first 1 tokens" in shown and page.count("<span") == page.count("</span>") == 4
 
 
 # ---------------------------------------------------------------- hostile text: nothing becomes markup
@@ -277,7 +461,7 @@ def test_the_inside_view_escapes_everything_the_model_wrote():
 #: What the panel's HTML may hold: the tags markup.py and panel.py write, with their own attributes.
 ALLOWED_TAGS = {"style", "div", "p", "br", "b", "i", "code", "pre", "ul", "li", "details", "summary", "span"}
 OUR_CLASSES = {"ql-chat", "ql-msg", "ql-user", "ql-assistant", "ql-streaming", "ql-meta", "ql-note", "ql-error",
-               "ql-code", "ql-inside", "ql-prompt-text", "ql-tokens", "ql-tok", "ql-special", "ql-scale"}
+               "ql-code", "ql-inside", "ql-prompt-text", "ql-tokens", "ql-tok", "ql-special", "ql-scale", "ql-elided"}
 EVIL = "<img src=x onerror=alert(1)>"
 
 
@@ -431,6 +615,7 @@ def test_a_hostile_model_folder_adds_no_markup_to_the_panel(hostile_chat, monkey
     assert panel.transcript.value.count("<style>") == 1 and panel.transcript.value.startswith("<style>")
     _, shown = markup_of(panel.transcript.value)
     assert "</div></details><script>alert(3)</script>" in shown and "$\\href{javascript:alert(1)}{x}$" in shown
+    assert panel.replies[1]["inside"]["shared_chars"] > 0 and "class='ql-elided'" in panel.transcript.value
 
 
 def test_text_that_is_not_valid_unicode_still_reaches_the_browser(chat, monkeypatch):
@@ -543,8 +728,8 @@ def test_a_direction_override_in_a_token_does_not_reorder_the_token_boxes():
     sync_api = pytest.importorskip("playwright.sync_api")
     pieces = ["one", "\u202etwo", "three", "four", "\u202dfive", "six"]
     ids = list(range(len(pieces)))
-    view = inside_view("x", pieces, ids, set(), 100, pieces, [TokenChoice(i, 0.5, [(i, 0.5)]) for i in ids],
-                       lambda i: pieces[i], "done")
+    view = inside_view("x", ids, set(), 100, [TokenChoice(i, 0.5, [(i, 0.5)]) for i in ids], lambda i: pieces[i],
+                       "done")
     with sync_api.sync_playwright() as p:
         browser = chromium(p)
         try:
@@ -629,11 +814,14 @@ def test_every_error_of_the_library_has_its_kind_in_chinese():
 def test_the_inside_view_speaks_the_panels_language(chat):
     panel = ChatPanel(chat, refresh_s=0.01, lang="zh-TW")
     panel.temperature.value, panel.max_new_tokens.value, panel.inside.value = 0.0, 4, True
-    panel.send("Hi")
-    panel.wait(30)
+    for text in ("Hi", "And then?"):
+        panel.send(text)
+        panel.wait(30)
     page = panel.transcript.value
     assert "聊天範本產生的提示詞" in page and "最可能:" in page and "結束原因：" in page
+    assert "每一輪都會重送整段對話" in page and "個字元，和上面的提示詞相同" in page and "個 token，和上面相同" in page
     assert "likeliest" not in page and "The prompt the chat template produced" not in page
+    assert "the same as" not in page and "re-sends" not in page
 
 
 def test_an_unknown_language_is_one_line(chat, monkeypatch):
