@@ -146,17 +146,42 @@ def test_half_precision_logits_match_transformers_in_the_same_dtype(case, dtype)
         assert ours_error <= 1.25 * their_error, (ours_error, their_error)
 
 
-def test_float16_greedy_tokens_equal_transformers_in_float16(case):
+def test_float16_greedy_tokens_follow_transformers_in_float16(case):
+    """Decoding in float16 (a T4's dtype) chooses transformers' tokens, parting only at a tie.
+
+    A decode step is not bit for bit transformers' (unlike the prompt's logits above):
+    ``Attention.attend_one`` sums one query's attention in float32 where transformers runs its
+    float16 kernel, so a step's logits differ by a few float16 steps, and which few depends on
+    the CPU's vector width (AVX2 or AVX-512 kernels in torch). So at every step, fed
+    transformers' own tokens, our logits are within 8 float16 steps of theirs, and our greedy
+    tokens are theirs up to the first place where their two candidates were that close: a tie,
+    which either may take. (This once asked for all 24 tokens equal: it held on AVX2 CPUs by
+    luck, and an AVX-512 one met a tie at token 12.)
+    """
     directory, _ = case
     files = resolve(str(directory))
     ours = load_model(files, "float16", "cpu")
     reference = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float16).eval()
     ids = prompt(ours.config.vocab_size, n=10, seed=3)
-    expected = reference.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, eos_token_id=None,
-                                  pad_token_id=0)[0, ids.shape[1]:].tolist()
+    out = reference.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, eos_token_id=None,
+                             pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    expected, their_logits = out.sequences[0, ids.shape[1]:].tolist(), [s[0] for s in out.logits]
+    with torch.inference_mode():
+        caches = ours.new_caches(1, ids.shape[1] + 24)
+        mine = [ours(ids, caches, 0)[0, -1]]
+        for i, token in enumerate(expected[:-1]):
+            mine.append(ours(torch.tensor([[token]]), caches, ids.shape[1] + i)[0, -1])
+    for step, (a, b) in enumerate(zip(mine, their_logits)):
+        spacing = 2.0 ** (torch.frexp(b.float().abs().max())[1].item() - 11)  # float16's step at the largest logit
+        assert (a.float() - b.float()).abs().max() <= 8 * spacing, step
     got = generate_stream(ours, Tokenizer.from_files(files), ids[0].tolist(),
-                          GenerationConfig(max_new_tokens=24, do_sample=False)).result
-    assert got.token_ids == expected
+                          GenerationConfig(max_new_tokens=24, do_sample=False)).result.token_ids
+    parted = next((i for i, (g, e) in enumerate(zip(got, expected)) if g != e), None)
+    if parted is not None:  # only at a tie: their logits for both tokens within 8 float16 steps
+        theirs = their_logits[parted].float()
+        spacing = 2.0 ** (torch.frexp(theirs.abs().max())[1].item() - 11)
+        assert theirs[expected[parted]] - theirs[got[parted]] <= 8 * spacing, (parted, got, expected)
+    assert parted is None or parted >= 4, (got, expected)  # a tie at once would say more about the weights
 
 
 def test_llama3_rotary_scaling_matches_transformers():
