@@ -102,6 +102,36 @@ def test_static_decoding_serves_every_architecture(tmp_path, tokenizer):
                 == generate_stream(model, tok, prompt, config, static=False).result.token_ids), arch
 
 
+def test_kept_decoders_that_no_longer_fit_the_model_are_dropped_not_used(tiny_dir):
+    """A kept decoder's caches are in the dtype (and on the device) the model had: after ``model.to(bfloat16)``
+    every static generation failed on float32 keys beside bfloat16 queries. And its CUDA graph reads each weight
+    where it was when captured: a weight replaced since (not changed in place) left it replaying freed memory."""
+    import gc
+    import weakref
+    files = resolve(str(tiny_dir))
+    model, tok = load_model(files, "float32", DEVICE, matvec="none"), Tokenizer.from_files(files)
+    prompt, config = tok.encode("Hello! How are you today? I am"), GenerationConfig(max_new_tokens=8, do_sample=False)
+    generate_stream(model, tok, prompt, config, static=True).result
+    static_decode.decoder_for(model, 600)  # a second bucket's
+    old = [weakref.ref(d) for d in model._static_decoders.values()]
+    assert static_decode.new_positions(model, len(prompt) + 8) == 0
+    model.to(torch.bfloat16)
+    assert static_decode.new_positions(model, len(prompt) + 8) == 512  # counted for the memory check
+    converted = generate_stream(model, tok, prompt, config, static=True).result
+    assert converted.generated_tokens == 8 and converted.decode_path.startswith(("static", "cuda-graph"))
+    gc.collect()
+    assert list(model._static_decoders) == [512] and model._static_decoders[512].caches[0].k.dtype == torch.bfloat16
+    assert all(ref() is None for ref in old)  # both buckets' float32 caches freed
+    kept = model._static_decoders[512]
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(2)  # in place: the graph reads the new values
+    assert static_decode.decoder_for(model, len(prompt) + 8) is kept
+    mlp = model.model.layers[0].mlp
+    mlp.up_proj.weight = torch.nn.Parameter(mlp.up_proj.weight.detach().clone())  # replaced: other memory
+    assert static_decode.new_positions(model, len(prompt) + 8) == 512
+    assert static_decode.decoder_for(model, len(prompt) + 8) is not kept
+
+
 def test_the_memory_check_counts_the_bucket_a_static_decoder_allocates_and_keeps(tiny_dir, monkeypatch):
     """The decoder of a length bucket (512 positions at least) is made once and kept on the model: the check
     used to count only this generation's positions (37 of a new 512), and to ask for them again each time
