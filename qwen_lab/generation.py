@@ -250,61 +250,127 @@ class PromptCache:
     computed one token at a time, where a prefill computes them all at once, summing in another
     order. Where the template re-writes the last reply differently from the ids the model chose
     (another tokenization, Qwen3 dropping its thinking), the common prefix simply ends there.
-    A cache belongs to one model with its weights as they are (another model, or a weight changed
-    since, starts it afresh; a forward hook added since is not seen: ``clear()`` it then); a generation
-    takes it whole, so one that fails or is abandoned leaves it empty. ``clear()`` frees its memory.
+
+    Where the keys and values are: on the eager path (a CPU's), in the cache's own tensors. On the
+    static path (a GPU's, ``static=True``), in the caches that the model's ``StaticDecoder`` keeps,
+    one per length bucket, shared by every generation on that model: the cache records which ids
+    they hold and is trusted only while nothing else has written there since. Two conversations
+    taking turns on one model (two panels) therefore prefill their whole prompt at each turn, as
+    does the first turn in a longer bucket; neither ever reads the other's keys.
+
+    A cache belongs to one model with its weights as they are, and to one path (another model, or
+    one moved, converted or with a weight changed since, or the other path, starts it afresh; a
+    forward hook added since is not seen: ``clear()`` it then). A generation takes it whole and gives back what it computed whole:
+    all it fed, or, if it fails, what it had finished before the failure (a stream abandoned
+    mid-reply gives back only once it is closed or collected). ``clear()`` frees its memory (not the
+    static decoder's: the model keeps that one).
     """
 
     def __init__(self) -> None:
-        self._caches: list | None = None
-        self._ids: list[int] = []   # the tokens whose keys and values the caches hold, from position 0
+        self._caches: list | None = None  # on the eager path: the KV caches, this cache's own
+        self._decoder = None        # on the static path: a weak reference to the StaticDecoder holding them
+        self._writes = 0            # and its write count then: they hold ``_ids`` only while it is unchanged
+        self._ids: list[int] = []   # the tokens whose keys and values are held, from position 0
         self._model = None          # a weak reference to the model that computed them
-        self._weights: tuple = ()   # and its weights then (_weights)
+        self._weights: tuple = ()   # and its weights when that generation began (_weights)
+        self._claims = 0            # generations that took it so far: only the latest one may give back
         # two threads taking it at once would both get the same tensors and write into them together
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         """How many tokens' keys and values it holds."""
-        return len(self._ids)
+        with self._lock:
+            if self._decoder is not None:
+                decoder = self._decoder()
+                if decoder is None or decoder.writes != self._writes:
+                    return 0  # the static decoder was dropped, or another generation wrote there since
+            return len(self._ids)
 
     def clear(self) -> None:
         with self._lock:
-            self._caches, self._ids, self._model = None, [], None
+            self._caches, self._ids, self._model, self._decoder = None, [], None, None
+            self._claims += 1  # a generation still running gives back nothing: cleared means freed
 
-    def _usable(self, model, prompt_ids: list[int]) -> int:
-        """How many leading ``prompt_ids`` it holds for ``model`` (0: nothing it holds can serve)."""
-        caches, owner, weight = self._caches, self._model() if self._model is not None else None, model.lm_head.weight
-        if caches is None or owner is not model or caches[0].k.dtype != weight.dtype \
-                or caches[0].k.device != weight.device or self._weights != _weights(model):
-            return 0  # another model, or this one moved, converted or with a weight changed since
+    def _usable(self, model, prompt_ids: list[int], weights: tuple, static: bool, decoder=None) -> int:
+        """How many leading ``prompt_ids`` it holds for ``model`` whose weights are ``weights``, where the
+        generation reads them: in its own caches, or (``static``) in ``decoder``'s (0: nothing can serve)."""
+        owner = self._model() if self._model is not None else None
+        if owner is not model or weights != self._weights:
+            return 0  # another model, or this one with a weight changed since
+        weight = model.lm_head.weight
+        if not static:
+            caches = self._caches
+            if caches is None or caches[0].k.dtype != weight.dtype or caches[0].k.device != weight.device:
+                return 0  # none of its own (kept by the static decoder), or this model moved or converted since
+        elif decoder is None or self._decoder is None or self._decoder() is not decoder \
+                or decoder.writes != self._writes:
+            return 0  # another decoder (length bucket, dtype, device), or its caches written since
         # at most all but the last prompt token: its logits choose the first new token
         start, limit = 0, min(len(self._ids), len(prompt_ids) - 1)
         while start < limit and self._ids[start] == prompt_ids[start]:
             start += 1
         return start
 
-    def _plan(self, model, prompt_ids: list[int], length: int) -> tuple[int, int]:
-        """What a generation of ``length`` positions will allocate, for the memory check:
-        ``(positions, bytes freed before)``. Reused in place: nothing; grown: at least ``length``
-        positions while the old ones are copied; not reusable: ``length``, once the old ones are freed."""
-        with self._lock:
-            if self._usable(model, prompt_ids) == 0:
-                freed = 0 if self._caches is None or self._caches[0].k.device != model.lm_head.weight.device \
-                    else sum(2 * c.k.numel() * c.k.element_size() for c in self._caches)
-                return length, freed
-            return (0 if self._caches[0].max_len >= length else length), 0
+    def _claim(self, model, prompt_ids: list[int], length: int, static: bool = False) -> "_Claim":
+        """Check the memory that a generation of ``length`` positions needs, then hand it what this cache holds.
 
-    def _take(self, model, prompt_ids: list[int], length: int) -> tuple[list, int]:
-        """KV caches of at least ``length`` positions and ``start``: they hold ``prompt_ids[:start]``.
-
-        The caller owns them until ``_keep``: the cache is empty meanwhile, so a generation that
-        never ends leaves nothing half-written to trust."""
+        One look at the weights (``_weights``) and one decision under the lock: the cache is empty
+        until the generation gives back (``_keep``), so two generations never write into the same
+        caches. What it allocates: reused in place, nothing; grown, at least ``length`` positions while
+        the old ones are copied; not reusable, ``length`` once the old ones are freed (here, at once);
+        static, the decoder's bucket unless the model keeps it. Refused (``SettingError``), it takes nothing.
+        """
+        weights = _weights(model)
+        memory = tuple(address for address, _ in weights)  # static_decode.weight_memory, from the same walk
+        decoder = static_decode.kept_decoder(model, length, memory) if static else None
         with self._lock:
-            start, caches = self._usable(model, prompt_ids), self._caches
-            self._caches, self._ids, self._model = None, [], None
+            start = self._usable(model, prompt_ids, weights, static, decoder)
+            caches = self._caches if start and not static else None  # its own, serving this generation
+            dropped = self._caches if caches is None else None  # freed with the claim: counted as free
+            freed = 0 if dropped is None or dropped[0].k.device != model.lm_head.weight.device \
+                else sum(2 * c.k.numel() * c.k.element_size() for c in dropped)
+            if caches is not None:
+                positions = 0 if caches[0].max_len >= length else length
+            else:
+                positions = static_decode.new_positions(model, length, memory) if static else length
+            _check_cache_memory(model, positions, freed)
+            self._claims += 1
+            claim = _Claim(self, self._claims, weights, start, caches, decoder, self._writes, memory)
+            self._caches, self._ids, self._model, self._decoder = None, [], None, None
+        return claim
+
+    def _keep(self, claim: "_Claim", model, ids: list[int], caches: list | None = None, decoder=None) -> None:
+        """A generation gives back ``ids`` (from position 0), whole in ``caches`` or in ``decoder``'s caches as
+        they are now. Only the latest claim's: an abandoned stream collected after a newer generation (or
+        after ``clear()``) must not replace what is newer."""
+        with self._lock:
+            if claim.ticket != self._claims:
+                return
+            self._caches, self._ids, self._model = caches, list(ids), weakref.ref(model)
+            self._decoder = weakref.ref(decoder) if decoder is not None else None
+            self._writes = decoder.writes if decoder is not None else 0
+            self._weights = claim.weights  # as they were when it began: a change during the generation is seen
+
+
+@dataclass
+class _Claim:
+    """What one generation took from a ``PromptCache``: its first ``start`` prompt ids are computed, in
+    ``caches`` (eager) or in the static ``decoder``'s caches as its ``writes``-th write left them."""
+
+    cache: PromptCache
+    ticket: int                  # the cache's claim count when taken: a later claim voids this one's give-back
+    weights: tuple               # _weights(model) then
+    start: int = 0
+    caches: list | None = None
+    decoder: object = None
+    writes: int = 0
+    memory: tuple = ()           # where the weights were (static_decode.weight_memory)
+
+    def eager_caches(self, model, length: int) -> list:
+        """KV caches of at least ``length`` positions, holding the first ``start`` prompt ids."""
+        caches, start, self.caches = self.caches, self.start, None
         if start == 0:
-            del caches  # freed before the new ones are made: the memory check counted on it
-            return model.new_caches(1, length), 0
+            return model.new_caches(1, length)
         if caches[0].max_len < length:  # grow, doubling (up to the context) where memory allows, so later turns fit
             size = min(2 * caches[0].max_len, model.config.max_position_embeddings)
             free = _free_memory(model)
@@ -315,18 +381,14 @@ class PromptCache:
                 new.k[:, :, :start] = old.k[:, :, :start]
                 new.v[:, :, :start] = old.v[:, :, :start]
             caches = grown
-        return caches, start
-
-    def _keep(self, model, caches: list, ids: list[int]) -> None:
-        with self._lock:
-            self._caches, self._ids, self._model = caches, list(ids), weakref.ref(model)
-            self._weights = _weights(model)
+        return caches
 
 
 def _weights(model) -> tuple:
-    """Each weight's memory and version counter: torch counts every change made in place (``w.mul_(2)``,
-    ``load_state_dict``), and a replaced weight has other memory. Keys and values computed before are
-    another model's. (Inference tensors count no versions: those are compared by memory only.)"""
+    """Each weight's memory (``static_decode.weight_memory``) and version counter: torch counts every
+    change made in place (``w.mul_(2)``, ``load_state_dict``), and a replaced weight has other memory.
+    Keys and values computed before are another model's. (Inference tensors count no versions: those
+    are compared by memory only.) Walking the parameters takes ~0.45 ms at Qwen2.5-0.5B's shapes."""
     return tuple((p.data_ptr(), 0 if p.is_inference() else p._version) for p in model.parameters())
 
 
@@ -340,12 +402,11 @@ class _Eager:
     17 while a spinning torch thread had the other core).
     """
 
-    def __init__(self, model, length: int, use_cache: bool, history: torch.Tensor,
-                 prompt_cache: PromptCache | None = None, prompt_ids: list[int] | None = None) -> None:
-        self.model, self.history, self.prompt_cache = model, history, prompt_cache
+    def __init__(self, model, length: int, use_cache: bool, history: torch.Tensor, claim: _Claim | None = None) -> None:
+        self.model, self.history, self.claim = model, history, claim
         self.caches, self.start = None, 0  # start: the prompt's first position the prefill computes
-        if use_cache and prompt_cache is not None:
-            self.caches, self.start = prompt_cache._take(model, prompt_ids, length)
+        if use_cache and claim is not None:
+            self.caches, self.start = claim.eager_caches(model, length), claim.start
         elif use_cache:
             self.caches = model.new_caches(1, length)
         self.prefill_threads, decode_threads = thread_plan(model)
@@ -361,9 +422,9 @@ class _Eager:
         return _forward(self.model, ids[self.start:], self.caches, self.start, self.prefill_threads)
 
     def done(self, ids: list[int]) -> None:
-        """The generation ended: ``ids`` (the prompt, then every token fed back) are in the caches."""
-        if self.prompt_cache is not None and self.caches is not None:
-            self.prompt_cache._keep(self.model, self.caches, ids)
+        """The generation ended (or failed): ``ids``, from position 0, are whole in the caches."""
+        if self.claim is not None and self.caches is not None:
+            self.claim.cache._keep(self.claim, self.model, ids, caches=self.caches)
 
     def step(self, token: int, pos: int) -> torch.Tensor:
         if self.caches is None:
@@ -375,22 +436,40 @@ class _Eager:
 
 
 class _Static:
-    """Prefill and decode through the model's ``StaticDecoder`` (a replayed CUDA graph on a GPU)."""
+    """Prefill and decode through the model's ``StaticDecoder`` (a replayed CUDA graph on a GPU).
 
-    def __init__(self, model, length: int) -> None:
-        self.decoder = static_decode.decoder_for(model, length)
+    Its caches are the model's, kept from one generation to the next whoever ran it: a claim on a
+    ``PromptCache`` starts after the common prefix only if its last generation was the last to write
+    there, and this generation gives back only if nothing else wrote there while it ran.
+    """
+
+    def __init__(self, model, length: int, claim: _Claim | None = None) -> None:
+        self.model, self.claim = model, claim
+        self.decoder = static_decode.decoder_for(model, length, claim.memory if claim is not None else None)
         self.path = self.decoder.mode
         self.prefill_threads = self.decode_threads = self.step_threads = torch.get_num_threads()
+        # between the claim (when the stream was made) and now, another generation may have used the decoder
+        intact = claim is not None and claim.decoder is self.decoder and self.decoder.writes == claim.writes
+        self.start = claim.start if intact else 0  # the prompt's first position the prefill computes
+        self.writes = self.decoder.writes  # the decoder's count after this generation's last write
 
-    start = 0  # the static decoder prefills the whole prompt (on a GPU, where prefill is fast)
+    def _write(self) -> None:
+        if self.decoder.writes != self.writes:  # two streams of one model read in turns: each overwrites the other
+            raise QwenLabError("another generation used this model's static decoder (its KV cache) during this "
+                               "one: run one generation at a time per model")
+        self.writes += 1
 
     def prefill(self, ids: list[int]) -> torch.Tensor:
-        return self.decoder.prefill(ids)
+        self._write()
+        return self.decoder.prefill(ids[self.start:], self.start)
 
     def done(self, ids: list[int]) -> None:
-        pass
+        """The generation ended (or failed): ``ids``, from position 0, are whole in the decoder's caches."""
+        if self.claim is not None and self.decoder.writes == self.writes:
+            self.claim.cache._keep(self.claim, self.model, ids, decoder=self.decoder)
 
     def step(self, token: int, pos: int) -> torch.Tensor:
+        self._write()
         return self.decoder.step(token, pos)
 
 
@@ -404,7 +483,8 @@ def generate_stream(model, tokenizer: Tokenizer, prompt_ids: list[int], config: 
     tokens, much slower; it exists to show what the KV cache saves. ``static``:
     decode with ``static_decode.StaticDecoder`` (a CUDA graph replayed per token);
     ``None`` does so on a GPU, where it pays, and not on a CPU. ``cache``: a ``PromptCache``
-    whose common prefix with the prompt is not computed again (ignored by the static decoder).
+    whose common prefix with the prompt is not computed again, on either path (with the static
+    decoder, only while no other generation has used the model's decoder since the cache's last one).
     """
     context, vocab = model.config.max_position_embeddings, model.config.vocab_size
     if not prompt_ids:
@@ -419,17 +499,18 @@ def generate_stream(model, tokenizer: Tokenizer, prompt_ids: list[int], config: 
         static = use_cache and model.lm_head.weight.device.type == "cuda"
     if static and not use_cache:
         raise SettingError("static decoding keeps a KV cache: it cannot run with use_cache=False")
+    claim = None
     if use_cache:
         length = len(prompt_ids) + min(config.max_new_tokens, context - len(prompt_ids))
-        if static:  # the static decoder ignores ``cache``: it allocates its bucket once, then keeps it
+        if cache is not None:  # the same check, counting what the cache holds; then it is this generation's
+            claim = cache._claim(model, prompt_ids, length, static)
+        elif static:  # the static decoder allocates its bucket once, then keeps it
             _check_cache_memory(model, static_decode.new_positions(model, length))
-        elif cache is not None:
-            _check_cache_memory(model, *cache._plan(model, prompt_ids, length))
         else:
             _check_cache_memory(model, length)
     choices: list[TokenChoice] = []
     return GenerationStream(_steps(model, tokenizer, list(prompt_ids), config, cancel, use_cache,
-                                   skip_special_tokens, context, static, choices, cache), choices)
+                                   skip_special_tokens, context, static, choices, claim), choices)
 
 
 def _cache_bytes(model, positions: int) -> int:
@@ -465,7 +546,7 @@ def _check_cache_memory(model, positions: int, freed: int = 0) -> None:
                            f"{(free + freed) / 2**30:.1f} GiB is free: ask for fewer new tokens (max_new_tokens)")
 
 
-def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special, context, static, choices, cache):
+def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special, context, static, choices, claim):
     budget = min(config.max_new_tokens, context - len(prompt_ids))
     generator = None
     if not config.greedy:
@@ -478,44 +559,49 @@ def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special
     n = len(prompt_ids)
     new_ids: list[int] = []
     text, emitted, reason, stop_hit = "", 0, "length", ""
-    steps = _Static(model, n + budget) if static else _Eager(model, n + budget, use_cache, history, cache, prompt_ids)
+    steps = _Static(model, n + budget, claim) if static else _Eager(model, n + budget, use_cache, history, claim)
     t0 = time.perf_counter()
     t_first = t0
 
-    logits = steps.prefill(prompt_ids)
-    while True:
-        with threads.torch_threads(steps.step_threads):  # see _Eager: no torch thread may spin between kernels
-            chosen = choice(logits.cpu(), history[:n], config, generator, config.top_logprobs)
-        token = chosen.token_id
-        if config.top_logprobs:
-            choices.append(chosen)
-        new_ids.append(token)
-        history[n] = token
-        n += 1
-        if len(new_ids) == 1:
-            t_first = time.perf_counter()
-        if token in eos:
-            text += decoder.push(token) if not skip_special else ""
-            reason = "eos"
-            break
-        text += decoder.push(token)
-        hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-        if hit >= 0:
-            stop_hit = next(s for s in stops if text.find(s) == hit)
-            text, reason = text[:hit], "stop"
-            break
-        safe = len(text) - _held_back(text, stops)
-        if safe > emitted:
-            yield text[emitted:safe]
-            emitted = safe
-        if len(new_ids) >= budget:
-            reason = "length"
-            break
-        if cancel is not None and cancel.is_set():
-            reason = "cancelled"
-            break
-        logits = steps.step(token, n - 1)
-    steps.done(history[:n - 1].tolist())  # the last token chosen was never fed: its keys and values are not there
+    fed = steps.start  # positions whose keys and values are whole in the caches
+    try:
+        logits = steps.prefill(prompt_ids)
+        fed = n
+        while True:
+            with threads.torch_threads(steps.step_threads):  # see _Eager: no torch thread may spin between kernels
+                chosen = choice(logits.cpu(), history[:n], config, generator, config.top_logprobs)
+            token = chosen.token_id
+            if config.top_logprobs:
+                choices.append(chosen)
+            new_ids.append(token)
+            history[n] = token
+            n += 1
+            if len(new_ids) == 1:
+                t_first = time.perf_counter()
+            if token in eos:
+                text += decoder.push(token) if not skip_special else ""
+                reason = "eos"
+                break
+            text += decoder.push(token)
+            hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+            if hit >= 0:
+                stop_hit = next(s for s in stops if text.find(s) == hit)
+                text, reason = text[:hit], "stop"
+                break
+            safe = len(text) - _held_back(text, stops)
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+            if len(new_ids) >= budget:
+                reason = "length"
+                break
+            if cancel is not None and cancel.is_set():
+                reason = "cancelled"
+                break
+            logits = steps.step(token, n - 1)
+            fed = n
+    finally:  # ended, failed or closed: what was computed whole is given back (the last token chosen was never fed)
+        steps.done(history[:fed].tolist())
     if reason != "stop":
         text += decoder.flush()
     if len(text) > emitted:

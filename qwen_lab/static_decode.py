@@ -18,6 +18,11 @@ The token and the position live in small tensors the step reads; nothing in it w
 the host. The step is ordinary PyTorch and runs on any device: on a CPU it is what the
 tests compare with the eager path (same greedy tokens). On CUDA ``StaticDecoder`` captures
 it as a graph, and replays it; where capture fails it runs the same step eagerly.
+
+The caches outlive a generation (one decoder per model and length bucket, kept), so a
+conversation's next turn can start from what they hold, as on the eager path: ``writes``
+counts every prefill and step, and ``generation.PromptCache`` trusts its record of the ids
+they hold only while that count is unchanged.
 """
 from __future__ import annotations
 
@@ -61,15 +66,17 @@ def attention_step(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: tor
 class StaticDecoder:
     """A model's decode step with static shapes, for ``max_len`` positions, optionally as a CUDA graph.
 
-    ``prefill(ids)`` runs the prompt (the ordinary forward, writing into this decoder's
-    caches) and returns the last logits; ``step(token, pos)`` returns the next ones. The
-    same decoder serves one generation after another: a prefill overwrites the positions it
-    uses, and the mask hides everything after ``pos``.
+    ``prefill(ids, start)`` runs the prompt from position ``start`` (the ordinary forward,
+    writing into this decoder's caches; positions before ``start`` must already hold the
+    prompt's keys and values) and returns the last logits; ``step(token, pos)`` returns the
+    next ones. The same decoder serves one generation after another: a prefill overwrites the
+    positions it uses, and the mask hides everything after ``pos``.
     """
 
     def __init__(self, model: CausalLM, max_len: int, graph: bool | None = None) -> None:
         weight = model.lm_head.weight
         self.model, self.max_len, self.device = model, max_len, weight.device
+        self.memory = weight_memory(model)  # where the weights were: a captured graph reads them there
         self.caches = model.new_caches(1, max_len)
         positions = torch.arange(max_len, device=self.device)
         self.cos, self.sin = model.model.rotary_emb(positions, weight.dtype)  # (max_len, head_dim), once
@@ -77,6 +84,9 @@ class StaticDecoder:
         self.token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.graph, self.out = None, None
+        #: prefills and steps so far: each may overwrite positions, so what the caches hold is known only
+        #: to whoever made the last of them (checked by ``generation``; the capture's warm-up is not counted)
+        self.writes = 0
         #: how the step runs: "cuda-graph", or "static" (eager, with a reason when a graph was wanted)
         self.mode = "static"
         if graph is None:
@@ -103,8 +113,8 @@ class StaticDecoder:
     def _capture(self) -> None:
         """Record one step as a CUDA graph (after warm-up runs on a side stream, as CUDA requires).
 
-        The warm-up steps write garbage at position 0 of the caches; every generation's
-        prefill overwrites it before anything reads it.
+        The warm-up steps write garbage at position 0 of the caches, before any generation:
+        the first generation on a new decoder prefills from position 0, overwriting it.
         """
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -118,12 +128,15 @@ class StaticDecoder:
         self.graph = graph
 
     @torch.inference_mode()
-    def prefill(self, ids: list[int]) -> torch.Tensor:
+    def prefill(self, ids: list[int], start: int = 0) -> torch.Tensor:
+        """Logits after ``ids`` placed at positions ``start``.. (earlier ones come from the cache)."""
+        self.writes += 1
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        return self.model(x, self.caches, 0, last_only=True)[0, -1]
+        return self.model(x, self.caches, start, last_only=True)[0, -1]
 
     def step(self, token: int, pos: int) -> torch.Tensor:
         """Logits after ``token`` placed at position ``pos`` (earlier positions come from the cache)."""
+        self.writes += 1
         self.token.fill_(token)
         self.pos.fill_(pos)
         if self.graph is not None:
@@ -132,16 +145,49 @@ class StaticDecoder:
         return self._step()
 
 
-def new_positions(model: CausalLM, length: int) -> int:
+def weight_memory(model: CausalLM) -> tuple[int, ...]:
+    """The address of each weight (a replaced weight has another; one changed in place keeps its own)."""
+    return tuple(p.data_ptr() for p in model.parameters())
+
+
+def _serves(decoder: StaticDecoder, model: CausalLM, memory: tuple[int, ...]) -> bool:
+    """Whether a kept decoder still fits ``model``: caches in its dtype, on its device (``model.to(...)`` since
+    would make every step fail on mixed dtypes or devices), made for its weights where they are now (a graph
+    captured before a weight was replaced would replay the old weight's memory, freed since)."""
+    weight = model.lm_head.weight
+    return decoder.caches[0].k.dtype == weight.dtype and decoder.device == weight.device \
+        and decoder.memory == memory
+
+
+def kept_decoder(model: CausalLM, length: int, memory: tuple[int, ...] | None = None) -> StaticDecoder | None:
+    """The decoder ``decoder_for(model, length)`` would return without making one, or None.
+
+    ``memory``: ``weight_memory(model)`` where the caller has it (walking the parameters takes ~0.4 ms
+    at Qwen2.5-0.5B's shapes: once a generation is enough)."""
+    decoder = model.__dict__.get("_static_decoders", {}).get(bucket(length, model.config.max_position_embeddings))
+    if decoder is None or not _serves(decoder, model, weight_memory(model) if memory is None else memory):
+        return None
+    return decoder
+
+
+def new_positions(model: CausalLM, length: int, memory: tuple[int, ...] | None = None) -> int:
     """Positions ``decoder_for(model, length)`` would allocate: its bucket's, or 0 where that decoder is kept."""
-    size = bucket(length, model.config.max_position_embeddings)
-    return 0 if size in model.__dict__.get("_static_decoders", {}) else size
+    if kept_decoder(model, length, memory) is not None:
+        return 0
+    return bucket(length, model.config.max_position_embeddings)
 
 
-def decoder_for(model: CausalLM, length: int) -> StaticDecoder:
-    """The model's static decoder for ``length`` positions, made once per length bucket and kept."""
+def decoder_for(model: CausalLM, length: int, memory: tuple[int, ...] | None = None) -> StaticDecoder:
+    """The model's static decoder for ``length`` positions, made once per length bucket and kept.
+
+    Decoders made before the model moved, changed dtype or had a weight replaced are dropped first,
+    every bucket's: they could not serve it, and their memory is wanted for the new ones.
+    """
     size = bucket(length, model.config.max_position_embeddings)
     decoders = model.__dict__.setdefault("_static_decoders", {})
+    memory = weight_memory(model) if memory is None else memory
+    for kept in [k for k, decoder in decoders.items() if not _serves(decoder, model, memory)]:
+        del decoders[kept]
     if size not in decoders:
         decoders[size] = StaticDecoder(model, size)
     return decoders[size]

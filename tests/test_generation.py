@@ -387,7 +387,8 @@ def test_the_suffix_prefill_gives_the_logits_of_the_whole_prompt(tiny_chat):
     cache = PromptCache()
     first = tiny_chat.generate(ids[:10], cache=cache, do_sample=False, max_new_tokens=1)
     assert len(cache) == 10 and first.cached_tokens == 0
-    caches, start = cache._take(model, ids, 4 * len(ids))  # longer than the kept ones: grown, the prefix copied
+    claim = cache._claim(model, ids, 4 * len(ids))
+    caches, start = claim.eager_caches(model, 4 * len(ids)), claim.start  # longer than the kept ones: grown
     assert start == 10 and caches[0].max_len == 4 * len(ids) and len(cache) == 0  # taken: empty meanwhile
     with torch.inference_mode():
         got = model(torch.tensor([ids[start:]]), caches, start)[0]
@@ -413,13 +414,14 @@ def test_a_prompt_cache_is_not_trusted_after_a_failure_nor_on_another_model(tiny
     stream = tiny_chat.stream(messages, cache=cache, do_sample=False, max_new_tokens=8)
     next(stream)  # abandoned mid-reply: what the caches hold is no longer known
     assert len(cache) == 0
-    tiny_chat.generate(messages, cache=cache, do_sample=False, max_new_tokens=8)
+    first = tiny_chat.generate(messages, cache=cache, do_sample=False, max_new_tokens=8)
+    more = messages + [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Hm"}]
     monkeypatch.setattr(tiny_chat.model, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("broken")))
     with pytest.raises(RuntimeError, match="broken"):
-        tiny_chat.generate(messages + [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Hm"}],
-                           cache=cache, do_sample=False, max_new_tokens=8)
+        tiny_chat.generate(more, cache=cache, do_sample=False, max_new_tokens=8)
     monkeypatch.undo()
-    assert len(cache) == 0
+    # the prefill failed: what it would have overwritten is not trusted, the prefix before it still is
+    assert len(cache) == _common(tiny_chat.prompt_ids(messages) + first.token_ids[:-1], tiny_chat.prompt_ids(more))
     tiny_chat.generate(messages, cache=cache, do_sample=False, max_new_tokens=8)
     ids = tiny_chat.prompt_ids(messages)
     other = ChatModel.load("qwen-lab/tiny-chat", dtype="float32", device="cpu")  # the same files, another model
@@ -459,6 +461,99 @@ def test_a_stopped_reply_keeps_what_it_fed(tiny_chat):
     cancel.set()
     result = stream.result
     assert result.finish_reason == "cancelled" and len(cache) == result.prompt_tokens + result.generated_tokens - 1
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_a_reply_that_fails_mid_way_keeps_what_it_fed_and_the_next_one_starts_there(tiny_chat, monkeypatch, static):
+    """A failure used to drop the whole kept cache, though its keys and values up to the failure are whole."""
+    import qwen_lab.generation as generation
+    cache, messages = PromptCache(), [{"role": "user", "content": "Tell me about cats."}]
+    settings = dict(do_sample=False, max_new_tokens=20, eos_token_id=[], static=static)
+    prompt, calls = tiny_chat.prompt_ids(messages), []
+
+    def fourth_fails(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("broken")
+        return choice(*args)
+    choice = generation.choice
+    monkeypatch.setattr(generation, "choice", fourth_fails)
+    with pytest.raises(RuntimeError, match="broken"):
+        tiny_chat.generate(messages, cache=cache, **settings)
+    monkeypatch.undo()
+    assert len(cache) == len(prompt) + 3  # the prompt and the three tokens fed before the fourth choice
+    fresh = tiny_chat.generate(messages, **settings)
+    regenerated = tiny_chat.generate(messages, cache=cache, **settings)
+    assert regenerated.cached_tokens == (len(prompt) - 1 if not static else 0)  # static: fresh wrote its caches
+    assert regenerated.token_ids == fresh.token_ids
+    if static:
+        again = tiny_chat.generate(messages, cache=cache, **settings)
+        assert again.cached_tokens == len(prompt) - 1 and again.token_ids == fresh.token_ids
+
+
+def test_a_weight_changed_while_a_reply_is_written_voids_what_it_keeps(tiny_dir):
+    """Its caches then hold keys of two models; the weights used to be noted when the reply ended, and the next
+    turn trusted them."""
+    chat = ChatModel.load(str(tiny_dir), dtype="float32", device="cpu")  # its own: the weights change here
+    cache, messages = PromptCache(), [{"role": "user", "content": "Tell me about cats."}]
+    stream = chat.stream(messages, cache=cache, do_sample=False, max_new_tokens=20, eos_token_id=[])
+    next(stream)
+    with torch.no_grad():
+        chat.model.model.layers[0].mlp.down_proj.weight.mul_(-3)
+    stream.result
+    kept = chat.generate(messages, cache=cache, do_sample=False, max_new_tokens=20)
+    assert kept.cached_tokens == 0 and kept.token_ids == chat.generate(messages, do_sample=False,
+                                                                       max_new_tokens=20).token_ids
+    assert chat.generate(messages, cache=cache, do_sample=False, max_new_tokens=20).cached_tokens > 0
+
+
+def test_a_cache_cleared_while_a_reply_is_written_stays_empty(tiny_chat):
+    """A new panel clears the caches of the earlier ones, which may be replying: the reply used to put its caches
+    back when it ended, and their memory stayed taken."""
+    cache = PromptCache()
+    stream = tiny_chat.stream([{"role": "user", "content": "Hello!"}], cache=cache, do_sample=False,
+                              max_new_tokens=20, eos_token_id=[])
+    next(stream)
+    cache.clear()
+    assert stream.result.generated_tokens == 20 and len(cache) == 0 and cache._caches is None
+
+
+def test_a_turn_looks_at_the_weights_once(tiny_chat, monkeypatch):
+    """Whether a weight changed (``_weights``: ~0.45 ms at 0.5B) was asked three times a turn: to check the memory,
+    to take the cache (the lock released in between) and to keep it. The static decoder's check of where the
+    weights are (``static_decode.weight_memory``) comes from the same look."""
+    import qwen_lab.generation as generation
+    from qwen_lab import static_decode
+    looks, weights, memory = [], generation._weights, static_decode.weight_memory
+    monkeypatch.setattr(generation, "_weights", lambda model: looks.append("weights") or weights(model))
+    monkeypatch.setattr(static_decode, "weight_memory", lambda model: looks.append("memory") or memory(model))
+    cache, messages = PromptCache(), [{"role": "user", "content": "Hello!"}]
+    for static in (False, True):
+        tiny_chat.generate(messages, do_sample=False, max_new_tokens=4, static=static)  # the decoder made
+        for _ in range(2):
+            looks.clear()
+            tiny_chat.generate(messages, cache=cache, do_sample=False, max_new_tokens=4, static=static)
+            assert looks == ["weights"]
+
+
+def test_an_abandoned_stream_gives_back_once_collected_but_never_over_a_newer_reply(tiny_chat):
+    import gc
+    cache, messages = PromptCache(), [{"role": "user", "content": "Tell me about cats."}]
+    prompt = tiny_chat.prompt_ids(messages)
+    stream = tiny_chat.stream(messages, cache=cache, do_sample=False, max_new_tokens=20, eos_token_id=[])
+    next(stream)
+    assert len(cache) == 0  # taken while it may still write
+    del stream
+    gc.collect()
+    assert len(cache) >= len(prompt)  # closed: what it fed
+    assert tiny_chat.generate(messages, cache=cache, do_sample=False, max_new_tokens=4).cached_tokens == len(prompt) - 1
+    stream = tiny_chat.stream(messages, cache=cache, do_sample=False, max_new_tokens=20, eos_token_id=[])
+    next(stream)
+    other = tiny_chat.prompt_ids([{"role": "user", "content": "Hello!"}])
+    newer = tiny_chat.generate(other, cache=cache, do_sample=False, max_new_tokens=4, eos_token_id=[])
+    del stream
+    gc.collect()
+    assert len(cache) == len(other) + 3 and cache._ids == other + newer.token_ids[:-1]  # the newer reply's
 
 
 # ---------------------------------------------------------------- a model folder's files are untrusted
@@ -554,14 +649,15 @@ def test_two_threads_never_take_the_same_kept_caches(tiny_chat):
         return model
     cache._model = owner
     taken = []
-    workers = [threading.Thread(target=lambda: taken.append(cache._take(model, ids, len(ids) + 4)))
+    workers = [threading.Thread(target=lambda: taken.append(cache._claim(model, ids, len(ids) + 4)))
                for _ in range(2)]
     for t in workers:
         t.start()
     for t in workers:
         t.join(30)
-    (first, a), (second, b) = taken
-    assert sorted([a, b]) == [0, len(ids) - 1] and first[0].k is not second[0].k
+    first, second = sorted(taken, key=lambda claim: claim.start)
+    assert (first.start, second.start) == (0, len(ids) - 1)  # one got the kept caches, the other nothing
+    assert first.caches is None and second.caches is not None
 
 
 def _per_position(model):

@@ -102,6 +102,36 @@ def test_static_decoding_serves_every_architecture(tmp_path, tokenizer):
                 == generate_stream(model, tok, prompt, config, static=False).result.token_ids), arch
 
 
+def test_kept_decoders_that_no_longer_fit_the_model_are_dropped_not_used(tiny_dir):
+    """A kept decoder's caches are in the dtype (and on the device) the model had: after ``model.to(bfloat16)``
+    every static generation failed on float32 keys beside bfloat16 queries. And its CUDA graph reads each weight
+    where it was when captured: a weight replaced since (not changed in place) left it replaying freed memory."""
+    import gc
+    import weakref
+    files = resolve(str(tiny_dir))
+    model, tok = load_model(files, "float32", DEVICE, matvec="none"), Tokenizer.from_files(files)
+    prompt, config = tok.encode("Hello! How are you today? I am"), GenerationConfig(max_new_tokens=8, do_sample=False)
+    generate_stream(model, tok, prompt, config, static=True).result
+    static_decode.decoder_for(model, 600)  # a second bucket's
+    old = [weakref.ref(d) for d in model._static_decoders.values()]
+    assert static_decode.new_positions(model, len(prompt) + 8) == 0
+    model.to(torch.bfloat16)
+    assert static_decode.new_positions(model, len(prompt) + 8) == 512  # counted for the memory check
+    converted = generate_stream(model, tok, prompt, config, static=True).result
+    assert converted.generated_tokens == 8 and converted.decode_path.startswith(("static", "cuda-graph"))
+    gc.collect()
+    assert list(model._static_decoders) == [512] and model._static_decoders[512].caches[0].k.dtype == torch.bfloat16
+    assert all(ref() is None for ref in old)  # both buckets' float32 caches freed
+    kept = model._static_decoders[512]
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(2)  # in place: the graph reads the new values
+    assert static_decode.decoder_for(model, len(prompt) + 8) is kept
+    mlp = model.model.layers[0].mlp
+    mlp.up_proj.weight = torch.nn.Parameter(mlp.up_proj.weight.detach().clone())  # replaced: other memory
+    assert static_decode.new_positions(model, len(prompt) + 8) == 512
+    assert static_decode.decoder_for(model, len(prompt) + 8) is not kept
+
+
 def test_the_memory_check_counts_the_bucket_a_static_decoder_allocates_and_keeps(tiny_dir, monkeypatch):
     """The decoder of a length bucket (512 positions at least) is made once and kept on the model: the check
     used to count only this generation's positions (37 of a new 512), and to ask for them again each time
@@ -117,9 +147,209 @@ def test_the_memory_check_counts_the_bucket_a_static_decoder_allocates_and_keeps
     with pytest.raises(SettingError, match=r"^the KV cache for 512 positions needs"):
         generate_stream(model, tok, prompt, config, static=True)
     monkeypatch.undo()
-    cache = PromptCache()  # a kept eager cache is not the static decoder's: nothing of it is freed, nor used
+    cache = PromptCache()
     generate_stream(model, tok, prompt, config, static=False, cache=cache).result
-    wanted = generate_stream(model, tok, prompt, config, static=True, cache=cache).result
+    wanted = generate_stream(model, tok, prompt, config, static=True, cache=cache).result  # the eager caches dropped
+    assert wanted.cached_tokens == 0 and cache._caches is None
     monkeypatch.setattr(generation, "available_memory", lambda: 0)
     again = generate_stream(model, tok, prompt, config, static=True, cache=cache).result  # the kept decoder
     assert again.token_ids == wanted.token_ids and again.decode_path == "static" and len(cache) > 0
+    assert again.cached_tokens == len(prompt) - 1
+
+
+# ---------------------------------------------------------------- a conversation's prompt cache on the static path
+
+@pytest.fixture(scope="module")
+def chats():
+    """Two loads of the embedded chat model: the conversation under test on the first, references on the second
+    (a generation on the first would overwrite the decoder's caches that the conversation's cache relies on)."""
+    from qwen_lab.generation import ChatModel
+    return [ChatModel.load("qwen-lab/tiny-chat", dtype="float32", device=DEVICE) for _ in range(2)]
+
+
+def _common(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _reply(chat, messages, stop=False, **settings):
+    """A greedy reply; with ``stop``, cancelled once three pieces of text have streamed (the panel's Stop)."""
+    import threading
+    cancel = threading.Event()
+    stream = chat.stream(messages, cancel=cancel, do_sample=False, **settings)
+    if stop:
+        for _ in zip(range(3), stream):
+            pass
+        cancel.set()
+    return stream.result
+
+
+POOL = ["Hello!", "What is 2 plus 3?", "Tell me about cats.", "Thanks!", "你好！", "What is the capital of France?",
+        "Tell me a long story.", "Why?"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_prompt_cache_on_the_static_path_replies_as_a_whole_prefill_over_random_conversations(chats, seed):
+    """Turns of random messages, Regenerates and replies stopped mid-way: the static decoder with a prompt cache
+    prefills only what follows the ids its caches hold, and chooses the tokens that the static decoder without
+    a cache and the eager path choose (it used to ignore the cache: cached_tokens stayed 0)."""
+    import random
+    from qwen_lab.generation import PromptCache
+    chat, other = chats
+    rng, cache, messages, fed = random.Random(seed), PromptCache(), [], None
+    for turn in range(7):
+        action = rng.choice(["say", "say", "regenerate", "stop"]) if messages else "say"
+        if action == "regenerate":  # the last reply again: the same prompt, all of it but its last token kept
+            messages = messages[:-1]
+        else:
+            messages = messages + [{"role": "user", "content": rng.choice(POOL)}]
+        settings = dict(max_new_tokens=rng.randint(4, 40), stop=action == "stop")
+        if action == "stop":
+            settings["eos_token_id"] = []  # so that it is still writing when stopped
+        prompt = chat.prompt_ids(messages)
+        kept = _reply(chat, messages, static=True, cache=cache, **settings)
+        plain = _reply(other, messages, static=True, **settings)
+        eager = _reply(other, messages, static=False, **settings)
+        assert kept.token_ids == plain.token_ids == eager.token_ids, (turn, action)
+        assert kept.decode_path == plain.decode_path != eager.decode_path
+        expected = 0 if fed is None else min(_common(fed, prompt), len(prompt) - 1)
+        assert kept.cached_tokens == expected and plain.cached_tokens == 0, (turn, action)
+        assert kept.stats()["cached_tokens"] == expected
+        fed = prompt + kept.token_ids[:-1]  # the last token chosen is never fed
+        assert len(cache) == len(fed)
+        messages = messages + [{"role": "assistant", "content": kept.text}]
+    assert expected > 0  # the conversation's last turn kept something (a regenerate or a reply with its prompt)
+
+
+def test_two_conversations_taking_turns_on_one_model_never_read_each_other_s_keys(chats):
+    """One decoder per model and length bucket serves every conversation: a cache is trusted only while
+    nothing has written into it since its own last generation: another conversation (two panels on one model),
+    a generation without a cache, or a prefill by hand."""
+    from qwen_lab.generation import PromptCache
+    chat, other = chats
+    first, second = [{"role": "user", "content": "Tell me about cats."}], [{"role": "user", "content": "Hello!"}]
+    a, b = PromptCache(), PromptCache()
+
+    def turn(cache, messages, expected):
+        got = chat.generate(messages, static=True, cache=cache, do_sample=False, max_new_tokens=12)
+        want = other.generate(messages, static=True, do_sample=False, max_new_tokens=12)
+        assert got.token_ids == want.token_ids and got.cached_tokens == expected
+        return got
+
+    prompt = chat.prompt_ids(first)
+    turn(a, first, 0)
+    turn(a, first, len(prompt) - 1)  # Regenerate: all but the last prompt token kept
+    turn(b, second, 0)               # the other panel: a's record no longer holds
+    assert len(a) == 0 and len(b) > 0
+    turn(a, first, 0)
+    turn(b, second, 0)
+    turn(a, first, 0)
+    turn(a, first, len(prompt) - 1)
+    chat.generate(second, static=True, do_sample=False, max_new_tokens=4)  # a cell without a cache
+    assert len(a) == 0
+    turn(a, first, 0)
+    static_decode.decoder_for(chat.model, len(prompt) + 12).prefill(chat.prompt_ids(second))  # by hand
+    turn(a, first, 0)
+    turn(a, first, len(prompt) - 1)
+
+
+def test_a_static_prompt_cache_is_refused_in_another_bucket_model_dtype_or_with_other_weights(tiny_chat_copy):
+    from qwen_lab.generation import ChatModel, PromptCache
+    chat, messages, cache = tiny_chat_copy, [{"role": "user", "content": "Tell me about cats."}], PromptCache()
+    prompt = chat.prompt_ids(messages)
+
+    def turn(expected, model=chat, **settings):
+        settings = {"do_sample": False, "max_new_tokens": 12, **settings}
+        got = model.generate(messages, static=True, cache=cache, **settings)
+        again = model.generate(messages, static=True, cache=cache, **settings)  # what it kept serves at once
+        assert got.cached_tokens == expected and again.cached_tokens == len(prompt) - 1
+        # the reference on the eager path, which leaves the decoder's caches alone
+        assert got.token_ids == again.token_ids == model.generate(messages, static=False, **settings).token_ids
+
+    turn(0)
+    turn(0, max_new_tokens=600)  # prompt + 600 positions: the 1024 bucket, another decoder
+    assert sorted(chat.model._static_decoders) == [512, 1024]
+    turn(0)                      # back in the 512 bucket: the record is the other decoder's
+    turn(0, model=ChatModel.load("qwen-lab/tiny-chat", dtype="float32", device=DEVICE))  # another model
+    turn(0)
+    with torch.no_grad():
+        chat.model.model.layers[0].mlp.down_proj.weight.mul_(-3)  # changed in place
+    turn(0)
+    layer, before = chat.model.model.layers[1].mlp, chat.model._static_decoders[512]
+    layer.up_proj.weight = torch.nn.Parameter(layer.up_proj.weight.detach().clone())  # replaced: the same values
+    turn(0)
+    assert chat.model._static_decoders[512] is not before  # made anew: a CUDA graph would read the old memory
+    chat.model.to(torch.bfloat16)  # converted: the decoders of float32 caches are dropped, not crashed into
+    got = chat.generate(messages, static=True, cache=cache, do_sample=False, max_new_tokens=12)
+    assert got.cached_tokens == 0
+    assert got.token_ids == chat.generate(messages, static=True, do_sample=False, max_new_tokens=12).token_ids
+    assert {d.caches[0].k.dtype for d in chat.model._static_decoders.values()} == {torch.bfloat16}
+
+
+@pytest.fixture
+def tiny_chat_copy():
+    """The embedded chat model in float32, for a test that changes it."""
+    from qwen_lab.generation import ChatModel
+    return ChatModel.load("qwen-lab/tiny-chat", dtype="float32", device=DEVICE)
+
+
+def test_a_stopped_failed_or_abandoned_static_reply_keeps_only_what_it_computed_whole(tiny_chat_copy, monkeypatch):
+    """Stopped: all it fed is kept, and the conversation goes on as with a whole prefill. Failed: the prefix
+    computed before. Abandoned mid-reply: nothing while it may still write; once collected, what it fed, unless
+    another generation has used the decoder since (its caches then hold that one's keys)."""
+    import gc
+    from qwen_lab.generation import PromptCache
+    chat, cache = tiny_chat_copy, PromptCache()
+    messages = [{"role": "user", "content": "Tell me a long story."}]
+    stopped = _reply(chat, messages, stop=True, static=True, cache=cache, max_new_tokens=40, eos_token_id=[])
+    prompt = chat.prompt_ids(messages)
+    assert stopped.finish_reason == "cancelled" and len(cache) == len(prompt) + stopped.generated_tokens - 1
+    fed = prompt + stopped.token_ids[:-1]
+    messages += [{"role": "assistant", "content": stopped.text}, {"role": "user", "content": "Go on."}]
+    settings = dict(do_sample=False, max_new_tokens=20)
+    prompt = chat.prompt_ids(messages)
+    after = chat.generate(messages, static=True, cache=cache, **settings)
+    assert after.cached_tokens == _common(fed, prompt) > len(fed) - stopped.generated_tokens + 1  # and its reply's
+    assert after.token_ids == chat.generate(messages, static=True, **settings).token_ids  # a whole prefill
+
+    primed = chat.generate(messages, static=True, cache=cache, **settings)
+    record = chat.prompt_ids(messages) + primed.token_ids[:-1]
+    more = messages + [{"role": "assistant", "content": "Hm."}, {"role": "user", "content": "Why?"}]
+    monkeypatch.setattr(chat.model, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("broken")))
+    with pytest.raises(RuntimeError, match="broken"):
+        chat.generate(more, static=True, cache=cache, **settings)
+    monkeypatch.undo()
+    common = _common(record, chat.prompt_ids(more))
+    assert common > 0 and len(cache) == common  # the prefill failed: the positions before it are as they were
+    retried = chat.generate(more, static=True, cache=cache, **settings)
+    assert retried.cached_tokens == common and retried.token_ids == chat.generate(more, static=True,
+                                                                                   **settings).token_ids
+
+    stream = chat.stream(more, static=True, cache=cache, **settings)
+    next(stream)
+    assert len(cache) == 0  # taken: the stream may still write
+    del stream
+    gc.collect()
+    assert len(cache) >= len(chat.prompt_ids(more))  # collected: its prompt and the tokens it fed
+    stream = chat.stream(more, static=True, cache=cache, **settings)
+    next(stream)
+    chat.generate(messages, static=True, **settings)  # another generation on the decoder meanwhile
+    del stream
+    gc.collect()
+    assert len(cache) == 0
+    assert chat.generate(more, static=True, cache=cache, **settings).cached_tokens == 0
+
+
+def test_two_static_streams_of_one_model_read_in_turns_are_refused(chats):
+    """They share the model's decoder, so each overwrote the other's keys and values: the replies came out wrong
+    without a word. Now the first to step after the other has written says so."""
+    from qwen_lab.errors import QwenLabError
+    chat, _ = chats
+    first = chat.stream([{"role": "user", "content": "Tell me about cats."}], static=True, max_new_tokens=20,
+                        eos_token_id=[])
+    next(first)
+    chat.generate([{"role": "user", "content": "Hello!"}], static=True, max_new_tokens=4)
+    with pytest.raises(QwenLabError, match="another generation used this model's static decoder"):
+        first.result
