@@ -61,6 +61,15 @@ if settings.allow_root:
 # Thirty learners logging in at once start thirty Pythons: give them time.
 c.Spawner.start_timeout = 180
 c.Spawner.http_timeout = 180
+# ... and thirty ports: JupyterHub's own pick can give two of them the same one (room.PortBook).
+_ports = room.PortBook(hold=c.Spawner.start_timeout + 60)
+
+
+def _own_port(spawner) -> None:
+    spawner.port = _ports.take()
+
+
+c.Spawner.pre_spawn_hook = _own_port
 
 # --- the hub's own files, and its proxy (npm's configurable-http-proxy)
 c.JupyterHub.db_url = f"sqlite:///{settings.state / 'jupyterhub.sqlite'}"

@@ -38,8 +38,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,6 +157,47 @@ def _threads(environ, cores: int | None) -> int:
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return threads_per_learner(cores, learners)
+
+
+class PortBook:
+    """Ports for learners' servers: never one that another learner's server was just given.
+
+    JupyterHub's local spawner picks a port by binding port 0 and closing the socket at once, and
+    the server binds it seconds later. Two learners starting together can be given the same port:
+    seen on this project's 2-core test machine, 4 learners logging in at once, 2 given port 34223.
+    The second server then fails to start ("port 34223 is not available"), and JupyterHub, finding
+    a server answering there (the first learner's, with a 404), routes the second learner to it: a
+    broken session (the first learner's server refuses them, so nothing is shared, but their
+    notebook never opens). The book remembers each port it gave for ``hold`` seconds (longer than a
+    server takes to start and bind it), and gives only ports the system reports free and not held.
+
+    >>> book = PortBook(candidate=iter([9001, 9001, 9002]).__next__)
+    >>> book.take(), book.take()
+    (9001, 9002)
+    """
+
+    def __init__(self, hold: float = 600.0, candidate=None, clock=time.monotonic) -> None:
+        self.hold, self._candidate, self._clock = hold, candidate or _unused_port, clock
+        self._given: dict[int, float] = {}  # port -> when it was given
+        self._lock = threading.Lock()
+
+    def take(self) -> int:
+        with self._lock:
+            now = self._clock()
+            self._given = {p: t for p, t in self._given.items() if now - t < self.hold}
+            for _ in range(1000):
+                port = self._candidate()
+                if port not in self._given:
+                    self._given[port] = now
+                    return port
+        raise RoomError("no free port for a learner's server: the system kept offering ports given out already")
+
+
+def _unused_port() -> int:
+    """A port nothing listens on now (the system's choice for port 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def learner_environment(room: Room, python: str = sys.executable) -> dict[str, str]:
