@@ -62,6 +62,24 @@ def test_the_panel_decodes_through_a_graph_and_stops(chat):
     assert panel.replies[-1]["decode_path"] == "cuda-graph" and panel.messages[-1]["role"] == "assistant"
 
 
+def test_a_panel_s_second_turn_reuses_its_kept_cache_through_the_graph(chat):
+    """On a GPU too, a conversation's next turn prefills only what is new (the static decoder's
+    PromptCache reuse, tested on a CPU in test_static_decode.py), and decodes the same tokens."""
+    pytest.importorskip("ipywidgets")
+    from qwen_lab.panel import ChatPanel
+    panel = ChatPanel(chat, refresh_s=0.01)
+    panel.temperature.value = 0.0
+    panel.max_new_tokens.value = 24
+    for question in ("What is the capital of France?", "And of Japan?"):
+        panel.send(question)
+        panel.wait(60)
+    second = panel.replies[-1]
+    assert second["decode_path"] == "cuda-graph", second
+    assert second["cached_tokens"] > 0, second
+    fresh = chat.generate(panel._conversation()[:-1], do_sample=False, max_new_tokens=24)  # no cache
+    assert fresh.text == panel.messages[-1]["content"]
+
+
 def choose_dtype_name():
     from qwen_lab.load import choose_dtype
     return str(choose_dtype("auto", torch.device("cuda"))).removeprefix("torch.")
