@@ -7,8 +7,8 @@
 Design:
 
 * generation runs in a worker thread, so the kernel stays responsive and the
-  Stop button is heard; the worker sets a ``threading.Event`` and generation
-  stops before the next token;
+  Stop button is heard; Stop sets a ``threading.Event`` that the worker's generation
+  checks between tokens, so it stops before the next one;
 * the reply being written has a widget of its own (``streaming``), redrawn at most every
   ``refresh_s`` seconds (each redraw is one message to the browser); the conversation before it
   (``transcript``) is redrawn only when it changes, so a long conversation, or its *Show inside*
