@@ -12,7 +12,8 @@ The loop, as in gpt-fast and Candle's ``TextGeneration``:
    ``threading.Event`` is set.
 
 Between the turns of a conversation a ``PromptCache`` keeps the KV cache, so the next turn's
-prefill computes only its new message, not the whole conversation again.
+prefill computes only its new message, not the whole conversation again (on a CPU in the cache's
+own tensors; on a GPU in the static decoder's caches, while no other generation has written there).
 
 >>> chat = ChatModel.load("qwen-lab/tiny-chat")
 >>> result = chat.generate([{"role": "user", "content": "What is 2 plus 3?"}], do_sample=False)
@@ -256,7 +257,9 @@ class PromptCache:
     one per length bucket, shared by every generation on that model: the cache records which ids
     they hold and is trusted only while nothing else has written there since. Two conversations
     taking turns on one model (two panels) therefore prefill their whole prompt at each turn, as
-    does the first turn in a longer bucket; neither ever reads the other's keys.
+    does a turn whose length (prompt plus ``max_new_tokens``) falls in another bucket than the
+    last one's; neither ever reads the other's keys. A generation in another bucket writes into
+    other caches: the next turn still reuses.
 
     A cache belongs to one model with its weights as they are, and to one path (another model, or
     one moved, converted or with a weight changed since, or the other path, starts it afresh; a
@@ -484,7 +487,8 @@ def generate_stream(model, tokenizer: Tokenizer, prompt_ids: list[int], config: 
     decode with ``static_decode.StaticDecoder`` (a CUDA graph replayed per token);
     ``None`` does so on a GPU, where it pays, and not on a CPU. ``cache``: a ``PromptCache``
     whose common prefix with the prompt is not computed again, on either path (with the static
-    decoder, only while no other generation has used the model's decoder since the cache's last one).
+    decoder, only if this generation's length falls in the bucket of the cache's last one, and no
+    other generation has used that bucket's decoder since).
     """
     context, vocab = model.config.max_position_embeddings, model.config.vocab_size
     if not prompt_ids:

@@ -7,8 +7,8 @@
 Design:
 
 * generation runs in a worker thread, so the kernel stays responsive and the
-  Stop button is heard; the worker sets a ``threading.Event`` and generation
-  stops before the next token;
+  Stop button is heard; Stop sets a ``threading.Event`` that the worker's generation
+  checks between tokens, so it stops before the next one;
 * the reply being written has a widget of its own (``streaming``), redrawn at most every
   ``refresh_s`` seconds (each redraw is one message to the browser); the conversation before it
   (``transcript``) is redrawn only when it changes, so a long conversation, or its *Show inside*
@@ -25,16 +25,20 @@ Design:
   showed it whole grew with the square of its length (``markup.inside_view``);
 * one ``ChatModel`` may serve several panels: its lock lets one reply be generated at a time.
   ``ChatPanel.load`` keeps **one** model in memory. Re-running a cell, or a second panel, with the
-  same model, dtype and device reuses it; another model (or the same in another dtype) first
+  same model, dtype and device reuses it; another model, or the same one with another ``dtype`` or
+  ``device`` (compared as given: ``"auto"`` and ``"bfloat16"`` are two), first
   releases it from every panel using it, then loads: trying Qwen2.5-0.5B, then 1.5B, then 3B on
   an 8 GB laptop holds one of them at a time, not all three (unless a variable of the notebook
   holds one: ``chat = panel.chat`` keeps it). A released panel keeps its
-  conversation (Export, Undo, New chat still work) and says in one line, when a message is
-  sent, how to chat again: run its cell again. To keep two models side by side, load them
+  conversation (Export, Undo, New chat still work) and says in one line, at once and again when a
+  message is sent, how to chat again: run its cell again. To keep two models side by side, load them
   yourself: ``ChatPanel(ChatModel.load(...))``; ``load`` releases only the model it loaded;
 * each panel keeps its conversation's KV cache between replies (``generation.PromptCache``):
   a new message, Regenerate or Undo prefills only what the last reply did not already compute,
-  so the wait for a reply's first token does not grow with the conversation. ipywidgets keeps
+  so the wait for a reply's first token does not grow with the conversation. On a GPU the keys and
+  values are in the caches of the model's static decoder, one per size, which every generation on
+  that model shares: a reply needing caches of another size, or after another generation wrote
+  into them (another panel's reply), prefills its whole conversation. ipywidgets keeps
   every panel ever made alive (its buttons hold it), so a new panel frees the caches of the
   panels made before it: re-running a cell, or trying another model, does not pile them up;
 * every word the panel shows comes from ``LABELS``, in English or Traditional
