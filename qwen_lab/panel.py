@@ -31,8 +31,9 @@ Design:
   an 8 GB laptop holds one of them at a time, not all three (unless a variable of the notebook
   holds one: ``chat = panel.chat`` keeps it). A released panel keeps its
   conversation (Export, Undo, New chat still work) and says in one line, at once and again when a
-  message is sent, how to chat again: run its cell again. To keep two models side by side, load them
-  yourself: ``ChatPanel(ChatModel.load(...))``; ``load`` releases only the model it loaded;
+  message is sent, how to chat again: run the cell with its ``ChatPanel.load`` again. To keep two
+  models side by side, load them yourself: ``ChatPanel(ChatModel.load(...))``; ``load`` releases
+  only the model it loaded;
 * each panel keeps its conversation's KV cache between replies (``generation.PromptCache``):
   a new message, Regenerate or Undo prefills only what the last reply did not already compute,
   so the wait for a reply's first token does not grow with the conversation. On a GPU the keys and
@@ -65,7 +66,7 @@ import ipywidgets as w
 from .errors import ModelReleasedError, QwenLabError
 from .generation import ChatModel, PromptCache
 from .hub import resolve
-from .load import choose_dtype, parse_device
+from .load import checkpoint_dtype, choose_dtype, parse_device, read_config
 from .lang import choose_language
 from .markup import CSS as _INSIDE_CSS
 from .markup import INSIDE_WORDS, inside_view, render_markdown
@@ -109,7 +110,7 @@ LABELS = {
                                "have at most {max_new:,} tokens. Start a new chat soon.",
         "context_end": "The reply reached the end of the context window: press New chat or Undo to go on.",
         "released": "{name} was released from memory when ChatPanel.load loaded {other} (it keeps one model at "
-                    "a time): run this panel's cell again to chat with {name}",
+                    "a time): run the cell that loaded {name} with ChatPanel.load again to chat with it",
         "error": "Error: ",
         "error_kind": "Error: ",  # the messages are English already: no kind before them
         "error_kinds": {},
@@ -145,7 +146,7 @@ LABELS = {
                                "這次回覆最多 {max_new:,} 個 token。請盡快開新對話。",
         "context_end": "回覆寫到了上下文視窗的盡頭：按「新對話」或「復原」才能繼續。",
         "released": "ChatPanel.load 載入 {other} 時，已把 {name} 從記憶體釋放（它一次只留一個模型）："
-                    "要再和 {name} 對話，請重新執行這個面板的儲存格",
+                    "要再和 {name} 對話，請重新執行用 ChatPanel.load 載入它的那個儲存格",
         "error": "錯誤：",
         # the library's messages are English: a learner reads here, in Chinese, what kind of error it is
         "error_kind": "錯誤（{kind}）：",
@@ -286,7 +287,8 @@ class ChatPanel:
     def load(cls, model: str = "qwen-lab/tiny-chat", *, dtype: str = "auto", device: str | None = None,
              **kwargs) -> "ChatPanel":
         """A panel on ``model``. ``load`` keeps one model: the same ``model``, ``dtype`` and ``device``
-        again share its load; another releases it from the panels using it, then loads (module docstring).
+        again share its load (as loaded: ``"auto"`` and the dtype it picks are the same); another releases
+        it from the panels using it, then loads (module docstring).
 
         The new model's files are found (or downloaded), and ``dtype`` and ``device`` checked, before
         anything is released: a misspelt name keeps the model there was.
@@ -294,11 +296,18 @@ class ChatPanel:
         key = (str(model), dtype, device)
         if key not in _loaded:
             files = resolve(model)
-            choose_dtype(dtype, parse_device(device))
-            for earlier in _loaded.values():
+            where = parse_device(device)
+            wanted = choose_dtype(dtype, where, checkpoint_dtype(read_config(files.config)))
+            same = next((chat for chat in _loaded.values() if chat.name == files.model_id and chat.device == where
+                         and chat.model.lm_head.weight.dtype == wanted), None)
+            if same is not None:  # the same model as written another way ("auto" and what it picks): no reload
+                _loaded[key] = same
+                return cls(same, **kwargs)
+            other = f"{files.model_id} ({str(wanted).removeprefix('torch.')})"
+            for earlier in set(_loaded.values()):
                 for panel in list(_panels):
                     if panel._chat is earlier:
-                        panel._release(files.model_id)
+                        panel._release(other)
             _loaded.clear()
             # Its memory goes back before the new model takes its own: the panels held the last references
             # (a cycle among what the model holds, none seen on a CPU, would wait for Python's next collection).
@@ -317,7 +326,7 @@ class ChatPanel:
         """Let go of the model and its KV cache (``ChatPanel.load`` loads ``other``); the conversation stays.
 
         A reply being written still finishes: its worker holds the model until then."""
-        name = self._chat.name
+        name = f"{self._chat.name} ({str(self._chat.model.lm_head.weight.dtype).removeprefix('torch.')})"
         self._chat = None
         self._released = LABELS["en"]["released"].format(name=name, other=other)  # the library's errors: English
         self._released_note = self.labels["released"].format(name=name, other=other)

@@ -213,11 +213,12 @@ def test_load_keeps_one_model_and_releases_the_one_before(two_models, tmp_path):
     first.input.value = "Still there?"
     first.send_button.click()
     assert not first.busy and first.input.value == "Still there?" and len(first.messages) == 2
-    assert first.error.startswith(f"{first_dir} was released from memory") and "\n" not in first.error
-    assert f"Error: {html.escape(first.error)}" in first.status.value and "run this panel" in first.error
+    assert first.error.startswith(f"{first_dir} (float32) was released from memory when ChatPanel.load loaded "
+                                  f"{second_dir} (float32)") and "\n" not in first.error
+    assert f"Error: {html.escape(first.error)}" in first.status.value and "with ChatPanel.load again" in first.error
     first.regenerate()
     assert len(first.messages) == 2 and [m["role"] for m in json.loads(first.export())][1:] == ["user", "assistant"]
-    with pytest.raises(ModelReleasedError, match="run this panel's cell again"):
+    with pytest.raises(ModelReleasedError, match="run the cell that loaded"):
         first.chat
 
     # a model loaded by hand is the caller's: load releases only the model it loaded itself
@@ -227,6 +228,21 @@ def test_load_keeps_one_model_and_releases_the_one_before(two_models, tmp_path):
     assert mine.chat is own and "released" not in mine.status.value
     with pytest.raises(ModelReleasedError):
         second.chat
+
+
+def test_load_sees_the_same_model_written_another_way_and_names_the_dtype_it_releases(two_models):
+    """"auto" and the dtype it picks are one model: loading it the other way reused nothing, released
+    the panels above and loaded it again; the same model in another dtype was "released when
+    ChatPanel.load loaded" a model of the same name."""
+    first_dir, _ = two_models
+    auto = ChatPanel.load(first_dir, device="cpu")
+    picked = str(auto.chat.model.lm_head.weight.dtype).removeprefix("torch.")
+    explicit = ChatPanel.load(first_dir, dtype=picked, device="cpu")
+    assert explicit.chat is auto.chat and "released" not in auto.status.value
+    other = {"float32": "bfloat16", "bfloat16": "float32"}[picked]
+    assert str(ChatPanel.load(first_dir, dtype=other, device="cpu").chat.model.lm_head.weight.dtype) == f"torch.{other}"
+    assert f"{first_dir} ({picked}) was released from memory when ChatPanel.load loaded {first_dir} ({other})" \
+        in html.unescape(auto.status.value)
 
 
 def test_a_reply_being_written_when_its_model_is_released_still_finishes(two_models):
