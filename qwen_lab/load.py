@@ -287,8 +287,9 @@ def huge_pages() -> bool:
       the page cache, still shared by every process mapping the file (pages already cached in
       smaller pieces stay as they are until the system drops them).
 
-    Off where the system says ``never`` (``/sys/kernel/mm/transparent_hugepage/enabled``), off the
-    CPU, and with ``QWEN_LAB_HUGE_PAGES=0`` (to measure the difference).
+    Off where the system says ``never`` (``/sys/kernel/mm/transparent_hugepage/enabled``), and with
+    ``QWEN_LAB_HUGE_PAGES=0`` (to measure the difference). Weights loaded onto a GPU are the GPU's
+    memory: ``load_weights`` asks only for a CPU's.
     """
     if os.environ.get("QWEN_LAB_HUGE_PAGES", "").strip() == "0" or not hasattr(mmap, "MADV_HUGEPAGE"):
         return False
