@@ -746,6 +746,8 @@ def test_kubernetes_config_agrees_with_the_tested_one(monkeypatch, tmp_path):
     assert f"default ``{room.DEFAULT_MODEL}``" in room.__doc__
     assert f"default ``{','.join(room.DEFAULT_REAL_MODELS)}``" in room.__doc__
     assert f"QWEN_LAB_HUB_REAL_MODELS={','.join(room.DEFAULT_REAL_MODELS)}" in guide
+    assert f"qwen-lab tune --kernel-cache {room.DEFAULT_KERNEL_CACHE} --threads 2 \\\n    --cache-dir " \
+           f"{room.DEFAULT_CACHE} {room.DEFAULT_MODEL} {' '.join(room.DEFAULT_REAL_MODELS)}" in guide
     assert env["HF_HUB_CACHE"] == mount["mountPath"] == room.DEFAULT_CACHE
     assert env["HF_HUB_OFFLINE"] == single["extraEnv"]["HF_HUB_OFFLINE"] == "1"
     assert re.search(rf"^ENV QWEN_LAB_NOTEBOOKS={re.escape(notebooks)}$", dockerfile, re.M)
