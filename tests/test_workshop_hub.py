@@ -471,7 +471,7 @@ def test_the_kernel_cache_missing_unprepared_or_writable_is_one_line_saying_the_
            f"quiet, as root: `qwen-lab tune --kernel-cache {folder} --threads 2 --cache-dir {tmp_path / 'hf'} "
            f"qwen-lab/tiny-chat`")
     assert room.kernel_cache_warning(settings) == f"the room's kernel cache {folder} does not exist: {fix}"
-    built = kernels._library()._name  # the build copied in, not compiled again: test_shared_cache compiles
+    built = kernels._library()._name  # the build copied in, not compiled again: the hub test's tune compiles
     monkeypatch.setattr(kernels, "_build", lambda cc, target: shutil.copyfile(built, target))
     monkeypatch.setattr(tuning, "measure", lambda *a, **k: (kernels.DEFAULT_PLAN, {str(kernels.DEFAULT_PLAN): 1e9}))
     shared_cache.prepare(folder, ["qwen-lab/tiny-chat"], 3, say=lambda line: None)  # the wrong thread count
