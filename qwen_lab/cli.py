@@ -5,6 +5,7 @@
     qwen-lab download --model Qwen/Qwen2.5-1.5B-Instruct
     qwen-lab download --cache-dir /srv/hf Qwen/Qwen2.5-1.5B-Instruct Qwen/Qwen2.5-0.5B-Instruct
     qwen-lab doctor [--cache-dir /srv/hf] [--wheelhouse DIR] [MODEL ...]
+    qwen-lab tune --kernel-cache /srv/qwen-lab/kernel-cache --threads 2 qwen-lab/tiny-chat Qwen/Qwen2.5-1.5B-Instruct
 
 ``generate`` writes the reply, and only the reply, to stdout; ``--stats``
 adds one JSON line on stderr. Errors are one line on stderr and exit code 1
@@ -101,6 +102,21 @@ def _parser() -> argparse.ArgumentParser:
                    help="also check that pip can install the kit from DIR alone (make wheelhouse builds it)")
     r.add_argument("--verify", action="store_true", help="also hash every cached file (about 1 s per GB)")
     r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    u = sub.add_parser("tune", help="compile the decode kernels and measure their plans for models, once",
+                       description="Compile the C decode kernels and measure, afresh, the fastest plan for each "
+                                   "weight shape of the models (reading only their config.json), with THREADS "
+                                   "threads, into a cache folder. For a room: fill a shared folder once, on the quiet "
+                                   "server, with the learners' thread count; learners read it through "
+                                   "QWEN_LAB_SHARED_CACHE instead of each compiling and measuring at once.")
+    u.add_argument("models", nargs="+", metavar="MODEL", help="Hub repo ids (in the cache) or local directories")
+    u.add_argument("--kernel-cache", type=Path, metavar="DIR",
+                   help="the folder to fill (default: this user's own, QWEN_LAB_CACHE or ~/.cache/qwen_lab)")
+    u.add_argument("--threads", type=int, metavar="N",
+                   help="the threads each learner decodes with (plans are kept per thread count; default: "
+                        "QWEN_LAB_THREADS, else the CPUs this process may use)")
+    u.add_argument("--cache-dir", type=Path, help="the Hugging Face cache holding the models (default: HF_HUB_CACHE)")
+    u.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return p
 
 
@@ -165,6 +181,19 @@ def cmd_doctor(args) -> int:
     for check in checks:
         print(check.line(), flush=True)
     return 1 if any(c.status == "FAIL" for c in checks) else 0
+
+
+def cmd_tune(args) -> int:
+    """One line per step on stdout (a warning on stderr); the folder filled, or one error line."""
+    from . import kernels
+    from .shared_cache import prepare
+
+    def say(line: str) -> None:
+        print(f"qwen-lab: {line}" if line.startswith("warning:") else line,
+              file=sys.stderr if line.startswith("warning:") else sys.stdout, flush=True)
+    threads = kernels.num_threads() if args.threads is None else args.threads
+    prepare(args.kernel_cache or kernels.cache_dir(), args.models, threads, args.cache_dir, say)
+    return 0
 
 
 def cmd_generate(args) -> None:
@@ -240,7 +269,7 @@ def _fail(message: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = {"generate": cmd_generate, "template": cmd_template, "download": cmd_download,
-               "doctor": cmd_doctor}[args.command]
+               "doctor": cmd_doctor, "tune": cmd_tune}[args.command]
     if sys.stdout is None:  # started with stdout closed (`>&-`): nowhere to write the result
         return _fail("standard output is closed: there is nowhere to write the result; redirect it to a file")
     try:

@@ -22,7 +22,8 @@ microseconds whatever its size, and a 24-layer step runs about 1,500 of them;
 even one Python call per layer left the memory idle for ~5% of a step.
 
 The C files are compiled on first use with the system's C compiler (about a
-second) into a per-user cache, and called through ``ctypes``; calls are shared
+second) into a per-user cache (``cache_dir``), unless a room's shared cache already
+holds them (``shared_cache_dir``), and called through ``ctypes``; calls are shared
 over threads by the pool of ``csrc/pool.c``. The classes at the end (``Linear``,
 ``RMSNorm``, ``Attention``, ``DecoderLayer``, ``DecoderModel``) are twins of ``nn.Linear`` and of ``qwen_lab.layers``'
 pieces that use them: same parameters, same math up to float rounding.
@@ -100,10 +101,23 @@ TOP_K_MAX = 256
 
 
 def cache_dir() -> Path:
-    """Where the compiled kernel is kept: ``$QWEN_LAB_CACHE``, else ``~/.cache/qwen_lab``."""
+    """Where this user's compiled kernel and measured plans (``tuning``) are kept: ``$QWEN_LAB_CACHE``, else
+    ``~/.cache/qwen_lab``."""
     if os.environ.get("QWEN_LAB_CACHE"):
         return Path(os.environ["QWEN_LAB_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen_lab"
+
+
+def shared_cache_dir() -> Path | None:
+    """A room's cache, read before ``cache_dir`` and never written: ``$QWEN_LAB_SHARED_CACHE``, or None.
+
+    Filled once by the instructor (``qwen-lab tune --cache-dir DIR``: the kernel compiled, the plans of the
+    room's models measured on a quiet machine), it spares every learner's kernel its own compile and its
+    own measurements, which 30 learners starting together would run at once, each disturbing the others'.
+    What it lacks (a kernel of other sources, plans of another CPU or thread count, a shape not measured)
+    is built or measured into ``cache_dir`` as without it.
+    """
+    return Path(os.environ["QWEN_LAB_SHARED_CACHE"]) if os.environ.get("QWEN_LAB_SHARED_CACHE") else None
 
 
 class KernelUnavailable(RuntimeError):
@@ -160,15 +174,15 @@ def _load_library() -> ctypes.CDLL:
         raise KernelUnavailable(f"written for x86-64 Linux, this is {platform.machine()} {sys.platform}")
     if not set(VARIANTS["avx2"][2]) <= cpu_flags():
         raise KernelUnavailable("needs a CPU with AVX2 and FMA")
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc or not shutil.which(cc.split()[0]):
+    cc = _compiler()
+    if cc is None:
         raise KernelUnavailable("no C compiler found (install gcc, or set CC)")
-    source = b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()) if p.suffix in (".c", ".h"))
-    key = hashlib.sha256(source + repr([cc, FLAGS, VARIANTS]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"kernels-{key}.so"
-    if not target.exists():
-        _build(cc.split(), target)
-    lib = ctypes.CDLL(str(target))
+    lib = _shared_library()
+    if lib is None:
+        target = cache_dir() / library_name()
+        if not target.exists():
+            _build(cc.split(), target)
+        lib = ctypes.CDLL(str(target))
     lib.variants = [v for v in VARIANTS if hasattr(lib, f"qwen_gemv_f32_{v}")]  # those the compiler could build
     gemv_args = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 3 + [ctypes.c_int64] * 4
     lib.gemv = {}  # (bf16?, variant) -> the function, looked up once: _run is on the hot path
@@ -208,6 +222,37 @@ def _load_library() -> ctypes.CDLL:
     lib.qwen_kernels_configure.argtypes, lib.qwen_kernels_configure.restype = [ctypes.c_int64], None
     lib.qwen_kernels_configure(_sharing["solo_work"])
     return lib
+
+
+def _compiler() -> str | None:
+    """The C compiler command: ``$CC``, else ``cc`` or ``gcc`` on PATH; None where there is none."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    return cc if cc and shutil.which(cc.split()[0]) else None
+
+
+def library_name() -> str | None:
+    """The file these sources, flags and compiler build: ``kernels-<hash>.so`` (None: no compiler).
+
+    Any other sources or compiler give another name, so a cache never hands out a stale build.
+    """
+    cc = _compiler()
+    if cc is None:
+        return None
+    source = b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()) if p.suffix in (".c", ".h"))
+    return f"kernels-{hashlib.sha256(source + repr([cc, FLAGS, VARIANTS]).encode()).hexdigest()[:16]}.so"
+
+
+def _shared_library() -> ctypes.CDLL | None:
+    """The room's build of these sources (``shared_cache_dir``), used as it is; None where there is none, or
+    where it does not load (a folder mounted noexec, a damaged copy): the user's own build then."""
+    shared = shared_cache_dir()
+    built = None if shared is None else shared / library_name()
+    if built is None or not built.is_file():
+        return None
+    try:
+        return ctypes.CDLL(str(built))
+    except OSError:
+        return None
 
 
 def _build(cc: list[str], target: Path) -> None:

@@ -12,11 +12,16 @@ F.linear on a shape. Each candidate is first checked against F.linear on random 
 that computes a wrong answer on this CPU is never chosen.
 
 The answers are kept in ``kernels.cache_dir()`` per CPU, thread count and kernel build: a
-machine measures once (about a second for the five shapes of a Qwen2.5 model). Matrices under
+machine measures once (about a second for the five shapes of a Qwen2.5 model). A room's shared
+cache (``kernels.shared_cache_dir()``, filled by ``qwen-lab tune``) is read first: a shape it
+holds for this CPU, thread count and build is used as it is, never measured; the others are
+measured and kept in the user's own cache, never in the shared one. Matrices under
 ``TUNE_MIN_BYTES`` stay in the caches whatever the walk, so they take the default plan untimed.
 A measurement taken while something else used the memory can keep a worse plan: run once with
-``QWEN_LAB_TUNING=again`` to measure every shape afresh (and keep the new answers);
-``QWEN_LAB_TUNING=off`` uses the default plan everywhere, nothing measured.
+``QWEN_LAB_TUNING=again`` to measure every shape afresh (and keep the new answers in the user's
+own cache; a shape the shared cache holds is still read from it afterwards: measuring the room's
+plans again is the instructor's ``qwen-lab tune``); ``QWEN_LAB_TUNING=off`` uses the default plan
+everywhere, nothing measured.
 
 >>> plan_for(64, 64, torch.float32)        # small: the default, nothing measured
 Plan(variant='avx2', rows=1, prefetch=0)
@@ -76,23 +81,48 @@ def stream_bytes() -> int:
     return min(max(3 * (last_level_cache_bytes() or 0), 128 << 20), 512 << 20)
 
 
-def _machine_key() -> str:
-    """The CPU, the threads and the kernel build that a measurement holds for."""
-    parts = [f"method {METHOD}", kernels.cpu_model(), " ".join(sorted(kernels.cpu_flags())), str(kernels.num_threads()),
-             str(kernels._library()._name), torch.__version__]
+def _machine_key(threads: int | None = None) -> str:
+    """The CPU, the threads and the kernel build that a measurement holds for (the build by its file's name,
+    not its folder: the same build, from a room's shared cache or from the user's own, plays the same)."""
+    parts = [f"method {METHOD}", kernels.cpu_model(), " ".join(sorted(kernels.cpu_flags())),
+             str(threads or kernels.num_threads()), str(kernels.library_name()), torch.__version__]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
+def plans_file_name(threads: int | None = None) -> str:
+    """The name of the file holding this machine's plans for ``threads`` (default: ``kernels.num_threads()``)."""
+    return f"plans-{_machine_key(threads)}.json"
+
+
 def _cache_file() -> Path:
-    return kernels.cache_dir() / f"plans-{_machine_key()}.json"
+    return kernels.cache_dir() / plans_file_name()
 
 
-def _load() -> dict:
+def _read(path: Path) -> dict:
     try:
-        data = json.loads(_cache_file().read_text())
+        data = json.loads(path.read_text())
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+def _load() -> dict:
+    return _read(_cache_file())
+
+
+def _cached(key: str, dtype: torch.dtype) -> kernels.Plan | None:
+    """The plan kept for ``key``: the room's shared cache first, then the user's own; None where neither
+    holds one this CPU runs (a damaged or hand-edited entry counts as none: it is measured again)."""
+    shared = kernels.shared_cache_dir()
+    for path in ([shared / plans_file_name()] if shared is not None else []) + [_cache_file()]:
+        entry = _read(path).get(key)
+        try:
+            plan = kernels.Plan(entry["variant"], int(entry.get("rows", 1)), int(entry.get("prefetch", 0)))
+        except (TypeError, KeyError, ValueError, AttributeError):
+            continue
+        if plan in candidates(dtype):
+            return plan
+    return None
 
 
 def _save(key: str, plan: kernels.Plan, speeds: dict[str, float]) -> None:
@@ -119,9 +149,9 @@ def plan_for(out_features: int, in_features: int, dtype: torch.dtype) -> kernels
         return kernels.DEFAULT_PLAN
     key = f"{str(dtype).removeprefix('torch.')} {out_features}x{in_features}"
     if key not in _memory:
-        cached = _load().get(key) if setting != "again" else None  # again: once per shape and process
-        if isinstance(cached, dict) and cached.get("variant") in ("torch", *kernels.variants()):
-            _memory[key] = kernels.Plan(cached["variant"], int(cached.get("rows", 1)), int(cached.get("prefetch", 0)))
+        cached = _cached(key, dtype) if setting != "again" else None  # again: once per shape and process
+        if cached is not None:
+            _memory[key] = cached
         else:
             plan, speeds = measure(out_features, in_features, dtype)
             _memory[key] = plan
@@ -172,4 +202,4 @@ def describe(model) -> dict[str, str]:
     return out
 
 
-__all__ = ["TUNE_MIN_BYTES", "candidates", "describe", "measure", "plan_for"]
+__all__ = ["TUNE_MIN_BYTES", "candidates", "describe", "measure", "plan_for", "plans_file_name"]

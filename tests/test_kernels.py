@@ -1099,3 +1099,138 @@ def test_a_failed_build_is_tried_once_per_process(fresh_build, monkeypatch):
     assert not kernels.available() and "planted failure" in kernels.status()
     assert len(calls) == 1
     monkeypatch.setattr(kernels, "_build", real_build)
+
+
+# ---------------------------------------------------------------- a room's shared cache (QWEN_LAB_SHARED_CACHE)
+
+def tree(folder):
+    """Every entry under ``folder`` with its size, mode and modification time: to see that nothing changed."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mode, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*"))}
+
+
+def read_only(folder):
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+
+
+@pytest.fixture
+def stand_in_build(monkeypatch):
+    """``kernels._build`` that copies this machine's build instead of compiling (seconds per test), counting calls."""
+    import shutil
+    built, calls = kernels._library()._name, []
+
+    def build(cc, target):
+        calls.append(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(built, target)
+    monkeypatch.setattr(kernels, "_build", build)
+    return calls
+
+
+@needs_kernel
+def test_a_room_s_shared_build_is_used_as_it_is_and_never_written(stand_in_build, fresh_build, tmp_path, monkeypatch):
+    shared, own = tmp_path / "shared", fresh_build
+    monkeypatch.setenv("QWEN_LAB_CACHE", str(shared))  # the instructor's build, into the room's folder
+    kernels._library.cache_clear()
+    kernels._library()
+    assert len(stand_in_build) == 1 and (shared / kernels.library_name()).is_file()
+    read_only(shared)
+    before = tree(shared)
+    monkeypatch.setenv("QWEN_LAB_CACHE", str(own))  # a learner
+    monkeypatch.setenv("QWEN_LAB_SHARED_CACHE", str(shared))
+    kernels._library.cache_clear()
+    assert kernels._library()._name == str(shared / kernels.library_name())
+    assert len(stand_in_build) == 1 and not own.exists() and tree(shared) == before  # nothing built, nothing written
+    # a build of other sources in the room's folder (a kit updated since): the learner builds their own
+    monkeypatch.setenv("QWEN_LAB_SHARED_CACHE", str(tmp_path / "older"))
+    (tmp_path / "older").mkdir()
+    (tmp_path / "older" / "kernels-0123456789abcdef.so").write_bytes(b"an older build")
+    kernels._library.cache_clear()
+    assert kernels._library()._name == str(own / kernels.library_name()) and len(stand_in_build) == 2
+    # a damaged copy under the right name (or a folder mounted noexec): the learner's own build, no error
+    (tmp_path / "older" / kernels.library_name()).write_bytes(b"not a library")
+    kernels._library.cache_clear()
+    assert kernels.available() and kernels._library()._name == str(own / kernels.library_name())
+
+
+def plant_plans(folder, entries, threads=None):
+    """A plans file, as ``qwen-lab tune`` leaves it, for this machine (or ``threads``) in ``folder``."""
+    from qwen_lab import tuning
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / tuning.plans_file_name(threads)
+    path.write_text(json.dumps({key: {"variant": p.variant, "rows": p.rows, "prefetch": p.prefetch, "gb_per_s": {}}
+                                for key, p in entries.items()}))
+    return path
+
+
+@pytest.fixture
+def learner(tmp_path, monkeypatch):
+    """A learner's process: its own cache, the room's shared one, nothing remembered; measuring counted."""
+    from qwen_lab import tuning
+    own, shared = tmp_path / "own", tmp_path / "shared"
+    monkeypatch.setenv("QWEN_LAB_CACHE", str(own))
+    monkeypatch.setenv("QWEN_LAB_SHARED_CACHE", str(shared))
+    monkeypatch.delenv("QWEN_LAB_TUNING", raising=False)
+    monkeypatch.setattr(tuning, "_memory", {})
+    measured = []
+
+    def measure(out_features, in_features, dtype, plans=None):  # a stand-in: the plan it "found", and its speed
+        measured.append(f"{str(dtype).removeprefix('torch.')} {out_features}x{in_features}")
+        return kernels.Plan("avx2", 4, 1), {"avx2, 4 rows, prefetch": 1e9}
+    monkeypatch.setattr(tuning, "measure", measure)
+    return own, shared, measured
+
+
+@needs_kernel
+def test_plans_from_a_room_s_shared_cache_are_used_as_they_are(learner):
+    from qwen_lab import tuning
+    own, shared, measured = learner
+    chosen = kernels.Plan("avx2", 2, 1)  # not the default: it can only come from the file
+    plant_plans(shared, {"bfloat16 1024x512": chosen, "float32 2048x192": kernels.Plan("torch")})
+    read_only(shared)
+    before = tree(shared)
+    assert tuning.plan_for(1024, 512, torch.bfloat16) == chosen
+    assert tuning.plan_for(2048, 192, torch.float32) == kernels.Plan("torch")
+    assert measured == [] and not own.exists() and tree(shared) == before
+
+
+@needs_kernel
+def test_a_partial_shared_cache_measures_only_the_rest_into_the_learner_s_own(learner):
+    from qwen_lab import tuning
+    own, shared, measured = learner
+    plant_plans(shared, {"bfloat16 1024x512": kernels.Plan("avx2", 2, 0)})
+    read_only(shared)
+    before = tree(shared)
+    assert tuning.plan_for(1024, 512, torch.bfloat16) == kernels.Plan("avx2", 2, 0)
+    assert tuning.plan_for(2048, 512, torch.bfloat16) == kernels.Plan("avx2", 4, 1)  # not in the room's: measured
+    assert measured == ["bfloat16 2048x512"] and tree(shared) == before
+    assert set(json.loads((own / tuning.plans_file_name()).read_text())) == {"bfloat16 2048x512"}
+
+
+@needs_kernel
+def test_plans_of_another_cpu_thread_count_or_build_are_not_used(learner, monkeypatch):
+    """Each is measured here instead (a plan is only as good as the machine it was measured on); the same
+    entry under this machine's name is then used as it is, and a damaged entry is measured again, no error."""
+    from qwen_lab import tuning
+    own, shared, measured = learner
+    planted = {"bfloat16 1024x512": kernels.Plan("avx2", 2, 1)}
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "cpu_model", lambda: "Another CPU")
+        plant_plans(shared, planted)
+    plant_plans(shared, planted, threads=kernels.num_threads() + 1)
+    with monkeypatch.context() as m:  # plans measured with an older build of the kernels
+        m.setattr(kernels, "library_name", lambda: "kernels-0123456789abcdef.so")
+        plant_plans(shared, planted)
+    assert tuning.plan_for(1024, 512, torch.bfloat16) == kernels.Plan("avx2", 4, 1)
+    assert measured == ["bfloat16 1024x512"]
+    tuning._memory.clear()
+    (own / tuning.plans_file_name()).unlink()
+    plant_plans(shared, planted)  # this machine's
+    assert tuning.plan_for(1024, 512, torch.bfloat16) == kernels.Plan("avx2", 2, 1) and len(measured) == 1
+    tuning._memory.clear()
+    path = plant_plans(shared, {})
+    path.write_text(json.dumps({"bfloat16 1024x512": {"variant": "avx2", "rows": "many"},
+                                "bfloat16 2048x512": {"variant": "avx2", "rows": 3}}))  # rows gemv refuses
+    assert tuning.plan_for(1024, 512, torch.bfloat16) == kernels.Plan("avx2", 4, 1)
+    assert tuning.plan_for(2048, 512, torch.bfloat16) == kernels.Plan("avx2", 4, 1) and len(measured) == 3

@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import stat
@@ -124,6 +125,24 @@ def cache(tmp_path_factory):
             path.chmod(0o755 if path.is_dir() else 0o644)
 
 
+@pytest.fixture(scope="module")
+def kernel_cache(cache, tmp_path_factory):
+    """The room's kernel cache, filled by `qwen-lab tune` for the room's model and the learners' threads, as the
+    instructor fills it, then made read-only."""
+    folder = tmp_path_factory.mktemp("room") / "kernel-cache"
+    threads = room.threads_per_learner(len(os.sched_getaffinity(0)), len(LEARNERS))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QWEN_LAB_")}
+    done = subprocess.run([str(Path(sys.executable).with_name("qwen-lab")), "tune", "--kernel-cache", str(folder),
+                           "--threads", str(threads), "--cache-dir", str(cache), REPO_ID],
+                          env=dict(env, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    yield folder
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
 def weights_blob(cache: Path) -> Path:
     """The one file holding the model's weights in the cache (a snapshot's link resolved to its blob)."""
     [snapshot] = (cache / "models--workshop--tiny-chat" / "snapshots").iterdir()
@@ -149,7 +168,7 @@ def alive(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def hub(cache, tmp_path_factory):
+def hub(cache, kernel_cache, tmp_path_factory):
     need(importlib.util.find_spec("jupyterhub") is not None and JUPYTERHUB.exists(),
          "JupyterHub is not installed (pip install -e '.[workshop]')")
     need(room.LOCAL_PROXY.exists(), f"{room.LOCAL_PROXY} is missing (make workshop-proxy)")
@@ -163,7 +182,8 @@ def hub(cache, tmp_path_factory):
         [str(JUPYTERHUB), "-f", str(CONFIG), f"--JupyterHub.bind_url={url}",
          f"--JupyterHub.hub_bind_url=http://127.0.0.1:{api}",
          f"--ConfigurableHTTPProxy.api_url=http://127.0.0.1:{proxy_api}"],
-        cwd=folder, env=hub_environment(folder, cache), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        cwd=folder, env=hub_environment(folder, cache, QWEN_LAB_HUB_KERNEL_CACHE=str(kernel_cache)), stdout=log,
+        stderr=subprocess.STDOUT, start_new_session=True)
     running = Hub(url, process, folder)
     import requests
     deadline = time.monotonic() + 120
@@ -222,8 +242,9 @@ print(json.dumps({
     "model": MODEL, "why": why, "reply": reply, "pid": os.getpid(), "ppid": os.getppid(),
     "home": os.path.expanduser("~"), "notebooks": sorted(os.listdir(os.path.expanduser("~/notebooks"))),
     "env": {k: os.environ.get(k) for k in ("QWEN_LAB_MODEL", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "QWEN_LAB_THREADS",
-                                           "OMP_NUM_THREADS", "QWEN_LAB_SOURCE")},
+                                           "OMP_NUM_THREADS", "QWEN_LAB_SOURCE", "QWEN_LAB_SHARED_CACHE")},
     "threads": kernels.num_threads(), "dtype": str(chat.model.lm_head.weight.dtype),
+    "kernels": kernels._library()._name if kernels.available() else None,
     "cache_writable": os.access(os.environ["HF_HUB_CACHE"], os.W_OK),
 }))
 """
@@ -300,8 +321,8 @@ def kit_files() -> dict:
             for path, entry in tree(ROOT / name).items() if "__pycache__" not in path}
 
 
-def test_four_learners_chat_from_one_shared_read_only_cache(hub, cache):
-    before, kit_before = tree(cache), kit_files()
+def test_four_learners_chat_from_one_shared_read_only_cache(hub, cache, kernel_cache):
+    before, kit_before, kernels_before = tree(cache), kit_files(), tree(kernel_cache)
     with ThreadPoolExecutor(len(LEARNERS)) as pool:  # the room logs in at once
         reports = dict(zip(LEARNERS, pool.map(lambda name: chat_turn(hub, name, LEARNERS[name][0]), LEARNERS)))
     blob = weights_blob(cache)
@@ -313,8 +334,10 @@ def test_four_learners_chat_from_one_shared_read_only_cache(hub, cache):
         assert report["model"] == REPO_ID and report["why"] == "chosen by QWEN_LAB_MODEL"
         assert report["env"] == {"QWEN_LAB_MODEL": REPO_ID, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache),
                                  "QWEN_LAB_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
-                                 "QWEN_LAB_SOURCE": str(ROOT)}  # JupyterHub passes on only what it is given
-        assert report["threads"] == threads
+                                 "QWEN_LAB_SOURCE": str(ROOT), "QWEN_LAB_SHARED_CACHE": str(kernel_cache)}
+        assert report["threads"] == threads  # (JupyterHub passes on only what it is given)
+        # the decode kernels: the room's build, used as it is (none compiled at once by four learners)
+        assert report["kernels"] is None or Path(report["kernels"]).parent == kernel_cache
         # their own folder, with their own copy of every notebook, the glossary and the Chinese edition;
         # not the solutions (QWEN_LAB_HUB_SOLUTIONS is not set)
         home = hub.folder / "homes" / name
@@ -340,10 +363,11 @@ def test_four_learners_chat_from_one_shared_read_only_cache(hub, cache):
         assert json.loads(path.read_text()) == values
     # nothing wrote into the cache, nor into the kit (so it can be read-only to them), and no learner has a copy
     # of the model of their own
-    assert tree(cache) == before
+    assert tree(cache) == before and tree(kernel_cache) == kernels_before
     assert kit_files() == kit_before
     homes = hub.folder / "homes"
     assert not [p for p in homes.rglob("*") if p.name.endswith(".safetensors") or p.name.startswith("models--")]
+    assert not list(homes.rglob("kernels-*.so"))  # no learner compiled the kernels of their own
 
 
 def test_the_hub_warns_at_start_when_learners_could_change_the_kit_or_the_cache(hub, cache):
@@ -353,6 +377,12 @@ def test_the_hub_warns_at_start_when_learners_could_change_the_kit_or_the_cache(
     cache_is_writable = os.access(cache, os.W_OK)  # root writes anywhere; anyone else cannot write this cache
     assert (f"jupyterhub_config.py: warning: the shared cache {cache} is writable by the learners" in log) \
         is cache_is_writable
+
+
+def test_the_hub_finds_the_room_s_kernel_cache_prepared(hub, kernel_cache):
+    log = (hub.folder / "hub.log").read_text(errors="replace")
+    assert "warning: the room's kernel cache" not in log or (
+        os.access(kernel_cache, os.W_OK) and f"warning: the room's kernel cache {kernel_cache} is writable" in log)
 
 
 def test_a_wrong_password_or_a_name_that_is_no_folder_name_is_refused(hub):
@@ -419,6 +449,49 @@ def test_learners_start_on_tiny_chat_and_the_real_models_are_the_room_s_choice()
     assert room.learner_environment(chosen)["QWEN_LAB_MODEL"] == "Qwen/Qwen2.5-0.5B-Instruct"
     assert chosen.real_models == ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen3-0.6B")
     assert room.Room.from_environ({**settings, "QWEN_LAB_HUB_REAL_MODELS": ""}, cores=8).real_models == ()
+
+
+def test_learners_read_the_room_s_kernel_cache():
+    settings = {"QWEN_LAB_HUB_PASSWORD": PASSWORD}
+    default = room.Room.from_environ(settings, cores=8)
+    assert room.learner_environment(default)["QWEN_LAB_SHARED_CACHE"] == room.DEFAULT_KERNEL_CACHE
+    chosen = room.Room.from_environ({**settings, "QWEN_LAB_HUB_KERNEL_CACHE": "/srv/room/kernels"}, cores=8)
+    assert room.learner_environment(chosen)["QWEN_LAB_SHARED_CACHE"] == "/srv/room/kernels"
+
+
+def test_the_kernel_cache_missing_unprepared_or_writable_is_one_line_saying_the_fix(monkeypatch, tmp_path):
+    from qwen_lab import kernels, shared_cache, tuning
+    if not kernels.available():
+        pytest.skip(f"C kernel: {kernels.status()}")
+    folder = tmp_path / "kernel-cache"
+    settings = room.Room.from_environ({"QWEN_LAB_HUB_PASSWORD": PASSWORD, "QWEN_LAB_HUB_KERNEL_CACHE": str(folder),
+                                       "QWEN_LAB_HUB_THREADS": "2", "QWEN_LAB_HUB_CACHE": str(tmp_path / "hf"),
+                                       "QWEN_LAB_HUB_REAL_MODELS": ""}, cores=8)
+    fix = (f"every learner will compile the kernels and measure their plans at once; fill it while the server is "
+           f"quiet, as root: `qwen-lab tune --kernel-cache {folder} --threads 2 --cache-dir {tmp_path / 'hf'} "
+           f"qwen-lab/tiny-chat`")
+    assert room.kernel_cache_warning(settings) == f"the room's kernel cache {folder} does not exist: {fix}"
+    built = kernels._library()._name  # the build copied in, not compiled again: the hub test's tune compiles
+    monkeypatch.setattr(kernels, "_build", lambda cc, target: shutil.copyfile(built, target))
+    monkeypatch.setattr(tuning, "measure", lambda *a, **k: (kernels.DEFAULT_PLAN, {str(kernels.DEFAULT_PLAN): 1e9}))
+    shared_cache.prepare(folder, ["qwen-lab/tiny-chat"], 3, say=lambda line: None)  # the wrong thread count
+    assert room.kernel_cache_warning(settings) == (
+        f"the room's kernel cache {folder} holds no plans for {kernels.cpu_model() or 'this CPU'} with 2 threads "
+        f"per learner: {fix}")
+    shared_cache.prepare(folder, ["qwen-lab/tiny-chat"], 2, say=lambda line: None)
+    for path in [folder, *folder.rglob("*")]:  # as `chmod -R a+rX,go-w` run by root leaves it
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    if ROOT_USER:  # root may write anything: the mode bits decide for the unprivileged user the hub runs as
+        monkeypatch.setattr(room.os, "access", lambda p, mode: bool(os.stat(p).st_mode & stat.S_IWUSR))
+    try:
+        assert room.kernel_cache_warning(settings) is None
+        folder.chmod(0o755)
+        assert room.kernel_cache_warning(settings) == (
+            f"the room's kernel cache {folder} is writable by the learners (they run as this user): make it "
+            f"read-only, e.g. `chmod -R a-w {folder}` as its owner")
+    finally:
+        for path in [folder, *folder.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def test_find_proxy_without_npm_s_proxy_or_node(monkeypatch, tmp_path):
@@ -673,12 +746,28 @@ def test_kubernetes_config_agrees_with_the_tested_one(monkeypatch, tmp_path):
     assert f"default ``{room.DEFAULT_MODEL}``" in room.__doc__
     assert f"default ``{','.join(room.DEFAULT_REAL_MODELS)}``" in room.__doc__
     assert f"QWEN_LAB_HUB_REAL_MODELS={','.join(room.DEFAULT_REAL_MODELS)}" in guide
+    assert f"qwen-lab tune --kernel-cache {room.DEFAULT_KERNEL_CACHE} --threads 2 \\\n    --cache-dir " \
+           f"{room.DEFAULT_CACHE} {room.DEFAULT_MODEL} {' '.join(room.DEFAULT_REAL_MODELS)}" in guide
     assert env["HF_HUB_CACHE"] == mount["mountPath"] == room.DEFAULT_CACHE
     assert env["HF_HUB_OFFLINE"] == single["extraEnv"]["HF_HUB_OFFLINE"] == "1"
     assert re.search(rf"^ENV QWEN_LAB_NOTEBOOKS={re.escape(notebooks)}$", dockerfile, re.M)
     # the cache is mounted read-only, from a claim mounted read-only
     volume = next(v for v in single["storage"]["extraVolumes"] if v["name"] == "hf-cache")
     assert mount["readOnly"] is True and volume["persistentVolumeClaim"]["readOnly"] is True
+    # and so is the room's kernel cache, filled by tune.yaml's Job for the room's models, with a pod's threads
+    kernel_mount = next(m for m in single["storage"]["extraVolumeMounts"] if m["name"] == "kernel-cache")
+    kernel_volume = next(v for v in single["storage"]["extraVolumes"] if v["name"] == "kernel-cache")
+    assert kernel_mount["mountPath"] == env["QWEN_LAB_SHARED_CACHE"] == room.DEFAULT_KERNEL_CACHE
+    assert kernel_mount["readOnly"] is True and kernel_volume["persistentVolumeClaim"]["readOnly"] is True
+    [claim, tune] = yaml.safe_load_all((WORKSHOP / "z2jh" / "tune.yaml").read_text())
+    assert claim["metadata"]["name"] == kernel_volume["persistentVolumeClaim"]["claimName"]
+    [container] = tune["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["qwen-lab", "tune", "--kernel-cache", kernel_mount["mountPath"], "--threads",
+                                    str(single["cpu"]["limit"]), "--cache-dir", mount["mountPath"], room.DEFAULT_MODEL,
+                                    *room.DEFAULT_REAL_MODELS]
+    assert container["resources"]["limits"]["cpu"] == single["cpu"]["limit"]  # measured as a pod will run
+    mounts = {m["mountPath"]: m.get("readOnly", False) for m in container["volumeMounts"]}
+    assert mounts == {mount["mountPath"]: True, kernel_mount["mountPath"]: False}
     # the notebooks are copied by the same script, the start page is the same
     script = single["cmd"][-1]
     assert Path(script).name == Path(c.Spawner.cmd[-1]).name == "learner_start.py"

@@ -15,7 +15,10 @@ in ``room.py``); ``docs/workshop.md`` walks through the setup. What each learner
   download --cache-dir``, and ``HF_HUB_OFFLINE=1``, so no kernel waits for the Hub or writes its
   own copy. A bf16 model stays memory-mapped from that file, so all the learners' kernels share one
   copy of the weights in memory;
-* **a thread count** sized as the server's cores / learners (``QWEN_LAB_THREADS``).
+* **a thread count** sized as the server's cores / learners (``QWEN_LAB_THREADS``);
+* **the room's decode kernels**, compiled and measured once by ``qwen-lab tune`` into
+  ``QWEN_LAB_HUB_KERNEL_CACHE``, read through ``QWEN_LAB_SHARED_CACHE`` instead of 30 kernels
+  compiling and measuring at once (what it lacks, each learner builds in ``~/.cache/qwen_lab``).
 
 The spawner is JupyterHub's ``SimpleLocalProcessSpawner``: each learner's server is a process of
 the hub's own Unix user, with its own home folder. Learners are not isolated from one another
@@ -80,6 +83,7 @@ c.ConfigurableHTTPProxy.pid_file = str(settings.state / "jupyterhub-proxy.pid")
 c.JupyterHub.cleanup_servers = True
 c.JupyterHub.cleanup_proxy = True
 
-for warning in (room.writable_cache_warning(settings), room.writable_kit_warning(room.REPO)):
+for warning in (room.writable_cache_warning(settings), room.kernel_cache_warning(settings),
+                room.writable_kit_warning(room.REPO)):
     if warning:
         print(f"jupyterhub_config.py: warning: {warning}", file=sys.stderr)

@@ -15,6 +15,10 @@ never edited (a systemd unit's ``Environment=`` lines, or ``export`` before ``ma
                                       none)
 ``QWEN_LAB_HUB_CACHE``                the shared Hugging Face cache, filled once with ``qwen-lab download
                                       --cache-dir``; learners only read it (default ``/srv/qwen-lab/hf-cache``)
+``QWEN_LAB_HUB_KERNEL_CACHE``         the decode kernels compiled and their plans measured once for the room, with
+                                      ``qwen-lab tune``; learners only read it (``QWEN_LAB_SHARED_CACHE``), and
+                                      build or measure what it lacks in their own ``~/.cache/qwen_lab`` (default
+                                      ``/srv/qwen-lab/kernel-cache``)
 ``QWEN_LAB_HUB_LEARNERS``             how many learners work at once (default 30): each gets
                                       cores / learners threads, at least one
 ``QWEN_LAB_HUB_THREADS``              or the threads per learner, directly
@@ -52,6 +56,7 @@ REPO = HERE.parent
 DEFAULT_MODEL = "qwen-lab/tiny-chat"  # the teaching plan's model for 01-06 (docs/workshop.md, "Which model, when")
 DEFAULT_REAL_MODELS = ("Qwen/Qwen2.5-1.5B-Instruct",)  # and the real one for 07
 DEFAULT_CACHE = "/srv/qwen-lab/hf-cache"
+DEFAULT_KERNEL_CACHE = "/srv/qwen-lab/kernel-cache"
 DEFAULT_HOMES = "/srv/qwen-lab/learners/{username}"
 DEFAULT_STATE = "/srv/qwen-lab/hub"
 DEFAULT_LEARNERS = 30
@@ -78,6 +83,7 @@ class Room:
     model: str
     real_models: tuple[str, ...]
     cache: Path
+    kernel_cache: Path
     threads: int
     homes: str
     state: Path
@@ -104,6 +110,7 @@ class Room:
         return cls(password=password, admin_password=admin,
                    model=environ.get("QWEN_LAB_MODEL") or DEFAULT_MODEL, real_models=_real_models(environ),
                    cache=Path(environ.get("QWEN_LAB_HUB_CACHE") or DEFAULT_CACHE),
+                   kernel_cache=Path(environ.get("QWEN_LAB_HUB_KERNEL_CACHE") or DEFAULT_KERNEL_CACHE),
                    threads=_threads(environ, cores), homes=homes,
                    state=Path(environ.get("QWEN_LAB_HUB_STATE") or DEFAULT_STATE),
                    notebooks=Path(environ.get("QWEN_LAB_NOTEBOOKS") or REPO / "notebooks"),
@@ -211,6 +218,8 @@ def learner_environment(room: Room, python: str = sys.executable) -> dict[str, s
         "HF_HUB_OFFLINE": "1",                   # nobody waits for the Hub: everything is in the cache
         "HF_HUB_CACHE": str(room.cache),         # the one shared, read-only copy of the weights
         "QWEN_LAB_THREADS": str(room.threads),   # qwen_lab's thread count (threads.choose_threads)
+        # the room's compiled kernels and measured plans, read before the learner's own ~/.cache/qwen_lab
+        "QWEN_LAB_SHARED_CACHE": str(room.kernel_cache),
         "OMP_NUM_THREADS": str(room.threads),    # and torch's own pool, from the start
         "QWEN_LAB_NOTEBOOKS": str(room.notebooks),  # learner_start.py copies these into ~/notebooks
         "QWEN_LAB_SOURCE": str(REPO),            # and links this kit's README.md, qwen_lab/, training/ beside them
@@ -276,6 +285,26 @@ def writable_cache_warning(room: Room) -> str | None:
     if room.cache.is_dir() and os.access(room.cache, os.W_OK):
         return (f"the shared cache {room.cache} is writable by the learners (they run as this user): make it "
                 f"read-only, e.g. `chmod -R a-w {room.cache}` as its owner")
+    return None
+
+
+def kernel_cache_warning(room: Room) -> str | None:
+    """A warning when the room's kernel cache is missing, not prepared for this CPU, the learners' threads and
+    the room's models, or writable by the learners (who would then hand every kernel the code they put there).
+
+    Without it every learner's kernel compiles the decode kernels and measures their plans itself, all at
+    once: each measurement slowed by the others, and the worse plan kept for good (``qwen_lab.shared_cache``).
+    """
+    from qwen_lab.shared_cache import missing
+    models = list(dict.fromkeys([room.model, *room.real_models]))
+    lacking = missing(room.kernel_cache, models, room.threads, room.cache)
+    if lacking is not None:
+        return (f"the room's kernel cache {lacking}: every learner will compile the kernels and measure their plans "
+                f"at once; fill it while the server is quiet, as root: `qwen-lab tune --kernel-cache "
+                f"{room.kernel_cache} --threads {room.threads} --cache-dir {room.cache} {' '.join(models)}`")
+    if os.access(room.kernel_cache, os.W_OK):
+        return (f"the room's kernel cache {room.kernel_cache} is writable by the learners (they run as this user): "
+                f"make it read-only, e.g. `chmod -R a-w {room.kernel_cache}` as its owner")
     return None
 
 
