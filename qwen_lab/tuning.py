@@ -12,7 +12,7 @@ F.linear on a shape. Each candidate is first checked against F.linear on random 
 that computes a wrong answer on this CPU is never chosen.
 
 The answers are kept in ``kernels.cache_dir()`` per CPU, thread count and kernel build: a
-machine measures once (about a second for the five shapes of a Qwen2.5 model). A room's shared
+machine measures once (7 s for the four large shapes of Qwen2.5-1.5B on a 2-core AMD EPYC). A room's shared
 cache (``kernels.shared_cache_dir()``, filled by ``qwen-lab tune``) is read first: a shape it
 holds for this CPU, thread count and build is used as it is, never measured; the others are
 measured and kept in the user's own cache, never in the shared one. Matrices under
@@ -46,6 +46,8 @@ TUNE_MIN_BYTES = 1 << 20
 #: 128-512 MiB (``stream_bytes``).
 STREAM_BYTES: int | None = None
 ROUNDS = 5
+#: Rows of the float64 reference computed at once when a plan's answer is checked (``measure``).
+CHECK_ROWS = 4096
 #: Part of the cache's key: a change to how plans are measured measures them again (2: timed copies
 #: never the matrix the checks just read, which on a CPU with a large L3 could still be there).
 METHOD = 2
@@ -164,10 +166,13 @@ def measure(out_features: int, in_features: int, dtype: torch.dtype,
     """Time every plan on this shape; the fastest, and each one's bytes per second (best of ``ROUNDS``)."""
     plans = candidates(dtype) if plans is None else plans
     g = torch.Generator().manual_seed(0)
-    weight = torch.randn(out_features, in_features, generator=g).to(dtype)
+    weight = torch.randn(out_features, in_features, generator=g, dtype=dtype)
     x = torch.randn(in_features, generator=g).to(dtype)
     nbytes = weight.numel() * weight.element_size()
-    want = F.linear(x.double(), weight.double())
+    # The reference in float64, a block of rows at a time: the whole matrix in float64 was four times a
+    # bf16 weight (1.9 GB for Qwen2.5-1.5B's head: a 2.4 GiB peak on a learner's first load of it)
+    want = torch.cat([F.linear(x.double(), weight[i:i + CHECK_ROWS].double())
+                      for i in range(0, out_features, CHECK_ROWS)])
     correct = []
     for plan in plans:  # a wrong answer on this CPU rules a plan out, whatever its speed
         got = kernels._run(kernels._library(), x, weight, None, plan).double()

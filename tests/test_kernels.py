@@ -1069,6 +1069,30 @@ def test_a_plan_that_computes_wrong_is_never_chosen(monkeypatch):
     assert plan == kernels.Plan("avx2", 1, 0) and str(broken) not in speeds
 
 
+def test_the_check_covers_every_row_though_its_reference_is_computed_a_block_at_a_time(monkeypatch):
+    """The float64 reference of the whole matrix at once took 1.9 GB for Qwen2.5-1.5B's head (a 2.4 GiB
+    peak at a learner's first load); in blocks of CHECK_ROWS rows, a wrong last row is still seen."""
+    from qwen_lab import tuning
+    monkeypatch.setattr(tuning, "STREAM_BYTES", 4 << 20)
+    monkeypatch.setattr(tuning, "CHECK_ROWS", 300)  # 1024 rows: blocks of 300, 300, 300 and 124
+    real = kernels._run
+    broken = kernels.Plan("avx2", 4, 0)
+
+    def run(lib, x, w, b, plan):
+        y = real(lib, x, w, b, plan)
+        if plan == broken:
+            y[-1] += 1.0  # only the last row wrong
+        return y
+    monkeypatch.setattr(kernels, "_run", run)
+    plan, speeds = tuning.measure(1024, 1024, torch.float32, [broken, kernels.Plan("avx2", 1, 0)])
+    assert plan == kernels.Plan("avx2", 1, 0) and str(broken) not in speeds
+    doubles = []
+    double = torch.Tensor.double
+    monkeypatch.setattr(torch.Tensor, "double", lambda t: doubles.append(t.numel()) or double(t))
+    tuning.measure(1024, 1024, torch.float32, [kernels.Plan("avx2", 1, 0)])
+    assert max(doubles) == 300 * 1024  # never the whole matrix in float64
+
+
 @needs_kernel
 def test_a_loaded_model_says_which_plan_each_shape_uses(tmp_path, monkeypatch):
     from qwen_lab import tuning
