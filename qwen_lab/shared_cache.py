@@ -70,10 +70,6 @@ def weight_shapes(model: str, cache_dir: str | os.PathLike | None = None) -> lis
     return shapes
 
 
-def _key(out_features: int, in_features: int, dtype: torch.dtype) -> str:
-    return f"{str(dtype).removeprefix('torch.')} {out_features}x{in_features}"  # as tuning.plan_for keys them
-
-
 def _kernels_can_run() -> bool:
     """Could the kernels run here (a compiler, a CPU with AVX2 and FMA), asked without building them?"""
     return kernels.library_name() is not None and set(kernels.VARIANTS["avx2"][2]) <= kernels.cpu_flags()
@@ -94,7 +90,7 @@ def missing(directory: Path, models: list[str], threads: int, cache_dir: str | o
     wanted = {}  # model -> the keys of its shapes
     for model in models:
         try:
-            wanted[model] = [_key(*shape) for shape in weight_shapes(model, cache_dir)]
+            wanted[model] = [tuning.shape_key(*shape) for shape in weight_shapes(model, cache_dir)]
         except (QwenLabError, ValueError):
             continue  # a model not in the cache: the hub's own check says so
     if not any(wanted.values()):
@@ -177,7 +173,7 @@ def prepare(directory: Path, models: list[str], threads: int, cache_dir: str | o
                 say(f"{model}: no matrix of {tuning.TUNE_MIN_BYTES >> 20} MiB or more: each takes the default plan, "
                     f"unmeasured")
             for out_features, in_features, dtype in model_shapes:
-                key = _key(out_features, in_features, dtype)
+                key = tuning.shape_key(out_features, in_features, dtype)
                 if key not in done:
                     plan, speeds = tuning.measure(out_features, in_features, dtype)
                     tuning._save(key, plan, speeds)

@@ -91,6 +91,11 @@ def _machine_key(threads: int | None = None) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
+def shape_key(out_features: int, in_features: int, dtype: torch.dtype) -> str:
+    """How a plans file names a weight shape: ``"bfloat16 896x4864"``."""
+    return f"{str(dtype).removeprefix('torch.')} {out_features}x{in_features}"
+
+
 def plans_file_name(threads: int | None = None) -> str:
     """The name of the file holding this machine's plans for ``threads`` (default: ``kernels.num_threads()``)."""
     return f"plans-{_machine_key(threads)}.json"
@@ -149,7 +154,7 @@ def plan_for(out_features: int, in_features: int, dtype: torch.dtype) -> kernels
     if out_features * in_features * torch.empty((), dtype=dtype).element_size() < TUNE_MIN_BYTES \
             or setting in ("0", "off"):
         return kernels.DEFAULT_PLAN
-    key = f"{str(dtype).removeprefix('torch.')} {out_features}x{in_features}"
+    key = shape_key(out_features, in_features, dtype)
     if key not in _memory:
         cached = _cached(key, dtype) if setting != "again" else None  # again: once per shape and process
         if cached is not None:
@@ -203,8 +208,8 @@ def describe(model) -> dict[str, str]:
     out = {}
     for m in model.modules():
         if isinstance(m, kernels.Linear) and m.use_kernel:
-            out[f"{str(m.weight.dtype).removeprefix('torch.')} {m.out_features}x{m.in_features}"] = str(m.plan)
+            out[shape_key(m.out_features, m.in_features, m.weight.dtype)] = str(m.plan)
     return out
 
 
-__all__ = ["TUNE_MIN_BYTES", "candidates", "describe", "measure", "plan_for", "plans_file_name"]
+__all__ = ["TUNE_MIN_BYTES", "candidates", "describe", "measure", "plan_for", "plans_file_name", "shape_key"]
