@@ -342,11 +342,13 @@ def pool_stats() -> dict[str, int]:
 def status() -> str:
     """One line: are the kernels in use here, which variants this CPU runs, and if not, why not."""
     try:
-        _library()
+        lib = _library()
     except KernelUnavailable as e:  # _library turns a loader's OSError into one too
         return f"torch alone (the C kernels are not used: {e})"
-    return (f"qwen_lab's C kernels (csrc/, for {', '.join(variants())}; each weight shape uses whichever of them "
-            f"or torch measured fastest here: qwen_lab.tuning)")
+    shared = shared_cache_dir()
+    origin = f", the room's build in {shared}" if shared is not None and Path(lib._name).parent == shared else ""
+    return (f"qwen_lab's C kernels (csrc/, for {', '.join(variants())}{origin}; each weight shape uses whichever "
+            f"of them or torch measured fastest here: qwen_lab.tuning)")
 
 
 def available() -> bool:

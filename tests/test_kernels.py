@@ -1166,12 +1166,14 @@ def test_a_room_s_shared_build_is_used_as_it_is_and_never_written(stand_in_build
     kernels._library.cache_clear()
     assert kernels._library()._name == str(shared / kernels.library_name())
     assert len(stand_in_build) == 1 and not own.exists() and tree(shared) == before  # nothing built, nothing written
+    assert f"the room's build in {shared}" in kernels.status()  # what `qwen-lab doctor` shows a teacher
     # a build of other sources in the room's folder (a kit updated since): the learner builds their own
     monkeypatch.setenv("QWEN_LAB_SHARED_CACHE", str(tmp_path / "older"))
     (tmp_path / "older").mkdir()
     (tmp_path / "older" / "kernels-0123456789abcdef.so").write_bytes(b"an older build")
     kernels._library.cache_clear()
     assert kernels._library()._name == str(own / kernels.library_name()) and len(stand_in_build) == 2
+    assert "room's" not in kernels.status()
     # a damaged copy under the right name (or a folder mounted noexec): the learner's own build, no error
     (tmp_path / "older" / kernels.library_name()).write_bytes(b"not a library")
     kernels._library.cache_clear()
