@@ -223,6 +223,23 @@ def check_threads() -> Check:
     return Check("threads", "ok", f"{count} ({why})")
 
 
+def check_pages() -> Check:
+    """Whether weights on the CPU are asked for in 2 MiB pages (``load.huge_pages``), and if not, why not."""
+    from . import load
+    if os.environ.get("QWEN_LAB_HUGE_PAGES", "").strip() == "0":
+        return Check("pages", "ok", "weights in 4 KiB pages: QWEN_LAB_HUGE_PAGES=0 turns 2 MiB pages off")
+    try:
+        setting = load.THP_SETTING.read_text().strip()
+    except OSError:
+        return Check("pages", "ok", "weights in 4 KiB pages: this system has no transparent huge pages")
+    if load.huge_pages():
+        return Check("pages", "ok", f"weights in 2 MiB pages where they are that large (transparent huge pages: "
+                                    f"{setting})")
+    return Check("pages", "ok", f"weights in 4 KiB pages: transparent huge pages are off ({setting}), and decoding "
+                                f"streams the weights slower (benchmarks/RESULTS.md); to turn them on, as root: "
+                                f"echo madvise > {load.THP_SETTING}")
+
+
 def check_torch() -> Check:
     import torch
     version = torch.__version__
@@ -343,6 +360,7 @@ def run(models: list[str], cache_dir: str | os.PathLike | None = None, wheelhous
         if found.files is not None:
             checks += check_runtime(model, found.files)
     checks.append(check_threads())
+    checks.append(check_pages())
     checks += check_jupyter()
     if wheelhouse is not None:
         checks.append(check_wheelhouse(Path(wheelhouse)))

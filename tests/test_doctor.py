@@ -48,7 +48,7 @@ def test_the_embedded_model_is_ready_everywhere(capsys):
     assert lines["memory"][0].startswith("ok qwen-lab/tiny-chat needs ")
     assert lines["threads"][0].startswith("ok ")
     assert lines["jupyter"][0].startswith("ok JupyterLab ") and lines["ipywidgets"][0].startswith("ok 8.")
-    assert set(lines) == {"torch", "cache", "model", "device", "memory", "threads", "jupyter", "ipywidgets"}
+    assert set(lines) == {"torch", "cache", "model", "device", "memory", "threads", "pages", "jupyter", "ipywidgets"}
 
 
 def test_verify_says_when_there_were_no_hashes_to_check(capsys):
@@ -237,3 +237,20 @@ def test_the_wheelhouse_check_ignores_this_machine_s_pip_configuration(tmp_path,
     folder = tmp_path / "wheelhouse"
     fake_wheel(folder, "qwen-lab", "0.1.0", ["qwen-lab-helper>=1.0"])
     assert doctor.check_wheelhouse(folder).status == "FAIL"
+
+
+def test_the_pages_line_says_whether_weights_get_2_mib_pages_and_how_to_turn_them_on(monkeypatch, tmp_path):
+    from qwen_lab import doctor, load
+    setting = tmp_path / "enabled"
+    monkeypatch.setattr(load, "THP_SETTING", setting)
+    monkeypatch.delenv("QWEN_LAB_HUGE_PAGES", raising=False)
+    setting.write_text("always [madvise] never\n")
+    assert "weights in 2 MiB pages" in doctor.check_pages().detail
+    setting.write_text("always madvise [never]\n")
+    line = doctor.check_pages().detail
+    assert "4 KiB pages" in line and f"echo madvise > {setting}" in line
+    monkeypatch.setenv("QWEN_LAB_HUGE_PAGES", "0")
+    assert "QWEN_LAB_HUGE_PAGES=0" in doctor.check_pages().detail
+    monkeypatch.delenv("QWEN_LAB_HUGE_PAGES")
+    setting.unlink()
+    assert "no transparent huge pages" in doctor.check_pages().detail
