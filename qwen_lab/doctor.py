@@ -225,19 +225,10 @@ def check_threads() -> Check:
 
 def check_pages() -> Check:
     """Whether weights on the CPU are asked for in 2 MiB pages (``load.huge_pages``), and if not, why not."""
-    from . import load
-    if os.environ.get("QWEN_LAB_HUGE_PAGES", "").strip() == "0":
-        return Check("pages", "ok", "weights in 4 KiB pages: QWEN_LAB_HUGE_PAGES=0 turns 2 MiB pages off")
-    try:
-        setting = load.THP_SETTING.read_text().strip()
-    except OSError:
-        return Check("pages", "ok", "weights in 4 KiB pages: this system has no transparent huge pages")
-    if load.huge_pages():
-        return Check("pages", "ok", f"weights in 2 MiB pages where they are that large (transparent huge pages: "
-                                    f"{setting})")
-    return Check("pages", "ok", f"weights in 4 KiB pages: transparent huge pages are off ({setting}), and decoding "
-                                f"streams the weights slower (benchmarks/RESULTS.md); to turn them on, as root: "
-                                f"echo madvise > {load.THP_SETTING}")
+    from .load import huge_pages_and_why
+    on, why = huge_pages_and_why()
+    return Check("pages", "ok", f"weights in 2 MiB pages where they are that large ({why})" if on
+                 else f"weights in 4 KiB pages: {why}")
 
 
 def check_torch() -> Check:

@@ -291,12 +291,23 @@ def huge_pages() -> bool:
     ``QWEN_LAB_HUGE_PAGES=0`` (to measure the difference). Weights loaded onto a GPU are the GPU's
     memory: ``load_weights`` asks only for a CPU's.
     """
-    if os.environ.get("QWEN_LAB_HUGE_PAGES", "").strip() == "0" or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return False
+    return huge_pages_and_why()[0]
+
+
+def huge_pages_and_why() -> tuple[bool, str]:
+    """``huge_pages()``, and why, in words (``qwen-lab doctor``'s *pages* line)."""
+    if os.environ.get("QWEN_LAB_HUGE_PAGES", "").strip() == "0":
+        return False, "QWEN_LAB_HUGE_PAGES=0 turns 2 MiB pages off"
     try:
-        return "[never]" not in THP_SETTING.read_text()
+        setting = THP_SETTING.read_text().strip() if hasattr(mmap, "MADV_HUGEPAGE") else None
     except OSError:
-        return False
+        setting = None
+    if setting is None:
+        return False, "this system has no transparent huge pages"
+    if "[never]" in setting:
+        return False, (f"transparent huge pages are off ({setting}), and decoding streams the weights slower "
+                       f"(benchmarks/RESULTS.md); to turn them on, as root: echo madvise > {THP_SETTING}")
+    return True, f"transparent huge pages: {setting}"
 
 
 def _advise_huge(mm: mmap.mmap, start: int, length: int) -> None:
