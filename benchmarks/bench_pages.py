@@ -3,7 +3,7 @@
     python benchmarks/bench_pages.py                          # Qwen2.5-0.5B shapes, bf16 and f32
     python benchmarks/bench_pages.py --config benchmarks/configs/qwen2.5-1.5b.json
 
-``load.huge_pages``: a converted weight is copied into memory advised with ``MADV_HUGEPAGE``, and a
+``pages.huge_pages``: a converted weight is copied into memory advised with ``MADV_HUGEPAGE``, and a
 file's mapping is advised the same way. Two copies of the same model are loaded in this process:
 
 - ``2 MiB pages``: as ``load_model`` loads it;
@@ -48,12 +48,12 @@ def main() -> None:
 
     import torch
     from bench_decode import machine, make_checkpoint, weights_only
-    from qwen_lab import kernels, load
+    from qwen_lab import kernels, pages
     from qwen_lab.load import load_model
 
     directory = make_checkpoint(args.config)
     print(machine())
-    print(f"transparent huge pages: {load.THP_SETTING.read_text().strip()}; model: random weights, shapes of "
+    print(f"transparent huge pages: {pages.THP_SETTING.read_text().strip()}; model: random weights, shapes of "
           f"{args.config.stem}; {args.rounds} rounds of {args.steps} steps each way, alternating")
     for dtype in args.dtypes.split(","):
         copies = {}
@@ -78,7 +78,7 @@ def main() -> None:
         nbytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
                      if isinstance(m, torch.nn.Linear))
         probe_small = torch.ones(nbytes // 4)
-        probe_huge = load._converted(torch.ones(nbytes // 4, dtype=torch.bfloat16), torch.float32)
+        probe_huge = pages.huge_copy(torch.ones(nbytes // 4, dtype=torch.bfloat16), torch.float32)
         times = {name: [] for name in copies}
         reads = {name: [] for name in copies}
         huge_reads = []

@@ -224,8 +224,8 @@ def check_threads() -> Check:
 
 
 def check_pages() -> Check:
-    """Whether weights on the CPU are asked for in 2 MiB pages (``load.huge_pages``), and if not, why not."""
-    from .load import huge_pages_and_why
+    """Whether weights on the CPU are asked for in 2 MiB pages (``pages.huge_pages``), and if not, why not."""
+    from .pages import huge_pages_and_why
     on, why = huge_pages_and_why()
     return Check("pages", "ok", f"weights in 2 MiB pages where they are that large ({why})" if on
                  else f"weights in 4 KiB pages: {why}")

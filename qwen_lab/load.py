@@ -9,7 +9,7 @@
    file: nothing is read until it is used, and when the file's dtype is the one
    asked for, no byte is copied at all — and every process that loads the same
    file shares the same pages of memory. Weights are asked for in 2 MiB pages
-   where the system allows it (``huge_pages``): decoding streams every weight once
+   where the system allows it (``pages.huge_pages``): decoding streams every weight once
    a token, and memory read in 4 KiB pages is slower.
 4. The model owns what is not in the file: which weights are tied, the rotary
    frequencies (``tie_weights``, ``reset_buffers``); loading asks it, so the same code
@@ -41,6 +41,7 @@ from .errors import CheckpointError, SettingError, UnsupportedArchitectureError
 from .hub import ModelFiles, open_regular, read_json_object
 from .kernels import native_bf16  # noqa: F401  (re-exported: notebook 2 asks what the CPU does well)
 from .layers import CausalLM
+from .pages import advise_huge, huge_copy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MATVECS = runtime.MATVECS
@@ -209,7 +210,7 @@ def _map_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], tuple[i
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
-    _advise_huge(mm, 0, len(mm))  # the file's pages, as read from disk, in 2 MiB pieces (still shared)
+    advise_huge(mm, 0, len(mm))  # the file's pages, as read from disk, in 2 MiB pieces (still shared)
     header.pop("__metadata__", None)
     tensors, data_start, spans = {}, 8 + n, []
     base = ctypes.addressof(ctypes.c_char.from_buffer(mm)) if size else 0
@@ -267,70 +268,6 @@ def _whole_numbers(values) -> list[int]:
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True) if hasattr(mmap, "MADV_DONTNEED") else None
-
-HUGE_PAGE = 2 << 20
-THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-
-
-def huge_pages() -> bool:
-    """Whether weights are asked for in 2 MiB pages (Linux's transparent huge pages) here.
-
-    Decoding reads every weight once a token; read in 4 KiB pages, the memory streams slower,
-    since each new page needs its own address translation and the CPU's prefetchers stop at its
-    edge. Measured on an AMD EPYC (Zen 4), 2 threads, one process, alternating: a one-row product
-    of a Qwen2.5-0.5B MLP matrix in 2 MiB pages against 4 KiB pages, 42 against 34 GB/s (float32)
-    and 52 against 40 (bf16); ``torch.sum``, 65 against 48 (``benchmarks/RESULTS.md``). So:
-
-    * a converted weight (a bf16 file loaded as float32) is copied into memory advised with
-      ``MADV_HUGEPAGE``, 2 MiB-aligned;
-    * a file's mapping is advised the same way: pages read from disk then come as 2 MiB pieces of
-      the page cache, still shared by every process mapping the file (pages already cached in
-      smaller pieces stay as they are until the system drops them).
-
-    Off where the system says ``never`` (``/sys/kernel/mm/transparent_hugepage/enabled``), and with
-    ``QWEN_LAB_HUGE_PAGES=0`` (to measure the difference). Weights loaded onto a GPU are the GPU's
-    memory: ``load_weights`` asks only for a CPU's.
-    """
-    return huge_pages_and_why()[0]
-
-
-def huge_pages_and_why() -> tuple[bool, str]:
-    """``huge_pages()``, and why, in words (``qwen-lab doctor``'s *pages* line)."""
-    if os.environ.get("QWEN_LAB_HUGE_PAGES", "").strip() == "0":
-        return False, "QWEN_LAB_HUGE_PAGES=0 turns 2 MiB pages off"
-    try:
-        setting = THP_SETTING.read_text().strip() if hasattr(mmap, "MADV_HUGEPAGE") else None
-    except OSError:
-        setting = None
-    if setting is None:
-        return False, "this system has no transparent huge pages"
-    if "[never]" in setting:
-        return False, (f"transparent huge pages are off ({setting}), and decoding streams the weights slower "
-                       f"(benchmarks/RESULTS.md); to turn them on, as root: echo madvise > {THP_SETTING}")
-    return True, f"transparent huge pages: {setting}"
-
-
-def _advise_huge(mm: mmap.mmap, start: int, length: int) -> None:
-    if length >= HUGE_PAGE and huge_pages():
-        try:
-            mm.madvise(mmap.MADV_HUGEPAGE, start, length)
-        except OSError:  # advice only: a kernel without it maps 4 KiB pages, as before
-            pass
-
-
-def _converted(view: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``view`` converted to ``dtype`` on the CPU, in 2 MiB-aligned memory advised to use huge pages
-    (``huge_pages``) where it is that large; otherwise as torch allocates it."""
-    count, itemsize = view.numel(), torch.empty((), dtype=dtype).element_size()
-    if count * itemsize < HUGE_PAGE or not huge_pages():
-        return view.to(dtype=dtype)
-    mm = mmap.mmap(-1, count * itemsize + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    offset = -ctypes.addressof(ctypes.c_char.from_buffer(mm)) % HUGE_PAGE
-    whole = count * itemsize // HUGE_PAGE * HUGE_PAGE  # the tail, under 2 MiB, in small pages: no page half empty
-    _advise_huge(mm, offset, whole)  # before any page is touched: the copy then faults in 2 MiB pages
-    out = torch.frombuffer(mm, dtype=dtype, count=count, offset=offset).view(view.shape)  # keeps mm alive
-    return out.copy_(view)
-
 
 def _release(view: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
     """Tell the kernel the mapped pages under ``view`` are no longer needed.
@@ -395,7 +332,7 @@ def load_weights(model: CausalLM, files: list[Path], dtype: torch.dtype, device:
         module = model.get_submodule(module_name)
         view = tensors.pop(name)
         if device.type == "cpu" and view.dtype != dtype:
-            value = _converted(view, dtype)
+            value = huge_copy(view, dtype)
         else:
             value = view.to(device=device, dtype=dtype)  # no copy when dtype and device already match the file
         if value.data_ptr() != view.data_ptr() and view.is_contiguous():

@@ -103,3 +103,16 @@ def online(monkeypatch):
     """Let huggingface_hub make requests, whatever HF_HUB_OFFLINE says: these tests only reach 127.0.0.1."""
     from huggingface_hub import constants
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+def vm_flags(address: int) -> list[str] | None:
+    """The VmFlags of this process's mapping holding ``address`` (None: no mapping holds it)."""
+    found = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0] if line else ""
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            found = lo <= address < hi
+        elif found and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    return None

@@ -240,9 +240,9 @@ def test_the_wheelhouse_check_ignores_this_machine_s_pip_configuration(tmp_path,
 
 
 def test_the_pages_line_says_whether_weights_get_2_mib_pages_and_how_to_turn_them_on(monkeypatch, tmp_path):
-    from qwen_lab import doctor, load
+    from qwen_lab import doctor, pages
     setting = tmp_path / "enabled"
-    monkeypatch.setattr(load, "THP_SETTING", setting)
+    monkeypatch.setattr(pages, "THP_SETTING", setting)
     monkeypatch.delenv("QWEN_LAB_HUGE_PAGES", raising=False)
     setting.write_text("always [madvise] never\n")
     assert "weights in 2 MiB pages" in doctor.check_pages().detail

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import ROOT
-from qwen_lab import reference
+from qwen_lab import pages, reference
 from qwen_lab.errors import CheckpointError, UnsupportedArchitectureError
 from qwen_lab.hub import resolve
 from qwen_lab.load import (ARCHITECTURES, architecture_of, build_model, choose_dtype, count_parameters, load_model,
@@ -483,19 +483,6 @@ def test_a_pipe_in_place_of_a_weights_file_is_refused_not_waited_on(tmp_path):
         read_safetensors(tmp_path)
 
 
-def _vm_flags(address: int) -> list[str] | None:
-    """The VmFlags of this process's mapping holding ``address`` (None: no mapping holds it)."""
-    found = None
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()[0] if line else ""
-        if "-" in head and all(c in "0123456789abcdef-" for c in head):
-            lo, hi = (int(x, 16) for x in head.split("-"))
-            found = lo <= address < hi
-        elif found and line.startswith("VmFlags:"):
-            return line.split()[1:]
-    return None
-
-
 @pytest.fixture(scope="module")
 def large_bf16_dir(tmp_path_factory, tokenizer):
     """A bf16 checkpoint whose MLP matrices hold 4 MiB as float32 (2 MiB as bf16): large enough for huge pages."""
@@ -506,40 +493,41 @@ def large_bf16_dir(tmp_path_factory, tokenizer):
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
 def test_weights_are_asked_for_in_huge_pages_and_given_back_with_the_model(large_bf16_dir, monkeypatch):
+    from conftest import vm_flags
     import gc
     from qwen_lab import load
-    if not load.huge_pages():
-        pytest.skip(f"transparent huge pages are off here ({load.THP_SETTING})")
+    if not pages.huge_pages():
+        pytest.skip(f"transparent huge pages are off here ({pages.THP_SETTING})")
     files = resolve(str(large_bf16_dir))
     model = load_model(files, "float32", "cpu")  # a conversion: a private copy
     gate = model.model.layers[0].mlp.gate_proj.weight
-    assert gate.nbytes >= 2 * load.HUGE_PAGE and gate.data_ptr() % load.HUGE_PAGE == 0
-    assert "hg" in _vm_flags(gate.data_ptr())  # MADV_HUGEPAGE
+    assert gate.nbytes >= 2 * pages.HUGE_PAGE and gate.data_ptr() % pages.HUGE_PAGE == 0
+    assert "hg" in vm_flags(gate.data_ptr())  # MADV_HUGEPAGE
     reference = load_model(files, "bfloat16", "cpu")  # the file's own dtype: views on its mapping, advised too
     assert torch.equal(gate, reference.model.layers[0].mlp.gate_proj.weight.float())
-    assert "hg" in _vm_flags(reference.model.layers[0].mlp.gate_proj.weight.data_ptr())
+    assert "hg" in vm_flags(reference.model.layers[0].mlp.gate_proj.weight.data_ptr())
     small = model.model.layers[0].self_attn.k_proj.weight  # under 2 MiB: torch's own memory
-    assert small.nbytes < load.HUGE_PAGE and "hg" not in (_vm_flags(small.data_ptr()) or [])
+    assert small.nbytes < pages.HUGE_PAGE and "hg" not in (vm_flags(small.data_ptr()) or [])
     address = gate.data_ptr()
     del model, gate
     gc.collect()
-    assert _vm_flags(address) is None or "hg" not in _vm_flags(address)  # the copy's memory went with the model
+    assert vm_flags(address) is None or "hg" not in vm_flags(address)  # the copy's memory went with the model
     monkeypatch.setenv("QWEN_LAB_HUGE_PAGES", "0")  # as before: torch's allocation, no advice
     plain = load_model(files, "float32", "cpu").model.layers[0].mlp.gate_proj.weight
-    assert "hg" not in _vm_flags(plain.data_ptr())
+    assert "hg" not in vm_flags(plain.data_ptr())
     assert torch.equal(plain, reference.model.layers[0].mlp.gate_proj.weight.float())
 
 
 def test_huge_pages_follow_the_system_s_setting(monkeypatch, tmp_path):
     from qwen_lab import load
     setting = tmp_path / "enabled"
-    monkeypatch.setattr(load, "THP_SETTING", setting)
+    monkeypatch.setattr(pages, "THP_SETTING", setting)
     monkeypatch.delenv("QWEN_LAB_HUGE_PAGES", raising=False)
     for text, on in (("always [madvise] never", True), ("[always] madvise never", True),
                      ("always madvise [never]", False)):
         setting.write_text(text + "\n")
-        assert load.huge_pages() is on, text
+        assert pages.huge_pages() is on, text
     setting.unlink()
-    assert load.huge_pages() is False  # no such file: not Linux's THP
-    view = torch.arange(load.HUGE_PAGE, dtype=torch.bfloat16)
-    assert torch.equal(load._converted(view, torch.float32), view.float())  # off: torch's plain conversion
+    assert pages.huge_pages() is False  # no such file: not Linux's THP
+    view = torch.arange(pages.HUGE_PAGE, dtype=torch.bfloat16)
+    assert torch.equal(pages.huge_copy(view, torch.float32), view.float())  # off: torch's plain conversion
