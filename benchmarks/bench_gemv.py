@@ -7,11 +7,19 @@ the GB/s of weight bytes that F.linear and each plan of the C kernel stream (``q
 gemv variant x rows side by side x prefetch; best of several rounds, cycling through copies so
 the matrix is never in the cache), and the plan ``tuning`` picks; then the read bandwidth of
 summing a 1 GiB tensor next to the chosen kernel on a 1 GiB matrix: the kernel's ceiling here.
+
+    python benchmarks/bench_gemv.py --pages [--rounds 2]
+
+instead ranks the plans of each shape twice, alternating: on matrices in 4 KiB pages (as tuning
+measured before ``tuning.METHOD`` 3, and as it does with ``QWEN_LAB_HUGE_PAGES=0``) and in 2 MiB
+pages (as the model's weights are where ``pages.huge_pages()``), and says how fast the plan chosen
+on small pages streams on large ones.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,9 +55,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=HERE / "configs" / "qwen2.5-0.5b.json")
     p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--pages", action="store_true", help="rank the plans on 4 KiB and on 2 MiB pages, alternating")
+    p.add_argument("--rounds", type=int, default=2, help="with --pages: measurements of each kind per shape")
     args = p.parse_args()
     if not kernels.available():
         sys.exit(f"the C kernels are not available: {kernels.status()}")
+    if args.pages:
+        return rank_on_pages(args)
     print(f"{cpu_description()}; torch {torch.__version__}; {kernels.num_threads()} threads; "
           f"shapes of {args.config.stem}\n")
     for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
@@ -69,6 +81,31 @@ def main() -> None:
     read = 2**30 / best_seconds(big.sum, 5)
     kernel = rows * 896 * 4 / best_seconds(lambda: kernels.gemv(x, matrix, plan=plan), 5)
     print(f"\n1 GiB: sum {read / 1e9:.1f} GB/s, gemv ({plan}) {kernel / 1e9:.1f} GB/s ({kernel / read:.0%} of sum)")
+
+
+def rank_on_pages(args) -> None:
+    from qwen_lab import pages
+    if not pages.huge_pages():
+        sys.exit(f"2 MiB pages are not asked for here: {pages.huge_pages_and_why()[1]}")
+    print(f"{cpu_description()}; torch {torch.__version__}; {kernels.num_threads()} threads; shapes of "
+          f"{args.config.stem}; each shape's plans ranked {args.rounds} times on each kind of page, alternating\n")
+    for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
+        for out_features, in_features, name in shapes(args.config):
+            if out_features * in_features * torch.empty((), dtype=dtype).element_size() < tuning.TUNE_MIN_BYTES:
+                continue
+            for _ in range(args.rounds):
+                ranked = {}
+                for kind, off in (("4 KiB", "0"), ("2 MiB", None)):
+                    if off is None:
+                        os.environ.pop("QWEN_LAB_HUGE_PAGES", None)
+                    else:
+                        os.environ["QWEN_LAB_HUGE_PAGES"] = off
+                    ranked[kind] = tuning.measure(out_features, in_features, dtype)
+                os.environ.pop("QWEN_LAB_HUGE_PAGES", None)
+                (small, _), (large, speeds) = ranked["4 KiB"], ranked["2 MiB"]
+                print(f"{str(dtype)[6:]:9} {out_features:>7} x {in_features:<6} {name:13} chosen on 4 KiB pages: "
+                      f"{str(small):22} on 2 MiB: {str(large):22} | on 2 MiB pages these stream "
+                      f"{speeds[str(small)] / 1e9:5.1f} and {speeds[str(large)] / 1e9:5.1f} GB/s")
 
 
 if __name__ == "__main__":

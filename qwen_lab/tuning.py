@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import kernels
+from . import kernels, pages
 
 TUNE_MIN_BYTES = 1 << 20
 #: The timed matrices cycle through copies adding up to at least this many bytes, so that each is
@@ -49,8 +49,9 @@ ROUNDS = 5
 #: Rows of the float64 reference computed at once when a plan's answer is checked (``measure``).
 CHECK_ROWS = 4096
 #: Part of the cache's key: a change to how plans are measured measures them again (2: timed copies
-#: never the matrix the checks just read, which on a CPU with a large L3 could still be there).
-METHOD = 2
+#: never the matrix the checks just read, which on a CPU with a large L3 could still be there; 3: timed
+#: in 2 MiB pages where the weights are, ``pages.huge_pages``).
+METHOD = 3
 
 _memory: dict[str, kernels.Plan] = {}
 
@@ -171,7 +172,10 @@ def measure(out_features: int, in_features: int, dtype: torch.dtype,
     """Time every plan on this shape; the fastest, and each one's bytes per second (best of ``ROUNDS``)."""
     plans = candidates(dtype) if plans is None else plans
     g = torch.Generator().manual_seed(0)
-    weight = torch.randn(out_features, in_features, generator=g, dtype=dtype)
+    # in memory like the model's weights (2 MiB pages where load asks for them), since that is what the plan
+    # will stream: on an AMD EPYC Zen 4 a plan chosen on 4 KiB pages streamed 0-11% slower on 2 MiB pages than
+    # the one chosen there (mostly 1-3%: near ties; benchmarks/bench_gemv.py --pages, RESULTS.md)
+    weight = pages.huge_empty((out_features, in_features), dtype).normal_(generator=g)
     x = torch.randn(in_features, generator=g).to(dtype)
     nbytes = weight.numel() * weight.element_size()
     # The reference in float64, a block of rows at a time: the whole matrix in float64 was four times a
@@ -187,7 +191,7 @@ def measure(out_features: int, in_features: int, dtype: torch.dtype,
     # stream_bytes() earlier: a matrix still in the cache would time its plan at the cache's speed.
     # A matrix larger than that cycle is itself out of the caches; it is timed as it is, with no copy.
     wanted = stream_bytes()
-    copies = [weight] if nbytes >= wanted else [weight.clone() for _ in range(-(-wanted // nbytes))]
+    copies = [weight] if nbytes >= wanted else [pages.huge_copy(weight, dtype) for _ in range(-(-wanted // nbytes))]
     best = {plan: float("inf") for plan in correct}
     turn = 0
     with torch.inference_mode():

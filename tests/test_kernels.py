@@ -1055,6 +1055,27 @@ def test_a_new_way_of_measuring_measures_again(monkeypatch):
 
 
 @needs_kernel
+def test_plans_are_timed_in_memory_like_the_weights_2_mib_pages(monkeypatch):
+    """load keeps large weights in 2 MiB pages; plans timed on torch's 4 KiB pages ranked otherwise there
+    (benchmarks/RESULTS.md): every matrix a plan is timed on is in advised, 2 MiB-aligned memory."""
+    from conftest import vm_flags
+    from qwen_lab import pages, tuning
+    if not pages.huge_pages():
+        pytest.skip(f"transparent huge pages are off here ({pages.THP_SETTING})")
+    monkeypatch.setattr(tuning, "STREAM_BYTES", 16 << 20)
+    real, timed = kernels._run, []
+
+    def run(lib, x, w, b, plan):
+        timed.append((w.data_ptr(), vm_flags(w.data_ptr())))
+        return real(lib, x, w, b, plan)
+    monkeypatch.setattr(kernels, "_run", run)
+    plans = [kernels.Plan("avx2", 1, 0), kernels.Plan("avx2", 4, 0)]
+    tuning.measure(1024, 1024, torch.float32, plans)  # 4 MiB: four copies
+    assert len(timed) == len(plans) * (1 + tuning.ROUNDS)  # the checks, then the rounds
+    assert all(address % pages.HUGE_PAGE == 0 and "hg" in flags for address, flags in timed), timed
+
+
+@needs_kernel
 def test_a_plan_that_computes_wrong_is_never_chosen(monkeypatch):
     from qwen_lab import tuning
     monkeypatch.setattr(tuning, "STREAM_BYTES", 4 << 20)
