@@ -314,16 +314,18 @@ class PromptCache:
             start += 1
         return start
 
-    def _claim(self, model, prompt_ids: list[int], length: int, static: bool = False) -> "_Claim":
+    def _claim(self, model, prompt_ids: list[int], length: int, static: bool = False, weights: tuple | None = None,
+               take: bool = True) -> "_Claim | None":
         """Check the memory that a generation of ``length`` positions needs, then hand it what this cache holds.
 
-        One look at the weights (``_weights``) and one decision under the lock: the cache is empty
-        until the generation gives back (``_keep``), so two generations never write into the same
-        caches. What it allocates: reused in place, nothing; grown, at least ``length`` positions while
-        the old ones are copied; not reusable, ``length`` once the old ones are freed (here, at once);
-        static, the decoder's bucket unless the model keeps it. Refused (``SettingError``), it takes nothing.
+        One decision under the lock: the cache is empty until the generation gives back (``_keep``), so two
+        generations never write into the same caches. What it allocates: reused in place, nothing; grown, at
+        least ``length`` positions while the old ones are copied; not reusable, ``length`` once the old ones are
+        freed (here, at once); static, the decoder's bucket unless the model keeps it. Refused (``SettingError``),
+        it takes nothing. ``take=False`` only checks: ``generate_stream`` does so when the stream is made, and
+        takes when it starts, both from one look at the weights (``weights``: ``_weights(model)``).
         """
-        weights = _weights(model)
+        weights = _weights(model) if weights is None else weights
         memory = tuple(address for address, _ in weights)  # static_decode.weight_memory, from the same walk
         decoder = static_decode.kept_decoder(model, length, memory) if static else None
         with self._lock:
@@ -337,6 +339,8 @@ class PromptCache:
             else:
                 positions = static_decode.new_positions(model, length, memory) if static else length
             _check_cache_memory(model, positions, freed)
+            if not take:
+                return None
             self._claims += 1
             claim = _Claim(self, self._claims, weights, start, caches, decoder, self._writes, memory)
             self._caches, self._ids, self._model, self._decoder = None, [], None, None
@@ -503,18 +507,20 @@ def generate_stream(model, tokenizer: Tokenizer, prompt_ids: list[int], config: 
         static = use_cache and model.lm_head.weight.device.type == "cuda"
     if static and not use_cache:
         raise SettingError("static decoding keeps a KV cache: it cannot run with use_cache=False")
-    claim = None
+    take = None
     if use_cache:
         length = len(prompt_ids) + min(config.max_new_tokens, context - len(prompt_ids))
-        if cache is not None:  # the same check, counting what the cache holds; then it is this generation's
-            claim = cache._claim(model, prompt_ids, length, static)
+        if cache is not None:  # the same check, counting what the cache holds; taken when the stream starts
+            weights = _weights(model)
+            cache._claim(model, prompt_ids, length, static, weights, take=False)
+            take = lambda: cache._claim(model, prompt_ids, length, static, weights)  # noqa: E731
         elif static:  # the static decoder allocates its bucket once, then keeps it
             _check_cache_memory(model, static_decode.new_positions(model, length))
         else:
             _check_cache_memory(model, length)
     choices: list[TokenChoice] = []
     return GenerationStream(_steps(model, tokenizer, list(prompt_ids), config, cancel, use_cache,
-                                   skip_special_tokens, context, static, choices, claim), choices)
+                                   skip_special_tokens, context, static, choices, take), choices)
 
 
 def _cache_bytes(model, positions: int) -> int:
@@ -550,7 +556,9 @@ def _check_cache_memory(model, positions: int, freed: int = 0) -> None:
                            f"{(free + freed) / 2**30:.1f} GiB is free: ask for fewer new tokens (max_new_tokens)")
 
 
-def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special, context, static, choices, claim):
+def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special, context, static, choices, take):
+    # the cache is taken here, at the first token asked for: a stream made and never read takes nothing
+    claim = take() if take is not None else None
     budget = min(config.max_new_tokens, context - len(prompt_ids))
     generator = None
     if not config.greedy:
