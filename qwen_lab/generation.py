@@ -267,8 +267,9 @@ class PromptCache:
     forward hook added since is not seen: ``clear()`` it then). A generation takes it whole when it
     starts (a stream made but never read takes nothing) and gives back what it computed whole:
     all it fed, or, if it fails, what it had finished before the failure (a stream abandoned
-    mid-reply gives back only once it is closed or collected). ``clear()`` frees its memory (not the
-    static decoder's: the model keeps that one).
+    mid-reply gives back only once it is closed or collected). ``clear()`` frees its memory: its own
+    caches, or the static decoder holding them where its conversation wrote there last (the model's
+    other decoders stay: ``static_decode.release(model)`` frees them).
     """
 
     def __init__(self) -> None:
@@ -292,9 +293,18 @@ class PromptCache:
             return len(self._ids)
 
     def clear(self) -> None:
+        """Forget what it holds and free that memory: its own caches (eager path), or (static path) the
+        model's decoder holding its keys and values, if this conversation was the last to write there (no
+        one else can use what it holds; the next generation of that length makes a new decoder). A decoder
+        another generation wrote since is left to the model: ``static_decode.release(model)`` frees them all.
+        """
         with self._lock:
+            decoder = self._decoder() if self._decoder is not None else None
+            last = decoder is not None and decoder.writes == self._writes
             self._caches, self._ids, self._model, self._decoder = None, [], None, None
             self._claims += 1  # a generation still running gives back nothing: cleared means freed
+        if last:
+            static_decode.release(decoder.model, decoder)
 
     def _usable(self, model, prompt_ids: list[int], weights: tuple, static: bool, decoder=None) -> int:
         """How many leading ``prompt_ids`` it holds for ``model`` whose weights are ``weights``, where the

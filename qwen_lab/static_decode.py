@@ -24,7 +24,7 @@ conversation's next turn can start from what they hold, as on the eager path: ``
 counts every prefill, copy and step, and ``generation.PromptCache`` trusts its record of the
 ids they hold only while that count is unchanged. A turn in another length bucket than the
 last one's copies that prefix from the last one's caches (``copy_prefix``) rather than
-computing it again.
+computing it again. ``release(model)`` lets the kept decoders go, and their memory with them.
 """
 from __future__ import annotations
 
@@ -200,8 +200,26 @@ def decoder_for(model: CausalLM, length: int, memory: tuple[int, ...] | None = N
     size = bucket(length, model.config.max_position_embeddings)
     decoders = model.__dict__.setdefault("_static_decoders", {})
     memory = weight_memory(model) if memory is None else memory
-    for kept in [k for k, decoder in decoders.items() if not _serves(decoder, model, memory)]:
-        del decoders[kept]
+    for kept, decoder in list(decoders.items()):  # a copy: ``release`` may run in another thread
+        if not _serves(decoder, model, memory):
+            decoders.pop(kept, None)
     if size not in decoders:
         decoders[size] = StaticDecoder(model, size)
     return decoders[size]
+
+
+def release(model: CausalLM, decoder: StaticDecoder | None = None) -> int:
+    """Let go of the decoders the model keeps (or only ``decoder``), so that their KV caches and CUDA graphs
+    are freed; returns the bytes of KV cache let go. ``generation.PromptCache.clear()`` lets go of the one
+    holding its conversation where that conversation wrote there last; this frees every one, e.g. before
+    loading another model beside this one. A generation running on one finishes on it (it holds it until
+    then); the next static generation makes a new decoder (on a GPU capturing its graph again: 0.067 s at
+    Qwen2.5-1.5B's shapes on an H100, ``benchmarks/RESULTS.md``).
+    On a GPU torch keeps the freed memory for its next tensors: ``torch.cuda.empty_cache()`` returns it
+    to the driver (for other processes).
+    """
+    decoders, freed = model.__dict__.get("_static_decoders", {}), 0
+    for size, kept in list(decoders.items()):
+        if (decoder is None or kept is decoder) and decoders.pop(size, None) is kept:
+            freed += sum(2 * cache.k.numel() * cache.k.element_size() for cache in kept.caches)
+    return freed

@@ -354,6 +354,44 @@ def tiny_chat_copy():
     return ChatModel.load("qwen-lab/tiny-chat", dtype="float32", device=DEVICE)
 
 
+def test_clear_frees_the_decoder_its_conversation_wrote_last_and_release_frees_every_one(tiny_chat_copy):
+    """The model kept each length bucket's decoder for good: ``PromptCache.clear()`` (a panel's New chat, a panel
+    let go) forgot which ids its caches held but left their memory taken, and nothing else could free it."""
+    import weakref
+    from qwen_lab.generation import PromptCache
+    chat, cache, second = tiny_chat_copy, PromptCache(), PromptCache()
+    messages = [{"role": "user", "content": "Tell me about cats."}]
+    settings = dict(do_sample=False, max_new_tokens=12)
+    reference = chat.generate(messages, static=False, **settings).token_ids  # the eager path: no decoder used
+    assert chat.generate(messages, static=True, cache=cache, **settings).token_ids == reference
+    chat.generate(messages, static=True, do_sample=False, max_new_tokens=600)  # the 1024 bucket's, no conversation's
+    keys = weakref.ref(chat.model._static_decoders[512].caches[0].k)
+    cache.clear()  # its conversation wrote the 512 decoder last: nobody else can use what it holds
+    assert keys() is None and sorted(chat.model._static_decoders) == [1024]
+    again = chat.generate(messages, static=True, cache=cache, **settings)
+    assert again.cached_tokens == 0 and again.token_ids == reference
+    hello = [{"role": "user", "content": "Hello!"}]
+    chat.generate(hello, static=True, cache=second, **settings)  # another conversation wrote there since
+    cache.clear()  # the decoder holds the other conversation's keys: kept
+    kept = chat.generate(hello, static=True, cache=second, **settings)
+    assert kept.cached_tokens == len(chat.prompt_ids(hello)) - 1
+
+    # every decoder of the model, one of them while a generation runs on it: that one ends on it, then goes
+    held = [weakref.ref(d.caches[0].k) for d in chat.model._static_decoders.values()]
+    stream = chat.stream(messages, static=True, cache=cache, **settings)
+    next(stream)
+    cfg = chat.model.config
+    per_position = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
+    assert static_decode.release(chat.model) == (512 + 1024) * per_position
+    assert chat.model._static_decoders == {} and static_decode.new_positions(chat.model, 100) == 512
+    assert stream.result.token_ids == reference
+    assert all(ref() is None for ref in held) and len(cache) == 0  # its record names a decoder now gone
+    later = chat.generate(messages, static=True, cache=cache, **settings)
+    assert later.cached_tokens == 0 and later.token_ids == reference and sorted(chat.model._static_decoders) == [512]
+    assert chat.generate(messages, static=True, cache=cache, **settings).cached_tokens == len(chat.prompt_ids(
+        messages)) - 1
+
+
 def test_a_stopped_failed_or_abandoned_static_reply_keeps_only_what_it_computed_whole(tiny_chat_copy, monkeypatch):
     """Stopped: all it fed is kept, and the conversation goes on as with a whole prefill. Failed: the prefix
     computed before. Abandoned mid-reply: nothing while it may still write; once collected, what it fed, unless
