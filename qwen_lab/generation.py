@@ -256,17 +256,20 @@ class PromptCache:
     static path (a GPU's, ``static=True``), in the caches that the model's ``StaticDecoder`` keeps,
     one per length bucket, shared by every generation on that model: the cache records which ids
     they hold and is trusted only while nothing else has written there since. Two conversations
-    taking turns on one model (two panels) therefore prefill their whole prompt at each turn, as
-    does a turn whose length (prompt plus ``max_new_tokens``) falls in another bucket than the
-    last one's; neither ever reads the other's keys. A generation in another bucket writes into
-    other caches: the next turn still reuses.
+    taking turns on one model (two panels) therefore prefill their whole prompt at each turn;
+    neither ever reads the other's keys. A generation in another bucket writes into other caches:
+    the next turn still reuses. A turn whose length (prompt plus ``max_new_tokens``) falls in
+    another bucket than the last one's copies the prefix from the last one's caches into its own
+    bucket's (a tensor copy per layer, not a prefill).
 
     A cache belongs to one model with its weights as they are, and to one path (another model, or
     one moved, converted or with a weight changed since, or the other path, starts it afresh; a
-    forward hook added since is not seen: ``clear()`` it then). A generation takes it whole and gives back what it computed whole:
+    forward hook added since is not seen: ``clear()`` it then). A generation takes it whole when it
+    starts (a stream made but never read takes nothing) and gives back what it computed whole:
     all it fed, or, if it fails, what it had finished before the failure (a stream abandoned
-    mid-reply gives back only once it is closed or collected). ``clear()`` frees its memory (not the
-    static decoder's: the model keeps that one).
+    mid-reply gives back only once it is closed or collected). ``clear()`` frees its memory: its own
+    caches, or the static decoder holding them where its conversation wrote there last (the model's
+    other decoders stay: ``static_decode.release(model)`` frees them).
     """
 
     def __init__(self) -> None:
@@ -290,45 +293,56 @@ class PromptCache:
             return len(self._ids)
 
     def clear(self) -> None:
+        """Forget what it holds and free that memory: its own caches (eager path), or (static path) the
+        model's decoder holding its keys and values, if this conversation was the last to write there (no
+        one else can use what it holds; the next generation of that length makes a new decoder). A decoder
+        another generation wrote since is left to the model: ``static_decode.release(model)`` frees them all.
+        """
         with self._lock:
+            decoder = self._decoder() if self._decoder is not None else None
+            last = decoder is not None and decoder.writes == self._writes
             self._caches, self._ids, self._model, self._decoder = None, [], None, None
             self._claims += 1  # a generation still running gives back nothing: cleared means freed
+        if last:
+            static_decode.release(decoder.model, decoder)
 
     def _usable(self, model, prompt_ids: list[int], weights: tuple, static: bool, decoder=None) -> int:
         """How many leading ``prompt_ids`` it holds for ``model`` whose weights are ``weights``, where the
-        generation reads them: in its own caches, or (``static``) in ``decoder``'s (0: nothing can serve)."""
+        generation can read them: in its own caches, or (``static``) in ``decoder``'s, the static decoder its
+        record names (this generation's length bucket's, or another's, whence they are copied; 0: none serves)."""
         owner = self._model() if self._model is not None else None
         if owner is not model or weights != self._weights:
             return 0  # another model, or this one with a weight changed since
-        weight = model.lm_head.weight
-        if not static:
-            caches = self._caches
-            if caches is None or caches[0].k.dtype != weight.dtype or caches[0].k.device != weight.device:
-                return 0  # none of its own (kept by the static decoder), or this model moved or converted since
-        elif decoder is None or self._decoder is None or self._decoder() is not decoder \
-                or decoder.writes != self._writes:
-            return 0  # another decoder (length bucket, dtype, device), or its caches written since
+        if static and (decoder is None or decoder.writes != self._writes):
+            return 0  # none (its keys are in its own caches), the decoder dropped, or its caches written since
+        caches, weight = decoder.caches if static else self._caches, model.lm_head.weight
+        if caches is None or caches[0].k.dtype != weight.dtype or caches[0].k.device != weight.device:
+            return 0  # none of its own (kept by a static decoder), or this model moved or converted since
         # at most all but the last prompt token: its logits choose the first new token
         start, limit = 0, min(len(self._ids), len(prompt_ids) - 1)
         while start < limit and self._ids[start] == prompt_ids[start]:
             start += 1
         return start
 
-    def _claim(self, model, prompt_ids: list[int], length: int, static: bool = False) -> "_Claim":
+    def _claim(self, model, prompt_ids: list[int], length: int, static: bool = False, weights: tuple | None = None,
+               take: bool = True) -> "_Claim | None":
         """Check the memory that a generation of ``length`` positions needs, then hand it what this cache holds.
 
-        One look at the weights (``_weights``) and one decision under the lock: the cache is empty
-        until the generation gives back (``_keep``), so two generations never write into the same
-        caches. What it allocates: reused in place, nothing; grown, at least ``length`` positions while
-        the old ones are copied; not reusable, ``length`` once the old ones are freed (here, at once);
-        static, the decoder's bucket unless the model keeps it. Refused (``SettingError``), it takes nothing.
+        One decision under the lock: the cache is empty until the generation gives back (``_keep``), so two
+        generations never write into the same caches. What it allocates: reused in place, nothing; grown, at
+        least ``length`` positions while the old ones are copied; not reusable, ``length`` once the old ones are
+        freed (here, at once); static, the decoder's bucket unless the model keeps it. Refused (``SettingError``),
+        it takes nothing. ``take=False`` only checks: ``generate_stream`` does so when the stream is made, and
+        takes when it starts, both from one look at the weights (``weights``: ``_weights(model)``).
         """
-        weights = _weights(model)
+        weights = _weights(model) if weights is None else weights
         memory = tuple(address for address, _ in weights)  # static_decode.weight_memory, from the same walk
-        decoder = static_decode.kept_decoder(model, length, memory) if static else None
         with self._lock:
+            # the static decoder holding its keys (a local reference, so that it cannot go while looked at)
+            decoder = self._decoder() if static and self._decoder is not None else None
             start = self._usable(model, prompt_ids, weights, static, decoder)
             caches = self._caches if start and not static else None  # its own, serving this generation
+            decoder = decoder if start else None  # the prefix's, maybe another length bucket's
             dropped = self._caches if caches is None else None  # freed with the claim: counted as free
             freed = 0 if dropped is None or dropped[0].k.device != model.lm_head.weight.device \
                 else sum(2 * c.k.numel() * c.k.element_size() for c in dropped)
@@ -337,6 +351,8 @@ class PromptCache:
             else:
                 positions = static_decode.new_positions(model, length, memory) if static else length
             _check_cache_memory(model, positions, freed)
+            if not take:
+                return None
             self._claims += 1
             claim = _Claim(self, self._claims, weights, start, caches, decoder, self._writes, memory)
             self._caches, self._ids, self._model, self._decoder = None, [], None, None
@@ -358,7 +374,8 @@ class PromptCache:
 @dataclass
 class _Claim:
     """What one generation took from a ``PromptCache``: its first ``start`` prompt ids are computed, in
-    ``caches`` (eager) or in the static ``decoder``'s caches as its ``writes``-th write left them."""
+    ``caches`` (eager) or in the static ``decoder``'s caches as its ``writes``-th write left them (that decoder
+    may be another length bucket's than the generation's: they are then copied)."""
 
     cache: PromptCache
     ticket: int                  # the cache's claim count when taken: a later claim voids this one's give-back
@@ -443,7 +460,8 @@ class _Static:
 
     Its caches are the model's, kept from one generation to the next whoever ran it: a claim on a
     ``PromptCache`` starts after the common prefix only if its last generation was the last to write
-    there, and this generation gives back only if nothing else wrote there while it ran.
+    the caches holding it (this length bucket's, or another's whose prefix is copied into this one's),
+    and this generation gives back only if nothing else wrote there while it ran.
     """
 
     def __init__(self, model, length: int, claim: _Claim | None = None) -> None:
@@ -451,9 +469,12 @@ class _Static:
         self.decoder = static_decode.decoder_for(model, length, claim.memory if claim is not None else None)
         self.path = self.decoder.mode
         self.prefill_threads = self.decode_threads = self.step_threads = torch.get_num_threads()
-        # between the claim (when the stream was made) and now, another generation may have used the decoder
-        intact = claim is not None and claim.decoder is self.decoder and self.decoder.writes == claim.writes
+        source = claim.decoder if claim is not None else None
+        # since the claim another thread may have used that decoder (one generation at a time is the caller's lock)
+        intact = source is not None and source.writes == claim.writes
         self.start = claim.start if intact else 0  # the prompt's first position the prefill computes
+        if self.start and source is not self.decoder:  # another bucket's: a copy, not a prefill, of the prefix
+            self.decoder.copy_prefix(source, self.start)
         self.writes = self.decoder.writes  # the decoder's count after this generation's last write
 
     def _write(self) -> None:
@@ -487,8 +508,9 @@ def generate_stream(model, tokenizer: Tokenizer, prompt_ids: list[int], config: 
     decode with ``static_decode.StaticDecoder`` (a CUDA graph replayed per token);
     ``None`` does so on a GPU, where it pays, and not on a CPU. ``cache``: a ``PromptCache``
     whose common prefix with the prompt is not computed again, on either path (with the static
-    decoder, only if this generation's length falls in the bucket of the cache's last one, and no
-    other generation has used that bucket's decoder since).
+    decoder, only if no other generation has written the caches of the cache's last one since;
+    in another length bucket's decoder, the prefix is copied). The cache is taken when the stream
+    starts: one made and never read leaves it as it was.
     """
     context, vocab = model.config.max_position_embeddings, model.config.vocab_size
     if not prompt_ids:
@@ -503,18 +525,20 @@ def generate_stream(model, tokenizer: Tokenizer, prompt_ids: list[int], config: 
         static = use_cache and model.lm_head.weight.device.type == "cuda"
     if static and not use_cache:
         raise SettingError("static decoding keeps a KV cache: it cannot run with use_cache=False")
-    claim = None
+    take = None
     if use_cache:
         length = len(prompt_ids) + min(config.max_new_tokens, context - len(prompt_ids))
-        if cache is not None:  # the same check, counting what the cache holds; then it is this generation's
-            claim = cache._claim(model, prompt_ids, length, static)
+        if cache is not None:  # the same check, counting what the cache holds; taken when the stream starts
+            weights = _weights(model)
+            cache._claim(model, prompt_ids, length, static, weights, take=False)
+            take = lambda: cache._claim(model, prompt_ids, length, static, weights)  # noqa: E731
         elif static:  # the static decoder allocates its bucket once, then keeps it
             _check_cache_memory(model, static_decode.new_positions(model, length))
         else:
             _check_cache_memory(model, length)
     choices: list[TokenChoice] = []
     return GenerationStream(_steps(model, tokenizer, list(prompt_ids), config, cancel, use_cache,
-                                   skip_special_tokens, context, static, choices, claim), choices)
+                                   skip_special_tokens, context, static, choices, take), choices)
 
 
 def _cache_bytes(model, positions: int) -> int:
@@ -550,7 +574,9 @@ def _check_cache_memory(model, positions: int, freed: int = 0) -> None:
                            f"{(free + freed) / 2**30:.1f} GiB is free: ask for fewer new tokens (max_new_tokens)")
 
 
-def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special, context, static, choices, claim):
+def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special, context, static, choices, take):
+    # the cache is taken here, at the first token asked for: a stream made and never read takes nothing
+    claim = take() if take is not None else None
     budget = min(config.max_new_tokens, context - len(prompt_ids))
     generator = None
     if not config.greedy:

@@ -21,8 +21,10 @@ it as a graph, and replays it; where capture fails it runs the same step eagerly
 
 The caches outlive a generation (one decoder per model and length bucket, kept), so a
 conversation's next turn can start from what they hold, as on the eager path: ``writes``
-counts every prefill and step, and ``generation.PromptCache`` trusts its record of the ids
-they hold only while that count is unchanged.
+counts every prefill, copy and step, and ``generation.PromptCache`` trusts its record of the
+ids they hold only while that count is unchanged. A turn in another length bucket than the
+last one's copies that prefix from the last one's caches (``copy_prefix``) rather than
+computing it again. ``release(model)`` lets the kept decoders go, and their memory with them.
 """
 from __future__ import annotations
 
@@ -84,7 +86,7 @@ class StaticDecoder:
         self.token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.graph, self.out = None, None
-        #: prefills and steps so far: each may overwrite positions, so what the caches hold is known only
+        #: prefills, copies and steps so far: each may overwrite positions, so what the caches hold is known only
         #: to whoever made the last of them (checked by ``generation``; the capture's warm-up is not counted)
         self.writes = 0
         #: how the step runs: "cuda-graph", or "static" (eager, with a reason when a graph was wanted)
@@ -114,7 +116,7 @@ class StaticDecoder:
         """Record one step as a CUDA graph (after warm-up runs on a side stream, as CUDA requires).
 
         The warm-up steps write garbage at position 0 of the caches, before any generation:
-        the first generation on a new decoder prefills from position 0, overwriting it.
+        the first generation on a new decoder prefills (or copies a prefix) from position 0, overwriting it.
         """
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -133,6 +135,18 @@ class StaticDecoder:
         self.writes += 1
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
         return self.model(x, self.caches, start, last_only=True)[0, -1]
+
+    @torch.inference_mode()
+    def copy_prefix(self, source: "StaticDecoder", n: int) -> None:
+        """Take the keys and values of positions ..``n`` from ``source``, another length bucket's decoder of
+        the same model (the conversation's last turn in that bucket), instead of computing them again."""
+        if n > self.max_len or source.caches[0].k.dtype != self.caches[0].k.dtype or source.device != self.device:
+            raise ValueError(f"cannot copy {n} positions of {source.max_len}-position {source.caches[0].k.dtype} "
+                             f"caches on {source.device} into this decoder's")
+        self.writes += 1
+        for mine, theirs in zip(self.caches, source.caches):
+            mine.k[:, :, :n].copy_(theirs.k[:, :, :n])  # in place: a captured graph reads these tensors
+            mine.v[:, :, :n].copy_(theirs.v[:, :, :n])
 
     def step(self, token: int, pos: int) -> torch.Tensor:
         """Logits after ``token`` placed at position ``pos`` (earlier positions come from the cache)."""
@@ -186,8 +200,26 @@ def decoder_for(model: CausalLM, length: int, memory: tuple[int, ...] | None = N
     size = bucket(length, model.config.max_position_embeddings)
     decoders = model.__dict__.setdefault("_static_decoders", {})
     memory = weight_memory(model) if memory is None else memory
-    for kept in [k for k, decoder in decoders.items() if not _serves(decoder, model, memory)]:
-        del decoders[kept]
+    for kept, decoder in list(decoders.items()):  # a copy: ``release`` may run in another thread
+        if not _serves(decoder, model, memory):
+            decoders.pop(kept, None)
     if size not in decoders:
         decoders[size] = StaticDecoder(model, size)
     return decoders[size]
+
+
+def release(model: CausalLM, decoder: StaticDecoder | None = None) -> int:
+    """Let go of the decoders the model keeps (or only ``decoder``), so that their KV caches and CUDA graphs
+    are freed; returns the bytes of KV cache let go. ``generation.PromptCache.clear()`` lets go of the one
+    holding its conversation where that conversation wrote there last; this frees every one, e.g. before
+    loading another model beside this one. A generation running on one finishes on it (it holds it until
+    then); the next static generation makes a new decoder (on a GPU capturing its graph again: 0.067 s at
+    Qwen2.5-1.5B's shapes on an H100, ``benchmarks/RESULTS.md``).
+    On a GPU torch keeps the freed memory for its next tensors: ``torch.cuda.empty_cache()`` returns it
+    to the driver (for other processes).
+    """
+    decoders, freed = model.__dict__.get("_static_decoders", {}), 0
+    for size, kept in list(decoders.items()):
+        if (decoder is None or kept is decoder) and decoders.pop(size, None) is kept:
+            freed += sum(2 * cache.k.numel() * cache.k.element_size() for cache in kept.caches)
+    return freed

@@ -556,6 +556,31 @@ def test_an_abandoned_stream_gives_back_once_collected_but_never_over_a_newer_re
     assert len(cache) == len(other) + 3 and cache._ids == other + newer.token_ids[:-1]  # the newer reply's
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_a_stream_takes_the_cache_when_it_starts_not_when_it_is_made(tiny_chat, static):
+    """The cache was taken when the stream was made: one made and dropped unread (a cell that built it and
+    failed before reading, a stream left as a cell's last value) left the cache empty, and the next turn
+    prefilled its whole conversation. Now a stream takes the cache at its first token; until then nothing."""
+    import gc
+    cache, messages = PromptCache(), [{"role": "user", "content": "Tell me about cats."}]
+    settings = dict(do_sample=False, max_new_tokens=8, eos_token_id=[], static=static)
+    prompt = tiny_chat.prompt_ids(messages)
+    first = tiny_chat.generate(messages, cache=cache, **settings)
+    held = len(cache)
+    assert held == len(prompt) + 7
+    unread = tiny_chat.stream(messages, cache=cache, **settings)
+    assert len(cache) == held  # made, never read
+    del unread
+    gc.collect()
+    assert len(cache) == held  # dropped unread: what the cache held stays usable
+    waiting = tiny_chat.stream(messages, cache=cache, **settings)  # made, read only after the next turn
+    again = tiny_chat.generate(messages, cache=cache, **settings)
+    assert again.cached_tokens == len(prompt) - 1 and again.token_ids == first.token_ids
+    late = waiting.result  # read now: it takes the cache as the turn before left it
+    assert late.cached_tokens == len(prompt) - 1 and late.token_ids == first.token_ids
+    assert len(cache) == held
+
+
 # ---------------------------------------------------------------- a model folder's files are untrusted
 
 def model_copy(tiny_dir, tmp_path, name, edit):

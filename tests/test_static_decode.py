@@ -72,6 +72,23 @@ def test_logits_of_a_step_equal_the_eager_forward(tiny):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_a_prefix_copied_from_another_bucket_s_decoder_gives_the_logits_of_a_whole_prefill(tiny):
+    model, tok = tiny
+    ids = tok.encode("Hello! How are you today?")
+    small, large = (static_decode.StaticDecoder(model, n, graph=False) for n in (64, 128))
+    with torch.inference_mode():
+        small.prefill(ids[:-3])
+        large.prefill(tok.encode("Something else entirely, to be overwritten"))
+        writes = large.writes
+        large.copy_prefix(small, len(ids) - 3)
+        assert large.writes == writes + 1  # a write: a record of what its caches held no longer holds
+        got = large.prefill(ids[-3:], len(ids) - 3)
+        want = model(torch.tensor([ids], device=model.lm_head.weight.device))[0, -1]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cannot copy 100 positions"):
+        small.copy_prefix(large, 100)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the capture succeeds")
 def test_a_failed_capture_falls_back_to_the_same_step(tiny):
     model, tok = tiny
@@ -255,7 +272,7 @@ def test_two_conversations_taking_turns_on_one_model_never_read_each_other_s_key
     turn(a, first, len(prompt) - 1)
 
 
-def test_a_static_prompt_cache_is_refused_in_another_bucket_model_dtype_or_with_other_weights(tiny_chat_copy):
+def test_a_static_prompt_cache_is_refused_on_another_model_dtype_or_with_other_weights(tiny_chat_copy):
     from qwen_lab.generation import ChatModel, PromptCache
     chat, messages, cache = tiny_chat_copy, [{"role": "user", "content": "Tell me about cats."}], PromptCache()
     prompt = chat.prompt_ids(messages)
@@ -269,9 +286,9 @@ def test_a_static_prompt_cache_is_refused_in_another_bucket_model_dtype_or_with_
         assert got.token_ids == again.token_ids == model.generate(messages, static=False, **settings).token_ids
 
     turn(0)
-    turn(0, max_new_tokens=600)  # prompt + 600 positions: the 1024 bucket, another decoder
+    turn(len(prompt) - 1, max_new_tokens=600)  # the 1024 bucket, another decoder: the prefix copied into it
     assert sorted(chat.model._static_decoders) == [512, 1024]
-    turn(0)                      # back in the 512 bucket: the record is the other decoder's
+    turn(len(prompt) - 1)                      # back in the 512 bucket: copied back
     turn(0, model=ChatModel.load("qwen-lab/tiny-chat", dtype="float32", device=DEVICE))  # another model
     turn(0)
     with torch.no_grad():
@@ -288,11 +305,91 @@ def test_a_static_prompt_cache_is_refused_in_another_bucket_model_dtype_or_with_
     assert {d.caches[0].k.dtype for d in chat.model._static_decoders.values()} == {torch.bfloat16}
 
 
+def test_a_turn_in_another_bucket_copies_the_kept_prefix_if_its_caches_are_untouched(chats):
+    """A turn whose prompt + max_new_tokens passed 512 positions (a longer conversation, or more new tokens asked
+    for) went to the 1024 bucket's decoder and prefilled its whole conversation, though the 512 one's caches held
+    all but the new message. Now that prefix's keys and values are copied across; trusted only while nobody has
+    written the caches they come from, and the copy voids the record of whoever wrote the caches it goes to."""
+    from qwen_lab.generation import PromptCache
+    chat, other = chats
+    cache, second = PromptCache(), PromptCache()
+    messages = [{"role": "user", "content": "Tell me about cats."}]
+    settings = dict(do_sample=False, max_new_tokens=12)
+
+    def turn(expected, cache=cache, messages=messages, **more):
+        mine = {**settings, **more}
+        got = chat.generate(messages, static=True, cache=cache, **mine)
+        assert got.cached_tokens == expected
+        assert got.token_ids == other.generate(messages, static=True, **mine).token_ids \
+            == other.generate(messages, static=False, **mine).token_ids
+        return got
+
+    first = turn(0)
+    fed = chat.prompt_ids(messages) + first.token_ids[:-1]
+    messages = messages + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "Why?"}]
+    prompt = chat.prompt_ids(messages)
+    longer = turn(_common(fed, prompt), messages=messages, max_new_tokens=600)  # the 1024 bucket
+    assert longer.cached_tokens > len(fed) - len(first.token_ids) + 1  # the reply's keys came across too
+    assert sorted(chat.model._static_decoders) == [512, 1024]
+    assert len(cache) == len(prompt) + len(longer.token_ids) - 1  # kept in the 1024 bucket's caches
+    turn(len(prompt) - 1, messages=messages)  # back in the 512 bucket: copied back
+    turn(len(prompt) - 1, messages=messages, max_new_tokens=600)
+    # the caches a prefix would come from, written since by a generation without a cache: nothing is copied
+    chat.generate([{"role": "user", "content": "Hello!"}], static=True, do_sample=False, max_new_tokens=600)
+    turn(0, messages=messages)
+    # another conversation kept its keys in the 1024 bucket; this one's copy into it leaves it nothing to trust
+    hello = [{"role": "user", "content": "Hello!"}]
+    turn(0, cache=second, messages=hello, max_new_tokens=600)
+    turn(len(chat.prompt_ids(hello)) - 1, cache=second, messages=hello, max_new_tokens=600)
+    turn(len(prompt) - 1, messages=messages)
+    turn(len(prompt) - 1, messages=messages, max_new_tokens=600)  # copied over the other conversation's
+    assert len(second) == 0
+    turn(0, cache=second, messages=hello, max_new_tokens=600)
+
+
 @pytest.fixture
 def tiny_chat_copy():
     """The embedded chat model in float32, for a test that changes it."""
     from qwen_lab.generation import ChatModel
     return ChatModel.load("qwen-lab/tiny-chat", dtype="float32", device=DEVICE)
+
+
+def test_clear_frees_the_decoder_its_conversation_wrote_last_and_release_frees_every_one(tiny_chat_copy):
+    """The model kept each length bucket's decoder for good: ``PromptCache.clear()`` (a panel's New chat, a panel
+    let go) forgot which ids its caches held but left their memory taken, and nothing else could free it."""
+    import weakref
+    from qwen_lab.generation import PromptCache
+    chat, cache, second = tiny_chat_copy, PromptCache(), PromptCache()
+    messages = [{"role": "user", "content": "Tell me about cats."}]
+    settings = dict(do_sample=False, max_new_tokens=12)
+    reference = chat.generate(messages, static=False, **settings).token_ids  # the eager path: no decoder used
+    assert chat.generate(messages, static=True, cache=cache, **settings).token_ids == reference
+    chat.generate(messages, static=True, do_sample=False, max_new_tokens=600)  # the 1024 bucket's, no conversation's
+    keys = weakref.ref(chat.model._static_decoders[512].caches[0].k)
+    cache.clear()  # its conversation wrote the 512 decoder last: nobody else can use what it holds
+    assert keys() is None and sorted(chat.model._static_decoders) == [1024]
+    again = chat.generate(messages, static=True, cache=cache, **settings)
+    assert again.cached_tokens == 0 and again.token_ids == reference
+    hello = [{"role": "user", "content": "Hello!"}]
+    chat.generate(hello, static=True, cache=second, **settings)  # another conversation wrote there since
+    cache.clear()  # the decoder holds the other conversation's keys: kept
+    kept = chat.generate(hello, static=True, cache=second, **settings)
+    assert kept.cached_tokens == len(chat.prompt_ids(hello)) - 1
+
+    # every decoder of the model, one of them while a generation runs on it: that one ends on it, then goes
+    held = [weakref.ref(d.caches[0].k) for d in chat.model._static_decoders.values()]
+    stream = chat.stream(messages, static=True, cache=cache, **settings)
+    next(stream)
+    cfg = chat.model.config
+    per_position = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
+    assert static_decode.release(chat.model) == (512 + 1024) * per_position
+    assert chat.model._static_decoders == {} and static_decode.new_positions(chat.model, 100) == 512
+    assert stream.result.token_ids == reference
+    assert all(ref() is None for ref in held) and len(cache) == 0  # its record names a decoder now gone
+    later = chat.generate(messages, static=True, cache=cache, **settings)
+    assert later.cached_tokens == 0 and later.token_ids == reference and sorted(chat.model._static_decoders) == [512]
+    assert chat.generate(messages, static=True, cache=cache, **settings).cached_tokens == len(chat.prompt_ids(
+        messages)) - 1
 
 
 def test_a_stopped_failed_or_abandoned_static_reply_keeps_only_what_it_computed_whole(tiny_chat_copy, monkeypatch):
