@@ -193,6 +193,11 @@ class GenerationStream:
             self._result = done.value
             raise
 
+    def close(self) -> None:
+        """Stop the generation where it is: what it computed goes back to its ``PromptCache`` now, not when
+        the stream is collected; the stream then yields nothing more (``result`` stays unset)."""
+        self._steps.close()
+
     @property
     def result(self) -> GenerationResult:
         """The final result; reading it runs the generation to its end if needed."""
@@ -267,7 +272,7 @@ class PromptCache:
     forward hook added since is not seen: ``clear()`` it then). A generation takes it whole when it
     starts (a stream made but never read takes nothing) and gives back what it computed whole:
     all it fed, or, if it fails, what it had finished before the failure (a stream abandoned
-    mid-reply gives back only once it is closed or collected). ``clear()`` frees its memory: its own
+    mid-reply gives back once it is closed, ``stream.close()``, or collected). ``clear()`` frees its memory: its own
     caches, or the static decoder holding them where its conversation wrote there last (the model's
     other decoders stay: ``static_decode.release(model)`` frees them).
     """

@@ -581,6 +581,24 @@ def test_a_stream_takes_the_cache_when_it_starts_not_when_it_is_made(tiny_chat, 
     assert len(cache) == held
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_a_stream_closed_mid_reply_gives_the_cache_back_at_once(tiny_chat, static):
+    """The docstring spoke of a stream being closed, and GenerationStream had no close(): a stream left
+    mid-reply gave back only when collected. close() gives back what it computed, and it yields no more."""
+    cache, messages = PromptCache(), [{"role": "user", "content": "Tell me about cats."}]
+    settings = dict(do_sample=False, max_new_tokens=8, eos_token_id=[], static=static)
+    prompt = tiny_chat.prompt_ids(messages)
+    stream = tiny_chat.stream(messages, cache=cache, **settings)
+    next(stream), next(stream), next(stream)
+    kept = stream  # still referenced: only close() can give the cache back now
+    assert len(cache) == 0  # taken while it runs
+    kept.close()
+    assert len(cache) >= len(prompt)  # the prompt and the tokens fed since, given back at once
+    assert list(kept) == []
+    again = tiny_chat.generate(messages, cache=cache, **settings)
+    assert again.cached_tokens == len(prompt) - 1
+
+
 # ---------------------------------------------------------------- a model folder's files are untrusted
 
 def model_copy(tiny_dir, tmp_path, name, edit):
