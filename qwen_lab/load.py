@@ -285,7 +285,7 @@ def huge_pages() -> bool:
       ``MADV_HUGEPAGE``, 2 MiB-aligned;
     * a file's mapping is advised the same way: pages read from disk then come as 2 MiB pieces of
       the page cache, still shared by every process mapping the file (pages already cached in
-      smaller pieces stay as they are until the system drops them).
+      smaller pieces stay as they are until the system drops them: ``cached_in_huge_pages``).
 
     Off where the system says ``never`` (``/sys/kernel/mm/transparent_hugepage/enabled``), and with
     ``QWEN_LAB_HUGE_PAGES=0`` (to measure the difference). Weights loaded onto a GPU are the GPU's
@@ -308,6 +308,54 @@ def huge_pages_and_why() -> tuple[bool, str]:
         return False, (f"transparent huge pages are off ({setting}), and decoding streams the weights slower "
                        f"(benchmarks/RESULTS.md); to turn them on, as root: echo madvise > {THP_SETTING}")
     return True, f"transparent huge pages: {setting}"
+
+
+def cached_in_huge_pages(path: str | Path) -> tuple[int, int] | None:
+    """How the page cache holds a weights file now: ``(bytes in memory, of them in 2 MiB pieces)``.
+
+    A file is cached in the pieces it was written or read in, and a mapping gets pages no larger
+    than those pieces, advised or not, until the system drops them. ``tar -xf`` and copies write in
+    small pieces: a 512 MiB file mapped right after its extraction got 0 MiB in 2 MiB pages here
+    (Linux 6.18, ext4), 512 MiB once dropped and read afresh; huggingface_hub writes a download 10
+    MiB at a time, and 514 of a 515 MiB download's MiB got 2 MiB pages (the tail is under 2 MiB).
+
+    Counted over the file's 2 MiB blocks that are wholly in memory (``mincore``), nothing read
+    from disk: the file is mapped as ``read_safetensors`` maps it, one byte of each such block is
+    read, and ``/proc/self/smaps`` says how much maps in 2 MiB pages (``FilePmdMapped``). ``None``
+    where it cannot be told (huge pages off, no ``mincore``, a mapping not 2 MiB-aligned).
+    """
+    if _libc is None or not huge_pages():
+        return None
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < HUGE_PAGE:
+            return 0, 0
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    try:
+        start, per_block = ctypes.addressof(ctypes.c_char.from_buffer(mm)), HUGE_PAGE // mmap.PAGESIZE
+        resident = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
+        if start % HUGE_PAGE or _libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(size), resident):
+            return None
+        resident, whole = bytes(resident), b"\x01" * per_block
+        blocks = [b for b in range(size // HUGE_PAGE) if resident[b * per_block:(b + 1) * per_block] == whole]
+        _advise_huge(mm, 0, size)
+        for b in blocks:
+            mm[b * HUGE_PAGE]  # in memory already: maps it, in a 2 MiB page where the cache holds it so
+        return len(blocks) * HUGE_PAGE, _smaps_kib(start, "FilePmdMapped") * 1024
+    finally:
+        mm.close()
+
+
+def _smaps_kib(address: int, field: str) -> int:
+    """A ``kB`` field of this process's mapping starting at ``address`` (``/proc/self/smaps``)."""
+    found = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(maxsplit=1)[0] if line else ""
+        if "-" in head and not head.endswith(":"):
+            found = int(head.split("-")[0], 16) == address
+        elif found and head == field + ":":
+            return int(line.split()[1])
+    return 0
 
 
 def _advise_huge(mm: mmap.mmap, start: int, length: int) -> None:
