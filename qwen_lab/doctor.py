@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import struct
 import subprocess
 import sys
@@ -223,12 +224,47 @@ def check_threads() -> Check:
     return Check("threads", "ok", f"{count} ({why})")
 
 
-def check_pages() -> Check:
-    """Whether weights on the CPU are asked for in 2 MiB pages (``pages.huge_pages``), and if not, why not."""
+#: Weights in memory in small pieces are worth a line from this much (and a tenth of a model's weights): below
+#: it, 4 KiB pages cost a decoding step little.
+SMALL_PIECES_WORTH = 64 * 2**20
+
+
+def check_pages(models: dict[str, list[Path]] | None = None) -> Check:
+    """Whether weights on the CPU are asked for in 2 MiB pages (``pages.huge_pages``), and if not, why not.
+
+    ``models``: each model's weights files. One whose weights sit in memory in small pieces (just
+    extracted from the room's archive, or copied: ``load.cached_in_huge_pages``) maps them in 4 KiB
+    pages however it asks, until they are dropped: a warning, with the command that drops them.
+    ``sync`` first, as the kernel drops only pages already written to disk.
+    """
     from .pages import huge_pages_and_why
     on, why = huge_pages_and_why()
-    return Check("pages", "ok", f"weights in 2 MiB pages where they are that large ({why})" if on
-                 else f"weights in 4 KiB pages: {why}")
+    if not on:
+        return Check("pages", "ok", f"weights in 4 KiB pages: {why}")
+    for model, weights in (models or {}).items():
+        held = {path: _cached(path) for path in weights}
+        small = {path: in_memory - huge for path, (in_memory, huge) in held.items() if in_memory > huge}
+        if sum(small.values()) >= max(SMALL_PIECES_WORTH, sum(p.stat().st_size for p in weights) / 10):
+            drop = "dd if={} iflag=nocache count=0 status=none"  # GNU dd's way to "drop cache for whole file"
+            files, each = " ".join(shlex.quote(str(p)) for p in small), drop.format('"$f"')
+            command = f"sync && {drop.format(files)}" if len(small) == 1 else \
+                f"sync && for f in {files}; do {each}; done"
+            return Check("pages", "warn", f"{model}: {sum(small.values()) / 2**20:,.0f} MiB of its weights sit in "
+                                          f"memory in pieces under 2 MiB, as a copy or an archive's extraction "
+                                          f"wrote them, and map in 4 KiB pages until dropped; with no notebook "
+                                          f"holding the model, `{command}` drops them, and its next load reads "
+                                          f"them afresh in 2 MiB pages where the kernel caches files so (ext4: "
+                                          f"Linux 6.16 and later)")
+    return Check("pages", "ok", f"weights in 2 MiB pages where they are that large ({why})")
+
+
+def _cached(path: Path) -> tuple[int, int]:
+    """``load.cached_in_huge_pages``, ``(0, 0)`` where it cannot be told or the file cannot be read."""
+    from .load import cached_in_huge_pages
+    try:
+        return cached_in_huge_pages(path) or (0, 0)
+    except (QwenLabError, OSError):
+        return 0, 0
 
 
 def check_torch() -> Check:
@@ -342,7 +378,7 @@ def run(models: list[str], cache_dir: str | os.PathLike | None = None, wheelhous
         wanted = [(os.environ["QWEN_LAB_MODEL"], True)]
     else:
         wanted = [(WALKTHROUGH_MODEL_ID, False)]
-    checks = [check_torch(), check_cache(cache_dir)]
+    checks, weights = [check_torch(), check_cache(cache_dir)], {}
     for model, required in wanted:
         found = check_model(model, cache_dir, required, verify)
         if found.status != "ok" and not required:
@@ -350,8 +386,9 @@ def run(models: list[str], cache_dir: str | os.PathLike | None = None, wheelhous
         checks.append(found)
         if found.files is not None:
             checks += check_runtime(model, found.files)
+            weights[model] = found.files.weights
     checks.append(check_threads())
-    checks.append(check_pages())
+    checks.append(check_pages(weights))
     checks += check_jupyter()
     if wheelhouse is not None:
         checks.append(check_wheelhouse(Path(wheelhouse)))

@@ -41,7 +41,7 @@ from .errors import CheckpointError, SettingError, UnsupportedArchitectureError
 from .hub import ModelFiles, open_regular, read_json_object
 from .kernels import native_bf16  # noqa: F401  (re-exported: notebook 2 asks what the CPU does well)
 from .layers import CausalLM
-from .pages import advise_huge, huge_copy
+from .pages import HUGE_PAGE, advise_huge, huge_copy, huge_pages
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MATVECS = runtime.MATVECS
@@ -268,6 +268,54 @@ def _whole_numbers(values) -> list[int]:
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True) if hasattr(mmap, "MADV_DONTNEED") else None
+
+def cached_in_huge_pages(path: str | Path) -> tuple[int, int] | None:
+    """How the page cache holds a weights file now: ``(bytes in memory, of them in 2 MiB pieces)``.
+
+    A file is cached in the pieces it was written or read in, and a mapping gets pages no larger
+    than those pieces, advised or not, until the system drops them. ``tar -xf`` and copies write in
+    small pieces: a 512 MiB file mapped right after its extraction got 0 MiB in 2 MiB pages here
+    (Linux 6.18, ext4), 512 MiB once dropped and read afresh; huggingface_hub writes a download 10
+    MiB at a time, and 514 of a 515 MiB download's MiB got 2 MiB pages (the tail is under 2 MiB).
+
+    Counted over the file's 2 MiB blocks that are wholly in memory (``mincore``), nothing read
+    from disk: the file is mapped as ``read_safetensors`` maps it, one byte of each such block is
+    read, and ``/proc/self/smaps`` says how much maps in 2 MiB pages (``FilePmdMapped``). ``None``
+    where it cannot be told (huge pages off, no ``mincore``, a mapping not 2 MiB-aligned).
+    """
+    if _libc is None or not huge_pages():
+        return None
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < HUGE_PAGE:
+            return 0, 0
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    try:
+        start, per_block = ctypes.addressof(ctypes.c_char.from_buffer(mm)), HUGE_PAGE // mmap.PAGESIZE
+        resident = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
+        if start % HUGE_PAGE or _libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(size), resident):
+            return None
+        resident, whole = bytes(resident), b"\x01" * per_block
+        blocks = [b for b in range(size // HUGE_PAGE) if resident[b * per_block:(b + 1) * per_block] == whole]
+        advise_huge(mm, 0, size)
+        for b in blocks:
+            mm[b * HUGE_PAGE]  # in memory already: maps it, in a 2 MiB page where the cache holds it so
+        return len(blocks) * HUGE_PAGE, _smaps_kib(start, "FilePmdMapped") * 1024
+    finally:
+        mm.close()
+
+
+def _smaps_kib(address: int, field: str) -> int:
+    """A ``kB`` field of this process's mapping starting at ``address`` (``/proc/self/smaps``)."""
+    found = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(maxsplit=1)[0] if line else ""
+        if "-" in head and not head.endswith(":"):
+            found = int(head.split("-")[0], 16) == address
+        elif found and head == field + ":":
+            return int(line.split()[1])
+    return 0
+
 
 def _release(view: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
     """Tell the kernel the mapped pages under ``view`` are no longer needed.

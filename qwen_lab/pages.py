@@ -31,7 +31,7 @@ def huge_pages() -> bool:
       ``MADV_HUGEPAGE``, 2 MiB-aligned;
     * a file's mapping is advised the same way: pages read from disk then come as 2 MiB pieces of
       the page cache, still shared by every process mapping the file (pages already cached in
-      smaller pieces stay as they are until the system drops them).
+      smaller pieces stay as they are until the system drops them: ``load.cached_in_huge_pages``).
 
     Off where the system says ``never`` (``/sys/kernel/mm/transparent_hugepage/enabled``), and with
     ``QWEN_LAB_HUGE_PAGES=0`` (to measure the difference). Weights loaded onto a GPU are the GPU's

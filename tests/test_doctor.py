@@ -1,5 +1,6 @@
 """``qwen-lab doctor``: one line per check, offline; a missing or damaged piece gets a line saying what to do."""
 import os
+import re
 import zipfile
 from pathlib import Path
 
@@ -254,3 +255,54 @@ def test_the_pages_line_says_whether_weights_get_2_mib_pages_and_how_to_turn_the
     monkeypatch.delenv("QWEN_LAB_HUGE_PAGES")
     setting.unlink()
     assert "no transparent huge pages" in doctor.check_pages().detail
+
+
+def _small_writes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:  # 64 KiB at a time, as an archive's extraction or a copy writes
+        for start in range(0, len(data), 2**16):
+            f.write(data[start:start + 2**16])
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
+def test_the_pages_line_names_weights_cached_in_small_pieces_and_its_command_drops_them(tmp_path, tiny_dir, capsys):
+    """Weights extracted from the room's archive sit in the page cache in the small pieces they were
+    written in, and a mapping of them gets 4 KiB pages until they are dropped (0 of 512 MiB in 2 MiB
+    pages right after `tar -xf`, here). The line says so, and the command it gives makes the next load
+    read them afresh in 2 MiB pages."""
+    import mmap
+    import shlex
+    import shutil
+    import subprocess
+    from qwen_lab import load, pages
+    if not pages.huge_pages():
+        pytest.skip(f"transparent huge pages are off here ({pages.THP_SETTING})")
+    if shutil.which("dd") is None or shutil.which("sync") is None:
+        pytest.skip("the command the line gives needs dd and sync")
+    folder = tmp_path / "extracted"
+    shutil.copytree(tiny_dir, folder)
+    weights = folder / "model.safetensors"  # the tiny model's weights, then 96 MiB more: a model that size
+    _small_writes(weights, weights.read_bytes() + os.urandom(96 * 2**20))
+    small = tmp_path / "small.safetensors"  # 4 MiB: too little to matter, whatever its pages
+    _small_writes(small, os.urandom(4 * 2**20))
+    in_memory, huge = load.cached_in_huge_pages(weights)
+    if huge:
+        pytest.skip("this file system keeps even small writes in 2 MiB pieces: nothing to drop")
+    assert in_memory == weights.stat().st_size // pages.HUGE_PAGE * pages.HUGE_PAGE  # every whole 2 MiB block
+    code, lines = doctor_lines(capsys, str(folder))
+    assert code == 0 and lines["pages"][0].startswith(f"warn {folder}: {in_memory >> 20} MiB of its weights sit "
+                                                      f"in memory in pieces under 2 MiB"), lines["pages"]
+    assert doctor.check_pages({"lab/small": [small]}).status == "ok"
+    [command] = re.findall(r"`([^`]+)`", lines["pages"][0])
+    assert shlex.quote(str(weights)) in command and "small.safetensors" not in command
+    subprocess.run(command, shell=True, check=True)
+    assert load.cached_in_huge_pages(weights) == (0, 0)  # dropped: nothing of it in memory
+    with open(weights, "rb") as f:  # the next load maps it so, and reads every page of it from disk
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    pages.advise_huge(mapping, 0, len(mapping))
+    assert sum(mapping[i] for i in range(0, len(mapping), mmap.PAGESIZE)) >= 0
+    mapping.close()
+    again, huge = load.cached_in_huge_pages(weights)
+    if not huge:
+        pytest.skip("this kernel or file system reads files into 4 KiB pieces only: 2 MiB pages cannot be had")
+    assert again == in_memory and huge >= in_memory - 2 * pages.HUGE_PAGE  # readahead may end in small pieces
+    assert doctor_lines(capsys, str(folder))[1]["pages"][0].startswith("ok weights in 2 MiB pages")
