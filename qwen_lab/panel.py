@@ -22,7 +22,9 @@ Design:
   its likeliest alternatives (``top_logprobs=5``), shown under the reply. A reply's view
   leaves out the start its prompt shares with the prompt shown above it (a marker says how
   many characters and tokens): every turn re-sends the whole conversation, and views that each
-  showed it whole grew with the square of its length (``markup.inside_view``);
+  showed it whole grew with the square of its length (``markup.inside_view``). The records behind
+  the views are kept the same way, each what its prompt added, the whole prompt rebuilt when
+  asked for (``InsideRecord``);
 * one ``ChatModel`` may serve several panels: its lock lets one reply be generated at a time.
   ``ChatPanel.load`` keeps **one** model in memory. Re-running a cell, or a second panel, with the
   same model, dtype and device reuses it; another model, or the same one with another ``dtype`` or
@@ -59,6 +61,8 @@ import threading
 import time
 import warnings
 import weakref
+from collections.abc import Mapping
+from itertools import chain
 from pathlib import Path
 
 import ipywidgets as w
@@ -71,7 +75,7 @@ from .lang import choose_language
 from .markup import CSS as _INSIDE_CSS
 from .markup import INSIDE_WORDS, inside_view, render_markdown
 
-__all__ = ["LABELS", "ChatPanel", "render_markdown"]
+__all__ = ["LABELS", "ChatPanel", "InsideRecord", "render_markdown"]
 
 CONTEXT_WARNING = 0.8  # share of the context window after which the panel warns
 
@@ -198,7 +202,8 @@ class ChatPanel:
     """Chat with a model inside a notebook. Display it by leaving it last in a cell.
 
     ``messages`` is the conversation (system prompt excluded); ``replies``
-    holds each assistant reply's statistics, aligned with the assistant messages.
+    holds each assistant reply's statistics, aligned with the assistant messages, and under
+    ``"inside"`` its ``InsideRecord`` when *Show inside* was on (else ``None``).
     """
 
     def __init__(self, chat: ChatModel, *, system_prompt: str | None = None, refresh_s: float = 0.1,
@@ -210,7 +215,7 @@ class ChatPanel:
         self.labels = L = LABELS[self.lang]
         self._chat, self.refresh_s, self.overrides = chat, refresh_s, overrides
         self._released = self._released_note = ""  # why the model was let go (ChatPanel.load), once it was
-        self._views: dict[int, tuple[dict, str]] = {}  # id of a reply's "inside" -> it, and its view's HTML
+        self._views: dict[int, tuple[InsideRecord, str]] = {}  # id of a reply's "inside" -> it, and its view's HTML
         self.template_vars = dict(template_vars or {})
         self.messages: list[dict] = []
         self.replies: list[dict] = []        # per assistant message: stats and flags
@@ -455,8 +460,7 @@ class ChatPanel:
         inside = None
         if self.inside.value:  # the model's choices: 5 alternatives per token (a cost too small to measure here: benchmarks/RESULTS.md)
             settings["top_logprobs"] = 5
-            inside = {"prompt_text": prompt_text, "prompt_ids": prompt, **self._shared_with_last_view(prompt_text,
-                                                                                                     prompt)}
+            inside = InsideRecord(prompt_text, prompt, previous=self._last_record())
         self._cancel = threading.Event()
         self._partial = ""
         self._set_busy(True)
@@ -465,7 +469,7 @@ class ChatPanel:
         self._worker.start()
         return True
 
-    def _run(self, chat: ChatModel, prompt: list[int], settings: dict, inside: dict | None) -> None:
+    def _run(self, chat: ChatModel, prompt: list[int], settings: dict, inside: InsideRecord | None) -> None:
         try:  # chat: this reply's model, even if ChatPanel.load releases it from the panel meanwhile
             with chat.lock:  # panels sharing a model take turns
                 stream = chat.stream(prompt, cancel=self._cancel, cache=self.prompt_cache, **settings)
@@ -478,7 +482,7 @@ class ChatPanel:
                 result = stream.result
             self.messages.append({"role": "assistant", "content": result.text})
             if inside is not None:
-                inside.update(choices=result.choices, finish=result.finish_detail)
+                inside.choices, inside.finish = result.choices, result.finish_detail
                 view = self._inside_html(chat, inside)  # drawn once: it never changes
             self.replies.append({**result.stats(), "stopped": result.finish_reason == "cancelled", "inside": inside})
             if inside is not None:  # after its reply: a redraw drops the views of replies not there
@@ -561,29 +565,96 @@ class ChatPanel:
             f"<span class='ql-meta'> ▍</span></div></div></div>")
         self.streaming.layout.display = "none" if partial is None else None  # an empty widget still takes a line
 
-    def _shared_with_last_view(self, text: str, ids: list[int]) -> dict:
-        """How many of a new prompt's first characters and tokens are those of the last *Show inside* view's.
+    def _last_record(self) -> InsideRecord | None:
+        """The record of the last *Show inside* view: a new prompt is kept, and viewed, as what it adds to that one.
 
-        Its view leaves them out. Each turn's prompt is the one before, then the reply, then the new
-        message: views that each showed the whole prompt grew with the square of the conversation
-        (16 turns of tiny-chat, 40-token replies: 280 kB of HTML, re-sent twice a turn; 96 kB now, and
-        twice 8 turns' 48 kB). What the prompt added is what is new to a learner, the last reply as the
-        template wrote it back included; a marker says what is left out and how long it is. (The whole
-        prompt under the last reply alone, earlier views collapsed, would still send the whole prompt
-        every turn, megabytes at a long context, and hide what each turn added: the view's lesson.) Compared,
-        not assumed: an edited system prompt, or a template that rewrites earlier turns (Qwen3 drops
-        their thinking), shares less, and the view shows more."""
-        last = next((r["inside"] for r in reversed(self.replies) if r and r.get("inside")), None)
-        if last is None:
-            return {"shared_chars": 0, "shared_tokens": 0}
-        return {"shared_chars": len(os.path.commonprefix([last["prompt_text"], text])),
-                "shared_tokens": len(os.path.commonprefix([last["prompt_ids"], ids]))}
+        A view leaves out the first characters and tokens its prompt shares with it. Each turn's prompt is
+        the one before, then the reply, then the new message: views that each showed the whole prompt grew
+        with the square of the conversation (16 turns of tiny-chat, 40-token replies: 280 kB of HTML, re-sent
+        twice a turn; 96 kB now, and twice 8 turns' 48 kB). What the prompt added is what is new to a
+        learner, the last reply as the template wrote it back included; a marker says what is left out and
+        how long it is. (The whole prompt under the last reply alone, earlier views collapsed, would still
+        send the whole prompt every turn, megabytes at a long context, and hide what each turn added: the
+        view's lesson.) Compared, not assumed (``InsideRecord``): an edited system prompt, or a template
+        that rewrites earlier turns (Qwen3 drops their thinking), shares less, and the view shows more."""
+        return next((r["inside"] for r in reversed(self.replies) if r and r.get("inside")), None)
 
-    def _inside_html(self, chat: ChatModel, inside: dict) -> str:
+    def _inside_html(self, chat: ChatModel, inside: InsideRecord) -> str:
         tok = chat.tokenizer
         return inside_view(inside["prompt_text"], inside["prompt_ids"], tok.special_ids, chat.context_length,
                            inside["choices"], lambda i: tok.decode([i]), inside["finish"], self.labels["inside_view"],
                            shared_chars=inside["shared_chars"], shared_tokens=inside["shared_tokens"])
+
+
+class InsideRecord(Mapping):
+    """What *Show inside* keeps of one reply: its prompt, the reply's tokens and their alternatives, why it ended.
+
+    Read as a dict: ``record["prompt_text"]`` and ``record["prompt_ids"]``, the exact prompt the model
+    was sent; ``["choices"]``, the reply's ``sampling.TokenChoice`` list; ``["finish"]``; and
+    ``["shared_chars"]`` and ``["shared_tokens"]``, how much of the prompt's start is the previous
+    record's (``previous``; the view leaves that out).
+
+    Only what the prompt added to the previous one is kept (``new_text``, ``new_ids``); the whole
+    prompt is rebuilt from the records before it each time it is asked for. Each turn's prompt is the
+    one before, then the reply, then the new message: records that each held their whole prompt grew
+    with the square of the conversation. 32 turns of tiny-chat (24-token replies, a 1,117-token prompt
+    at the end): they held 870 kB, 3.0 times what they held at 16 turns (their prompts 650 kB, 3.8
+    times); now 269 kB, 1.9 times (the prompts 47 kB). Rebuilding that last prompt takes 10 us for its
+    text, 19 us for its ids, twice a turn (its view, and the next prompt compared with it). What is
+    shared is compared, not assumed: an edited system prompt, or a template that rewrites earlier
+    turns (Qwen3 drops their thinking), shares less, and the record keeps more.
+
+    >>> first = InsideRecord("<s>Hi</s><s>", [1, 5, 2, 1])
+    >>> second = InsideRecord("<s>Hi</s><s>Yo</s><s>", [1, 5, 2, 1, 6, 2, 1], previous=first)
+    >>> second["shared_chars"], second["shared_tokens"], second.new_text, second.new_ids
+    (12, 4, 'Yo</s><s>', [6, 2, 1])
+    >>> second["prompt_text"], second["prompt_ids"]
+    ('<s>Hi</s><s>Yo</s><s>', [1, 5, 2, 1, 6, 2, 1])
+    """
+
+    __slots__ = ("previous", "shared_chars", "shared_tokens", "new_text", "new_ids", "choices", "finish")
+    _KEYS = ("prompt_text", "prompt_ids", "shared_chars", "shared_tokens", "choices", "finish")
+
+    def __init__(self, prompt_text: str, prompt_ids: list[int], previous: "InsideRecord | None" = None) -> None:
+        chars = tokens = 0
+        if previous is not None:
+            chars = len(os.path.commonprefix([previous["prompt_text"], prompt_text]))
+            tokens = len(os.path.commonprefix([previous["prompt_ids"], prompt_ids]))
+        self.previous = previous
+        self.shared_chars, self.shared_tokens = chars, tokens
+        self.new_text, self.new_ids = prompt_text[chars:], list(prompt_ids[tokens:])
+        self.choices, self.finish = [], ""  # the reply's, once it is written
+
+    def _prompt(self, new: str, shared: str) -> list:
+        """The pieces of the whole prompt, in order: this record's new part, after the start it shares
+        with the previous record's prompt, which is that one's new part after what it shares... Walking
+        back, ``end`` is how much of the earlier prompt is still wanted: the work is the prompt's length."""
+        pieces, end, record = [], None, self
+        while record is not None and end != 0:
+            part, start = getattr(record, new), getattr(record, shared)
+            pieces.append(part if end is None else part[:max(0, end - start)])
+            end = start if end is None else min(end, start)
+            record = record.previous
+        return pieces[::-1]
+
+    def __getitem__(self, key: str):
+        if key == "prompt_text":
+            return "".join(self._prompt("new_text", "shared_chars"))
+        if key == "prompt_ids":
+            return list(chain.from_iterable(self._prompt("new_ids", "shared_tokens")))
+        if key in self._KEYS:
+            return getattr(self, key)
+        raise KeyError(key)
+
+    def __iter__(self):
+        return iter(self._KEYS)
+
+    def __len__(self) -> int:
+        return len(self._KEYS)
+
+    def __repr__(self) -> str:
+        return (f"<InsideRecord: a prompt of {self.shared_tokens + len(self.new_ids)} tokens, {len(self.new_ids)} new; "
+                f"{len(self.choices)} reply tokens; ended: {self.finish or '(not yet)'}>")
 
 
 def _write_atomically(path: Path, text: str) -> None:

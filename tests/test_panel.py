@@ -434,6 +434,107 @@ def test_inside_views_show_each_part_of_the_prompt_once(chat):
     assert sum(len(v["ids"]) for v in views) <= len(records[-1]["prompt_ids"]) + 2 * len(views)
 
 
+def held_bytes(roots):
+    """The bytes of every object reachable from ``roots``: what they keep alive (classes, modules and
+    functions left out, which live anyway)."""
+    import gc
+    import sys
+    import types
+    seen, stack, total = set(), list(roots), 0
+    while stack:
+        o = stack.pop()
+        if id(o) in seen or isinstance(o, (type, types.ModuleType, types.FunctionType)):
+            continue
+        seen.add(id(o))
+        total += sys.getsizeof(o)
+        stack.extend(gc.get_referents(o))
+    return total
+
+
+@pytest.fixture(scope="module")
+def tiny_chat():
+    """The embedded chat model: its context (2,048 tokens) holds a long conversation."""
+    return ChatModel.load("qwen-lab/tiny-chat", dtype="float32", device="cpu")
+
+
+def test_inside_records_grow_with_the_conversation_not_its_square(tiny_chat):
+    """Each reply's record held its whole prompt, which holds the conversation so far: the records grew
+    with its square (here 237 kB after 16 turns, 2.9 times 8 turns' 82 kB: the prompts' square, plus the
+    replies' choices, which grow with the conversation). A record now keeps what its prompt added to the
+    one before: 104 kB, 2.0 times 51 kB."""
+    panel = ChatPanel(tiny_chat, refresh_s=10, lang="en")
+    panel.inside.value, panel.temperature.value, panel.max_new_tokens.value = True, 0.0, 8
+    held = []
+    for turn in range(16):
+        panel.send(f"Tell me about question {turn}, please?")
+        panel.wait(30)
+        assert not panel.error and len(panel.replies) == turn + 1 and panel.replies[-1]["inside"]
+        if turn + 1 in (8, 16):
+            held.append(held_bytes([r["inside"] for r in panel.replies]))
+    assert held[1] < 2.5 * held[0], held  # twice the turns: about twice the bytes (4 times: the square)
+
+
+def test_a_rebuilt_prompt_is_the_one_the_model_was_sent(tiny_chat, monkeypatch):
+    """A record keeps what its prompt added to the previous record's; rebuilt, the whole prompt must be
+    the text rendered and the ids the model was sent, also where a prompt shares less than the whole
+    one before: the system prompt edited between turns, a template that rewrites earlier turns
+    (Qwen3's drops the empty thinking block it opened each reply with), Undo, Regenerate, a turn
+    without Show inside."""
+    from qwen_lab import reference
+    from qwen_lab.chat_template import ChatTemplate
+    from qwen_lab.tokenizer import special_tokens
+    chat = tiny_chat
+    config = json.loads(reference.path("Qwen/Qwen3-0.6B", "tokenizer_config.json").read_text(encoding="utf-8"))
+    tokens = {k: v for k, v in special_tokens(config).items() if v is not None}
+    monkeypatch.setattr(chat, "template", ChatTemplate(config["chat_template"], tokens))
+    render, stream, rendered, sent = chat.render, chat.stream, [], {}
+    monkeypatch.setattr(chat, "render", lambda *a, **k: rendered.append(render(*a, **k)) or rendered[-1])
+
+    def recording_stream(prompt, *a, **k):
+        sent["last"] = rendered[-1], list(prompt)  # (a copy: what the model got, whatever happens to the list)
+        return stream(prompt, *a, **k)
+    monkeypatch.setattr(chat, "stream", recording_stream)
+
+    panel = ChatPanel(chat, refresh_s=0.01, lang="en", system_prompt="Be brief.",
+                      template_vars={"enable_thinking": False})
+    panel.inside.value, panel.temperature.value, panel.max_new_tokens.value = True, 0.0, 6
+
+    def ask(text):
+        replies = len(panel.replies)
+        panel.send(text)
+        panel.wait(30)
+        assert not panel.error and len(panel.replies) == replies + 1
+        if panel.replies[-1]["inside"]:
+            sent[id(panel.replies[-1]["inside"])] = sent["last"]
+
+    ask("Hi")
+    ask("And then?")                      # the reply before, without its <think></think>: less is shared
+    panel.system.value = "Be very brief."
+    ask("Why?")                           # a new system prompt: only its first words are shared
+    ask("Sure?")
+    panel.undo()
+    panel.inside.value = False
+    ask("Not looked inside")
+    panel.inside.value = True
+    ask("And now?")
+    panel.regenerate()
+    panel.wait(30)
+    sent[id(panel.replies[-1]["inside"])] = sent["last"]
+
+    records = [r["inside"] for r in panel.replies if r["inside"]]
+    assert len(records) == 4 and len(panel.replies) == 5
+    for record in records:
+        text, ids = sent[id(record)]
+        assert record["prompt_text"] == text and record["prompt_ids"] == ids
+        assert dict(record) == {"prompt_text": text, "prompt_ids": ids, "shared_chars": record["shared_chars"],
+                                "shared_tokens": record["shared_tokens"], "choices": record["choices"],
+                                "finish": record["finish"]}  # read as the dict it was
+    before = [sent[id(r)][0] for r in records[:2]]
+    assert "<think>" in before[0][-20:] and records[1]["shared_chars"] < len(before[0])  # the template rewrote it
+    assert records[2]["shared_chars"] == len("<|im_start|>system\nBe ")                 # the system prompt edited
+    assert all(r["shared_tokens"] > 0 for r in records[1:])
+
+
 def test_inside_is_off_by_default_and_costs_nothing(panel):
     panel.send("Hi")
     panel.wait(30)
