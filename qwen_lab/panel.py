@@ -40,8 +40,9 @@ Design:
   a new message, Regenerate or Undo prefills only what the last reply did not already compute,
   so the wait for a reply's first token does not grow with the conversation. On a GPU the keys and
   values are in the caches of the model's static decoder, one per size, which every generation on
-  that model shares: a reply needing caches of another size, or after another generation wrote
-  into them (another panel's reply), prefills its whole conversation. ipywidgets keeps
+  that model shares: a reply after another generation wrote into them (another panel's reply)
+  prefills its whole conversation; one needing caches of another size copies what it kept into
+  them. ``ChatPanel.load`` releasing a model frees its decoders too. ipywidgets keeps
   every panel ever made alive (its buttons hold it), so a new panel frees the caches of the
   panels made before it: re-running a cell, or trying another model, does not pile them up;
 * every word the panel shows comes from ``LABELS``, in English or Traditional
@@ -67,6 +68,7 @@ from pathlib import Path
 
 import ipywidgets as w
 
+from . import static_decode
 from .errors import ModelReleasedError, QwenLabError
 from .generation import ChatModel, PromptCache
 from .hub import resolve
@@ -313,6 +315,9 @@ class ChatPanel:
                 for panel in list(_panels):
                     if panel._chat is earlier:
                         panel._release(other)
+                # its static decoders' KV caches (and, on a GPU, CUDA graphs) go even where a notebook
+                # variable still holds the model (``chat = panel.chat``): a later generation makes them again
+                static_decode.release(earlier.model)
             _loaded.clear()
             # Its memory goes back before the new model takes its own: the panels held the last references
             # (a cycle among what the model holds, none seen on a CPU, would wait for Python's next collection).

@@ -230,6 +230,24 @@ def test_load_keeps_one_model_and_releases_the_one_before(two_models, tmp_path):
         second.chat
 
 
+def test_load_frees_the_static_decoders_of_the_model_it_releases_though_a_variable_holds_it(two_models):
+    """A model kept by a notebook variable (chat = panel.chat) kept its static decoders' KV caches (on a
+    GPU, their CUDA graphs too) after ChatPanel.load moved on to another model."""
+    import gc
+    import weakref
+    first_dir, second_dir = two_models
+    chat = ChatPanel.load(first_dir, dtype="float32", device="cpu").chat
+    chat.generate([{"role": "user", "content": "Hi"}], do_sample=False, max_new_tokens=4, static=True)
+    decoders = chat.model.__dict__.get("_static_decoders", {})
+    assert decoders  # the static path (a GPU's, here run on the CPU) keeps one per length bucket
+    keys = [weakref.ref(d.caches[0].k) for d in decoders.values()]
+    ChatPanel.load(second_dir, dtype="float32", device="cpu")
+    gc.collect()
+    assert chat.model.__dict__.get("_static_decoders") == {} and all(k() is None for k in keys)
+    assert chat.generate([{"role": "user", "content": "Hi"}], do_sample=False, max_new_tokens=4,
+                         static=True).text  # still usable: the next static generation makes a decoder again
+
+
 def test_load_sees_the_same_model_written_another_way_and_names_the_dtype_it_releases(two_models):
     """"auto" and the dtype it picks are one model: loading it the other way reused nothing, released
     the panels above and loaded it again; the same model in another dtype was "released when
