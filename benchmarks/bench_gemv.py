@@ -74,7 +74,8 @@ def main() -> None:
             print(f"{str(dtype)[6:]:9} {out_features:>7} x {in_features:<6} {name:13} F.linear {torch_speed / 1e9:5.1f} "
                   f"GB/s | best: {chosen} {speeds[str(chosen)] / 1e9:5.1f} GB/s | "
                   + "  ".join(f"{plan}: {v / 1e9:.1f}" for plan, v in ranked[1:4]))
-    big = torch.ones(2**28)  # 1 GiB
+    from qwen_lab import pages
+    big = pages.huge_empty((2**28,), torch.float32).fill_(1.0)  # 1 GiB, in 2 MiB pages as the weights are
     rows = 2**28 // 896
     matrix, x = big[:rows * 896].view(rows, 896), torch.ones(896)
     plan = tuning.measure(rows, 896, torch.float32, [kernels.Plan(v) for v in kernels.variants()])[0]

@@ -23,8 +23,8 @@ positions), alternating in rounds between:
   the pair variants (``kernels.PAIR_VARIANTS``), i.e. every bf16 weight widened to float32 before its
   multiply-add, as before those variants;
 
-and, in the same rounds, ``torch.sum`` over a float32 tensor of the same bytes as the weights,
-right before each timed step: the bandwidth a plain read gets at that moment. Utilisation is the
+and, in the same rounds, ``torch.sum`` over a float32 tensor of the same bytes as the weights, in
+memory like theirs (2 MiB pages where ``pages.huge_pages()``), right before each timed step: the bandwidth a plain read gets at that moment. Utilisation is the
 step's weight bytes over its time, over that probe (median of the rounds). On a shared machine the
 bandwidth moves from second to second; alternating is what makes the columns comparable.
 """
@@ -54,7 +54,7 @@ def main() -> None:
 
     import torch
     from bench_decode import machine, make_checkpoint, weights_only
-    from qwen_lab import kernels, layers, tuning
+    from qwen_lab import kernels, layers, pages, tuning
     from qwen_lab.load import load_model
 
     stack, fused = kernels.DecoderModel.forward, kernels.DecoderLayer.forward
@@ -95,7 +95,7 @@ def main() -> None:
             ways = {name: way for name, way in ways.items() if name in wanted}
         nbytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
                      if isinstance(m, torch.nn.Linear))
-        probe = torch.ones(nbytes // 4)
+        probe = pages.huge_empty((nbytes // 4,), torch.float32).fill_(1.0)  # memory like the weights' (bench_decode)
         caches = model.new_caches(1, args.context + args.rounds * len(ways) * args.steps + 8)
         token_step = kernels.TokenStep.for_model(model, caches) if TOKEN_STEP in ways else None
         if TOKEN_STEP in ways and token_step is None:
