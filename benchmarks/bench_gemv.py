@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_contention import cpu_description  # noqa: E402
 
-from qwen_lab import kernels, tuning  # noqa: E402
+from qwen_lab import kernels, pages, tuning  # noqa: E402
 
 
 def shapes(config_path: Path) -> list[tuple[int, int, str]]:
@@ -39,6 +39,14 @@ def shapes(config_path: Path) -> list[tuple[int, int, str]]:
     q = c["num_attention_heads"] * c.get("head_dim", h // c["num_attention_heads"])
     return [(q, h, "q_proj"), (kv, h, "k/v_proj"), (h, q, "o_proj"), (c["intermediate_size"], h, "gate/up_proj"),
             (h, c["intermediate_size"], "down_proj"), (c["vocab_size"], h, "lm_head")]
+
+
+def tuned_shapes(args):
+    """(dtype, out_features, in_features, name) of every shape of ``args.config`` that tuning measures."""
+    for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
+        for out_features, in_features, name in shapes(args.config):
+            if out_features * in_features * torch.empty((), dtype=dtype).element_size() >= tuning.TUNE_MIN_BYTES:
+                yield dtype, out_features, in_features, name
 
 
 def best_seconds(fn, reps: int = 7) -> float:
@@ -64,17 +72,13 @@ def main() -> None:
         return rank_on_pages(args)
     print(f"{cpu_description()}; torch {torch.__version__}; {kernels.num_threads()} threads; "
           f"shapes of {args.config.stem}\n")
-    for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
-        for out_features, in_features, name in shapes(args.config):
-            if out_features * in_features * torch.empty((), dtype=dtype).element_size() < tuning.TUNE_MIN_BYTES:
-                continue
-            chosen, speeds = tuning.measure(out_features, in_features, dtype)
-            ranked = sorted(speeds.items(), key=lambda kv: -kv[1])
-            torch_speed = speeds.get("torch", 0.0)
-            print(f"{str(dtype)[6:]:9} {out_features:>7} x {in_features:<6} {name:13} F.linear {torch_speed / 1e9:5.1f} "
-                  f"GB/s | best: {chosen} {speeds[str(chosen)] / 1e9:5.1f} GB/s | "
-                  + "  ".join(f"{plan}: {v / 1e9:.1f}" for plan, v in ranked[1:4]))
-    from qwen_lab import pages
+    for dtype, out_features, in_features, name in tuned_shapes(args):
+        chosen, speeds = tuning.measure(out_features, in_features, dtype)
+        ranked = sorted(speeds.items(), key=lambda kv: -kv[1])
+        torch_speed = speeds.get("torch", 0.0)
+        print(f"{str(dtype)[6:]:9} {out_features:>7} x {in_features:<6} {name:13} F.linear {torch_speed / 1e9:5.1f} "
+              f"GB/s | best: {chosen} {speeds[str(chosen)] / 1e9:5.1f} GB/s | "
+              + "  ".join(f"{plan}: {v / 1e9:.1f}" for plan, v in ranked[1:4]))
     big = pages.huge_empty((2**28,), torch.float32).fill_(1.0)  # 1 GiB, in 2 MiB pages as the weights are
     rows = 2**28 // 896
     matrix, x = big[:rows * 896].view(rows, 896), torch.ones(896)
@@ -85,28 +89,24 @@ def main() -> None:
 
 
 def rank_on_pages(args) -> None:
-    from qwen_lab import pages
     if not pages.huge_pages():
         sys.exit(f"2 MiB pages are not asked for here: {pages.huge_pages_and_why()[1]}")
     print(f"{cpu_description()}; torch {torch.__version__}; {kernels.num_threads()} threads; shapes of "
           f"{args.config.stem}; each shape's plans ranked {args.rounds} times on each kind of page, alternating\n")
-    for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
-        for out_features, in_features, name in shapes(args.config):
-            if out_features * in_features * torch.empty((), dtype=dtype).element_size() < tuning.TUNE_MIN_BYTES:
-                continue
-            for _ in range(args.rounds):
-                ranked = {}
-                for kind, off in (("4 KiB", "0"), ("2 MiB", None)):
-                    if off is None:
-                        os.environ.pop("QWEN_LAB_HUGE_PAGES", None)
-                    else:
-                        os.environ["QWEN_LAB_HUGE_PAGES"] = off
-                    ranked[kind] = tuning.measure(out_features, in_features, dtype)
-                os.environ.pop("QWEN_LAB_HUGE_PAGES", None)
-                (small, _), (large, speeds) = ranked["4 KiB"], ranked["2 MiB"]
-                print(f"{str(dtype)[6:]:9} {out_features:>7} x {in_features:<6} {name:13} chosen on 4 KiB pages: "
-                      f"{str(small):22} on 2 MiB: {str(large):22} | on 2 MiB pages these stream "
-                      f"{speeds[str(small)] / 1e9:5.1f} and {speeds[str(large)] / 1e9:5.1f} GB/s")
+    for dtype, out_features, in_features, name in tuned_shapes(args):
+        for _ in range(args.rounds):
+            ranked = {}
+            for kind, off in (("4 KiB", "0"), ("2 MiB", None)):
+                if off is None:
+                    os.environ.pop("QWEN_LAB_HUGE_PAGES", None)
+                else:
+                    os.environ["QWEN_LAB_HUGE_PAGES"] = off
+                ranked[kind] = tuning.measure(out_features, in_features, dtype)
+            os.environ.pop("QWEN_LAB_HUGE_PAGES", None)
+            (small, _), (large, speeds) = ranked["4 KiB"], ranked["2 MiB"]
+            print(f"{str(dtype)[6:]:9} {out_features:>7} x {in_features:<6} {name:13} chosen on 4 KiB pages: "
+                  f"{str(small):22} on 2 MiB: {str(large):22} | on 2 MiB pages these stream "
+                  f"{speeds[str(small)] / 1e9:5.1f} and {speeds[str(large)] / 1e9:5.1f} GB/s")
 
 
 if __name__ == "__main__":
