@@ -175,8 +175,12 @@ class GenerationStream:
     >>> # for delta in chat.stream(messages): print(delta, end="")
     """
 
-    def __init__(self, steps: Iterator[str], choices: list[TokenChoice] | None = None) -> None:
+    def __init__(self, steps: Iterator[str], choices: list[TokenChoice] | None = None,
+                 read_at_once: Callable[[], None] | None = None) -> None:
         self._steps = steps
+        #: ``generate_stream``'s, where it has a ``PromptCache``: told that the stream is read as soon as it is
+        #: made (``ChatModel.generate``), it takes the cache by the look at the weights its memory check made
+        self._read_at_once = read_at_once
         self._result: GenerationResult | None = None
         #: per token so far, what the model weighed (filled as tokens come, with top_logprobs > 0)
         self.choices: list[TokenChoice] = [] if choices is None else choices
@@ -338,7 +342,8 @@ class PromptCache:
         least ``length`` positions while the old ones are copied; not reusable, ``length`` once the old ones are
         freed (here, at once); static, the decoder's bucket unless the model keeps it. Refused (``SettingError``),
         it takes nothing. ``take=False`` only checks: ``generate_stream`` does so when the stream is made, and
-        takes when it starts, both from one look at the weights (``weights``: ``_weights(model)``).
+        takes when it starts, by the weights as they are then (``weights``: ``_weights(model)``; a stream read at
+        once, ``ChatModel.generate``'s, takes by the look its check made: one look a turn).
         """
         weights = _weights(model) if weights is None else weights
         memory = tuple(address for address, _ in weights)  # static_decode.weight_memory, from the same walk
@@ -530,20 +535,23 @@ def generate_stream(model, tokenizer: Tokenizer, prompt_ids: list[int], config: 
         static = use_cache and model.lm_head.weight.device.type == "cuda"
     if static and not use_cache:
         raise SettingError("static decoding keeps a KV cache: it cannot run with use_cache=False")
-    take = None
+    take = read_at_once = None
     if use_cache:
         length = len(prompt_ids) + min(config.max_new_tokens, context - len(prompt_ids))
         if cache is not None:  # the same check, counting what the cache holds; taken when the stream starts
-            weights = _weights(model)
+            weights, at_once = _weights(model), []
             cache._claim(model, prompt_ids, length, static, weights, take=False)
-            take = lambda: cache._claim(model, prompt_ids, length, static, weights)  # noqa: E731
+            # judged by the weights as they are when it starts (a cell may change one after making the stream,
+            # and keys of the old weight would be reused); read at once, by the look the check just made
+            take = lambda: cache._claim(model, prompt_ids, length, static, weights if at_once else None)  # noqa: E731
+            read_at_once = lambda: at_once.append(True)  # noqa: E731
         elif static:  # the static decoder allocates its bucket once, then keeps it
             _check_cache_memory(model, static_decode.new_positions(model, length))
         else:
             _check_cache_memory(model, length)
     choices: list[TokenChoice] = []
     return GenerationStream(_steps(model, tokenizer, list(prompt_ids), config, cancel, use_cache,
-                                   skip_special_tokens, context, static, choices, take), choices)
+                                   skip_special_tokens, context, static, choices, take), choices, read_at_once)
 
 
 def _cache_bytes(model, positions: int) -> int:
@@ -757,6 +765,8 @@ class ChatModel:
     def generate(self, prompt, *, on_text: Callable[[str], None] | None = None, **kwargs) -> GenerationResult:
         """Like ``stream`` but returns the ``GenerationResult``; ``on_text`` receives each delta."""
         stream = self.stream(prompt, **kwargs)
+        if stream._read_at_once is not None:
+            stream._read_at_once()  # read now: no weight can change between its making and its start
         for delta in stream:
             if on_text is not None:
                 on_text(delta)

@@ -599,6 +599,28 @@ def test_a_stream_closed_mid_reply_gives_the_cache_back_at_once(tiny_chat, stati
     assert again.cached_tokens == len(prompt) - 1
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_a_stream_read_after_a_weight_changed_does_not_reuse_keys_of_the_old_weight(tiny_chat, static):
+    """A stream takes the cache when it starts, but judged it by the weights as they were when it was made:
+    a weight changed in between (a cell that makes the stream, then edits the model, then reads) reused the
+    keys and values of the old weight, and the reply was not the changed model's (other tokens here)."""
+    cache, messages = PromptCache(), [{"role": "user", "content": "Tell me about cats."}]
+    settings = dict(do_sample=False, max_new_tokens=8, eos_token_id=[], static=static)
+    tiny_chat.generate(messages, cache=cache, **settings)
+    key = tiny_chat.model.model.layers[0].self_attn.k_proj.weight
+    saved = key.detach().clone()
+    stream = tiny_chat.stream(messages, cache=cache, **settings)  # made while the cache serves the weights
+    try:
+        with torch.no_grad():
+            key.mul_(-3)  # then a weight changes, before the stream is read
+        late = stream.result
+        fresh = tiny_chat.generate(messages, **settings)
+    finally:
+        with torch.no_grad():
+            key.copy_(saved)
+    assert late.cached_tokens == 0 and late.token_ids == fresh.token_ids
+
+
 # ---------------------------------------------------------------- a model folder's files are untrusted
 
 def model_copy(tiny_dir, tmp_path, name, edit):
