@@ -182,6 +182,7 @@ class GenerationStream:
         #: made (``ChatModel.generate``), it takes the cache by the look at the weights its memory check made
         self._read_at_once = read_at_once
         self._result: GenerationResult | None = None
+        self._ended: BaseException | str | None = None  # why there is no result: its failure, or closed
         #: per token so far, what the model weighed (filled as tokens come, with top_logprobs > 0)
         self.choices: list[TokenChoice] = [] if choices is None else choices
 
@@ -196,17 +197,29 @@ class GenerationStream:
         except StopIteration as done:
             self._result = done.value
             raise
+        except BaseException as e:  # the generation failed, or was interrupted (Ctrl-C): a later read says so
+            self._ended = self._ended or e
+            raise
 
     def close(self) -> None:
         """Stop the generation where it is: what it computed goes back to its ``PromptCache`` now, not when
-        the stream is collected; the stream then yields nothing more (``result`` stays unset)."""
+        the stream is collected; the stream then yields nothing more, and has no ``result``."""
         self._steps.close()
+        if self._result is None and self._ended is None:
+            self._ended = "closed"
 
     @property
     def result(self) -> GenerationResult:
-        """The final result; reading it runs the generation to its end if needed."""
+        """The final result; reading it runs the generation to its end if needed. A stream closed before its
+        end has none (``QwenLabError``); one whose generation failed raises that failure again."""
         for _ in self:
             pass
+        if self._result is None:
+            if isinstance(self._ended, Exception):
+                raise self._ended
+            how = f"interrupted ({type(self._ended).__name__})" if self._ended != "closed" else "closed (close())"
+            raise QwenLabError(f"this stream was {how} before its end: it has no result; "
+                               f"read a stream to its end, or use ChatModel.generate, for one")
         return self._result
 
 

@@ -621,6 +621,33 @@ def test_a_stream_read_after_a_weight_changed_does_not_reuse_keys_of_the_old_wei
     assert late.cached_tokens == 0 and late.token_ids == fresh.token_ids
 
 
+def test_a_stream_closed_or_failed_says_it_has_no_result(tiny_chat):
+    """``result`` of a stream closed before its end, or read again after its generation failed, was None:
+    ``stream.result.text`` then failed far from the cause ('NoneType' object has no attribute 'text')."""
+    from qwen_lab.errors import QwenLabError
+    messages, settings = [{"role": "user", "content": "Tell me about cats."}], dict(max_new_tokens=8, eos_token_id=[])
+    stream = tiny_chat.stream(messages, **settings)
+    next(stream)
+    stream.close()
+    stream.close()  # twice: nothing more
+    assert list(stream) == []
+    with pytest.raises(QwenLabError, match=r"closed \(close\(\)\) before its end: it has no result"):
+        stream.result
+    unread = tiny_chat.stream(messages, **settings)
+    unread.close()  # before it started
+    with pytest.raises(QwenLabError, match="it has no result"):
+        unread.result
+
+    class Broken(threading.Event):
+        def is_set(self):
+            raise RuntimeError("the cancel event broke")
+
+    failing = tiny_chat.stream(messages, cancel=Broken(), **settings)
+    for _ in range(2):  # the second read says so again, not None
+        with pytest.raises(RuntimeError, match="the cancel event broke"):
+            failing.result
+
+
 # ---------------------------------------------------------------- a model folder's files are untrusted
 
 def model_copy(tiny_dir, tmp_path, name, edit):
