@@ -203,8 +203,14 @@ class GenerationStream:
 
     def close(self) -> None:
         """Stop the generation where it is: what it computed goes back to its ``PromptCache`` now, not when
-        the stream is collected; the stream then yields nothing more, and has no ``result``."""
-        self._steps.close()
+        the stream is collected; the stream then yields nothing more, and has no ``result``. A stream being
+        read in another thread is stopped by its cancel event instead (``stream(..., cancel=event)``)."""
+        try:
+            self._steps.close()
+        except ValueError:  # Python's "generator already executing": another thread is in the middle of a token
+            raise QwenLabError("this stream is being read in another thread: stop it with its cancel event "
+                               "(stream(..., cancel=event), then event.set()); close it once that thread is done") \
+                from None
         if self._result is None and self._ended is None:
             self._ended = "closed"
 

@@ -648,6 +648,33 @@ def test_a_stream_closed_or_failed_says_it_has_no_result(tiny_chat):
             failing.result
 
 
+def test_closing_a_stream_another_thread_is_reading_says_how_to_stop_it(tiny_chat):
+    """close() from another thread than the one reading the stream failed with Python's 'generator already
+    executing' (a ValueError): the way to stop a stream being read elsewhere is its cancel event."""
+    from qwen_lab.errors import QwenLabError
+    inside, go_on = threading.Event(), threading.Event()
+
+    class Pausing(threading.Event):  # asked between tokens, in the reading thread: holds it there
+        def is_set(self):
+            inside.set()
+            go_on.wait(30)
+            return super().is_set()
+
+    cancel = Pausing()
+    stream = tiny_chat.stream("Tell me about cats.", cancel=cancel, max_new_tokens=8, eos_token_id=[])
+    reader = threading.Thread(target=lambda: list(stream), daemon=True)
+    reader.start()
+    assert inside.wait(30)
+    try:
+        with pytest.raises(QwenLabError, match="being read in another thread: stop it with its cancel event"):
+            stream.close()
+    finally:
+        cancel.set()
+        go_on.set()
+        reader.join(30)
+    assert stream.result.finish_reason == "cancelled"  # stopped the way the line says
+
+
 # ---------------------------------------------------------------- a model folder's files are untrusted
 
 def model_copy(tiny_dir, tmp_path, name, edit):
