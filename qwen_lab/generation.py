@@ -539,7 +539,7 @@ def generate_stream(model, tokenizer: Tokenizer, prompt_ids: list[int], config: 
     whose common prefix with the prompt is not computed again, on either path (with the static
     decoder, only if no other generation has written the caches of the cache's last one since;
     in another length bucket's decoder, the prefix is copied). The cache is taken when the stream
-    starts: one made and never read leaves it as it was.
+    starts, by the weights as they are then: one made and never read leaves it as it was.
     """
     context, vocab = model.config.max_position_embeddings, model.config.vocab_size
     if not prompt_ids:
