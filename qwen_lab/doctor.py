@@ -244,7 +244,7 @@ def check_pages(models: dict[str, list[Path]] | None = None) -> Check:
     for model, weights in (models or {}).items():
         held = {path: _cached(path) for path in weights}
         small = {path: in_memory - huge for path, (in_memory, huge) in held.items() if in_memory > huge}
-        if sum(small.values()) >= max(SMALL_PIECES_WORTH, sum(p.stat().st_size for p in weights) / 10):
+        if sum(small.values()) >= max(SMALL_PIECES_WORTH, sum(map(_file_size, weights)) / 10):
             drop = "dd if={} iflag=nocache count=0 status=none"  # GNU dd's way to "drop cache for whole file"
             files, each = " ".join(shlex.quote(str(p)) for p in small), drop.format('"$f"')
             command = f"sync && {drop.format(files)}" if len(small) == 1 else \
@@ -256,6 +256,14 @@ def check_pages(models: dict[str, list[Path]] | None = None) -> Check:
                                           f"them afresh in 2 MiB pages where the kernel caches files so (ext4: "
                                           f"Linux 6.16 and later)")
     return Check("pages", "ok", f"weights in 2 MiB pages where they are that large ({why})")
+
+
+def _file_size(path: Path) -> int:
+    """``path``'s size, 0 where it went since the model's check, or cannot be looked at: a line, not a traceback."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _cached(path: Path) -> tuple[int, int]:

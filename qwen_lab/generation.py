@@ -175,9 +175,14 @@ class GenerationStream:
     >>> # for delta in chat.stream(messages): print(delta, end="")
     """
 
-    def __init__(self, steps: Iterator[str], choices: list[TokenChoice] | None = None) -> None:
+    def __init__(self, steps: Iterator[str], choices: list[TokenChoice] | None = None,
+                 read_at_once: Callable[[], None] | None = None) -> None:
         self._steps = steps
+        #: ``generate_stream``'s, where it has a ``PromptCache``: told that the stream is read as soon as it is
+        #: made (``ChatModel.generate``), it takes the cache by the look at the weights its memory check made
+        self._read_at_once = read_at_once
         self._result: GenerationResult | None = None
+        self._ended: BaseException | str | None = None  # why there is no result: its failure, or closed
         #: per token so far, what the model weighed (filled as tokens come, with top_logprobs > 0)
         self.choices: list[TokenChoice] = [] if choices is None else choices
 
@@ -192,17 +197,35 @@ class GenerationStream:
         except StopIteration as done:
             self._result = done.value
             raise
+        except BaseException as e:  # the generation failed, or was interrupted (Ctrl-C): a later read says so
+            self._ended = self._ended or e
+            raise
 
     def close(self) -> None:
         """Stop the generation where it is: what it computed goes back to its ``PromptCache`` now, not when
-        the stream is collected; the stream then yields nothing more (``result`` stays unset)."""
-        self._steps.close()
+        the stream is collected; the stream then yields nothing more, and has no ``result``. A stream being
+        read in another thread is stopped by its cancel event instead (``stream(..., cancel=event)``)."""
+        try:
+            self._steps.close()
+        except ValueError:  # Python's "generator already executing": another thread is in the middle of a token
+            raise QwenLabError("this stream is being read in another thread: stop it with its cancel event "
+                               "(stream(..., cancel=event), then event.set()); close it once that thread is done") \
+                from None
+        if self._result is None and self._ended is None:
+            self._ended = "closed"
 
     @property
     def result(self) -> GenerationResult:
-        """The final result; reading it runs the generation to its end if needed."""
+        """The final result; reading it runs the generation to its end if needed. A stream closed before its
+        end has none (``QwenLabError``); one whose generation failed raises that failure again."""
         for _ in self:
             pass
+        if self._result is None:
+            if isinstance(self._ended, Exception):
+                raise self._ended
+            how = f"interrupted ({type(self._ended).__name__})" if self._ended != "closed" else "closed (close())"
+            raise QwenLabError(f"this stream was {how} before its end: it has no result; "
+                               f"read a stream to its end, or use ChatModel.generate, for one")
         return self._result
 
 
@@ -338,7 +361,8 @@ class PromptCache:
         least ``length`` positions while the old ones are copied; not reusable, ``length`` once the old ones are
         freed (here, at once); static, the decoder's bucket unless the model keeps it. Refused (``SettingError``),
         it takes nothing. ``take=False`` only checks: ``generate_stream`` does so when the stream is made, and
-        takes when it starts, both from one look at the weights (``weights``: ``_weights(model)``).
+        takes when it starts, by the weights as they are then (``weights``: ``_weights(model)``; a stream read at
+        once, ``ChatModel.generate``'s, takes by the look its check made: one look a turn).
         """
         weights = _weights(model) if weights is None else weights
         memory = tuple(address for address, _ in weights)  # static_decode.weight_memory, from the same walk
@@ -515,7 +539,7 @@ def generate_stream(model, tokenizer: Tokenizer, prompt_ids: list[int], config: 
     whose common prefix with the prompt is not computed again, on either path (with the static
     decoder, only if no other generation has written the caches of the cache's last one since;
     in another length bucket's decoder, the prefix is copied). The cache is taken when the stream
-    starts: one made and never read leaves it as it was.
+    starts, by the weights as they are then: one made and never read leaves it as it was.
     """
     context, vocab = model.config.max_position_embeddings, model.config.vocab_size
     if not prompt_ids:
@@ -530,20 +554,23 @@ def generate_stream(model, tokenizer: Tokenizer, prompt_ids: list[int], config: 
         static = use_cache and model.lm_head.weight.device.type == "cuda"
     if static and not use_cache:
         raise SettingError("static decoding keeps a KV cache: it cannot run with use_cache=False")
-    take = None
+    take = read_at_once = None
     if use_cache:
         length = len(prompt_ids) + min(config.max_new_tokens, context - len(prompt_ids))
         if cache is not None:  # the same check, counting what the cache holds; taken when the stream starts
-            weights = _weights(model)
+            weights, at_once = _weights(model), []
             cache._claim(model, prompt_ids, length, static, weights, take=False)
-            take = lambda: cache._claim(model, prompt_ids, length, static, weights)  # noqa: E731
+            # judged by the weights as they are when it starts (a cell may change one after making the stream,
+            # and keys of the old weight would be reused); read at once, by the look the check just made
+            take = lambda: cache._claim(model, prompt_ids, length, static, weights if at_once else None)  # noqa: E731
+            read_at_once = lambda: at_once.append(True)  # noqa: E731
         elif static:  # the static decoder allocates its bucket once, then keeps it
             _check_cache_memory(model, static_decode.new_positions(model, length))
         else:
             _check_cache_memory(model, length)
     choices: list[TokenChoice] = []
     return GenerationStream(_steps(model, tokenizer, list(prompt_ids), config, cancel, use_cache,
-                                   skip_special_tokens, context, static, choices, take), choices)
+                                   skip_special_tokens, context, static, choices, take), choices, read_at_once)
 
 
 def _cache_bytes(model, positions: int) -> int:
@@ -757,6 +784,8 @@ class ChatModel:
     def generate(self, prompt, *, on_text: Callable[[str], None] | None = None, **kwargs) -> GenerationResult:
         """Like ``stream`` but returns the ``GenerationResult``; ``on_text`` receives each delta."""
         stream = self.stream(prompt, **kwargs)
+        if stream._read_at_once is not None:
+            stream._read_at_once()  # read now: no weight can change between its making and its start
         for delta in stream:
             if on_text is not None:
                 on_text(delta)

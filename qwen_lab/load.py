@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import json
 import mmap
 import os
@@ -269,6 +270,10 @@ def _whole_numbers(values) -> list[int]:
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True) if hasattr(mmap, "MADV_DONTNEED") else None
 
+#: madvise's "fault these pages in as a read would" (Linux 5.14), which fails where a read would raise SIGBUS
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+
+
 def cached_in_huge_pages(path: str | Path) -> tuple[int, int] | None:
     """How the page cache holds a weights file now: ``(bytes in memory, of them in 2 MiB pieces)``.
 
@@ -279,9 +284,10 @@ def cached_in_huge_pages(path: str | Path) -> tuple[int, int] | None:
     MiB at a time, and 514 of a 515 MiB download's MiB got 2 MiB pages (the tail is under 2 MiB).
 
     Counted over the file's 2 MiB blocks that are wholly in memory (``mincore``), nothing read
-    from disk: the file is mapped as ``read_safetensors`` maps it, one byte of each such block is
-    read, and ``/proc/self/smaps`` says how much maps in 2 MiB pages (``FilePmdMapped``). ``None``
-    where it cannot be told (huge pages off, no ``mincore``, a mapping not 2 MiB-aligned).
+    from disk: the file is mapped as ``read_safetensors`` maps it, each such block is faulted in as a
+    read would (``MADV_POPULATE_READ``), and ``/proc/self/smaps`` says how much maps in 2 MiB pages
+    (``FilePmdMapped``). ``None`` where it cannot be told (huge pages off, no ``mincore``, a mapping
+    not 2 MiB-aligned, the file truncated while looked at: a read would have killed the process).
     """
     if _libc is None or not huge_pages():
         return None
@@ -298,8 +304,13 @@ def cached_in_huge_pages(path: str | Path) -> tuple[int, int] | None:
         resident, whole = bytes(resident), b"\x01" * per_block
         blocks = [b for b in range(size // HUGE_PAGE) if resident[b * per_block:(b + 1) * per_block] == whole]
         advise_huge(mm, 0, size)
-        for b in blocks:
-            mm[b * HUGE_PAGE]  # in memory already: maps it, in a 2 MiB page where the cache holds it so
+        for b in blocks:  # in memory already: mapped, in a 2 MiB page where the cache holds it so
+            try:  # asked of the kernel, which says EFAULT where a read would raise SIGBUS: the file shrank since
+                mm.madvise(MADV_POPULATE_READ, b * HUGE_PAGE, HUGE_PAGE)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    return None  # truncated while looked at: what it holds cannot be told
+                mm[b * HUGE_PAGE]  # a kernel before 5.14: read a byte
         return len(blocks) * HUGE_PAGE, _smaps_kib(start, "FilePmdMapped") * 1024
     finally:
         mm.close()

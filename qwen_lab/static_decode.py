@@ -140,9 +140,11 @@ class StaticDecoder:
     def copy_prefix(self, source: "StaticDecoder", n: int) -> None:
         """Take the keys and values of positions ..``n`` from ``source``, another length bucket's decoder of
         the same model (the conversation's last turn in that bucket), instead of computing them again."""
-        if n > self.max_len or source.caches[0].k.dtype != self.caches[0].k.dtype or source.device != self.device:
+        if not 0 <= n <= min(self.max_len, source.max_len) or source.caches[0].k.dtype != self.caches[0].k.dtype \
+                or source.device != self.device or source.model is not self.model:
+            whose = "" if source.model is self.model else " of another model"
             raise ValueError(f"cannot copy {n} positions of {source.max_len}-position {source.caches[0].k.dtype} "
-                             f"caches on {source.device} into this decoder's")
+                             f"caches on {source.device}{whose} into this {self.max_len}-position decoder's")
         self.writes += 1
         for mine, theirs in zip(self.caches, source.caches):
             mine.k[:, :, :n].copy_(theirs.k[:, :, :n])  # in place: a captured graph reads these tensors

@@ -11,7 +11,8 @@ large enough to leave the caches, and the fastest is used — so qwen_lab is nev
 F.linear on a shape. Each candidate is first checked against F.linear on random data: a variant
 that computes a wrong answer on this CPU is never chosen.
 
-The answers are kept in ``kernels.cache_dir()`` per CPU, thread count and kernel build: a
+The answers are kept in ``kernels.cache_dir()`` per CPU, thread count, kernel build and page size
+(plans timed with 2 MiB pages off are kept apart: ``pages.huge_pages``): a
 machine measures once (7 s for the four large shapes of Qwen2.5-1.5B on a 2-core AMD EPYC). A room's shared
 cache (``kernels.shared_cache_dir()``, filled by ``qwen-lab tune``) is read first: a shape it
 holds for this CPU, thread count and build is used as it is, never measured; the others are
@@ -85,10 +86,12 @@ def stream_bytes() -> int:
 
 
 def _machine_key(threads: int | None = None) -> str:
-    """The CPU, the threads and the kernel build that a measurement holds for (the build by its file's name,
-    not its folder: the same build, from a room's shared cache or from the user's own, plays the same)."""
+    """The CPU, the threads, the kernel build and the pages that a measurement holds for (the build by its file's
+    name, not its folder: the same build, from a room's shared cache or from the user's own, plays the same)."""
     parts = [f"method {METHOD}", kernels.cpu_model(), " ".join(sorted(kernels.cpu_flags())),
              str(threads or kernels.num_threads()), str(kernels.library_name()), torch.__version__]
+    if not pages.huge_pages():  # timed in 4 KiB pages, as the weights then are: kept apart (2 MiB: as before)
+        parts.append("4 KiB pages")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 

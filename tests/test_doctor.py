@@ -306,3 +306,16 @@ def test_the_pages_line_names_weights_cached_in_small_pieces_and_its_command_dro
         pytest.skip("this kernel or file system reads files into 4 KiB pieces only: 2 MiB pages cannot be had")
     assert again == in_memory and huge >= in_memory - 2 * pages.HUGE_PAGE  # readahead may end in small pieces
     assert doctor_lines(capsys, str(folder))[1]["pages"][0].startswith("ok weights in 2 MiB pages")
+
+
+def test_the_pages_line_is_one_line_when_a_weights_file_went_or_cannot_be_read(tmp_path, monkeypatch):
+    """A weights file gone between the model's check and this one (replaced, or its folder re-extracted), or a
+    dangling link, crashed the doctor with a traceback: every file's size was read unguarded."""
+    import os
+    from qwen_lab import doctor, pages
+    monkeypatch.setattr(pages, "huge_pages_and_why", lambda: (True, "transparent huge pages: [always]"))
+    gone, dangling, pipe = tmp_path / "gone.safetensors", tmp_path / "dangling.safetensors", tmp_path / "pipe"
+    dangling.symlink_to(tmp_path / "nowhere")
+    os.mkfifo(pipe)
+    check = doctor.check_pages({"lab/m": [gone, dangling, pipe]})
+    assert check.status == "ok" and check.detail.startswith("weights in 2 MiB pages"), check

@@ -599,6 +599,82 @@ def test_a_stream_closed_mid_reply_gives_the_cache_back_at_once(tiny_chat, stati
     assert again.cached_tokens == len(prompt) - 1
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_a_stream_read_after_a_weight_changed_does_not_reuse_keys_of_the_old_weight(tiny_chat, static):
+    """A stream takes the cache when it starts, but judged it by the weights as they were when it was made:
+    a weight changed in between (a cell that makes the stream, then edits the model, then reads) reused the
+    keys and values of the old weight, and the reply was not the changed model's (other tokens here)."""
+    cache, messages = PromptCache(), [{"role": "user", "content": "Tell me about cats."}]
+    settings = dict(do_sample=False, max_new_tokens=8, eos_token_id=[], static=static)
+    tiny_chat.generate(messages, cache=cache, **settings)
+    key = tiny_chat.model.model.layers[0].self_attn.k_proj.weight
+    saved = key.detach().clone()
+    stream = tiny_chat.stream(messages, cache=cache, **settings)  # made while the cache serves the weights
+    try:
+        with torch.no_grad():
+            key.mul_(-3)  # then a weight changes, before the stream is read
+        late = stream.result
+        fresh = tiny_chat.generate(messages, **settings)
+    finally:
+        with torch.no_grad():
+            key.copy_(saved)
+    assert late.cached_tokens == 0 and late.token_ids == fresh.token_ids
+
+
+def test_a_stream_closed_or_failed_says_it_has_no_result(tiny_chat):
+    """``result`` of a stream closed before its end, or read again after its generation failed, was None:
+    ``stream.result.text`` then failed far from the cause ('NoneType' object has no attribute 'text')."""
+    from qwen_lab.errors import QwenLabError
+    messages, settings = [{"role": "user", "content": "Tell me about cats."}], dict(max_new_tokens=8, eos_token_id=[])
+    stream = tiny_chat.stream(messages, **settings)
+    next(stream)
+    stream.close()
+    stream.close()  # twice: nothing more
+    assert list(stream) == []
+    with pytest.raises(QwenLabError, match=r"closed \(close\(\)\) before its end: it has no result"):
+        stream.result
+    unread = tiny_chat.stream(messages, **settings)
+    unread.close()  # before it started
+    with pytest.raises(QwenLabError, match="it has no result"):
+        unread.result
+
+    class Broken(threading.Event):
+        def is_set(self):
+            raise RuntimeError("the cancel event broke")
+
+    failing = tiny_chat.stream(messages, cancel=Broken(), **settings)
+    for _ in range(2):  # the second read says so again, not None
+        with pytest.raises(RuntimeError, match="the cancel event broke"):
+            failing.result
+
+
+def test_closing_a_stream_another_thread_is_reading_says_how_to_stop_it(tiny_chat):
+    """close() from another thread than the one reading the stream failed with Python's 'generator already
+    executing' (a ValueError): the way to stop a stream being read elsewhere is its cancel event."""
+    from qwen_lab.errors import QwenLabError
+    inside, go_on = threading.Event(), threading.Event()
+
+    class Pausing(threading.Event):  # asked between tokens, in the reading thread: holds it there
+        def is_set(self):
+            inside.set()
+            go_on.wait(30)
+            return super().is_set()
+
+    cancel = Pausing()
+    stream = tiny_chat.stream("Tell me about cats.", cancel=cancel, max_new_tokens=8, eos_token_id=[])
+    reader = threading.Thread(target=lambda: list(stream), daemon=True)
+    reader.start()
+    assert inside.wait(30)
+    try:
+        with pytest.raises(QwenLabError, match="being read in another thread: stop it with its cancel event"):
+            stream.close()
+    finally:
+        cancel.set()
+        go_on.set()
+        reader.join(30)
+    assert stream.result.finish_reason == "cancelled"  # stopped the way the line says
+
+
 # ---------------------------------------------------------------- a model folder's files are untrusted
 
 def model_copy(tiny_dir, tmp_path, name, edit):

@@ -1055,6 +1055,18 @@ def test_a_new_way_of_measuring_measures_again(monkeypatch):
 
 
 @needs_kernel
+def test_plans_timed_without_2_mib_pages_are_kept_apart(monkeypatch):
+    """Plans are timed in the pages the weights get; with 2 MiB pages off (QWEN_LAB_HUGE_PAGES=0, a system set
+    to ``never``) they were timed in 4 KiB pages and kept under the same name, so turning them on again read
+    plans ranked on the other kind of memory (0-11% slower there, benchmarks/RESULTS.md)."""
+    from qwen_lab import pages, tuning
+    monkeypatch.setattr(pages, "huge_pages", lambda: True)
+    on = tuning.plans_file_name()
+    monkeypatch.setattr(pages, "huge_pages", lambda: False)
+    assert tuning.plans_file_name() != on
+
+
+@needs_kernel
 def test_plans_are_timed_in_memory_like_the_weights_2_mib_pages(monkeypatch):
     """load keeps large weights in 2 MiB pages; plans timed on torch's 4 KiB pages ranked otherwise there
     (benchmarks/RESULTS.md): every matrix a plan is timed on is in advised, 2 MiB-aligned memory."""

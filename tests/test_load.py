@@ -531,3 +531,36 @@ def test_huge_pages_follow_the_system_s_setting(monkeypatch, tmp_path):
     assert pages.huge_pages() is False  # no such file: not Linux's THP
     view = torch.arange(pages.HUGE_PAGE, dtype=torch.bfloat16)
     assert torch.equal(pages.huge_copy(view, torch.float32), view.float())  # off: torch's plain conversion
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
+def test_a_weights_file_truncated_while_its_cached_pages_are_counted_is_no_crash(tmp_path):
+    """cached_in_huge_pages read a byte of each 2 MiB block the page cache held: a file truncated between
+    that count and the read (a folder extracted again while the doctor looks) killed the process with SIGBUS,
+    the doctor's other lines unprinted. Here the file is truncated right after the count."""
+    import subprocess
+    import sys
+    if not pages.huge_pages():
+        pytest.skip(f"transparent huge pages are off here ({pages.THP_SETTING})")
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(os.urandom(8 * pages.HUGE_PAGE))  # just written: in memory
+    script = f"""if True:
+        import os
+        from qwen_lab import load
+        real = load._libc
+
+        class Truncating:  # counts, then the file shrinks under the mapping
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            def mincore(self, *args):
+                done = real.mincore(*args)
+                os.truncate({str(weights)!r}, 0)
+                return done
+
+        load._libc = Truncating()
+        print(load.cached_in_huge_pages({str(weights)!r}))
+    """
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert run.returncode == 0 and run.stdout.strip() == "None", (run.returncode, run.stdout, run.stderr[-500:])

@@ -89,6 +89,22 @@ def test_a_prefix_copied_from_another_bucket_s_decoder_gives_the_logits_of_a_who
         small.copy_prefix(large, 100)
 
 
+def test_a_prefix_is_copied_only_from_the_same_model_and_within_both_decoders(tiny, untied_dir):
+    """copy_prefix checked only that ``n`` fit the decoder copied into: more positions than the source holds
+    failed in a tensor copy's shape error, a negative count copied all but that many, and another model's
+    decoder of the same shapes gave its keys and values without a word."""
+    model, tok = tiny
+    files = resolve(str(untied_dir))
+    other = load_model(files, "float32", DEVICE, matvec="none")
+    small, large = (static_decode.StaticDecoder(model, n, graph=False) for n in (64, 128))
+    stranger = static_decode.StaticDecoder(other, 64, graph=False)
+    writes = large.writes
+    for source, n in ((small, 100), (small, -1), (stranger, 4)):
+        with pytest.raises(ValueError, match="cannot copy"):
+            large.copy_prefix(source, n)
+    assert large.writes == writes  # refused: nothing written
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the capture succeeds")
 def test_a_failed_capture_falls_back_to_the_same_step(tiny):
     model, tok = tiny
