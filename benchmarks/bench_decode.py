@@ -59,13 +59,19 @@ def make_checkpoint(config_path: Path) -> Path:
     return out
 
 
-def read_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
-    """Bytes per second that summing a large float32 tensor reads (the best of ``reps``), in memory like the
-    weights' (2 MiB pages where ``pages.huge_pages()``: a probe in 4 KiB pages reads slower, up to a
-    quarter on an AMD EPYC Zen 4, and would flatter the kernels that read 2 MiB pages)."""
+def probe_memory(gib: float = 1.0):
+    """``gib`` of float32 ones in memory like the weights' (``pages.huge_empty``), for ``read_bandwidth``."""
     import torch
     from qwen_lab.pages import huge_empty
-    x = huge_empty((int(gib * 2**30 / 4),), torch.float32).fill_(1.0)
+    return huge_empty((int(gib * 2**30 / 4),), torch.float32).fill_(1.0)
+
+
+def read_bandwidth(gib: float = 1.0, reps: int = 5, memory=None) -> float:
+    """Bytes per second that summing a large float32 tensor reads (the best of ``reps``), in memory like the
+    weights' (2 MiB pages where ``pages.huge_pages()``: a probe in 4 KiB pages reads slower, up to a
+    quarter on an AMD EPYC Zen 4, and would flatter the kernels that read 2 MiB pages). ``memory``: such a
+    tensor to sum (``probe_memory``), for a caller that probes many times; else ``gib`` of it, made here."""
+    x = probe_memory(gib) if memory is None else memory
     x.sum()
     best = 0.0
     for _ in range(reps):

@@ -62,19 +62,15 @@ def main() -> None:
 
     import torch
     from bench_contention import cpu_description
+    from bench_decode import probe_memory, read_bandwidth
     from qwen_lab import kernels, pages, tuning
 
     torch.set_num_threads(args.threads)
     print(f"{cpu_description()}; {args.threads} threads; torch {torch.__version__}")
-    probe_memory = pages.huge_copy(torch.ones(256 * 2**20), torch.float32)  # 1 GiB in 2 MiB pages
+    memory = probe_memory(1.0)  # 1 GiB in 2 MiB pages
 
     def probe() -> float:
-        best = 0.0
-        for _ in range(3):
-            t = time.perf_counter()
-            probe_memory.sum()
-            best = max(best, probe_memory.numel() * 4 / (time.perf_counter() - t) / 1e9)
-        return best
+        return read_bandwidth(reps=3, memory=memory) / 1e9
 
     with tempfile.TemporaryDirectory() as work:
         walks = build(work)
