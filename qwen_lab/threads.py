@@ -176,6 +176,26 @@ def threads_now(limit: int) -> int:
     return max(1, min(limit, affinity_cpus() - others))
 
 
+def wait_until_quiet(timeout: float = 0.3, window: float = 0.001) -> float:
+    """Wait until no other thread of this process wants a CPU; the seconds waited.
+
+    After a parallel torch operation its OpenMP workers keep spinning for a while, waiting for the next
+    one (GNU OpenMP: about 10 ms, measured on a 2-core AMD EPYC Zen 4; Intel's: up to 200 ms). A kernel
+    call timed in that while shares a core with them: there, a 3 MB product right after a 2-thread
+    ``torch.sum`` streamed at 15-23 GB/s instead of 32, and ``tuning`` chose against the plan it always
+    timed right after torch's own. So measurements wait here first: until two looks ``window`` seconds
+    apart find no other thread of the process running or runnable (``/proc/self/task/*/stat``), at most
+    ``timeout`` seconds (a busy thread of the program's own would not stop for waiting). The CPU time in
+    ``schedstat`` would not do: a running thread's is brought up to date only at the scheduler's tick.
+    """
+    start, quiet = time.perf_counter(), 0
+    while quiet < 2 and time.perf_counter() - start < timeout:
+        quiet = quiet + 1 if _runnable_here() <= 1 else 0
+        if quiet < 2:
+            time.sleep(window)
+    return time.perf_counter() - start
+
+
 @contextlib.contextmanager
 def torch_threads(count: int):
     """Run the block with torch's intra-op thread count set to ``count``, then put it back."""

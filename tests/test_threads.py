@@ -119,3 +119,49 @@ def test_torch_threads_are_put_back():
         with threads.torch_threads(1):
             raise RuntimeError("boom")
     assert torch.get_num_threads() == before
+
+
+def _busy_thread(seconds):
+    """A thread of this process that wants a CPU for ``seconds`` (as torch's OpenMP workers spin after an
+    operation), started; it holds the GIL only in turns, so the caller still runs."""
+    import threading
+    import time
+
+    def spin():
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+    t = threading.Thread(target=spin, daemon=True)
+    t.start()
+    return t
+
+
+def test_waiting_until_quiet_outlasts_a_busy_thread_of_the_process():
+    if not os.path.exists("/proc/self/task"):
+        pytest.skip("no /proc/self/task")
+    spinner = _busy_thread(0.15)
+    waited = threads.wait_until_quiet(timeout=5.0)
+    assert not spinner.is_alive() and 0.1 < waited < 5.0
+    assert threads.wait_until_quiet(timeout=5.0) < 1.0  # quiet now: two looks, not the timeout
+
+
+def test_waiting_until_quiet_gives_up_after_its_timeout():
+    """A thread of the program's own that never stops: waiting longer would not help."""
+    if not os.path.exists("/proc/self/task"):
+        pytest.skip("no /proc/self/task")
+    spinner = _busy_thread(3.0)
+    waited = threads.wait_until_quiet(timeout=0.2)
+    assert spinner.is_alive() and 0.2 <= waited < 2.0
+    spinner.join()
+
+
+def test_torch_s_spinning_workers_are_waited_for():
+    """The case it is for: after a 2-thread torch operation, its OpenMP workers spin a while (GNU OpenMP:
+    about 10 ms on a 2-core AMD EPYC); the wait ends once they sleep."""
+    if not os.path.exists("/proc/self/task") or torch.get_num_threads() < 2:
+        pytest.skip("no /proc/self/task, or torch on one thread")
+    big = torch.ones(1 << 24)
+    with threads.torch_threads(2):
+        big.sum()
+    threads.wait_until_quiet(timeout=2.0)
+    assert threads._runnable_here() == 1  # only this thread, that looks
