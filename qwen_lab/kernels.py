@@ -39,6 +39,7 @@ True
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -322,6 +323,18 @@ def num_threads() -> int:
     if _threads is None:
         _threads = choose_threads()[0]
     return _threads
+
+
+@contextlib.contextmanager
+def threads_set(count: int):
+    """Share kernel calls over ``count`` threads inside the block (``set_num_threads``), then as before."""
+    global _threads
+    before = _threads
+    set_num_threads(count)
+    try:
+        yield
+    finally:
+        _threads = before
 
 
 def set_num_threads(count: int) -> None:

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import kernels, pages
+from . import kernels, pages, threads
 
 TUNE_MIN_BYTES = 1 << 20
 #: The timed matrices cycle through copies adding up to at least this many bytes, so that each is
@@ -47,12 +47,20 @@ TUNE_MIN_BYTES = 1 << 20
 #: 128-512 MiB (``stream_bytes``).
 STREAM_BYTES: int | None = None
 ROUNDS = 5
+#: A timing covers products of at least this many bytes in all (a 3 MB matrix's single product lasts ~50 us,
+#: while the memory's speed moves from one millisecond to the next on a shared machine).
+SAMPLE_BYTES = 32 << 20
+#: Plans timed within this fraction of the fastest are timed again on one thread (``measure``).
+TIE = 0.10
+#: How ``measure``'s speeds name a plan's time on one thread: ``"avx2, 1 row alone"``.
+ALONE = "alone"
 #: Rows of the float64 reference computed at once when a plan's answer is checked (``measure``).
 CHECK_ROWS = 4096
 #: Part of the cache's key: a change to how plans are measured measures them again (2: timed copies
 #: never the matrix the checks just read, which on a CPU with a large L3 could still be there; 3: timed
-#: in 2 MiB pages where the weights are, ``pages.huge_pages``).
-METHOD = 3
+#: in 2 MiB pages where the weights are, ``pages.huge_pages``; 4: no plan timed while torch's OpenMP workers
+#: still spin after its own product or the checks, ``threads.wait_until_quiet``).
+METHOD = 4
 
 _memory: dict[str, kernels.Plan] = {}
 
@@ -172,8 +180,12 @@ def plan_for(out_features: int, in_features: int, dtype: torch.dtype) -> kernels
 
 def measure(out_features: int, in_features: int, dtype: torch.dtype,
             plans: list[kernels.Plan] | None = None) -> tuple[kernels.Plan, dict[str, float]]:
-    """Time every plan on this shape; the fastest, and each one's bytes per second (best of ``ROUNDS``)."""
+    """Time every plan on this shape; the fastest, and each one's bytes per second (best of ``ROUNDS``; for
+    the plans timed again on one thread, their speed there too, as ``"<plan> alone"``)."""
     plans = candidates(dtype) if plans is None else plans
+    if out_features < 1 or in_features < 1:
+        raise ValueError(f"tuning.measure: a {out_features} x {in_features} matrix has no weights to time; "
+                         "give it at least one row and one column")
     g = torch.Generator().manual_seed(0)
     # in memory like the model's weights (2 MiB pages where load asks for them), since that is what the plan
     # will stream: on an AMD EPYC Zen 4 a plan chosen on 4 KiB pages streamed 0-11% slower on 2 MiB pages than
@@ -196,18 +208,45 @@ def measure(out_features: int, in_features: int, dtype: torch.dtype,
     wanted = stream_bytes()
     copies = [weight] if nbytes >= wanted else [pages.huge_copy(weight, dtype) for _ in range(-(-wanted // nbytes))]
     best = {plan: float("inf") for plan in correct}
+    calls = max(1, -(-SAMPLE_BYTES // nbytes))
     turn = 0
+
+    def timed(plan: kernels.Plan) -> float:
+        """Seconds per product of ``plan``, over ``calls`` products on the next copies."""
+        nonlocal turn
+        start = time.perf_counter()
+        for _ in range(calls):
+            kernels._run(kernels._library(), x, copies[turn % len(copies)], None, plan)
+            turn += 1
+        return (time.perf_counter() - start) / calls
+
+    ours, torch_s = [p for p in correct if p.variant != "torch"], [p for p in correct if p.variant == "torch"]
+    threads.wait_until_quiet()  # the checks' torch products leave its OpenMP workers spinning a while
     with torch.inference_mode():
-        for r in range(ROUNDS):  # rounds of every plan in turn: a noisy moment hurts them all alike;
-            order = correct[r % len(correct):] + correct[:r % len(correct)]  # and no plan is always first
-            for plan in order:
-                w = copies[turn % len(copies)]
-                turn += 1
-                start = time.perf_counter()
-                kernels._run(kernels._library(), x, w, None, plan)
-                best[plan] = min(best[plan], time.perf_counter() - start)
+        for r in range(ROUNDS):  # rounds of every plan in turn: a noisy moment hurts them all alike, and no
+            k = r % max(len(ours), 1)  # plan is always first; torch's is last, its workers settling after it
+            for plan in ours[k:] + ours[:k] + torch_s:
+                best[plan] = min(best[plan], timed(plan))
+                if plan.variant == "torch":
+                    threads.wait_until_quiet()
     speeds = {str(plan): nbytes / t for plan, t in best.items()}
-    return min(best, key=best.get), speeds
+    chosen = min(best, key=best.get)
+    close = [plan for plan in correct if best[plan] <= best[chosen] * (1 + TIE)]
+    if len(close) > 1 and kernels.num_threads() > 1:
+        # With the memory slow, every plan streams at its speed: near ties that say nothing of the memory
+        # being fast, when each core's own rate limits a plan. One thread alone is limited by its core at any
+        # memory speed, so the plans within TIE of the fastest are timed again on one, and the fastest there
+        # is chosen (RESULTS.md: on a 2-core AMD EPYC Zen 4, float32 896x896 timed 35.5 against 30.8 GB/s on
+        # two threads with the memory at 35 GB/s, 31.9 against 23.2 on one; in a decode step with the memory
+        # at 68 GB/s, 44.8 against 35).
+        alone = {plan: float("inf") for plan in close}
+        with kernels.threads_set(1), torch.inference_mode():
+            for r in range(ROUNDS):
+                for plan in close[r % len(close):] + close[:r % len(close)]:
+                    alone[plan] = min(alone[plan], timed(plan))
+        speeds.update({f"{plan} {ALONE}": nbytes / t for plan, t in alone.items()})
+        chosen = min(alone, key=alone.get)
+    return chosen, speeds
 
 
 def describe(model) -> dict[str, str]:
