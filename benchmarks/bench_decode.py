@@ -78,6 +78,8 @@ def read_bandwidth(gib: float = 1.0, reps: int = 5, memory=None) -> float:
         t = time.perf_counter()
         x.sum()
         best = max(best, x.numel() * 4 / (time.perf_counter() - t))
+    from qwen_lab.threads import wait_until_quiet
+    wait_until_quiet()  # torch's OpenMP workers spin a while after the sum: not on the next timed work
     return best
 
 

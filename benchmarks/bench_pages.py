@@ -48,7 +48,7 @@ def main() -> None:
 
     import torch
     from bench_decode import machine, make_checkpoint, weights_only
-    from qwen_lab import kernels, pages
+    from qwen_lab import kernels, pages, threads
     from qwen_lab.load import load_model
 
     directory = make_checkpoint(args.config)
@@ -94,6 +94,7 @@ def main() -> None:
                 probe_small.sum()
                 reads[name].append(nbytes / (time.perf_counter() - start))
                 torch.set_num_threads(1)  # as generation decodes: torch on one thread, the kernels on all
+                threads.wait_until_quiet()  # the sum's OpenMP workers spin a while: not on the step's time
                 start = time.perf_counter()
                 for i in range(args.steps):
                     step(5, pos + i)

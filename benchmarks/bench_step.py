@@ -54,7 +54,7 @@ def main() -> None:
 
     import torch
     from bench_decode import machine, make_checkpoint, weights_only
-    from qwen_lab import kernels, layers, pages, tuning
+    from qwen_lab import kernels, layers, pages, threads, tuning
     from qwen_lab.load import load_model
 
     stack, fused = kernels.DecoderModel.forward, kernels.DecoderLayer.forward
@@ -118,6 +118,7 @@ def main() -> None:
                     probe.sum()
                     reads[name].append(nbytes / (time.perf_counter() - start))
                     torch.set_num_threads(1)  # as generation decodes: torch on one thread, the kernels on all
+                    threads.wait_until_quiet()  # the sum's OpenMP workers spin a while: not on the step's time
                     kernels.DecoderModel.forward, kernels.DecoderLayer.forward = forwards
                     kernels.configure(**sharing)
                     start = time.perf_counter()
