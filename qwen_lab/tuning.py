@@ -50,7 +50,8 @@ ROUNDS = 5
 #: A timing covers products of at least this many bytes in all (a 3 MB matrix's single product lasts ~50 us,
 #: while the memory's speed moves from one millisecond to the next on a shared machine).
 SAMPLE_BYTES = 32 << 20
-#: Plans timed within this fraction of the fastest are timed again on one thread (``measure``).
+#: Plans timed within this fraction of the fastest are timed again on one thread, where one faster by more
+#: than it is chosen instead (``measure``).
 TIE = 0.10
 #: How ``measure``'s speeds name a plan's time on one thread: ``"avx2, 1 row alone"``.
 ALONE = "alone"
@@ -235,17 +236,20 @@ def measure(out_features: int, in_features: int, dtype: torch.dtype,
     if len(close) > 1 and kernels.num_threads() > 1:
         # With the memory slow, every plan streams at its speed: near ties that say nothing of the memory
         # being fast, when each core's own rate limits a plan. One thread alone is limited by its core at any
-        # memory speed, so the plans within TIE of the fastest are timed again on one, and the fastest there
-        # is chosen (RESULTS.md: on a 2-core AMD EPYC Zen 4, float32 896x896 timed 35.5 against 30.8 GB/s on
-        # two threads with the memory at 35 GB/s, 31.9 against 23.2 on one; in a decode step with the memory
-        # at 68 GB/s, 44.8 against 35).
+        # memory speed, so the plans within TIE of the fastest are timed again on one, and one faster there
+        # by more than TIE is chosen instead (RESULTS.md: on a 2-core AMD EPYC Zen 4, float32 896x896 timed
+        # 35.5 against 30.8 GB/s on two threads with the memory at 35 GB/s, 31.9 against 23.2 on one; in a
+        # decode step with the memory at 68 GB/s, 44.8 against 35). Closer than that, one thread's rates
+        # are noise too (bf16 plans: 27-36 GB/s, ranked differently from one measurement to the next).
         alone = {plan: float("inf") for plan in close}
         with kernels.threads_set(1), torch.inference_mode():
             for r in range(ROUNDS):
                 for plan in close[r % len(close):] + close[:r % len(close)]:
                     alone[plan] = min(alone[plan], timed(plan))
         speeds.update({f"{plan} {ALONE}": nbytes / t for plan, t in alone.items()})
-        chosen = min(alone, key=alone.get)
+        fastest_alone = min(alone, key=alone.get)
+        if alone[fastest_alone] * (1 + TIE) < alone[chosen]:
+            chosen = fastest_alone
     return chosen, speeds
 
 
