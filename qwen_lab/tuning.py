@@ -11,9 +11,17 @@ large enough to leave the caches, and the fastest is used — so qwen_lab is nev
 F.linear on a shape. Each candidate is first checked against F.linear on random data: a variant
 that computes a wrong answer on this CPU is never chosen.
 
+The memory's speed is not the machine's to choose: on a shared host it moves between runs and
+within one (27-68 GB/s on a 2-core AMD EPYC Zen 4). With it slow, every plan streams at its speed
+and the ranking is near ties; with it fast, each core's own rate limits a plan and the plans part
+(float32 4864x896 in a decode step: 60 GB/s against 48). So near ties are timed again on one
+thread, limited by its core at any memory speed, and a decisive difference there decides
+(``measure``); and nothing is timed while torch's OpenMP workers still spin on a core after its
+own product (``threads.wait_until_quiet``).
+
 The answers are kept in ``kernels.cache_dir()`` per CPU, thread count, kernel build and page size
 (plans timed with 2 MiB pages off are kept apart: ``pages.huge_pages``): a
-machine measures once (7 s for the four large shapes of Qwen2.5-1.5B on a 2-core AMD EPYC). A room's shared
+machine measures once (8-11 s for the four large shapes of Qwen2.5-1.5B on a 2-core AMD EPYC Zen 4). A room's shared
 cache (``kernels.shared_cache_dir()``, filled by ``qwen-lab tune``) is read first: a shape it
 holds for this CPU, thread count and build is used as it is, never measured; the others are
 measured and kept in the user's own cache, never in the shared one. Matrices under
