@@ -547,6 +547,21 @@ def test_a_prompt_cache_is_not_trusted_once_the_weights_were_replaced_even_at_th
         assert kept.cached_tokens == 0 and kept.token_ids == fresh.token_ids, name
 
 
+def test_a_look_at_the_weights_holds_their_storages_weakly():
+    """A cache's look at the weights (``_Weights``) keeps the storages it saw from being anyone else's,
+    not their memory: a weight replaced since is freed at once."""
+    import sys
+    from qwen_lab.generation import _Weights
+    layer = torch.nn.Linear(8, 8).requires_grad_(False)
+    memory = bytearray(8 * 8 * 4)
+    layer.weight.data = torch.frombuffer(memory, dtype=torch.float32).view(8, 8)
+    held = sys.getrefcount(memory)  # the weight's storage holds the memory
+    look = _Weights(layer)
+    assert look == _Weights(layer) and sys.getrefcount(memory) == held
+    layer.weight.data = torch.zeros(8, 8)
+    assert sys.getrefcount(memory) == held - 1 and look != _Weights(layer)
+
+
 def test_a_weight_changed_while_a_reply_is_written_voids_what_it_keeps(tiny_dir):
     """Its caches then hold keys of two models; the weights used to be noted when the reply ended, and the next
     turn trusted them."""
