@@ -8,8 +8,9 @@
     qwen-lab tune --kernel-cache /srv/qwen-lab/kernel-cache --threads 2 qwen-lab/tiny-chat Qwen/Qwen2.5-1.5B-Instruct
 
 ``generate`` writes the reply, and only the reply, to stdout; ``--stats``
-adds one JSON line on stderr. Errors are one line on stderr and exit code 1
-(``--debug`` shows the traceback).
+adds one JSON line on stderr. Errors are one line on stderr (a newline in a
+name they quote written as ``\\n``) and exit code 1 (``--debug`` shows the
+traceback).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .errors import QwenLabError
+from .errors import QwenLabError, one_line, shown
 from .hub import EMBEDDED_MODEL_ID
 
 DEFAULT_SYSTEM = None  # None: the template's own default (Qwen's "You are Qwen, created by Alibaba Cloud...")
@@ -153,7 +154,10 @@ def cmd_template(args) -> None:
 
 
 def cmd_download(args) -> int:
-    """Each model in turn: its folder on stdout, or one error line on stderr; exit 1 if any failed."""
+    """Each model in turn: its folder on stdout, or one error line on stderr; exit 1 if any failed.
+
+    One line per model: a folder whose name holds a newline (or another character that is not
+    printable) is written as the shell would quote it (``errors.shown``)."""
     from .hub import resolve
     failed = 0
     for model in [*args.models, *args.more_models] or [EMBEDDED_MODEL_ID]:
@@ -163,14 +167,14 @@ def cmd_download(args) -> int:
         except (QwenLabError, ValueError, OSError) as e:
             if args.debug:
                 raise
-            print(f"qwen-lab: error: {e}", file=sys.stderr)
+            print(one_line(f"qwen-lab: error: {e}"), file=sys.stderr)
             failed += 1
         except KeyboardInterrupt:
             print("qwen-lab: error: download interrupted; the files already downloaded are kept: run the "
                   "command again to fetch the rest", file=sys.stderr)
             return 130
         else:
-            print(files.root, flush=True)
+            print(shown(files.root), flush=True)
     return 1 if failed else 0
 
 
@@ -189,7 +193,7 @@ def cmd_tune(args) -> int:
     from .shared_cache import prepare
 
     def say(line: str) -> None:
-        print(f"qwen-lab: {line}" if line.startswith("warning:") else line,
+        print(one_line(f"qwen-lab: {line}" if line.startswith("warning:") else line),
               file=sys.stderr if line.startswith("warning:") else sys.stdout, flush=True)
     threads = kernels.num_threads() if args.threads is None else args.threads
     prepare(args.kernel_cache or kernels.cache_dir(), args.models, threads, args.cache_dir, say)
@@ -262,7 +266,7 @@ def _print_choices(chat, choices, shown: int) -> int:
 
 def _fail(message: str) -> int:
     if sys.stderr is not None:
-        print(f"qwen-lab: error: {message}", file=sys.stderr)
+        print(one_line(f"qwen-lab: error: {message}"), file=sys.stderr)
     return 1
 
 

@@ -8,7 +8,9 @@ A room without network finds out what is missing before the workshop, not during
 here touches the network: models are looked up in the cache only, the wheelhouse is resolved
 by pip with ``--no-index``. Each check prints one line: ``ok``, ``warn`` (it works, but read the
 line) or ``FAIL`` (the walkthrough will not run here; the line says what to do). The exit code
-is 1 when a check failed.
+is 1 when a check failed. A name the report quotes (a folder's, a model's) that holds a newline or
+another character that is not printable is written as the shell would (``errors.shown``): a folder
+cannot print a line of its own.
 
 >>> check = check_model("qwen-lab/tiny-chat", cache_dir=None, required=True)
 >>> check.status, check.detail.startswith("qwen-lab/tiny-chat: the embedded model")
@@ -22,14 +24,13 @@ import json
 import os
 import platform
 import re
-import shlex
 import struct
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import QwenLabError
+from .errors import QwenLabError, one_line, shell_word, shown
 from .hub import (EMBEDDED_MODEL_ID, REQUIRED_FILES, SINGLE_WEIGHTS, WALKTHROUGH_MODEL_ID, WEIGHTS_INDEX, ModelFiles,
                   resolve, shard_names)
 from .hub_guard import blob_of, check_blob, is_repo_id
@@ -52,7 +53,7 @@ class Check:
     files: ModelFiles | None = None  # a model check's files, for the checks that read them
 
     def line(self) -> str:
-        return f"{self.status:<4}  {self.name:<10}  {self.detail}"
+        return one_line(f"{self.status:<4}  {self.name:<10}  {self.detail}")  # names are shown() already: a guard
 
 
 # ---------------------------------------------------------------- the models
@@ -71,7 +72,8 @@ def check_model(model: str, cache_dir: str | os.PathLike | None, required: bool,
     except QwenLabError as e:
         if not is_repo_id(model) or Path(model).expanduser().exists():
             return Check("model", fail, str(e))
-        return Check("model", fail, f"{model}: {_what_is_missing(cache, model, e)}; {_fill_advice(cache, model)}")
+        return Check("model", fail, f"{shown(model)}: {_what_is_missing(cache, model, e)}; "
+                                    f"{_fill_advice(cache, model)}")
     paths = [files.config, files.tokenizer, files.tokenizer_config, files.generation_config, files.chat_template,
              files.weights_index, *files.weights]
     paths = [p for p in paths if p is not None]
@@ -79,24 +81,24 @@ def check_model(model: str, cache_dir: str | os.PathLike | None, required: bool,
     for weights in files.weights:
         problem = weights_problem(weights)
         if problem:
-            fix = _fill_advice(cache, model) if from_cache else f"copy the model folder {files.root} again"
-            return Check("model", fail, f"{model}: {weights.name} {problem}; {fix}")
+            fix = _fill_advice(cache, model) if from_cache else f"copy the model folder {shown(files.root)} again"
+            return Check("model", fail, f"{shown(model)}: {shown(weights.name)} {problem}; {fix}")
     hashed = ""
     if verify:
         blobs = [(path, blob_of(path)) for path in paths]
         for path, blob in blobs:
             problem = check_blob(blob) if blob is not None else None
             if problem:
-                return Check("model", fail, f"{model}: {path.name} is damaged ({problem}); "
-                             f"`qwen-lab download --cache-dir {cache} {model}` fetches it again")
+                return Check("model", fail, f"{shown(model)}: {shown(path.name)} is damaged ({problem}); "
+                             f"`{_download_command(cache, model)}` fetches it again")
         # only a cache's blobs are named by their hash; a folder's files have nothing to check against
         hashed = "; hashes checked" if any(b is not None for _, b in blobs) else "; not in a cache: no hashes to check"
     size = sum(p.stat().st_size for p in paths)
     if model == EMBEDDED_MODEL_ID:
         where = "the embedded model (inside the package: nothing to download)"
     else:
-        where = f"complete in the cache {cache}" if from_cache else f"complete in the folder {files.root}"
-    return Check("model", "ok", f"{model}: {where}; {len(paths)} files, {_size(size)} (sizes checked{hashed})",
+        where = f"complete in the cache {shown(cache)}" if from_cache else f"complete in the folder {shown(files.root)}"
+    return Check("model", "ok", f"{shown(model)}: {where}; {len(paths)} files, {_size(size)} (sizes checked{hashed})",
                  files=files)
 
 
@@ -130,10 +132,10 @@ def weights_problem(path: Path) -> str | None:
 def _what_is_missing(cache: Path, repo_id: str, error: Exception) -> str:
     """Which of a model's files the cache lacks, in a few words (or the error, when none is missing)."""
     if not cache.is_dir():
-        return f"the cache {cache} does not exist"
+        return f"the cache {shown(cache)} does not exist"
     storage = cache / ("models--" + repo_id.replace("/", "--"))
     if not storage.is_dir():
-        return f"not in the cache {cache}"
+        return f"not in the cache {shown(cache)}"
     present: set[str] = set()
     snapshot = None
     try:
@@ -154,16 +156,20 @@ def _what_is_missing(cache: Path, repo_id: str, error: Exception) -> str:
     interrupted = len(list((storage / "blobs").glob("*.incomplete")))
     if not missing:
         return str(error)
-    shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    names = ", ".join(map(shown, missing[:3])) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
     more = f" ({interrupted} download(s) interrupted)" if interrupted else ""
-    return f"incomplete in the cache {cache}: {shown} missing{more}"
+    return f"incomplete in the cache {shown(cache)}: {names} missing{more}"
 
 
 def _fill_advice(cache: Path, model: str) -> str:
-    command = f"`qwen-lab download --cache-dir {cache} {model}`"
+    command = f"`{_download_command(cache, model)}`"
     if cache.is_dir() and not os.access(cache, os.W_OK):
         return f"the cache is read-only here: whoever owns it runs {command} where there is network"
     return f"fill it once where there is network: {command}"
+
+
+def _download_command(cache: Path, model: str) -> str:
+    return f"qwen-lab download --cache-dir {shell_word(cache)} {shell_word(model)}"
 
 
 # ---------------------------------------------------------------- what will run
@@ -175,6 +181,7 @@ def check_runtime(model: str, files: ModelFiles) -> list[Check]:
     from . import kernels
     from .load import (available_memory, build_model, checkpoint_dtype, choose_dtype, count_parameters,
                        default_device, read_config, suggested_dtype)
+    name = shown(model)
     try:
         config = read_config(files.config)
         device = default_device()
@@ -182,7 +189,7 @@ def check_runtime(model: str, files: ModelFiles) -> list[Check]:
         dtype = choose_dtype(suggested_dtype(model), device, saved)
         params = count_parameters(build_model(config, "meta"))  # shapes only: no memory
     except (QwenLabError, ValueError) as e:
-        return [Check("device", "FAIL", f"{model}: {e}")]
+        return [Check("device", "FAIL", f"{name}: {e}")]
     dtype_name = str(dtype).removeprefix("torch.")
     status = "ok"
     if device.type == "cuda":
@@ -197,20 +204,20 @@ def check_runtime(model: str, files: ModelFiles) -> list[Check]:
         status = "ok" if kernels.available() else "warn"
         free, free_where = available_memory(), "available"
         need = params * dtype.itemsize + RUNTIME_BYTES
-    checks = [Check("device", status, f"{model} runs in {dtype_name} on {where}; decoding: {runs}")]
+    checks = [Check("device", status, f"{name} runs in {dtype_name} on {where}; decoding: {runs}")]
     shared = " (one copy, shared by every process that loads this file)" if device.type == "cpu" and dtype == saved \
         else ""
     parts = f"{_count(params)} parameters x {dtype.itemsize} bytes{shared}" + \
         (f" + about {RUNTIME_BYTES / 2**30:.2f} GiB for Python and torch" if device.type == "cpu" else "")
     if free is None:
-        checks.append(Check("memory", "warn", f"{model} needs {_gib(need)} ({parts}); this machine does not say "
+        checks.append(Check("memory", "warn", f"{name} needs {_gib(need)} ({parts}); this machine does not say "
                                               f"how much memory is free"))
     elif need > free:
-        checks.append(Check("memory", "FAIL", f"{model} needs {_gib(need)} ({parts}) but only {_gib(free)} is "
+        checks.append(Check("memory", "FAIL", f"{name} needs {_gib(need)} ({parts}) but only {_gib(free)} is "
                                               f"{free_where}: close other programs, or choose a smaller model "
                                               f"(QWEN_LAB_MODEL=Qwen/Qwen2.5-0.5B-Instruct)"))
     else:
-        checks.append(Check("memory", "ok", f"{model} needs {_gib(need)} ({parts}); {_gib(free)} {free_where}"))
+        checks.append(Check("memory", "ok", f"{name} needs {_gib(need)} ({parts}); {_gib(free)} {free_where}"))
     return checks
 
 
@@ -246,11 +253,11 @@ def check_pages(models: dict[str, list[Path]] | None = None) -> Check:
         small = {path: in_memory - huge for path, (in_memory, huge) in held.items() if in_memory > huge}
         if sum(small.values()) >= max(SMALL_PIECES_WORTH, sum(map(_file_size, weights)) / 10):
             drop = "dd if={} iflag=nocache count=0 status=none"  # GNU dd's way to "drop cache for whole file"
-            files, each = " ".join(shlex.quote(str(p)) for p in small), drop.format('"$f"')
+            files, each = " ".join(map(shell_word, small)), drop.format('"$f"')
             command = f"sync && {drop.format(files)}" if len(small) == 1 else \
                 f"sync && for f in {files}; do {each}; done"
-            return Check("pages", "warn", f"{model}: {sum(small.values()) / 2**20:,.0f} MiB of its weights sit in "
-                                          f"memory in pieces under 2 MiB, as a copy or an archive's extraction "
+            return Check("pages", "warn", f"{shown(model)}: {sum(small.values()) / 2**20:,.0f} MiB of its weights "
+                                          f"sit in memory in pieces under 2 MiB, as a copy or an archive's extraction "
                                           f"wrote them, and map in 4 KiB pages until dropped; with no notebook "
                                           f"holding the model, `{command}` drops them, and its next load reads "
                                           f"them afresh in 2 MiB pages where the kernel caches files so (ext4: "
@@ -295,12 +302,12 @@ def check_cache(cache_dir: str | os.PathLike | None) -> Check:
     offline = ("offline mode on (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE
                else "offline mode off: a notebook whose model is not cached waits up to 3 s for the Hub")
     if not cache.exists():
-        return Check("cache", "warn", f"{cache} does not exist; {offline}")
+        return Check("cache", "warn", f"{shown(cache)} does not exist; {offline}")
     if not cache.is_dir():
-        return Check("cache", "FAIL", f"{cache} is a file, not a folder: point HF_HUB_CACHE (--cache-dir) at the "
-                                      f"cache folder")
+        return Check("cache", "FAIL", f"{shown(cache)} is a file, not a folder: point HF_HUB_CACHE (--cache-dir) "
+                                      f"at the cache folder")
     access = "writable" if os.access(cache, os.W_OK) else "read-only here (fine: learners only read it)"
-    return Check("cache", "ok", f"{cache}: {access}; {offline}")
+    return Check("cache", "ok", f"{shown(cache)}: {access}; {offline}")
 
 
 def _version(distribution: str) -> str | None:
@@ -340,12 +347,12 @@ def check_wheelhouse(folder: Path, requirement: str = "qwen-lab[notebooks]") -> 
     pip runs with no configuration file and no ``PIP_*`` variables, so that a find-links or index
     configured on this machine cannot hide a missing wheel.
     """
-    rebuild = f"run `make wheelhouse WHEELHOUSE={folder}` where there is network"
+    where, rebuild = shown(folder), f"run `make wheelhouse WHEELHOUSE={shell_word(folder)}` where there is network"
     if not folder.is_dir():
-        return Check("wheelhouse", "FAIL", f"{folder} is not a folder: {rebuild}")
+        return Check("wheelhouse", "FAIL", f"{where} is not a folder: {rebuild}")
     wheels = sorted(folder.glob("*.whl"))
     if not wheels:
-        return Check("wheelhouse", "FAIL", f"{folder} holds no wheels: {rebuild}")
+        return Check("wheelhouse", "FAIL", f"{where} holds no wheels: {rebuild}")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
     env["PIP_CONFIG_FILE"] = os.devnull
     command = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-index",
@@ -353,21 +360,21 @@ def check_wheelhouse(folder: Path, requirement: str = "qwen-lab[notebooks]") -> 
     try:
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as e:
-        return Check("wheelhouse", "FAIL", f"pip could not be run to check {folder}: {e}")
+        return Check("wheelhouse", "FAIL", f"pip could not be run to check {where}: {e}")
     if done.returncode == 0:
-        return Check("wheelhouse", "ok", f"{folder}: {len(wheels)} wheels; pip installs {requirement} from them "
+        return Check("wheelhouse", "ok", f"{where}: {len(wheels)} wheels; pip installs {requirement} from them "
                                          f"alone (--no-index)")
     missing = re.search(r"No matching distribution found for (\S+)", done.stderr)
     if missing:
         name = missing.group(1)
-        return Check("wheelhouse", "FAIL", f"{folder} lacks a wheel for {name} (needed by {requirement} on Python "
+        return Check("wheelhouse", "FAIL", f"{where} lacks a wheel for {name} (needed by {requirement} on Python "
                                            f"{platform.python_version()}, {sys.platform} {platform.machine()}): "
                                            f"{rebuild}, or add that wheel")
     if "No module named pip" in done.stderr:
-        return Check("wheelhouse", "FAIL", f"pip is not installed in {sys.prefix}, so {folder} cannot be checked: "
-                                           f"python -m ensurepip")
+        return Check("wheelhouse", "FAIL", f"pip is not installed in {shown(sys.prefix)}, so {where} cannot be "
+                                           f"checked: python -m ensurepip")
     last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-    return Check("wheelhouse", "FAIL", f"pip cannot install {requirement} from {folder}: {last[:300]}; {rebuild}")
+    return Check("wheelhouse", "FAIL", f"pip cannot install {requirement} from {where}: {last[:300]}; {rebuild}")
 
 
 # ---------------------------------------------------------------- all together

@@ -615,9 +615,13 @@ class InsideRecord(Mapping):
     (12, 4, 'Yo</s><s>', [6, 2, 1])
     >>> second["prompt_text"], second["prompt_ids"]
     ('<s>Hi</s><s>Yo</s><s>', [1, 5, 2, 1, 6, 2, 1])
+
+    Pickled and deep-copied as its own parts and its ``previous`` (``__reduce__``): a copy of a list of
+    a conversation's records shares the earlier records as the originals do.
     """
 
-    __slots__ = ("previous", "shared_chars", "shared_tokens", "new_text", "new_ids", "choices", "finish")
+    __slots__ = ("previous", "shared_chars", "shared_tokens", "new_text", "new_ids", "choices", "finish",
+                 "_position", "_anchors")
     _KEYS = ("prompt_text", "prompt_ids", "shared_chars", "shared_tokens", "choices", "finish")
 
     def __init__(self, prompt_text: str, prompt_ids: list[int], previous: "InsideRecord | None" = None) -> None:
@@ -629,6 +633,13 @@ class InsideRecord(Mapping):
         self.shared_chars, self.shared_tokens = chars, tokens
         self.new_text, self.new_ids = prompt_text[chars:], list(prompt_ids[tokens:])
         self.choices, self.finish = [], ""  # the reply's, once it is written
+        self._position, self._anchors = _chained(previous)
+
+    def __reduce__(self):
+        """Pickled (and deep-copied) as its parts, after its ``_anchors`` and its ``previous``: each of those is
+        saved, if not yet, before this record is (``_ANCHOR_SPANS``)."""
+        return _rebuilt_record, (self._anchors, self.previous, self.shared_chars, self.shared_tokens,
+                                 self.new_text, self.new_ids, self.choices, self.finish)
 
     def _prompt(self, new: str, shared: str) -> list:
         """The pieces of the whole prompt, in order: this record's new part, after the start it shares
@@ -660,6 +671,36 @@ class InsideRecord(Mapping):
     def __repr__(self) -> str:
         return (f"<InsideRecord: a prompt of {self.shared_tokens + len(self.new_ids)} tokens, {len(self.new_ids)} new; "
                 f"{len(self.choices)} reply tokens; ended: {self.finish or '(not yet)'}>")
+
+
+#: Pickling or deep-copying a record saves its ``previous`` first, which saves its own first...: one call
+#: inside the other per record, and Python's recursion limit past a few hundred records. So each record
+#: also points, for each of these spans, at the last record before it whose position in the chain is a
+#: multiple of the span (its ``_anchors``, the widest span's first), saved before its ``previous``: saving
+#: a record then goes at most about 16 records deep per span, some 70 in all for a chain of up to a
+#: million records. Sixteen records in a row have the same anchors: they share one tuple.
+_ANCHOR_SPANS = (65536, 4096, 256, 16)
+
+
+def _chained(previous: InsideRecord | None) -> tuple[int, tuple]:
+    """A new record's position after ``previous``, and its anchors (``_ANCHOR_SPANS``)."""
+    if previous is None:
+        return 0, ()
+    at = previous._position
+    if at % _ANCHOR_SPANS[-1]:  # nor a multiple of any wider span: the anchors of the record before
+        return at + 1, previous._anchors
+    return at + 1, tuple(previous if at % span == 0 else previous._anchors[i] for i, span in enumerate(_ANCHOR_SPANS))
+
+
+def _rebuilt_record(anchors: tuple, previous: InsideRecord | None, shared_chars: int, shared_tokens: int,
+                    new_text: str, new_ids: list[int], choices: list, finish: str) -> InsideRecord:
+    """An ``InsideRecord`` from what ``InsideRecord.__reduce__`` gave, its anchors and ``previous`` built
+    already."""
+    record = InsideRecord.__new__(InsideRecord)
+    record.previous, record.shared_chars, record.shared_tokens = previous, shared_chars, shared_tokens
+    record.new_text, record.new_ids, record.choices, record.finish = new_text, new_ids, choices, finish
+    record._position, record._anchors = (0, ()) if previous is None else (previous._position + 1, anchors)
+    return record
 
 
 def _write_atomically(path: Path, text: str) -> None:

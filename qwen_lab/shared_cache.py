@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import kernels, tuning
-from .errors import DownloadError, QwenLabError
+from .errors import DownloadError, QwenLabError, shell_word, shown
 from .hub import EMBEDDED_MODEL_DIR, EMBEDDED_MODEL_ID
 from .hub_guard import is_repo_id
 from .load import build_model, checkpoint_dtype, choose_dtype, read_config, suggested_dtype
@@ -46,8 +46,8 @@ def model_config(model: str, cache_dir: str | os.PathLike | None = None) -> dict
     cache = Path(cache_dir or constants.HF_HUB_CACHE).expanduser()
     found = try_to_load_from_cache(name, "config.json", cache_dir=cache)
     if not isinstance(found, str):
-        raise DownloadError(f"{name} is not in the cache {cache}: `qwen-lab download --cache-dir {cache} {name}` "
-                            f"first")
+        raise DownloadError(f"{name} is not in the cache {shown(cache)}: `qwen-lab download --cache-dir "
+                            f"{shell_word(cache)} {name}` first")
     return read_config(found)
 
 

@@ -319,3 +319,78 @@ def test_the_pages_line_is_one_line_when_a_weights_file_went_or_cannot_be_read(t
     os.mkfifo(pipe)
     check = doctor.check_pages({"lab/m": [gone, dangling, pipe]})
     assert check.status == "ok" and check.detail.startswith("weights in 2 MiB pages"), check
+
+
+# ---------------------------------------------------------------- hostile names
+
+#: A folder's name that, printed as it is, ends the line and starts one that reads as the memory check's verdict
+#: (then erases what a terminal shows of it), with a byte that is not UTF-8 after.
+FORGING = os.fsdecode(b"model\nok    memory      all is well\x1b[2K\r\xff")
+
+
+def test_a_folder_s_name_cannot_forge_a_line_of_the_report(capsys, tmp_path, tiny_dir):
+    """A model folder whose name held a newline spread the doctor's report over several lines: one of them
+    read as another check's verdict. Every line that names the folder now writes its name as the shell
+    would quote it (and the name's byte that is not UTF-8 no longer stops the report with a traceback)."""
+    import shutil
+    from qwen_lab.errors import shell_word
+    folder = tmp_path / FORGING
+    shutil.copytree(tiny_dir, folder)
+    code = main(["doctor", str(folder)])
+    lines = capsys.readouterr().out.splitlines()  # at \r, \x1c... too: str.splitlines ends a line at each
+    assert [line.split()[1] for line in lines] == ["torch", "cache", "model", "device", "memory", "threads",
+                                                   "pages", "jupyter", "ipywidgets"], lines
+    assert code == 0 and all(line.isprintable() for line in lines)
+    quoted = shell_word(folder)
+    assert quoted == "$'" + str(tmp_path) + r"/model\nok    memory      all is well\x1b[2K\r\xff'"
+    [model] = [line for line in lines if line.split()[1] == "model"]
+    assert model.startswith(f"ok    model       {quoted}: complete in the folder {quoted}; 5 files")
+    assert sum(quoted in line for line in lines) == 3  # the model, device and memory lines name it, quoted
+
+
+def test_a_hostile_name_in_a_command_is_one_shell_word_on_the_line(tmp_path, monkeypatch):
+    """The commands the doctor gives are copied into a shell: each name in one is one word there, and the line
+    stays one line, whatever the name holds (a newline, quotes, $(...), backquotes, a byte that is not UTF-8)."""
+    import shutil
+    import subprocess
+    from qwen_lab import pages
+    if shutil.which("bash") is None:
+        pytest.skip("runs the commands in bash")
+    names = [FORGING + ".safetensors", "it's; touch pwned; '.safetensors", "$(touch pwned)`touch pwned`\\ x\n",
+             "-if=/dev/zero\t.safetensors"]
+    monkeypatch.setattr(pages, "huge_pages_and_why", lambda: (True, "transparent huge pages: [always]"))
+    monkeypatch.setattr(doctor, "_cached", lambda path: (256 << 20, 0))  # all of it in memory in 4 KiB pieces
+    recorder = 'sync() { :; }; dd() { printf "%s\\0" "$@" >> "$LOG"; }; '  # what dd would be asked, not dd
+    for files in ([tmp_path / names[0]], [tmp_path / n for n in names]):
+        check = doctor.check_pages({"lab/m": files})
+        line = check.line()
+        assert check.status == "warn" and line.isprintable(), line
+        [command] = re.findall(r"holding the model, `(.*)` drops them", line)
+        log = tmp_path / "dd-arguments"
+        log.unlink(missing_ok=True)
+        subprocess.run(["bash", "-c", recorder + command], cwd=tmp_path, env={**os.environ, "LOG": str(log)},
+                       check=True)
+        asked = log.read_bytes().split(b"\0")[:-1]
+        assert asked == [a for f in files for a in (b"if=" + os.fsencode(f), b"iflag=nocache", b"count=0",
+                                                    b"status=none")]
+        assert not (tmp_path / "pwned").exists()
+    cache = tmp_path / FORGING  # and the download command of a cache so named, where the model is missing
+    check = doctor.check_model("workshop/tiny", cache, required=True)
+    [command] = re.findall(r"`(qwen-lab download .*)`$", check.line())
+    result = subprocess.run(["bash", "-c", 'qwen-lab() { printf "%s\\0" "$@"; }; ' + command], capture_output=True,
+                            check=True)
+    assert result.stdout.split(b"\0")[:-1] == [b"download", b"--cache-dir", os.fsencode(cache), b"workshop/tiny"]
+
+
+def test_an_error_naming_a_hostile_folder_is_one_line(capsys, tmp_path):
+    """The CLI's error lines quote names that other modules put in their messages: written on one line."""
+    folder = tmp_path / FORGING
+    folder.mkdir()
+    assert main(["doctor", str(folder)]) == 1
+    [model] = [line for line in capsys.readouterr().out.splitlines() if line.split()[1] == "model"]
+    assert model.startswith("FAIL  model       ") and "config.json" in model
+    messages = tmp_path / "messages.json"
+    messages.write_text('[{"role": "user", "content": "Hi"}]')
+    assert main(["template", "--model", str(folder), "--messages", str(messages)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("qwen-lab: error: ") and r"\nok    memory" in err

@@ -491,6 +491,77 @@ def test_a_reply_that_fails_mid_way_keeps_what_it_fed_and_the_next_one_starts_th
         assert again.cached_tokens == len(prompt) - 1 and again.token_ids == fresh.token_ids
 
 
+def test_a_prompt_cache_is_not_trusted_once_the_weights_were_replaced_even_at_the_same_address(tiny_dir):
+    """Whether a weight changed was judged by its address and its version counter. A weight replaced by a
+    new tensor in the memory the old one freed (``w.data = t``, ``model.half().float()``: the allocator
+    may hand the freed memory back, and ``.data =`` keeps the parameter's version) kept both, and so did a
+    square weight transposed (``w.data = w.data.t()``): keys and values of the old weight were reused. Each way of changing the weights, then: the next turn prefills
+    the whole prompt and replies as the changed model does without a cache; the turn after reuses again."""
+    chat = ChatModel.load(str(tiny_dir), dtype="float32", device="cpu")  # its own: the weights change here
+    model, cache, messages = chat.model, PromptCache(), [{"role": "user", "content": "Tell me about cats."}]
+    settings = dict(do_sample=False, max_new_tokens=12, eos_token_id=[])
+    weight = model.model.layers[0].mlp.down_proj.weight
+    memory = bytearray(weight.numel() * weight.element_size())  # memory that stays, as an allocator's does
+
+    def into_memory():  # the weight moved into that memory (its values unchanged)
+        weight.data = torch.frombuffer(memory, dtype=weight.dtype).view_as(weight).copy_(weight)
+
+    def replaced_in_the_same_memory():
+        flipped = -weight.detach()
+        weight.data = flipped  # the tensor in that memory goes: its storage is freed
+        weight.data = torch.frombuffer(memory, dtype=weight.dtype).view_as(weight).copy_(flipped)  # a new one there
+
+    def transposed():  # a square weight: the same storage, the same address
+        query = model.model.layers[0].self_attn.q_proj.weight
+        assert query.shape[0] == query.shape[1]
+        query.data = query.data.t()
+
+    def state(assign: bool):
+        values = model.state_dict()
+        values = {name: t.clone() for name, t in values.items()}
+        values["model.layers.1.mlp.up_proj.weight"].neg_()
+        return lambda: model.load_state_dict(values, assign=assign)
+
+    def in_place(mode):
+        def change():
+            with mode():
+                model.model.layers[-1].self_attn.k_proj.weight.neg_()
+        return change
+
+    changes = {"w.data = t, t at w's address": (into_memory, replaced_in_the_same_memory),
+               "w.data = w.data.t()": (None, transposed),
+               "model.half().float()": (None, lambda: model.half().float()),
+               "model.to(bfloat16).to(float32)": (None, lambda: model.to(torch.bfloat16).to(torch.float32)),
+               "load_state_dict": (None, state(assign=False)),
+               "load_state_dict(assign=True)": (None, state(assign=True)),
+               "w.neg_()": (None, in_place(torch.no_grad)),
+               "w.neg_() in inference mode": (None, in_place(torch.inference_mode))}
+    for name, (before, change) in changes.items():
+        if before is not None:
+            before()
+        chat.generate(messages, cache=cache, **settings)
+        assert chat.generate(messages, cache=cache, **settings).cached_tokens > 0, name  # the cache serves
+        change()
+        kept = chat.generate(messages, cache=cache, **settings)
+        fresh = chat.generate(messages, **settings)
+        assert kept.cached_tokens == 0 and kept.token_ids == fresh.token_ids, name
+
+
+def test_a_look_at_the_weights_holds_their_storages_weakly():
+    """A cache's look at the weights (``_Weights``) keeps the storages it saw from being anyone else's,
+    not their memory: a weight replaced since is freed at once."""
+    import sys
+    from qwen_lab.generation import _Weights
+    layer = torch.nn.Linear(8, 8).requires_grad_(False)
+    memory = bytearray(8 * 8 * 4)
+    layer.weight.data = torch.frombuffer(memory, dtype=torch.float32).view(8, 8)
+    held = sys.getrefcount(memory)  # the weight's storage holds the memory
+    look = _Weights(layer)
+    assert look == _Weights(layer) and sys.getrefcount(memory) == held
+    layer.weight.data = torch.zeros(8, 8)
+    assert sys.getrefcount(memory) == held - 1 and look != _Weights(layer)
+
+
 def test_a_weight_changed_while_a_reply_is_written_voids_what_it_keeps(tiny_dir):
     """Its caches then hold keys of two models; the weights used to be noted when the reply ended, and the next
     turn trusted them."""
@@ -519,7 +590,7 @@ def test_a_cache_cleared_while_a_reply_is_written_stays_empty(tiny_chat):
 
 
 def test_a_turn_looks_at_the_weights_once(tiny_chat, monkeypatch):
-    """Whether a weight changed (``_weights``: ~0.45 ms at 0.5B) was asked three times a turn: to check the memory,
+    """Whether a weight changed (``_weights``: ~0.5 ms at 0.5B) was asked three times a turn: to check the memory,
     to take the cache (the lock released in between) and to keep it. The static decoder's check of where the
     weights are (``static_decode.weight_memory``) comes from the same look."""
     import qwen_lab.generation as generation

@@ -553,6 +553,59 @@ def test_a_rebuilt_prompt_is_the_one_the_model_was_sent(tiny_chat, monkeypatch):
     assert all(r["shared_tokens"] > 0 for r in records[1:])
 
 
+def long_conversation(turns: int) -> list:
+    """The records of a conversation of ``turns`` turns, each prompt the one before, its reply, then a new
+    message; every 100 turns the system prompt is edited, so the new prompt shares nothing with the one
+    before (building 3,000 records then takes 100 times less than if each shared all that came before)."""
+    from qwen_lab.panel import InsideRecord
+    from qwen_lab.sampling import TokenChoice
+    records, text, ids = [], "", []
+    for turn in range(turns):
+        if turn % 100 == 0:
+            text, ids = f"{chr(65 + turn // 100)}<system>", [1000 + turn // 100]
+        text += f"<user>question {turn}</user><assistant>"
+        ids += [1, 10 + turn % 40, 2]
+        record = InsideRecord(text, ids, previous=records[-1] if records else None)
+        record.choices, record.finish = [TokenChoice(3 + turn % 9, 0.5, [(3 + turn % 9, 0.5), (4, 0.25)])], "eos"
+        records.append(record)
+        text, ids = text + f"answer {turn}</assistant>", ids + [3 + turn % 9, 5]
+    return records
+
+
+def test_the_records_of_a_long_conversation_copy_and_pickle():
+    """Each record points at the one before, and copy.deepcopy and pickle went from one to the one before
+    it, a call inside the other: past a few hundred turns, Python's recursion limit (RecursionError here,
+    at 3,000). Now each is copied whole, reads as the original (its view byte for byte), stays
+    read-only, and a conversation's records copied together share the earlier ones as the originals do."""
+    import copy
+    import pickle
+    from qwen_lab.markup import inside_view
+    from qwen_lab.panel import InsideRecord
+    records = long_conversation(3000)
+
+    def view(record):
+        return inside_view(record["prompt_text"], record["prompt_ids"], {1, 2}, 10**6, record["choices"], str,
+                           record["finish"], shared_chars=record["shared_chars"], shared_tokens=record["shared_tokens"])
+
+    last = records[-1]
+    for copied in (copy.deepcopy(last), pickle.loads(pickle.dumps(last)), pickle.loads(pickle.dumps(last, 0))):
+        assert type(copied) is InsideRecord and copied == last and view(copied) == view(last)
+        assert copied.choices is not last.choices and copied.choices == last.choices
+        with pytest.raises(TypeError):
+            copied["finish"] = "length"  # read as a dict, it stays read-only
+        original = last
+        for _ in range(len(records) - 1):  # every record before it, copied too
+            copied, original = copied.previous, original.previous
+            assert copied is not original and copied == original
+        assert copied.previous is None
+    together = [copy.deepcopy(records), pickle.loads(pickle.dumps(records))]
+    for copies in together:
+        assert all(copies[i].previous is copies[i - 1] for i in range(1, len(records)))
+        assert all(copies[i] == records[i] for i in range(len(records)))
+        assert all(view(copies[i]) == view(records[i]) for i in range(0, len(records), 97))
+    assert len(pickle.dumps(records)) < 1.1 * len(pickle.dumps(last))  # each record pickled once
+
+
 def test_inside_is_off_by_default_and_costs_nothing(panel):
     panel.send("Hi")
     panel.wait(30)
