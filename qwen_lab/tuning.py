@@ -232,9 +232,10 @@ def measure(out_features: int, in_features: int, dtype: torch.dtype,
     ours, torch_s = [p for p in correct if p.variant != "torch"], [p for p in correct if p.variant == "torch"]
     threads.wait_until_quiet()  # the checks' torch products leave its OpenMP workers spinning a while
     with torch.inference_mode():
-        for r in range(ROUNDS):  # rounds of every plan in turn: a noisy moment hurts them all alike, and no
-            k = r % max(len(ours), 1)  # plan is always first; torch's is last, its workers settling after it
-            for plan in ours[k:] + ours[:k] + torch_s:
+        # rounds of every plan in turn: a noisy moment hurts them all alike, and no plan is always first;
+        # torch's is last in each, its workers left to settle after it
+        for r in range(ROUNDS):
+            for plan in _rotated(ours, r) + torch_s:
                 best[plan] = min(best[plan], timed(plan))
                 if plan.variant == "torch":
                     threads.wait_until_quiet()
@@ -252,13 +253,19 @@ def measure(out_features: int, in_features: int, dtype: torch.dtype,
         alone = {plan: float("inf") for plan in close}
         with kernels.threads_set(1), torch.inference_mode():
             for r in range(ROUNDS):
-                for plan in close[r % len(close):] + close[:r % len(close)]:
+                for plan in _rotated(close, r):
                     alone[plan] = min(alone[plan], timed(plan))
         speeds.update({f"{plan} {ALONE}": nbytes / t for plan, t in alone.items()})
         fastest_alone = min(alone, key=alone.get)
         if alone[fastest_alone] * (1 + TIE) < alone[chosen]:
             chosen = fastest_alone
     return chosen, speeds
+
+
+def _rotated(plans: list, r: int) -> list:
+    """``plans`` starting at the ``r``-th (round ``r``'s order: no plan is always timed first)."""
+    k = r % len(plans) if plans else 0
+    return plans[k:] + plans[:k]
 
 
 def describe(model) -> dict[str, str]:
