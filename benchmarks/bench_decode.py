@@ -73,14 +73,19 @@ def read_bandwidth(gib: float = 1.0, reps: int = 5, memory=None) -> float:
     tensor to sum (``probe_memory``), for a caller that probes many times; else ``gib`` of it, made here."""
     x = probe_memory(gib) if memory is None else memory
     x.sum()
-    best = 0.0
-    for _ in range(reps):
-        t = time.perf_counter()
-        x.sum()
-        best = max(best, x.numel() * 4 / (time.perf_counter() - t))
+    return max(sum_speed(x) for _ in range(reps))
+
+
+def sum_speed(memory) -> float:
+    """Bytes per second of one ``torch.sum`` over ``memory`` (on torch's threads as they are set), after which
+    torch's OpenMP workers have stopped spinning (``threads.wait_until_quiet``): they would share a core with
+    whatever is timed next."""
     from qwen_lab.threads import wait_until_quiet
-    wait_until_quiet()  # torch's OpenMP workers spin a while after the sum: not on the next timed work
-    return best
+    start = time.perf_counter()
+    memory.sum()
+    seconds = time.perf_counter() - start
+    wait_until_quiet()
+    return memory.numel() * memory.element_size() / seconds
 
 
 def weights_only(directory: Path):

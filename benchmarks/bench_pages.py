@@ -47,8 +47,8 @@ def main() -> None:
     args = p.parse_args()
 
     import torch
-    from bench_decode import machine, make_checkpoint, weights_only
-    from qwen_lab import kernels, pages, threads
+    from bench_decode import machine, make_checkpoint, sum_speed, weights_only
+    from qwen_lab import kernels, pages
     from qwen_lab.load import load_model
 
     directory = make_checkpoint(args.config)
@@ -85,16 +85,11 @@ def main() -> None:
         pos = 256
         torch.set_num_threads(kernels.num_threads())
         for _ in range(args.rounds):
-            start = time.perf_counter()
-            probe_huge.sum()
-            huge_reads.append(nbytes / (time.perf_counter() - start))
+            huge_reads.append(sum_speed(probe_huge))
             for name, (_, _, step, _) in copies.items():
                 torch.set_num_threads(kernels.num_threads())
-                start = time.perf_counter()
-                probe_small.sum()
-                reads[name].append(nbytes / (time.perf_counter() - start))
+                reads[name].append(sum_speed(probe_small))
                 torch.set_num_threads(1)  # as generation decodes: torch on one thread, the kernels on all
-                threads.wait_until_quiet()  # the sum's OpenMP workers spin a while: not on the step's time
                 start = time.perf_counter()
                 for i in range(args.steps):
                     step(5, pos + i)

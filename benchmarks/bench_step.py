@@ -53,8 +53,8 @@ def main() -> None:
     args = p.parse_args()
 
     import torch
-    from bench_decode import machine, make_checkpoint, weights_only
-    from qwen_lab import kernels, layers, pages, threads, tuning
+    from bench_decode import machine, make_checkpoint, sum_speed, weights_only
+    from qwen_lab import kernels, layers, pages, tuning
     from qwen_lab.load import load_model
 
     stack, fused = kernels.DecoderModel.forward, kernels.DecoderLayer.forward
@@ -114,11 +114,8 @@ def main() -> None:
                     for m in linears:
                         m.plan = (plans or tuned)[m]
                     torch.set_num_threads(kernels.num_threads())
-                    start = time.perf_counter()
-                    probe.sum()
-                    reads[name].append(nbytes / (time.perf_counter() - start))
+                    reads[name].append(sum_speed(probe))
                     torch.set_num_threads(1)  # as generation decodes: torch on one thread, the kernels on all
-                    threads.wait_until_quiet()  # the sum's OpenMP workers spin a while: not on the step's time
                     kernels.DecoderModel.forward, kernels.DecoderLayer.forward = forwards
                     kernels.configure(**sharing)
                     start = time.perf_counter()
