@@ -22,6 +22,8 @@ positions), alternating in rounds between:
 - ``bf16 widened, no pairs`` (bf16 only): the whole-stack step with each shape's plan measured without
   the pair variants (``kernels.PAIR_VARIANTS``), i.e. every bf16 weight widened to float32 before its
   multiply-add, as before those variants;
+- ``4 rows at most``: the whole-stack step with each shape whose plan walks 8 rows side by side measured
+  again without those plans (as before them);
 
 and, in the same rounds, ``torch.sum`` over a float32 tensor of the same bytes as the weights, in
 memory like theirs (2 MiB pages where ``pages.huge_pages()``), right before each timed step: the bandwidth a plain read gets at that moment. Utilisation is the
@@ -38,6 +40,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 TOKEN_STEP = "token step"
+FOUR_ROWS = "4 rows at most"
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
@@ -68,7 +71,7 @@ def main() -> None:
         "no tail split": ((stack, fused), {"tail_split": 1}, None),
     }
     wanted = [name.strip() for name in args.ways.split(";")] if args.ways else None
-    known = {*every_way, "bf16 widened, no pairs"}
+    known = {*every_way, "bf16 widened, no pairs", FOUR_ROWS}
     if wanted and not set(wanted) <= known:
         p.error(f"--ways: no way named {'; '.join(sorted(set(wanted) - known))}; "
                 f"the ways are: {'; '.join(sorted(known))}")
@@ -91,6 +94,13 @@ def main() -> None:
                                                                    for m in linears})
             print("bf16 plans, tuned / without pairs:",
                   ", ".join(f"{o}x{i}: {by_shape[o, i]} / {widened[o, i]}" for o, i in by_shape))
+        if any(p.rows == 8 for p in by_shape.values()) and (wanted is None or FOUR_ROWS in wanted):
+            plans = [p for p in tuning.candidates(getattr(torch, dtype)) if p.rows <= 4]
+            four = {shape: tuning.measure(*shape, getattr(torch, dtype), plans)[0] if plan.rows == 8 else plan
+                    for shape, plan in by_shape.items()}
+            ways[FOUR_ROWS] = ((stack, fused), {}, {m: four[m.out_features, m.in_features] for m in linears})
+            print("plans, tuned / 4 rows at most:",
+                  ", ".join(f"{o}x{i}: {by_shape[o, i]} / {four[o, i]}" for o, i in by_shape if by_shape[o, i].rows == 8))
         if wanted:
             ways = {name: way for name, way in ways.items() if name in wanted}
         nbytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()

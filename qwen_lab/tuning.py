@@ -71,14 +71,18 @@ CHECK_ROWS = 4096
 #: still spin after its own product or the checks, ``threads.wait_until_quiet``).
 METHOD = 4
 
+#: The walks ``candidates`` times per variant: (rows side by side, prefetch).
+ROWS_AND_PREFETCH = ((1, 0), (1, 1), (2, 0), (2, 1), (4, 0), (4, 1), (8, 0))
+
 _memory: dict[str, kernels.Plan] = {}
 
 
 def candidates(dtype: torch.dtype | None = None) -> list[kernels.Plan]:
-    """Every plan this CPU can run: each variant x 1, 2 or 4 rows x prefetch off/on, and torch; for
-    float32 weights, without the bf16 pair variants (``kernels.PAIR_VARIANTS``: the same code there)."""
+    """Every plan this CPU can run: each variant x 1, 2 or 4 rows x prefetch off/on, and 8 rows without
+    prefetch (eight streams are enough in flight), and torch; for float32 weights, without the bf16 pair
+    variants (``kernels.PAIR_VARIANTS``: the same code there)."""
     names = [v for v in kernels.variants() if dtype != torch.float32 or v not in kernels.PAIR_VARIANTS]
-    plans = [kernels.Plan(v, rows, prefetch) for v in names for rows in (1, 2, 4) for prefetch in (0, 1)]
+    plans = [kernels.Plan(v, rows, prefetch) for v in names for rows, prefetch in ROWS_AND_PREFETCH]
     return plans + [kernels.Plan("torch")]
 
 

@@ -11,6 +11,10 @@
  *             2, 4: that many rows side by side: more streams in flight per core, which some
  *                cores need to reach the memory's speed (measured on Intel, one core alone
  *                reads far below the socket's bandwidth);
+ *             8: also x read once per 8 rows: a long x (a down projection's: 9.5-35 KB) does not
+ *                stay in L1 beside the weights streaming through, and each group of rows reads
+ *                it again from L2 (AMD Zen 4 with the memory fast: 12% more GB/s for bf16
+ *                1536x8960 than 4 rows, 5-6% for 896x4864; benchmarks/RESULTS.md);
  *   prefetch  0: hardware prefetching only; 1: also ask for the data 1 KiB ahead.
  *
  * It is written once with GCC's vector extensions and compiled once per instruction set
@@ -193,14 +197,17 @@ static inline void NAME_(const uint16_t *w, const void *xv, int64_t K, int prefe
 DOT_F32(dot1_f32, 1, 4)
 DOT_F32(dot2_f32, 2, 2)
 DOT_F32(dot4_f32, 4, 2)
+DOT_F32(dot8_f32, 8, 1)
 #ifdef DPBF16
 DOT_DP(dot1_bf16, 1, 2)
 DOT_DP(dot2_bf16, 2, 1)
 DOT_DP(dot4_bf16, 4, 1)
+DOT_DP(dot8_bf16, 8, 1)
 #else
 DOT_BF16(dot1_bf16, 1, 2)
 DOT_BF16(dot2_bf16, 2, 1)
 DOT_BF16(dot4_bf16, 4, 1)
+DOT_BF16(dot8_bf16, 8, 1)
 #endif
 
 static void shuffle_x(const uint16_t *x16, float *xs, int64_t K) {
@@ -243,12 +250,13 @@ static void gemv_chunk(const void *job, int64_t c) {
     if (end > N) end = N;
     const void *W = j->W[m], *bias = j->bias[m];
     void *y = j->y[m];
-    float out[4];
+    float out[8];
     while (n < end) {
         int take = end - n >= j->rows_in_flight ? j->rows_in_flight : 1;  /* the chunk's leftover rows: one by one */
         if (j->bf16) {
             const uint16_t *w = (const uint16_t *)W + n * K;
-            if (take == 4) dot4_bf16(w, j->x, K, j->prefetch, out);
+            if (take == 8) dot8_bf16(w, j->x, K, j->prefetch, out);
+            else if (take == 4) dot4_bf16(w, j->x, K, j->prefetch, out);
             else if (take == 2) dot2_bf16(w, j->x, K, j->prefetch, out);
             else dot1_bf16(w, j->x, K, j->prefetch, out);
             for (int r = 0; r < take; r++) {
@@ -258,7 +266,8 @@ static void gemv_chunk(const void *job, int64_t c) {
         } else {
             const float *w = (const float *)W + n * K;
             const float *x = j->x;
-            if (take == 4) dot4_f32(w, x, K, j->prefetch, out);
+            if (take == 8) dot8_f32(w, x, K, j->prefetch, out);
+            else if (take == 4) dot4_f32(w, x, K, j->prefetch, out);
             else if (take == 2) dot2_f32(w, x, K, j->prefetch, out);
             else dot1_f32(w, x, K, j->prefetch, out);
             for (int r = 0; r < take; r++) ((float *)y)[n + r] = out[r] + (bias ? ((const float *)bias)[n + r] : 0.0f);
@@ -309,7 +318,7 @@ static void run(struct gemv_job *job, int64_t row_bytes, int threads, int64_t so
     qwen_pool_run(gemv_chunk, job, job->first[job->count], threads);
 }
 
-static int valid(int rows_in_flight) { return rows_in_flight == 1 || rows_in_flight == 2 || rows_in_flight == 4; }
+static int valid(int rows_in_flight) { return rows_in_flight == 1 || rows_in_flight == 2 || rows_in_flight == 4 || rows_in_flight == 8; }
 
 /* y_i = W_i x + bias_i (bias_i may be NULL) for `count` (1 to GROUP_MAX) row-major (N_i x K) matrices
  * and one x, all float32 or (bf16 = 1) all bfloat16, sums in float32, y rounded once. The layer step of
