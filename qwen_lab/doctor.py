@@ -231,6 +231,35 @@ def check_threads() -> Check:
     return Check("threads", "ok", f"{count} ({why})")
 
 
+def check_plans(models: list[str], cache_dir: str | os.PathLike | None = None) -> list[Check]:
+    """A line for each plans file of this machine holding plans measured while the machine was busy
+    (``tuning``: provisional), naming them and how ``models`` (in ``cache_dir``) measure them again; no line
+    where there are none."""
+    from . import kernels, tuning
+    from .errors import SettingError
+    try:
+        name, threads = tuning.plans_file_name(), kernels.num_threads()
+    except SettingError:  # a bad QWEN_LAB_THREADS: the threads line says so
+        return []
+    shared, checks = kernels.shared_cache_dir(), []
+    models = " ".join([*(["--cache-dir", shell_word(cache_dir)] if cache_dir else []), *map(shell_word, models)])
+    for path in ([shared / name] if shared is not None else []) + [kernels.cache_dir() / name]:
+        busy = tuning.provisional(path)
+        if not busy:
+            continue
+        what = (f"{', '.join(map(shown, busy))} in {shown(path)} measured while other programs kept the CPUs busy "
+                f"(up to {max(busy.values()):.2f} cores on average)")
+        if path.parent == shared:
+            checks.append(Check("plans", "warn", f"{what}: the room's plans, used as they are; the instructor "
+                                                 f"measures them again on a quiet machine: `qwen-lab tune "
+                                                 f"--kernel-cache {shell_word(shared)} --threads {threads} {models}`"))
+        else:
+            checks.append(Check("plans", "warn", f"{what}: kept provisionally, measured again at a load that finds "
+                                                 f"the machine quiet; to measure them now, on a quiet machine: "
+                                                 f"`qwen-lab tune {models}`"))
+    return checks
+
+
 #: Weights in memory in small pieces are worth a line from this much (and a tenth of a model's weights): below
 #: it, 4 KiB pages cost a decoding step little.
 SMALL_PIECES_WORTH = 64 * 2**20
@@ -403,6 +432,7 @@ def run(models: list[str], cache_dir: str | os.PathLike | None = None, wheelhous
             checks += check_runtime(model, found.files)
             weights[model] = found.files.weights
     checks.append(check_threads())
+    checks += check_plans([model for model, _ in wanted], cache_dir)
     checks.append(check_pages(weights))
     checks += check_jupyter()
     if wheelhouse is not None:

@@ -167,7 +167,7 @@ def prepare(directory: Path, models: list[str], threads: int, cache_dir: str | o
                                f"nothing to prepare") from None
         say(f"kernels: {directory / name} ({'already built' if built_before else 'compiled now'})")
         plans_file = directory / tuning.plans_file_name()
-        done = set()
+        done, busy = set(), {}
         for model, model_shapes in shapes.items():
             if not model_shapes:
                 say(f"{model}: no matrix of {tuning.TUNE_MIN_BYTES >> 20} MiB or more: each takes the default plan, "
@@ -175,10 +175,16 @@ def prepare(directory: Path, models: list[str], threads: int, cache_dir: str | o
             for out_features, in_features, dtype in model_shapes:
                 key = tuning.shape_key(out_features, in_features, dtype)
                 if key not in done:
-                    plan, speeds = tuning.measure(out_features, in_features, dtype)
-                    tuning._save(key, plan, speeds)
+                    plan, speeds, share = tuning.measure_watched(out_features, in_features, dtype)
+                    tuning._save(key, plan, speeds, share)
                     done.add(key)
+                    if share is not None:
+                        busy[key] = share
                     say(f"{key}: {plan} ({speeds[str(plan)] / 1e9:.1f} GB/s; {model})")
+        if busy:  # the plans are kept marked "busy"; a room's learners use them as they are all the same
+            say(f"warning: other programs kept this machine busy while measuring {', '.join(busy)} (up to "
+                f"{max(busy.values()):.2f} cores on average): these plans may be worse ones, and a room's learners "
+                f"use them as they are; run this again when it is quiet")
         kept = set()
         with contextlib.suppress(OSError, ValueError):
             kept = set(json.loads(plans_file.read_text()))

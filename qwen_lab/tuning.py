@@ -26,17 +26,26 @@ cache (``kernels.shared_cache_dir()``, filled by ``qwen-lab tune``) is read firs
 holds for this CPU, thread count and build is used as it is, never measured; the others are
 measured and kept in the user's own cache, never in the shared one. Matrices under
 ``TUNE_MIN_BYTES`` stay in the caches whatever the walk, so they take the default plan untimed.
-A measurement taken while something else used the memory can keep a worse plan: run once with
-``QWEN_LAB_TUNING=again`` to measure every shape afresh (and keep the new answers in the user's
-own cache; a shape the shared cache holds is still read from it afterwards: measuring the room's
-plans again is the instructor's ``qwen-lab tune``); ``QWEN_LAB_TUNING=off`` uses the default plan
-everywhere, nothing measured.
+A measurement taken while other programs keep the CPUs busy (a browser, a second notebook, 30 learners
+on one server) ranks the plans by who got the CPU. So the whole machine's CPU time (``/proc/stat``,
+a hypervisor's steal included) is compared with this process's own across each measurement: where
+other programs took ``BUSY`` of a core or more on average, the plan is kept *provisional* (``"busy"``:
+their share, in its entry). It is used as it is, and measured again at the first load of its shape
+in a later process that finds the machine quiet (``quiet_now``: 0.1 s watched), at most once a
+process; only a quiet measurement replaces it, so a machine that stays busy keeps its plan and costs
+no measurement. Where ``/proc/stat`` cannot be read (not Linux) every measurement counts as quiet.
+The room's plans are used as they are, provisional or not: ``qwen-lab tune`` warns the instructor.
+Run once with ``QWEN_LAB_TUNING=again`` to measure every shape afresh (and keep the new answers in
+the user's own cache; a shape the shared cache holds is still read from it afterwards: measuring
+the room's plans again is the instructor's ``qwen-lab tune``); ``QWEN_LAB_TUNING=off`` uses the
+default plan everywhere, nothing measured.
 
 >>> plan_for(64, 64, torch.float32)        # small: the default, nothing measured
 Plan(variant='avx2', rows=1, prefetch=0)
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -70,6 +79,13 @@ CHECK_ROWS = 4096
 #: in 2 MiB pages where the weights are, ``pages.huge_pages``; 4: no plan timed while torch's OpenMP workers
 #: still spin after its own product or the checks, ``threads.wait_until_quiet``).
 METHOD = 4
+#: Other programs' CPU time during a measurement, in cores on average, from which the machine counts as busy
+#: and the plan as provisional. Measured on a 2-core AMD EPYC Zen 4 (three shapes, twice each): others took
+#: 0.00-0.06 cores during a quiet measurement, 0.71-0.87 beside one ``python -c "while 1: pass"`` (1.54-1.59
+#: beside two); a quarter of a core lies far from both.
+BUSY = 0.25
+#: Seconds ``quiet_now`` watches the machine before a provisional plan is measured again.
+QUIET_CHECK_S = 0.1
 
 #: The walks ``candidates`` times per variant: (rows side by side, prefetch).
 ROWS_AND_PREFETCH = ((1, 0), (1, 1), (2, 0), (2, 1), (4, 0), (4, 1), (8, 0))
@@ -142,27 +158,32 @@ def _load() -> dict:
     return _read(_cache_file())
 
 
-def _cached(key: str, dtype: torch.dtype) -> kernels.Plan | None:
-    """The plan kept for ``key``: the room's shared cache first, then the user's own; None where neither
-    holds one this CPU runs (a damaged or hand-edited entry counts as none: it is measured again)."""
+def _cached(key: str, dtype: torch.dtype) -> tuple[kernels.Plan, float | None] | None:
+    """The plan kept for ``key``, and its ``"busy"`` (None: measured quietly, or the room's, used as it is):
+    the room's shared cache first, then the user's own; None where neither holds one this CPU runs (a
+    damaged or hand-edited entry counts as none: it is measured again)."""
     shared = kernels.shared_cache_dir()
     for path in ([shared / plans_file_name()] if shared is not None else []) + [_cache_file()]:
         entry = _read(path).get(key)
         try:
             plan = kernels.Plan(entry["variant"], int(entry.get("rows", 1)), int(entry.get("prefetch", 0)))
+            busy = None if entry.get("busy") is None or path.parent == shared else float(entry["busy"])
         except (TypeError, KeyError, ValueError, AttributeError):
             continue
         if plan in candidates(dtype):
-            return plan
+            return plan, busy
     return None
 
 
-def _save(key: str, plan: kernels.Plan, speeds: dict[str, float]) -> None:
-    """Add one answer to the cache file, written atomically (another process may be tuning too)."""
+def _save(key: str, plan: kernels.Plan, speeds: dict[str, float], busy: float | None = None) -> None:
+    """Add one answer to the cache file, written atomically (another process may be tuning too); ``busy``:
+    measured while other programs took that many cores (``measure_watched``), kept provisional."""
     path = _cache_file()
     data = _load()
     data[key] = {"variant": plan.variant, "rows": plan.rows, "prefetch": plan.prefetch,
                  "gb_per_s": {name: round(v / 1e9, 2) for name, v in speeds.items()}}
+    if busy is not None:
+        data[key]["busy"] = round(busy, 2)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json")
@@ -181,13 +202,16 @@ def plan_for(out_features: int, in_features: int, dtype: torch.dtype) -> kernels
         return kernels.DEFAULT_PLAN
     key = shape_key(out_features, in_features, dtype)
     if key not in _memory:
-        cached = _cached(key, dtype) if setting != "again" else None  # again: once per shape and process
-        if cached is not None:
-            _memory[key] = cached
+        kept = _cached(key, dtype) if setting != "again" else None  # again: once per shape and process
+        if kept is not None and (kept[1] is None or not quiet_now()):
+            _memory[key] = kept[0]  # measured quietly; or provisional, and the machine still busy
         else:
-            plan, speeds = measure(out_features, in_features, dtype)
+            plan, speeds, busy = measure_watched(out_features, in_features, dtype)
+            if kept is not None and busy is not None:  # busy again: the provisional plan stays, for a quiet moment
+                plan = kept[0]
+            else:
+                _save(key, plan, speeds, busy)
             _memory[key] = plan
-            _save(key, plan, speeds)
     return _memory[key]
 
 
@@ -272,6 +296,61 @@ def _rotated(plans: list, r: int) -> list:
     return plans[k:] + plans[:k]
 
 
+def _cpu_now() -> tuple[float, str, float]:
+    """The clock, the text of ``/proc/stat`` and this process's CPU seconds, read together (OSError: no /proc)."""
+    own = os.times()
+    return time.monotonic(), Path("/proc/stat").read_text(), own.user + own.system
+
+
+def cpu_seconds() -> tuple[float, float, float] | None:
+    """``(clock, the machine's CPU seconds, this process's)``: the machine's summed over all its CPUs, steal
+    included (a hypervisor running another guest while this one wanted the CPU); None where unknown."""
+    try:
+        clock, stat, own = _cpu_now()
+        name, user, nice, system, _idle, _iowait, irq, softirq, steal = stat.split("\n", 1)[0].split()[:9]
+        busy = sum(int(t) for t in (user, nice, system, irq, softirq, steal)) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):  # no /proc/stat (not Linux), or not in the format it has there
+        return None
+    return (clock, busy, own) if name == "cpu" else None
+
+
+def others_busy(before: tuple | None, after: tuple | None) -> float | None:
+    """Cores' worth of CPU time other programs took between two ``cpu_seconds()``, on average; None: unknown."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    return max(0.0, (after[1] - before[1]) - (after[2] - before[2])) / (after[0] - before[0])
+
+
+def quiet_now() -> bool:
+    """Did other programs take under ``BUSY`` cores in the ``QUIET_CHECK_S`` seconds just watched? (True: unknown.)"""
+    before = cpu_seconds()
+    if before is None:
+        return True
+    time.sleep(QUIET_CHECK_S)
+    share = others_busy(before, cpu_seconds())
+    return share is None or share < BUSY
+
+
+def measure_watched(out_features: int, in_features: int, dtype: torch.dtype
+                    ) -> tuple[kernels.Plan, dict[str, float], float | None]:
+    """``measure``, and the cores other programs took meanwhile where that was ``BUSY`` or more (None: quiet,
+    or unknown)."""
+    before = cpu_seconds()
+    plan, speeds = measure(out_features, in_features, dtype)
+    busy = others_busy(before, cpu_seconds())
+    return plan, speeds, busy if busy is not None and busy >= BUSY else None
+
+
+def provisional(path: Path) -> dict[str, float]:
+    """The plans of a plans file that were measured while the machine was busy: ``{shape: cores others took}``."""
+    out = {}
+    for key, entry in _read(path).items():
+        with contextlib.suppress(TypeError, ValueError, AttributeError):
+            if entry.get("busy") is not None:
+                out[key] = float(entry["busy"])
+    return out
+
+
 def describe(model) -> dict[str, str]:
     """``{"bfloat16 896x4864": "avx2, 4 rows", ...}``: the plan each weight shape of ``model`` uses."""
     out = {}
@@ -281,4 +360,5 @@ def describe(model) -> dict[str, str]:
     return out
 
 
-__all__ = ["TUNE_MIN_BYTES", "candidates", "describe", "measure", "plan_for", "plans_file_name", "shape_key"]
+__all__ = ["BUSY", "TUNE_MIN_BYTES", "candidates", "cpu_seconds", "describe", "measure", "measure_watched",
+           "others_busy", "plan_for", "plans_file_name", "provisional", "quiet_now", "shape_key"]

@@ -19,6 +19,26 @@ def reference_file(model: str, name: str) -> Path:
         pytest.skip(f"{path} is not here (the real models' reference files)")
     return path
 
+class FakeMachine:
+    """``tuning._cpu_now`` on a machine made up for a test: each read a second after the one before, in which
+    this process took ``own`` cores and other programs ``others`` (``steal`` of them: a hypervisor running its
+    other guests); /proc/stat's text as Linux writes it, in its clock ticks."""
+
+    def __init__(self, others: float = 0.0, steal: float = 0.0, own: float = 1.5):
+        self.others, self.steal, self.own = others, steal, own
+        self.clock, self.user, self.stolen, self.mine = 1000.0, 500_000, 0, 20.0
+
+    def __call__(self) -> tuple[float, str, float]:
+        import os
+        hz = os.sysconf("SC_CLK_TCK")
+        self.clock += 1
+        self.user += round((self.own + self.others - self.steal) * hz)
+        self.stolen += round(self.steal * hz)
+        self.mine += self.own
+        return (self.clock, f"cpu  {self.user} 120 9000 800000 300 0 40 {self.stolen} 0 0\n"
+                            f"cpu0 {self.user // 2} 60 4500 400000 150 0 20 {self.stolen // 2} 0 0\n", self.mine)
+
+
 def stop_a_long_reply(chat, timeout: float = 30):
     """A chat panel that never stops by itself, asked for a long story and stopped once text has
     streamed, as a learner clicks Stop; returns the panel after its worker has finished."""

@@ -49,7 +49,9 @@ def test_the_embedded_model_is_ready_everywhere(capsys):
     assert lines["memory"][0].startswith("ok qwen-lab/tiny-chat needs ")
     assert lines["threads"][0].startswith("ok ")
     assert lines["jupyter"][0].startswith("ok JupyterLab ") and lines["ipywidgets"][0].startswith("ok 8.")
-    assert set(lines) == {"torch", "cache", "model", "device", "memory", "threads", "pages", "jupyter", "ipywidgets"}
+    # and a "plans" line where this machine's own cache holds plans measured while it was busy
+    assert set(lines) - {"plans"} == {"torch", "cache", "model", "device", "memory", "threads", "pages", "jupyter",
+                                      "ipywidgets"}
 
 
 def test_verify_says_when_there_were_no_hashes_to_check(capsys):
@@ -394,3 +396,35 @@ def test_an_error_naming_a_hostile_folder_is_one_line(capsys, tmp_path):
     assert main(["template", "--model", str(folder), "--messages", str(messages)]) == 1
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("qwen-lab: error: ") and r"\nok    memory" in err
+
+
+def test_the_plans_line_names_plans_measured_while_busy_and_how_to_measure_them_again(tmp_path, monkeypatch):
+    """The learner's own provisional plans (measured again by a later load that finds the machine quiet, or by
+    `qwen-lab tune`), and the room's (the instructor's `qwen-lab tune`); no line where every plan was quiet."""
+    import json
+
+    from qwen_lab import kernels, tuning
+    own, room = tmp_path / "own", tmp_path / "room"
+    monkeypatch.setenv("QWEN_LAB_CACHE", str(own))
+    monkeypatch.setenv("QWEN_LAB_SHARED_CACHE", str(room))
+    monkeypatch.setattr(kernels, "_threads", 2)
+    quiet = {"variant": "avx2", "rows": 4, "prefetch": 1, "gb_per_s": {"avx2, 4 rows, prefetch": 31.5}}
+    assert doctor.check_plans(["qwen-lab/tiny-chat"]) == []  # nothing measured yet
+    for folder in (own, room):
+        folder.mkdir()
+        (folder / tuning.plans_file_name()).write_text(json.dumps({"float32 2048x192": quiet}))
+    assert doctor.check_plans(["qwen-lab/tiny-chat"]) == []
+    (own / tuning.plans_file_name()).write_text(json.dumps({
+        "float32 2048x192": quiet, "bfloat16 1536x8960": {**quiet, "busy": 0.63},
+        "bfloat16 8960x1536": {**quiet, "busy": 0.41}}))
+    (room / tuning.plans_file_name()).write_text(json.dumps({"bfloat16 151936x1536": {**quiet, "busy": 1.2}}))
+    lines = [check.line() for check in doctor.check_plans(["Qwen/Qwen2.5-1.5B-Instruct"], "/srv/hf cache")]
+    assert lines == [
+        f"warn  plans       bfloat16 151936x1536 in {room / tuning.plans_file_name()} measured while other programs "
+        f"kept the CPUs busy (up to 1.20 cores on average): the room's plans, used as they are; the instructor "
+        f"measures them again on a quiet machine: `qwen-lab tune --kernel-cache {room} --threads 2 --cache-dir "
+        f"'/srv/hf cache' Qwen/Qwen2.5-1.5B-Instruct`",
+        f"warn  plans       bfloat16 1536x8960, bfloat16 8960x1536 in {own / tuning.plans_file_name()} measured while "
+        f"other programs kept the CPUs busy (up to 0.63 cores on average): kept provisionally, measured again at a "
+        f"load that finds the machine quiet; to measure them now, on a quiet machine: `qwen-lab tune --cache-dir "
+        f"'/srv/hf cache' Qwen/Qwen2.5-1.5B-Instruct`"]

@@ -979,7 +979,7 @@ def test_a_variant_this_cpu_cannot_run_is_refused():
 
 
 @needs_kernel
-def test_tuning_measures_once_and_remembers(tmp_path, monkeypatch):
+def test_tuning_measures_once_and_remembers(tmp_path, monkeypatch, machine):
     from qwen_lab import tuning
     monkeypatch.setenv("QWEN_LAB_CACHE", str(tmp_path))
     monkeypatch.setattr(tuning, "_memory", {})
@@ -1313,8 +1313,20 @@ def plant_plans(folder, entries, threads=None):
 
 
 @pytest.fixture
-def learner(tmp_path, monkeypatch):
-    """A learner's process: its own cache, the room's shared one, nothing remembered; measuring counted."""
+def machine(monkeypatch):
+    """The machine as ``tuning`` sees it (``conftest.FakeMachine``): quiet, until a test makes it busy."""
+    from conftest import FakeMachine
+    from qwen_lab import tuning
+    fake = FakeMachine()
+    monkeypatch.setattr(tuning, "_cpu_now", fake)
+    monkeypatch.setattr(tuning, "QUIET_CHECK_S", 0)
+    return fake
+
+
+@pytest.fixture
+def learner(tmp_path, monkeypatch, machine):
+    """A learner's process on a quiet machine: its own cache, the room's shared one, nothing remembered;
+    measuring counted."""
     from qwen_lab import tuning
     own, shared = tmp_path / "own", tmp_path / "shared"
     monkeypatch.setenv("QWEN_LAB_CACHE", str(own))
@@ -1382,3 +1394,95 @@ def test_plans_of_another_cpu_thread_count_or_build_are_not_used(learner, monkey
                                 "bfloat16 2048x512": {"variant": "avx2", "rows": 3}}))  # rows gemv refuses
     assert tuning.plan_for(1024, 512, torch.bfloat16) == kernels.Plan("avx2", 4, 1)
     assert tuning.plan_for(2048, 512, torch.bfloat16) == kernels.Plan("avx2", 4, 1) and len(measured) == 3
+
+
+@pytest.mark.parametrize("others, steal, busy", [
+    (0.05, 0, None),  # quiet: a browser idling, the system's own threads
+    (0.63, 0, 0.63),  # a second notebook, a spinning program
+    (0.5, 0.5, 0.5),  # a hypervisor running its other guests on this one's CPUs (KVM, Firecracker): steal
+    (None, 0, None),  # no /proc (macOS): unknown, taken as quiet
+])
+def test_other_programs_cpu_time_during_a_measurement_tells_a_busy_machine(monkeypatch, others, steal, busy):
+    from conftest import FakeMachine
+    from qwen_lab import tuning
+
+    def unreadable():
+        raise FileNotFoundError("/proc/stat")
+    monkeypatch.setattr(tuning, "_cpu_now", unreadable if others is None else FakeMachine(others, steal, own=1.5))
+    monkeypatch.setattr(tuning, "QUIET_CHECK_S", 0)
+    found = kernels.Plan("avx2", 4, 1), {"avx2, 4 rows, prefetch": 1e9}
+    monkeypatch.setattr(tuning, "measure", lambda *args: found)
+    plan, speeds, got = tuning.measure_watched(1024, 512, torch.bfloat16)
+    assert (plan, speeds) == found
+    assert got is None if busy is None else got == pytest.approx(busy, abs=0.01)  # this process's 1.5 cores: its own
+    assert tuning.quiet_now() == (busy is None)
+
+
+@needs_kernel
+def test_a_plan_measured_while_busy_is_provisional_until_a_quiet_measurement_replaces_it(learner, machine,
+                                                                                        monkeypatch):
+    """Used as it is meanwhile, and measured again only by a later process that finds the machine quiet; the
+    room's plans, provisional or not, are used as they are and their folder is never written."""
+    from qwen_lab import tuning
+    own, shared, measured = learner
+    room = plant_plans(shared, {"bfloat16 2048x512": kernels.Plan("avx2", 2, 1)})
+    room.write_text(json.dumps({key: {**entry, "busy": 0.9} for key, entry in json.loads(room.read_text()).items()}))
+    read_only(shared)
+    before = tree(shared)
+    # each measurement's plan, and the cores other programs take while it runs
+    found = [(kernels.Plan("avx2", 4, 1), 0.9), (kernels.Plan("torch"), 0.7), (kernels.Plan("avx2", 1, 1), 0.0)]
+
+    def measure(out_features, in_features, dtype, plans=None):
+        plan, machine.others = found[len(measured)]
+        measured.append(tuning.shape_key(out_features, in_features, dtype))
+        return plan, {str(plan): 1e9, "torch": 0.5e9}
+    monkeypatch.setattr(tuning, "measure", measure)
+    machine.others = 0.9  # a second notebook busy from the start
+    assert tuning.plan_for(1024, 512, torch.bfloat16) == kernels.Plan("avx2", 4, 1) and len(measured) == 1
+    plans = own / tuning.plans_file_name()
+    kept = json.loads(plans.read_text())
+    assert kept["bfloat16 1024x512"] == {"variant": "avx2", "rows": 4, "prefetch": 1, "busy": 0.9,
+                                         "gb_per_s": {"avx2, 4 rows, prefetch": 1.0, "torch": 0.5}}
+    tuning._memory.clear()  # a later process, the machine still busy: the plan used, nothing measured
+    assert tuning.plan_for(1024, 512, torch.bfloat16) == kernels.Plan("avx2", 4, 1) and len(measured) == 1
+    machine.others = 0.0
+    assert tuning.plan_for(1024, 512, torch.bfloat16) == kernels.Plan("avx2", 4, 1) and len(measured) == 1  # once
+    tuning._memory.clear()  # the next finds it quiet, measures, and is disturbed: the provisional plan stays
+    assert tuning.plan_for(1024, 512, torch.bfloat16) == kernels.Plan("avx2", 4, 1) and len(measured) == 2
+    assert json.loads(plans.read_text()) == kept
+    tuning._memory.clear()  # the next measures on a quiet machine: its plan replaces the provisional one
+    machine.others = 0.0
+    assert tuning.plan_for(1024, 512, torch.bfloat16) == kernels.Plan("avx2", 1, 1) and len(measured) == 3
+    assert json.loads(plans.read_text())["bfloat16 1024x512"] == {
+        "variant": "avx2", "rows": 1, "prefetch": 1, "gb_per_s": {"avx2, 1 row, prefetch": 1.0, "torch": 0.5}}
+    tuning._memory.clear()  # a quiet plan is kept for good, whatever the machine does later
+    machine.others = 0.9
+    assert tuning.plan_for(1024, 512, torch.bfloat16) == kernels.Plan("avx2", 1, 1) and len(measured) == 3
+    machine.others = 0.0  # the room's provisional plan, on a quiet machine: used as it is
+    assert tuning.plan_for(2048, 512, torch.bfloat16) == kernels.Plan("avx2", 2, 1) and len(measured) == 3
+    assert set(json.loads(plans.read_text())) == {"bfloat16 1024x512"} and tree(shared) == before
+
+
+@needs_kernel
+def test_a_busy_machine_is_told_busy_with_a_process_spinning_on_each_core(monkeypatch):
+    """This machine for real: programs spinning on its cores (two at most: about two cores of others' time,
+    against a threshold of a quarter of one) are found, in the tenth of a second ``quiet_now`` watches."""
+    import subprocess
+    import sys
+    from qwen_lab import tuning
+    if tuning.cpu_seconds() is None:
+        pytest.skip("no /proc/stat here: every measurement counts as quiet")
+    spinners = []
+    try:
+        for _ in range(min(2, os.cpu_count() or 1)):
+            spinners.append(subprocess.Popen([sys.executable, "-c", "print(flush=True)\nwhile 1: pass"],
+                                             stdout=subprocess.PIPE))
+        for spinner in spinners:
+            spinner.stdout.readline()  # started: spinning from here on
+        before = tuning.cpu_seconds()
+        assert not tuning.quiet_now()
+        assert tuning.others_busy(before, tuning.cpu_seconds()) > 2 * tuning.BUSY
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()

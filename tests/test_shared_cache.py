@@ -116,6 +116,27 @@ def test_missing_says_what_a_room_s_folder_lacks(room):
         f"bfloat16 151936x1536")
 
 
+@needs_kernel
+@pytest.mark.parametrize("others", [0.9, 0.0])
+def test_tune_says_in_one_line_when_it_measured_while_the_machine_was_busy(room, monkeypatch, capsys, others):
+    """Its plans are every learner's, used as they are: the instructor is told, and the file marks them."""
+    from conftest import FakeMachine
+    tmp, _, measured = room
+    monkeypatch.setattr(tuning, "_cpu_now", FakeMachine(others))
+    folder = tmp / "room"
+    assert cli.main(["tune", "--kernel-cache", str(folder), "--threads", "2", "qwen-lab/tiny-chat"]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "float32 2048x192" in line]
+    entry = json.loads((folder / tuning.plans_file_name(2)).read_text())["float32 2048x192"]
+    assert measured == [(2048, 192, torch.float32)]
+    if others:
+        assert warned == ["qwen-lab: warning: other programs kept this machine busy while measuring float32 2048x192 "
+                          "(up to 0.90 cores on average): these plans may be worse ones, and a room's learners use "
+                          "them as they are; run this again when it is quiet"]
+        assert entry["busy"] == 0.9
+    else:
+        assert warned == [] and "busy" not in entry
+
+
 def test_tune_with_a_model_not_in_the_cache_is_one_line_and_makes_nothing(tmp_path, capsys):
     code = cli.main(["tune", "--kernel-cache", str(tmp_path / "k"), "--cache-dir", str(tmp_path / "hf"),
                      "Qwen/Qwen2.5-1.5B-Instruct"])
