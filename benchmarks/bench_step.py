@@ -101,6 +101,8 @@ def main() -> None:
             ways[FOUR_ROWS] = ((stack, fused), {}, {m: four[m.out_features, m.in_features] for m in linears})
             print("plans, tuned / 4 rows at most:",
                   ", ".join(f"{o}x{i}: {by_shape[o, i]} / {four[o, i]}" for o, i in by_shape if by_shape[o, i].rows == 8))
+        elif wanted and FOUR_ROWS in wanted:
+            print(f"{dtype}: no shape's plan walks 8 rows here: no '{FOUR_ROWS}' way")
         if wanted:
             ways = {name: way for name, way in ways.items() if name in wanted}
         nbytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()

@@ -23,7 +23,7 @@
 6. (with ``--cpu-bench``, about 4 more minutes) the CPU's decode benchmarks on 2 of its cores, as on
    the 2-core machine class (GPU machines' server CPUs are the other CPU family the kernels must
    serve): ``bench_step.py`` (a generation's token step and the whole-stack call against a read probe,
-   0.5B shapes, both dtypes) and ``bench_overhead.py`` (time outside the C calls per token).
+   and without the 8-row walks where tuning chose them, 0.5B shapes, both dtypes) and ``bench_overhead.py`` (time outside the C calls per token).
 
 Results are printed and, with ``--out``, written to ``DIR/gpu_check.json`` and ``.md`` after
 every step, so a run cut short keeps what it measured.
@@ -273,7 +273,7 @@ def main() -> None:
     if args.cpu_bench:
         pin = ["taskset", "-c", "0,1"] if shutil.which("taskset") else []
         for name, script, extra in [("token step vs whole stack", "bench_step.py",
-                                     ["--ways", "token step;whole stack in one call", "--rounds", "8"]),
+                                     ["--ways", "token step;whole stack in one call;4 rows at most", "--rounds", "8"]),
                                     ("time outside the C calls", "bench_overhead.py", ["--rounds", "3"])]:
             step = run_step(f"CPU benchmark on 2 cores: {name}", [*pin, py, f"benchmarks/{script}", *extra], 300,
                             QWEN_LAB_THREADS="2", OMP_NUM_THREADS="2")
