@@ -810,7 +810,7 @@ def test_the_same_bits_whatever_the_threads_and_chunks(pool_settings, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_row_once_when_the_last_chunks_are_split(pool_settings, dtype):
     """The job's last chunks cut tail_split times smaller (csrc/gemv.c): every row computed, the same bits as
-    one thread alone, for rows walked 1, 2 or 4 at a time and splits that do not divide the chunk."""
+    one thread alone, for rows walked 1, 2, 4 or 8 at a time and splits that do not divide the chunk."""
     g = torch.Generator().manual_seed(11)
     lib = kernels._library()
 
@@ -825,11 +825,11 @@ def test_every_row_once_when_the_last_chunks_are_split(pool_settings, dtype):
     for out_features in (3001, 1024, 37):
         w = torch.randn(out_features, 300, generator=g).to(dtype)
         x = torch.randn(300, generator=g).to(dtype)
-        for rows in (1, 2, 4):
+        for rows in (1, 2, 4, 8):
             want = product(x, w, rows, 1)
             assert not want.isnan().any()
             for threads, chunk, split in [(2, 8 * 1024, 4), (2, 8 * 1024, 3), (3, 6000, 7), (2, 20000, 2),
-                                          (2, 4096, 64), (2, 8 * 1024, 1)]:
+                                          (2, 4096, 64), (2, 8 * 1024, 1), (2, 64 * 1024, 4)]:  # 64 KB: 8-row tails
                 kernels.configure(0, chunk, tail_split=split)
                 assert torch.equal(product(x, w, rows, threads), want), (out_features, rows, threads, chunk, split)
 
@@ -952,6 +952,7 @@ def test_the_avx512_bf16_variant_is_built_with_its_instruction():
 def test_the_pair_walk_at_avx512_width_matches_f_linear(fresh_build, monkeypatch, pool_settings):
     """avx512bf16's walk is 16 floats wide, avx2dp's 8: build the 16-wide pair walk with AVX2
     arithmetic (as avx2x16 does for avx512) so that its steps, tails and rows are tested here too."""
+    from qwen_lab import tuning
     monkeypatch.setitem(kernels.VARIANTS, "dp16", (16, kernels.AVX2, ("avx2", "fma"), ["-DDPBF16=1"]))
     kernels.variants.cache_clear()
     monkeypatch.setattr(kernels, "PAIR_VARIANTS", kernels.PAIR_VARIANTS | {"dp16"})
@@ -962,9 +963,8 @@ def test_the_pair_walk_at_avx512_width_matches_f_linear(fresh_build, monkeypatch
             g = torch.Generator().manual_seed(out_features * in_features)
             w, x, b = (torch.randn(out_features, in_features, generator=g).bfloat16(),
                        torch.randn(in_features, generator=g).bfloat16(), torch.randn(out_features, generator=g).bfloat16())
-            for rows in (1, 2, 4):
-                for prefetch in (0, 1):
-                    bf16_close(kernels.gemv(x, w, b, plan=kernels.Plan("dp16", rows, prefetch)), x, w, b)
+            for rows, prefetch in tuning.ROWS_AND_PREFETCH:
+                bf16_close(kernels.gemv(x, w, b, plan=kernels.Plan("dp16", rows, prefetch)), x, w, b)
     finally:
         kernels.variants.cache_clear()
 

@@ -13,8 +13,8 @@
  *                reads far below the socket's bandwidth);
  *             8: also x read once per 8 rows: a long x (a down projection's: 9.5-35 KB) does not
  *                stay in L1 beside the weights streaming through, and each group of rows reads
- *                it again from L2 (AMD Zen 4 with the memory fast: 12% more GB/s for bf16
- *                1536x8960 than 4 rows, 5-6% for 896x4864; benchmarks/RESULTS.md);
+ *                it again from L2 (AMD Zen 4 with the memory fast: 5-12% more GB/s than 4 rows
+ *                for bf16 1536x8960 and 896x4864 and float32 896x4864; benchmarks/RESULTS.md);
  *   prefetch  0: hardware prefetching only; 1: also ask for the data 1 KiB ahead.
  *
  * It is written once with GCC's vector extensions and compiled once per instruction set
@@ -157,11 +157,13 @@ static inline void NAME_(const uint16_t *w, const void *xv, int64_t K, int prefe
 }
 #endif
 
-#define DOT_BF16(NAME_, R, PAIRS)                                                                    \
+/* NACC sums per row: 2 * PAIRS (the even and the odd weights apart), or 1 where R rows of them would not fit
+ * the 16 AVX2 registers (8 rows). */
+#define DOT_BF16(NAME_, R, PAIRS, NACC)                                                              \
 static inline void NAME_(const uint16_t *w, const void *xv, int64_t K, int prefetch, float *out) {   \
     const float *xs = xv;                                                                            \
-    vf acc[R][2 * PAIRS];                                                                            \
-    for (int r = 0; r < R; r++) for (int a = 0; a < 2 * PAIRS; a++) acc[r][a] = (vf){0};             \
+    vf acc[R][NACC];                                                                                 \
+    for (int r = 0; r < R; r++) for (int a = 0; a < NACC; a++) acc[r][a] = (vf){0};                  \
     int64_t k = 0;                                                                                   \
     for (; k + 2 * VEC * PAIRS <= K; k += 2 * VEC * PAIRS) {                                        \
         if (prefetch) for (int r = 0; r < R; r++)                                                    \
@@ -171,8 +173,8 @@ static inline void NAME_(const uint16_t *w, const void *xv, int64_t K, int prefe
             for (int r = 0; r < R; r++) {                                                            \
                 vf lo, hi;                                                                           \
                 load_bf16_pair(w + r * K + k + 2 * VEC * a, &lo, &hi);                              \
-                acc[r][2 * a] += lo * xlo;                                                           \
-                acc[r][2 * a + 1] += hi * xhi;                                                       \
+                acc[r][(2 * a) % NACC] += lo * xlo;                                                  \
+                acc[r][(2 * a + 1) % NACC] += hi * xhi;                                              \
             }                                                                                        \
         }                                                                                            \
     }                                                                                                \
@@ -182,12 +184,12 @@ static inline void NAME_(const uint16_t *w, const void *xv, int64_t K, int prefe
             vf lo, hi;                                                                               \
             load_bf16_pair(w + r * K + k, &lo, &hi);                                                 \
             acc[r][0] += lo * xlo;                                                                   \
-            acc[r][1] += hi * xhi;                                                                   \
+            acc[r][1 % NACC] += hi * xhi;                                                            \
         }                                                                                            \
     }                                                                                                \
     for (int r = 0; r < R; r++) {                                                                    \
         vf total = acc[r][0];                                                                        \
-        for (int a = 1; a < 2 * PAIRS; a++) total += acc[r][a];                                      \
+        for (int a = 1; a < NACC; a++) total += acc[r][a];                                           \
         float s = hsum(total);                                                                       \
         for (int64_t t = k; t < K; t++) s += bf16_to_f32(w[r * K + t]) * xs[t];  /* tail: unshuffled */ \
         out[r] = s;                                                                                  \
@@ -204,10 +206,10 @@ DOT_DP(dot2_bf16, 2, 1)
 DOT_DP(dot4_bf16, 4, 1)
 DOT_DP(dot8_bf16, 8, 1)
 #else
-DOT_BF16(dot1_bf16, 1, 2)
-DOT_BF16(dot2_bf16, 2, 1)
-DOT_BF16(dot4_bf16, 4, 1)
-DOT_BF16(dot8_bf16, 8, 1)
+DOT_BF16(dot1_bf16, 1, 2, 4)
+DOT_BF16(dot2_bf16, 2, 1, 2)
+DOT_BF16(dot4_bf16, 4, 1, 2)
+DOT_BF16(dot8_bf16, 8, 1, 1)
 #endif
 
 static void shuffle_x(const uint16_t *x16, float *xs, int64_t K) {
