@@ -176,8 +176,11 @@ def prepare(directory: Path, models: list[str], threads: int, cache_dir: str | o
                 key = tuning.shape_key(out_features, in_features, dtype)
                 if key not in done:
                     plan, speeds, share = tuning.measure_watched(out_features, in_features, dtype)
-                    tuning._save(key, plan, speeds, share)
                     done.add(key)
+                    if not tuning._save(key, plan, speeds, share):  # busy: the plan measured quietly before stays
+                        say(f"{key}: measured while other programs kept this machine busy: the plan measured "
+                            f"quietly before is kept ({model})")
+                        continue
                     if share is not None:
                         busy[key] = share
                     say(f"{key}: {plan} ({speeds[str(plan)] / 1e9:.1f} GB/s; {model})")

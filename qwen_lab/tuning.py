@@ -27,13 +27,15 @@ holds for this CPU, thread count and build is used as it is, never measured; the
 measured and kept in the user's own cache, never in the shared one. Matrices under
 ``TUNE_MIN_BYTES`` stay in the caches whatever the walk, so they take the default plan untimed.
 A measurement taken while other programs keep the CPUs busy (a browser, a second notebook, 30 learners
-on one server) ranks the plans by who got the CPU. So the whole machine's CPU time (``/proc/stat``,
-a hypervisor's steal included) is compared with this process's own across each measurement: where
-other programs took ``BUSY`` of a core or more on average, the plan is kept *provisional* (``"busy"``:
-their share, in its entry). It is used as it is, and measured again at the first load of its shape
-in a later process that finds the machine quiet (``quiet_now``: 0.1 s watched), at most once a
-process; only a quiet measurement replaces it, so a machine that stays busy keeps its plan and costs
-no measurement. Where ``/proc/stat`` cannot be read (not Linux) every measurement counts as quiet.
+on one server) ranks the plans by who got the CPU. So the CPU time of the CPUs this process may run
+on (``/proc/stat``, a hypervisor's steal included) is compared with this process's own across each
+measurement: where other programs took a quarter of a core (``BUSY``) or more beyond the CPUs the
+kernels' threads leave free (``busy_threshold``), the plan is kept *provisional* (``"busy"``: their
+share, in its entry). It is used as it is, and measured again at the first load of its shape in a
+later process that finds the machine quiet (``quiet_now``: 0.1 s watched), at most once a process;
+a measurement made while busy never replaces a quiet one, so a machine that stays busy keeps its
+plan and costs no measurement. Where ``/proc/stat`` cannot be read (not Linux) every measurement
+counts as quiet.
 The room's plans are used as they are, provisional or not: ``qwen-lab tune`` warns the instructor.
 Run once with ``QWEN_LAB_TUNING=again`` to measure every shape afresh (and keep the new answers in
 the user's own cache; a shape the shared cache holds is still read from it afterwards: measuring
@@ -45,9 +47,9 @@ Plan(variant='avx2', rows=1, prefetch=0)
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -79,10 +81,11 @@ CHECK_ROWS = 4096
 #: in 2 MiB pages where the weights are, ``pages.huge_pages``; 4: no plan timed while torch's OpenMP workers
 #: still spin after its own product or the checks, ``threads.wait_until_quiet``).
 METHOD = 4
-#: Other programs' CPU time during a measurement, in cores on average, from which the machine counts as busy
-#: and the plan as provisional. Measured on a 2-core AMD EPYC Zen 4 (three shapes, twice each): others took
-#: 0.00-0.06 cores during a quiet measurement, 0.71-0.87 beside one ``python -c "while 1: pass"`` (1.54-1.59
-#: beside two); a quarter of a core lies far from both.
+#: Other programs' CPU time during a measurement, in cores on average beyond the CPUs this process leaves
+#: free (those it may use, less the kernels' threads: ``busy_threshold``), from which the machine counts as
+#: busy and the plan as provisional. Measured on a 2-core AMD EPYC Zen 4 (three shapes, twice each): others
+#: took 0.00-0.06 cores during a quiet measurement, 0.71-0.87 beside one ``python -c "while 1: pass"``
+#: (1.54-1.59 beside two); a quarter of a core lies far from both.
 BUSY = 0.25
 #: Seconds ``quiet_now`` watches the machine before a provisional plan is measured again.
 QUIET_CHECK_S = 0.1
@@ -165,33 +168,53 @@ def _cached(key: str, dtype: torch.dtype) -> tuple[kernels.Plan, float | None] |
     shared = kernels.shared_cache_dir()
     for path in ([shared / plans_file_name()] if shared is not None else []) + [_cache_file()]:
         entry = _read(path).get(key)
-        try:
-            plan = kernels.Plan(entry["variant"], int(entry.get("rows", 1)), int(entry.get("prefetch", 0)))
-            busy = None if entry.get("busy") is None or path.parent == shared else float(entry["busy"])
-        except (TypeError, KeyError, ValueError, AttributeError):
-            continue
-        if plan in candidates(dtype):
-            return plan, busy
+        plan = _plan_of(entry)
+        if plan is not None and plan in candidates(dtype):
+            return plan, None if path.parent == shared else _busy_of(entry)
     return None
 
 
-def _save(key: str, plan: kernels.Plan, speeds: dict[str, float], busy: float | None = None) -> None:
+def _plan_of(entry) -> kernels.Plan | None:
+    """The plan a plans file's entry holds, or None where it holds none (damaged, hand-edited)."""
+    try:
+        return kernels.Plan(entry["variant"], int(entry.get("rows", 1)), int(entry.get("prefetch", 0)))
+    except (TypeError, KeyError, ValueError, AttributeError):
+        return None
+
+
+def _busy_of(entry) -> float | None:
+    """The cores other programs took while an entry's plan was measured, where it says so (a number, at least
+    ``BUSY``); None: measured quietly (a hand-edited ``"busy"`` of 0, a negative one or NaN counts as quiet)."""
+    try:
+        busy = float(entry["busy"])
+    except (TypeError, KeyError, ValueError, AttributeError):
+        return None
+    return busy if math.isfinite(busy) and busy >= BUSY else None
+
+
+def _save(key: str, plan: kernels.Plan, speeds: dict[str, float], busy: float | None = None) -> bool:
     """Add one answer to the cache file, written atomically (another process may be tuning too); ``busy``:
-    measured while other programs took that many cores (``measure_watched``), kept provisional."""
+    measured while other programs took that many cores (``measure_watched``), kept provisional. An answer
+    measured while busy never replaces one measured quietly: False, the file left as it was."""
     path = _cache_file()
     data = _load()
+    if busy is not None and _plan_of(data.get(key)) is not None and _busy_of(data[key]) is None:
+        return False
     data[key] = {"variant": plan.variant, "rows": plan.rows, "prefetch": plan.prefetch,
                  "gb_per_s": {name: round(v / 1e9, 2) for name, v in speeds.items()}}
     if busy is not None:
         data[key]["busy"] = round(busy, 2)
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json")
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1, sort_keys=True)
         os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only cache: the answer still holds for this process
+    except OSError:  # a read-only cache, a full disk: the answer still holds for this process
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+    return True
 
 
 def plan_for(out_features: int, in_features: int, dtype: torch.dtype) -> kernels.Plan:
@@ -296,22 +319,34 @@ def _rotated(plans: list, r: int) -> list:
     return plans[k:] + plans[:k]
 
 
-def _cpu_now() -> tuple[float, str, float]:
-    """The clock, the text of ``/proc/stat`` and this process's CPU seconds, read together (OSError: no /proc)."""
+def _cpu_now() -> tuple[float, str, float, set[int] | None]:
+    """The clock, the text of ``/proc/stat``, this process's CPU seconds and the CPUs it may run on (None:
+    unknown), read together (OSError: no /proc)."""
     own = os.times()
-    return time.monotonic(), Path("/proc/stat").read_text(), own.user + own.system
+    ours = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return time.monotonic(), Path("/proc/stat").read_text(), own.user + own.system, ours
 
 
-def cpu_seconds() -> tuple[float, float, float] | None:
-    """``(clock, the machine's CPU seconds, this process's)``: the machine's summed over all its CPUs, steal
-    included (a hypervisor running another guest while this one wanted the CPU); None where unknown."""
+def cpu_seconds() -> tuple[float, float, float, int] | None:
+    """``(clock, the CPUs' seconds of work, this process's, how many CPUs)``: summed over the CPUs this process
+    may run on (its affinity; all of the machine's where /proc/stat does not list those), steal included (a
+    hypervisor running another guest while this one wanted the CPU); None where unknown."""
     try:
-        clock, stat, own = _cpu_now()
-        name, user, nice, system, _idle, _iowait, irq, softirq, steal = stat.split("\n", 1)[0].split()[:9]
-        busy = sum(int(t) for t in (user, nice, system, irq, softirq, steal)) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError):  # no /proc/stat (not Linux), or not in the format it has there
+        clock, stat, own, ours = _cpu_now()
+        per_cpu = {}
+        for line in stat.splitlines():
+            name, *ticks = line.split()
+            if name.startswith("cpu"):
+                user, nice, system, _idle, _iowait, irq, softirq, steal = (int(t) for t in ticks[:8])
+                per_cpu[name[3:]] = user + nice + system + irq + softirq + steal
+        wanted = [str(cpu) for cpu in ours] if ours else []
+        if wanted and all(cpu in per_cpu for cpu in wanted):
+            work, count = sum(per_cpu[cpu] for cpu in wanted), len(wanted)
+        else:  # the machine's line: all of its CPUs
+            work, count = per_cpu[""], sum(1 for cpu in per_cpu if cpu)
+    except (OSError, ValueError, KeyError):  # no /proc/stat (not Linux), or not in the format it has there
         return None
-    return (clock, busy, own) if name == "cpu" else None
+    return clock, work / os.sysconf("SC_CLK_TCK"), own, count
 
 
 def others_busy(before: tuple | None, after: tuple | None) -> float | None:
@@ -321,34 +356,41 @@ def others_busy(before: tuple | None, after: tuple | None) -> float | None:
     return max(0.0, (after[1] - before[1]) - (after[2] - before[2])) / (after[0] - before[0])
 
 
+def busy_threshold(cpus: int) -> float:
+    """Other programs' cores from which a measurement on ``cpus`` CPUs counts as disturbed: ``BUSY`` beyond the
+    CPUs the kernels' threads leave free (2 CPUs, 2 threads: a quarter of a core; 16 CPUs: 14.25)."""
+    return BUSY + max(0, cpus - kernels.num_threads())
+
+
+def _busy_share(before: tuple | None, after: tuple | None) -> float | None:
+    """Others' cores between two ``cpu_seconds()`` where they reach ``busy_threshold``; None: quiet, or unknown."""
+    share = others_busy(before, after)
+    return share if share is not None and share >= busy_threshold(after[3]) else None
+
+
 def quiet_now() -> bool:
-    """Did other programs take under ``BUSY`` cores in the ``QUIET_CHECK_S`` seconds just watched? (True: unknown.)"""
+    """Did other programs stay under ``busy_threshold`` in the ``QUIET_CHECK_S`` seconds just watched? (True:
+    unknown.)"""
     before = cpu_seconds()
     if before is None:
         return True
     time.sleep(QUIET_CHECK_S)
-    share = others_busy(before, cpu_seconds())
-    return share is None or share < BUSY
+    return _busy_share(before, cpu_seconds()) is None
 
 
 def measure_watched(out_features: int, in_features: int, dtype: torch.dtype
                     ) -> tuple[kernels.Plan, dict[str, float], float | None]:
-    """``measure``, and the cores other programs took meanwhile where that was ``BUSY`` or more (None: quiet,
-    or unknown)."""
+    """``measure``, and the cores other programs took meanwhile where they reached ``busy_threshold`` (None:
+    quiet, or unknown)."""
     before = cpu_seconds()
     plan, speeds = measure(out_features, in_features, dtype)
-    busy = others_busy(before, cpu_seconds())
-    return plan, speeds, busy if busy is not None and busy >= BUSY else None
+    return plan, speeds, _busy_share(before, cpu_seconds())
 
 
 def provisional(path: Path) -> dict[str, float]:
     """The plans of a plans file that were measured while the machine was busy: ``{shape: cores others took}``."""
-    out = {}
-    for key, entry in _read(path).items():
-        with contextlib.suppress(TypeError, ValueError, AttributeError):
-            if entry.get("busy") is not None:
-                out[key] = float(entry["busy"])
-    return out
+    entries = _read(path)
+    return {key: busy for key, busy in ((key, _busy_of(entry)) for key, entry in entries.items()) if busy is not None}
 
 
 def describe(model) -> dict[str, str]:
@@ -360,5 +402,5 @@ def describe(model) -> dict[str, str]:
     return out
 
 
-__all__ = ["BUSY", "TUNE_MIN_BYTES", "candidates", "cpu_seconds", "describe", "measure", "measure_watched",
-           "others_busy", "plan_for", "plans_file_name", "provisional", "quiet_now", "shape_key"]
+__all__ = ["BUSY", "TUNE_MIN_BYTES", "busy_threshold", "candidates", "cpu_seconds", "describe", "measure",
+           "measure_watched", "others_busy", "plan_for", "plans_file_name", "provisional", "quiet_now", "shape_key"]

@@ -1,4 +1,5 @@
 """Fixtures: tiny Qwen2 checkpoints made on the fly, and the reference files of the real models."""
+import os
 import threading
 from pathlib import Path
 
@@ -19,24 +20,49 @@ def reference_file(model: str, name: str) -> Path:
         pytest.skip(f"{path} is not here (the real models' reference files)")
     return path
 
+
 class FakeMachine:
-    """``tuning._cpu_now`` on a machine made up for a test: each read a second after the one before, in which
-    this process took ``own`` cores and other programs ``others`` (``steal`` of them: a hypervisor running its
-    other guests); /proc/stat's text as Linux writes it, in its clock ticks."""
+    """``tuning._cpu_now`` on a machine made up for a test, with ``cpus`` CPUs, all of them this process's: each
+    read a second after the one before, in which this process took ``own`` cores and other programs ``others``
+    (``steal`` of them: a hypervisor running its other guests), spread evenly over the CPUs, or over ``on``
+    alone; /proc/stat's text as Linux writes it, in its clock ticks. ``install`` puts it in ``tuning``'s place,
+    with the kernels on ``threads`` threads and ``quiet_now`` watching no time."""
 
-    def __init__(self, others: float = 0.0, steal: float = 0.0, own: float = 1.5):
-        self.others, self.steal, self.own = others, steal, own
-        self.clock, self.user, self.stolen, self.mine = 1000.0, 500_000, 0, 20.0
+    def __init__(self, others: float = 0.0, steal: float = 0.0, own: float = 1.5, cpus: int = 2,
+                 on: set[int] | None = None, ours: set[int] | None = None):
+        self.others, self.steal, self.own, self.cpus, self.on = others, steal, own, cpus, on
+        self.ours = set(range(cpus)) if ours is None else ours
+        self.clock, self.mine = 1000.0, 20.0
+        self.user, self.stolen = [500_000] * cpus, [0] * cpus
 
-    def __call__(self) -> tuple[float, str, float]:
-        import os
+    def __call__(self) -> tuple[float, str, float, set[int]]:
         hz = os.sysconf("SC_CLK_TCK")
         self.clock += 1
-        self.user += round((self.own + self.others - self.steal) * hz)
-        self.stolen += round(self.steal * hz)
         self.mine += self.own
-        return (self.clock, f"cpu  {self.user} 120 9000 800000 300 0 40 {self.stolen} 0 0\n"
-                            f"cpu0 {self.user // 2} 60 4500 400000 150 0 20 {self.stolen // 2} 0 0\n", self.mine)
+        on = sorted(self.on if self.on is not None else range(self.cpus))
+        mine_on = [cpu for cpu in range(self.cpus) if cpu in self.ours] or list(range(self.cpus))
+        for cpu in range(self.cpus):
+            mine = self.own / len(mine_on) if cpu in mine_on else 0.0
+            theirs = (self.others - self.steal) / len(on) if cpu in on else 0.0
+            self.user[cpu] += round((mine + theirs) * hz)
+            self.stolen[cpu] += round(self.steal / len(on) * hz) if cpu in on else 0
+        lines = [f"cpu  {sum(self.user)} 120 9000 800000 300 0 40 {sum(self.stolen)} 0 0"]
+        lines += [f"cpu{cpu} {self.user[cpu]} 60 4500 400000 150 0 20 {self.stolen[cpu]} 0 0" for cpu in range(self.cpus)]
+        return self.clock, "\n".join(lines) + "\nintr 12345 0 1\nctxt 999\n", self.mine, set(self.ours)
+
+    def install(self, monkeypatch, threads: int = 2) -> "FakeMachine":
+        from qwen_lab import kernels, tuning
+        monkeypatch.setattr(tuning, "_cpu_now", self)
+        monkeypatch.setattr(tuning, "QUIET_CHECK_S", 0)
+        monkeypatch.setattr(kernels, "num_threads", lambda: threads)
+        return self
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """The machine as ``tuning`` sees it (``FakeMachine``, 2 CPUs, the kernels on both): quiet, until a test
+    makes it busy."""
+    return FakeMachine().install(monkeypatch)
 
 
 def stop_a_long_reply(chat, timeout: float = 30):

@@ -1313,17 +1313,6 @@ def plant_plans(folder, entries, threads=None):
 
 
 @pytest.fixture
-def machine(monkeypatch):
-    """The machine as ``tuning`` sees it (``conftest.FakeMachine``): quiet, until a test makes it busy."""
-    from conftest import FakeMachine
-    from qwen_lab import tuning
-    fake = FakeMachine()
-    monkeypatch.setattr(tuning, "_cpu_now", fake)
-    monkeypatch.setattr(tuning, "QUIET_CHECK_S", 0)
-    return fake
-
-
-@pytest.fixture
 def learner(tmp_path, monkeypatch, machine):
     """A learner's process on a quiet machine: its own cache, the room's shared one, nothing remembered;
     measuring counted."""
@@ -1408,14 +1397,84 @@ def test_other_programs_cpu_time_during_a_measurement_tells_a_busy_machine(monke
 
     def unreadable():
         raise FileNotFoundError("/proc/stat")
-    monkeypatch.setattr(tuning, "_cpu_now", unreadable if others is None else FakeMachine(others, steal, own=1.5))
-    monkeypatch.setattr(tuning, "QUIET_CHECK_S", 0)
+    FakeMachine(others or 0, steal, own=1.5).install(monkeypatch)
+    if others is None:
+        monkeypatch.setattr(tuning, "_cpu_now", unreadable)
     found = kernels.Plan("avx2", 4, 1), {"avx2, 4 rows, prefetch": 1e9}
     monkeypatch.setattr(tuning, "measure", lambda *args: found)
     plan, speeds, got = tuning.measure_watched(1024, 512, torch.bfloat16)
     assert (plan, speeds) == found
     assert got is None if busy is None else got == pytest.approx(busy, abs=0.01)  # this process's 1.5 cores: its own
     assert tuning.quiet_now() == (busy is None)
+
+
+@pytest.mark.parametrize("cpus, ours, threads, others, on, busy", [
+    (8, None, 2, 3.0, None, False),      # a desktop: other programs on cores the kernels' two threads leave free
+    (8, None, 2, 6.5, None, True),       # ... until they want more than those six
+    (4, {0, 1}, 2, 2.0, {2, 3}, False),  # this process kept to two CPUs (taskset, a cpuset): work elsewhere
+    (4, {0, 1}, 2, 0.5, {0}, True),      # ... and on one of its own
+    (2, {0, 1}, 1, 1.0, None, False),    # one kernel thread on two CPUs: a second notebook on the other
+    (2, {0, 1}, 1, 1.5, None, True),
+])
+def test_busy_counts_only_what_competes_for_the_kernels_cpus(monkeypatch, cpus, ours, threads, others, on, busy):
+    """Other programs' time on the CPUs this process may use, beyond those its kernels' threads leave free."""
+    from conftest import FakeMachine
+    from qwen_lab import tuning
+    FakeMachine(others, own=threads, cpus=cpus, on=on, ours=ours).install(monkeypatch, threads=threads)
+    assert tuning.quiet_now() == (not busy)
+    want = pytest.approx(others if on is None or on <= (ours or set(range(cpus))) else 0.0, abs=0.05)  # whole ticks
+    assert tuning.others_busy(tuning.cpu_seconds(), tuning.cpu_seconds()) == want
+
+
+def test_a_stat_file_without_this_process_s_cpus_is_read_whole(monkeypatch):
+    """/proc/stat not listing the CPUs of this process's affinity (a container's view of its host): the machine's
+    line, all of its CPUs."""
+    from conftest import FakeMachine
+    from qwen_lab import tuning
+    FakeMachine(0.5, own=1.0, cpus=2, ours={5, 6}).install(monkeypatch)
+    before = tuning.cpu_seconds()
+    assert before[3] == 2 and tuning.others_busy(before, tuning.cpu_seconds()) == pytest.approx(0.5, abs=0.01)
+    assert not tuning.quiet_now()
+
+
+@needs_kernel
+def test_a_plan_measured_while_busy_never_replaces_one_measured_quietly(learner, machine, monkeypatch):
+    """QWEN_LAB_TUNING=again on a busy machine: the process uses what it measured, the file keeps the quiet plan;
+    a read-only folder or a failed write leaves no temporary file behind."""
+    from qwen_lab import tuning
+    own, _, measured = learner
+    found = iter([(kernels.Plan("avx2", 1, 0), 0.0), (kernels.Plan("torch"), 0.9)])
+
+    def measure(out_features, in_features, dtype, plans=None):
+        plan, machine.others = next(found)
+        measured.append(plan)
+        return plan, {str(plan): 1e9}
+    monkeypatch.setattr(tuning, "measure", measure)
+    assert tuning.plan_for(1024, 512, torch.bfloat16) == kernels.Plan("avx2", 1, 0)
+    plans = own / tuning.plans_file_name()
+    quiet = plans.read_text()
+    monkeypatch.setenv("QWEN_LAB_TUNING", "again")
+    tuning._memory.clear()
+    assert tuning.plan_for(1024, 512, torch.bfloat16) == kernels.Plan("torch") and len(measured) == 2
+    assert plans.read_text() == quiet
+    assert not tuning._save("bfloat16 1024x512", kernels.Plan("torch"), {"torch": 1e9}, busy=0.9)
+    assert tuning._save("bfloat16 2048x512", kernels.Plan("torch"), {"torch": 1e9}, busy=0.9)  # none before: kept
+    assert tuning.provisional(plans) == {"bfloat16 2048x512": 0.9}
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(json, "dump", full)
+    assert tuning._save("bfloat16 4096x512", kernels.Plan("torch"), {"torch": 1e9})
+    assert [p.name for p in own.iterdir() if p.suffix == ".json"] == [plans.name]
+
+
+@pytest.mark.parametrize("busy", [0, -1, "nan", float("inf"), "many", None, 0.1])
+def test_an_odd_busy_mark_counts_as_quiet(tmp_path, busy):
+    from qwen_lab import tuning
+    path = tmp_path / "plans.json"
+    path.write_text(json.dumps({"bfloat16 1024x512": {"variant": "avx2", "busy": busy},
+                                "bfloat16 2048x512": {"variant": "avx2", "busy": 0.5}}))
+    assert tuning.provisional(path) == {"bfloat16 2048x512": 0.5}
 
 
 @needs_kernel

@@ -122,7 +122,7 @@ def test_tune_says_in_one_line_when_it_measured_while_the_machine_was_busy(room,
     """Its plans are every learner's, used as they are: the instructor is told, and the file marks them."""
     from conftest import FakeMachine
     tmp, _, measured = room
-    monkeypatch.setattr(tuning, "_cpu_now", FakeMachine(others))
+    FakeMachine(others).install(monkeypatch)
     folder = tmp / "room"
     assert cli.main(["tune", "--kernel-cache", str(folder), "--threads", "2", "qwen-lab/tiny-chat"]) == 0
     warned = [line for line in capsys.readouterr().err.splitlines() if "float32 2048x192" in line]
@@ -135,6 +135,25 @@ def test_tune_says_in_one_line_when_it_measured_while_the_machine_was_busy(room,
         assert entry["busy"] == 0.9
     else:
         assert warned == [] and "busy" not in entry
+
+
+@needs_kernel
+def test_tune_on_a_busy_machine_keeps_the_plans_measured_quietly_before(room, monkeypatch, capsys):
+    from conftest import FakeMachine
+    tmp, _, measured = room
+    folder = tmp / "room"
+    machine = FakeMachine(0.0).install(monkeypatch)
+    args = ["tune", "--kernel-cache", str(folder), "--threads", "2", "qwen-lab/tiny-chat"]
+    assert cli.main(args) == 0
+    plans = folder / tuning.plans_file_name(2)
+    quiet = plans.read_text()
+    capsys.readouterr()
+    machine.others = 0.9
+    assert cli.main(args) == 0 and len(measured) == 2
+    out, err = capsys.readouterr()
+    assert ("float32 2048x192: measured while other programs kept this machine busy: the plan measured quietly "
+            "before is kept (qwen-lab/tiny-chat)") in out.splitlines()
+    assert "warning: other programs" not in err and plans.read_text() == quiet
 
 
 def test_tune_with_a_model_not_in_the_cache_is_one_line_and_makes_nothing(tmp_path, capsys):
