@@ -242,22 +242,43 @@ def check_plans(models: list[str], cache_dir: str | os.PathLike | None = None) -
     except SettingError:  # a bad QWEN_LAB_THREADS: the threads line says so
         return []
     shared, checks = kernels.shared_cache_dir(), []
-    models = " ".join([*(["--cache-dir", shell_word(cache_dir)] if cache_dir else []), *map(shell_word, models)])
     for path in ([shared / name] if shared is not None else []) + [kernels.cache_dir() / name]:
         busy = tuning.provisional(path)
         if not busy:
             continue
         what = (f"{', '.join(map(shown, busy))} in {shown(path)} measured while other programs kept the CPUs busy "
                 f"(up to {max(busy.values()):.2f} cores on average)")
+        covering, uncovered = _models_measuring(set(busy), models, cache_dir)
+        tune = " ".join(["qwen-lab tune", *(["--kernel-cache", shell_word(shared), "--threads", str(threads)]
+                                            if path.parent == shared else []),
+                         *(["--cache-dir", shell_word(cache_dir)] if cache_dir else []),
+                         *map(shell_word, covering or models)])
         if path.parent == shared:
             checks.append(Check("plans", "warn", f"{what}: the room's plans, used as they are; the instructor "
-                                                 f"measures them again on a quiet machine: `qwen-lab tune "
-                                                 f"--kernel-cache {shell_word(shared)} --threads {threads} {models}`"))
-        else:
-            checks.append(Check("plans", "warn", f"{what}: kept provisionally, measured again at a load that finds "
-                                                 f"the machine quiet; to measure them now, on a quiet machine: "
-                                                 f"`qwen-lab tune {models}`"))
+                                                 f"measures them again on a quiet machine: `{tune}`"))
+            continue
+        again = "load their model once with QWEN_LAB_TUNING=again in its environment"
+        how = (f"`{tune}`" + (f"; {', '.join(map(shown, uncovered))}: {again}" if uncovered else "")
+               if covering else again)
+        checks.append(Check("plans", "warn", f"{what}: kept provisionally, measured again at a load that finds the "
+                                             f"machine quiet; to measure them now, on a quiet machine: {how}"))
     return checks
+
+
+def _models_measuring(keys: set[str], models: list[str], cache_dir) -> tuple[list[str], list[str]]:
+    """Of ``models`` and the embedded one, those whose weight shapes (as the notebooks load them) include some of
+    ``keys``; and the keys none of them has (a model not named, or loaded in another dtype)."""
+    from . import shared_cache, tuning
+    covering, covered = [], set()
+    for model in dict.fromkeys([*models, EMBEDDED_MODEL_ID]):
+        try:
+            shapes = {tuning.shape_key(*shape) for shape in shared_cache.weight_shapes(model, cache_dir)}
+        except (QwenLabError, OSError, ValueError):  # not in the cache: its shapes are not known here
+            continue
+        if shapes & keys:
+            covering.append(model)
+            covered |= shapes & keys
+    return covering, sorted(keys - covered)
 
 
 #: Weights in memory in small pieces are worth a line from this much (and a tenth of a model's weights): below

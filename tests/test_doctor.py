@@ -49,9 +49,10 @@ def test_the_embedded_model_is_ready_everywhere(capsys):
     assert lines["memory"][0].startswith("ok qwen-lab/tiny-chat needs ")
     assert lines["threads"][0].startswith("ok ")
     assert lines["jupyter"][0].startswith("ok JupyterLab ") and lines["ipywidgets"][0].startswith("ok 8.")
-    # and a "plans" line where this machine's own cache holds plans measured while it was busy
+    # and a "plans" warning where this machine's own cache holds plans measured while it was busy
     assert set(lines) - {"plans"} == {"torch", "cache", "model", "device", "memory", "threads", "pages", "jupyter",
                                       "ipywidgets"}
+    assert all(line.startswith("warn ") for line in lines.get("plans", []))
 
 
 def test_verify_says_when_there_were_no_hashes_to_check(capsys):
@@ -400,11 +401,13 @@ def test_an_error_naming_a_hostile_folder_is_one_line(capsys, tmp_path):
 
 def test_the_plans_line_names_plans_measured_while_busy_and_how_to_measure_them_again(tmp_path, monkeypatch):
     """The learner's own provisional plans (measured again by a later load that finds the machine quiet, or by
-    `qwen-lab tune`), and the room's (the instructor's `qwen-lab tune`); no line where every plan was quiet."""
+    `qwen-lab tune` of the models they are shapes of), and the room's (the instructor's `qwen-lab tune`); no
+    line where every plan was quiet."""
     import json
 
     from qwen_lab import kernels, tuning
     own, room = tmp_path / "own", tmp_path / "room"
+    model = str(Path(doctor.__file__).parent / "reference" / "Qwen--Qwen2.5-1.5B-Instruct")  # its config.json
     monkeypatch.setenv("QWEN_LAB_CACHE", str(own))
     monkeypatch.setenv("QWEN_LAB_SHARED_CACHE", str(room))
     monkeypatch.setattr(kernels, "_threads", 2)
@@ -415,16 +418,23 @@ def test_the_plans_line_names_plans_measured_while_busy_and_how_to_measure_them_
         (folder / tuning.plans_file_name()).write_text(json.dumps({"float32 2048x192": quiet}))
     assert doctor.check_plans(["qwen-lab/tiny-chat"]) == []
     (own / tuning.plans_file_name()).write_text(json.dumps({
-        "float32 2048x192": quiet, "bfloat16 1536x8960": {**quiet, "busy": 0.63},
-        "bfloat16 8960x1536": {**quiet, "busy": 0.41}}))
+        "float32 2048x192": {**quiet, "busy": 0.3}, "bfloat16 1536x8960": {**quiet, "busy": 0.63},
+        "bfloat16 8960x1536": {**quiet, "busy": 0.41}, "bfloat16 2048x192": {**quiet, "busy": 0.5}}))
     (room / tuning.plans_file_name()).write_text(json.dumps({"bfloat16 151936x1536": {**quiet, "busy": 1.2}}))
-    lines = [check.line() for check in doctor.check_plans(["Qwen/Qwen2.5-1.5B-Instruct"], "/srv/hf cache")]
+    lines = [check.line() for check in doctor.check_plans([model], "/srv/hf cache")]
     assert lines == [
         f"warn  plans       bfloat16 151936x1536 in {room / tuning.plans_file_name()} measured while other programs "
         f"kept the CPUs busy (up to 1.20 cores on average): the room's plans, used as they are; the instructor "
         f"measures them again on a quiet machine: `qwen-lab tune --kernel-cache {room} --threads 2 --cache-dir "
-        f"'/srv/hf cache' Qwen/Qwen2.5-1.5B-Instruct`",
-        f"warn  plans       bfloat16 1536x8960, bfloat16 8960x1536 in {own / tuning.plans_file_name()} measured while "
-        f"other programs kept the CPUs busy (up to 0.63 cores on average): kept provisionally, measured again at a "
-        f"load that finds the machine quiet; to measure them now, on a quiet machine: `qwen-lab tune --cache-dir "
-        f"'/srv/hf cache' Qwen/Qwen2.5-1.5B-Instruct`"]
+        f"'/srv/hf cache' {model}`",
+        # the walkthrough's model and the embedded one (its float32 head) by `qwen-lab tune`; tiny-chat's head in
+        # bf16, the dtype its notebooks do not load it in, by a load of it
+        f"warn  plans       float32 2048x192, bfloat16 1536x8960, bfloat16 8960x1536, bfloat16 2048x192 in "
+        f"{own / tuning.plans_file_name()} measured while other programs kept the CPUs busy (up to 0.63 cores on "
+        f"average): kept provisionally, measured again at a load that finds the machine quiet; to measure them now, "
+        f"on a quiet machine: `qwen-lab tune --cache-dir '/srv/hf cache' {model} qwen-lab/tiny-chat`; bfloat16 "
+        f"2048x192: load their model once with QWEN_LAB_TUNING=again in its environment"]
+    (own / tuning.plans_file_name()).write_text(json.dumps({"bfloat16 2048x192": {**quiet, "busy": 0.5}}))
+    assert [check.line() for check in doctor.check_plans([model])][1].endswith(
+        "quiet; to measure them now, on a quiet machine: load their model once with QWEN_LAB_TUNING=again in its "
+        "environment")  # no model named has that shape: nothing for `qwen-lab tune` to measure
