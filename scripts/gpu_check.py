@@ -23,7 +23,8 @@
 6. (with ``--cpu-bench``, about 4 more minutes) the CPU's decode benchmarks on 2 of its cores, as on
    the 2-core machine class (GPU machines' server CPUs are the other CPU family the kernels must
    serve): ``bench_step.py`` (a generation's token step and the whole-stack call against a read probe,
-   and without the 8-row walks where tuning chose them, 0.5B shapes, both dtypes) and ``bench_overhead.py`` (time outside the C calls per token).
+   and the whole-stack call without the 8-row walks where tuning chose them, 0.5B shapes, both dtypes)
+   and ``bench_overhead.py`` (time outside the C calls per token).
 
 Results are printed and, with ``--out``, written to ``DIR/gpu_check.json`` and ``.md`` after
 every step, so a run cut short keeps what it measured.
