@@ -112,7 +112,7 @@ def cache_dir() -> Path:
 def shared_cache_dir() -> Path | None:
     """A room's cache, read before ``cache_dir`` and never written: ``$QWEN_LAB_SHARED_CACHE``, or None.
 
-    Filled once by the instructor (``qwen-lab tune --cache-dir DIR``: the kernel compiled, the plans of the
+    Filled once by the instructor (``qwen-lab tune --kernel-cache DIR``: the kernel compiled, the plans of the
     room's models measured on a quiet machine), it spares every learner's kernel its own compile and its
     own measurements, which 30 learners starting together would run at once, each disturbing the others'.
     What it lacks (a kernel of other sources, plans of another CPU or thread count, a shape not measured)
