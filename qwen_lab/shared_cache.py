@@ -177,9 +177,9 @@ def prepare(directory: Path, models: list[str], threads: int, cache_dir: str | o
                 if key not in done:
                     plan, speeds, share = tuning.measure_watched(out_features, in_features, dtype)
                     done.add(key)
-                    if not tuning._save(key, plan, speeds, share):  # busy: the plan measured quietly before stays
+                    if not tuning._save(key, plan, speeds, share):  # busy: the plan measured before stays
                         say(f"{key}: measured while other programs kept this machine busy: the plan measured "
-                            f"quietly before is kept ({model})")
+                            f"before is kept ({model})")
                         continue
                     if share is not None:
                         busy[key] = share

@@ -33,8 +33,8 @@ measurement: where other programs took a quarter of a core (``BUSY``) or more be
 kernels' threads leave free (``busy_threshold``), the plan is kept *provisional* (``"busy"``: their
 share, in its entry). It is used as it is, and measured again at the first load of its shape in a
 later process that finds the machine quiet (``quiet_now``: 0.1 s watched), at most once a process;
-a measurement made while busy never replaces a quiet one, so a machine that stays busy keeps its
-plan and costs no measurement. Where ``/proc/stat`` cannot be read (not Linux) every measurement
+a measurement made while busy never replaces a plan already kept, so a machine that stays busy keeps
+its plan and costs no measurement. Where ``/proc/stat`` cannot be read (not Linux) every measurement
 counts as quiet.
 The room's plans are used as they are, provisional or not: ``qwen-lab tune`` warns the instructor.
 Run once with ``QWEN_LAB_TUNING=again`` to measure every shape afresh (and keep the new answers in
@@ -195,10 +195,11 @@ def _busy_of(entry) -> float | None:
 def _save(key: str, plan: kernels.Plan, speeds: dict[str, float], busy: float | None = None) -> bool:
     """Add one answer to the cache file, written atomically (another process may be tuning too); ``busy``:
     measured while other programs took that many cores (``measure_watched``), kept provisional. An answer
-    measured while busy never replaces one measured quietly: False, the file left as it was."""
+    measured while busy never replaces one already kept (measured quietly, or while busy too): False, the
+    file left as it was."""
     path = _cache_file()
     data = _load()
-    if busy is not None and _plan_of(data.get(key)) is not None and _busy_of(data[key]) is None:
+    if busy is not None and _plan_of(data.get(key)) is not None:
         return False
     data[key] = {"variant": plan.variant, "rows": plan.rows, "prefetch": plan.prefetch,
                  "gb_per_s": {name: round(v / 1e9, 2) for name, v in speeds.items()}}
@@ -230,10 +231,8 @@ def plan_for(out_features: int, in_features: int, dtype: torch.dtype) -> kernels
             _memory[key] = kept[0]  # measured quietly; or provisional, and the machine still busy
         else:
             plan, speeds, busy = measure_watched(out_features, in_features, dtype)
-            if kept is not None and busy is not None:  # busy again: the provisional plan stays, for a quiet moment
-                plan = kept[0]
-            else:
-                _save(key, plan, speeds, busy)
+            if not _save(key, plan, speeds, busy) and kept is not None:
+                plan = kept[0]  # busy again: the provisional plan stays, for a quiet moment
             _memory[key] = plan
     return _memory[key]
 

@@ -151,8 +151,8 @@ def test_tune_on_a_busy_machine_keeps_the_plans_measured_quietly_before(room, mo
     machine.others = 0.9
     assert cli.main(args) == 0 and len(measured) == 2
     out, err = capsys.readouterr()
-    assert ("float32 2048x192: measured while other programs kept this machine busy: the plan measured quietly "
-            "before is kept (qwen-lab/tiny-chat)") in out.splitlines()
+    assert ("float32 2048x192: measured while other programs kept this machine busy: the plan measured before "
+            "is kept (qwen-lab/tiny-chat)") in out.splitlines()
     assert "warning: other programs" not in err and plans.read_text() == quiet
 
 
