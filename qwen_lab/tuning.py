@@ -333,11 +333,10 @@ def cpu_seconds() -> tuple[float, float, float, int] | None:
     try:
         clock, stat, own, ours = _cpu_now()
         per_cpu = {}
-        for line in stat.splitlines():
-            name, *ticks = line.split()
-            if name.startswith("cpu"):
-                user, nice, system, _idle, _iowait, irq, softirq, steal = (int(t) for t in ticks[:8])
-                per_cpu[name[3:]] = user + nice + system + irq + softirq + steal
+        for fields in map(str.split, stat.splitlines()):
+            if fields and fields[0].startswith("cpu"):
+                user, nice, system, _idle, _iowait, irq, softirq, steal = (int(t) for t in fields[1:9])
+                per_cpu[fields[0][3:]] = user + nice + system + irq + softirq + steal
         wanted = [str(cpu) for cpu in ours] if ours else []
         if wanted and all(cpu in per_cpu for cpu in wanted):
             work, count = sum(per_cpu[cpu] for cpu in wanted), len(wanted)
@@ -388,8 +387,8 @@ def measure_watched(out_features: int, in_features: int, dtype: torch.dtype
 
 def provisional(path: Path) -> dict[str, float]:
     """The plans of a plans file that were measured while the machine was busy: ``{shape: cores others took}``."""
-    entries = _read(path)
-    return {key: busy for key, busy in ((key, _busy_of(entry)) for key, entry in entries.items()) if busy is not None}
+    shares = {key: _busy_of(entry) for key, entry in _read(path).items()}
+    return {key: share for key, share in shares.items() if share is not None}
 
 
 def describe(model) -> dict[str, str]:
