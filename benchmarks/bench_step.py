@@ -85,24 +85,21 @@ def main() -> None:
         linears = [m for m in model.modules() if isinstance(m, kernels.Linear) and m.use_kernel]
         tuned = {m: m.plan for m in linears}
         by_shape = {(m.out_features, m.in_features): m.plan for m in linears}  # the plan tuning chose per shape
-        if dtype == "bfloat16" and any(p.variant in kernels.PAIR_VARIANTS for p in by_shape.values()) \
-                and (wanted is None or "bf16 widened, no pairs" in wanted):
-            plans = [p for p in tuning.candidates(torch.bfloat16) if p.variant not in kernels.PAIR_VARIANTS]
-            widened = {shape: tuning.measure(*shape, torch.bfloat16, plans)[0]
-                       if plan.variant in kernels.PAIR_VARIANTS else plan for shape, plan in by_shape.items()}
-            ways["bf16 widened, no pairs"] = ((stack, fused), {}, {m: widened[m.out_features, m.in_features]
-                                                                   for m in linears})
-            print("bf16 plans, tuned / without pairs:",
-                  ", ".join(f"{o}x{i}: {by_shape[o, i]} / {widened[o, i]}" for o, i in by_shape))
-        if any(p.rows == 8 for p in by_shape.values()) and (wanted is None or FOUR_ROWS in wanted):
-            plans = [p for p in tuning.candidates(getattr(torch, dtype)) if p.rows <= 4]
-            four = {shape: tuning.measure(*shape, getattr(torch, dtype), plans)[0] if plan.rows == 8 else plan
-                    for shape, plan in by_shape.items()}
-            ways[FOUR_ROWS] = ((stack, fused), {}, {m: four[m.out_features, m.in_features] for m in linears})
-            print("plans, tuned / 4 rows at most:",
-                  ", ".join(f"{o}x{i}: {by_shape[o, i]} / {four[o, i]}" for o, i in by_shape if by_shape[o, i].rows == 8))
-        elif wanted and FOUR_ROWS in wanted:
-            print(f"{dtype}: no shape's plan walks 8 rows here: no '{FOUR_ROWS}' way")
+        for name, keep in (("bf16 widened, no pairs", lambda p: p.variant not in kernels.PAIR_VARIANTS),
+                           (FOUR_ROWS, lambda p: p.rows <= 4)):
+            # the tuned plans, each shape's measured again without the walks `keep` drops where it uses one
+            if (wanted is not None and name not in wanted) or (dtype != "bfloat16" and name != FOUR_ROWS):
+                continue  # not asked for; pairs are bf16's alone
+            if all(keep(plan) for plan in by_shape.values()):
+                if wanted:
+                    print(f"{dtype}: no shape's plan uses what '{name}' leaves out here: no such way")
+                continue
+            plans = [p for p in tuning.candidates(getattr(torch, dtype)) if keep(p)]
+            again = {shape: plan if keep(plan) else tuning.measure(*shape, getattr(torch, dtype), plans)[0]
+                     for shape, plan in by_shape.items()}
+            ways[name] = ((stack, fused), {}, {m: again[m.out_features, m.in_features] for m in linears})
+            print(f"{dtype} plans, tuned / {name}:",
+                  ", ".join(f"{o}x{i}: {plan} / {again[o, i]}" for (o, i), plan in by_shape.items() if not keep(plan)))
         if wanted:
             ways = {name: way for name, way in ways.items() if name in wanted}
         nbytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
