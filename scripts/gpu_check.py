@@ -13,8 +13,9 @@
    transformers' eager ``generate``, side by side in this one process, with the share of the
    GPU's memory bandwidth (measured here by a device-to-device copy) that each reaches; and the
    captured step replayed back to back, without the Python loop around it (the GPU's own rate);
-4. (not with ``--quick``) the CPU kernels on this machine's processor (``tests/test_kernels.py``,
-   2 threads): GPU machines' server CPUs often have the AVX-512 / AVX512-BF16 that CI's lacks;
+4. (not with ``--quick``) the CPU kernels on this machine's processor (``tests/test_kernels.py`` and
+   ``tests/test_tuning.py``, 2 threads): GPU machines' server CPUs often have the AVX-512 /
+   AVX512-BF16 that CI's lacks;
 5. (not with ``--quick``) the notebooks (English edition) executed on CUDA, nbval in lax mode
    (outputs may differ in the last digits from the CPU-made ones, errors may not); skipped, and
    said so, where nbval is not installed; then the same notebooks on a model loaded in bfloat16 and
@@ -252,7 +253,8 @@ def main() -> None:
     if not args.quick:
         from qwen_lab import kernels
         report["steps"].append(run_step(f"CPU kernels on {report['device']['cpu']} (2 threads)",
-                                        [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py"],
+                                        [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py",
+                                         "tests/test_tuning.py"],
                                         240, QWEN_LAB_THREADS="2"))
         report["device"]["cpu_kernels"] = kernels.status()
         save()

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from qwen_lab import kernels
 from qwen_lab.tiny import build_random, save_checkpoint, tiny_config, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,3 +163,20 @@ def vm_flags(address: int) -> list[str] | None:
         elif found and line.startswith("VmFlags:"):
             return line.split()[1:]
     return None
+
+
+# In CI the C kernels must be built and tested, not skipped (.ci/run sets this).
+KERNELS_REQUIRED = os.environ.get("QWEN_LAB_REQUIRE_KERNELS") == "1"
+needs_kernel = pytest.mark.skipif(not KERNELS_REQUIRED and not kernels.available(),
+                                  reason=f"C kernel: {kernels.status()}")
+
+
+def tree(folder):
+    """Every entry under ``folder`` with its size, mode and modification time: to see that nothing changed."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mode, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*"))}
+
+
+def read_only(folder):
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
