@@ -27,6 +27,7 @@ import threading
 import time
 import weakref
 from dataclasses import asdict, dataclass, field, fields, replace
+from itertools import chain
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -439,7 +440,8 @@ def _weights(model) -> "_Weights":
 
 class _Weights:
     """One look at a model's weights, equal (``==``) to a later one while none has changed: for each
-    weight, its storage, its address, its strides and its version counter.
+    weight, its storage, its address, its strides and its version counter. The buffers count as weights
+    here: the rotary frequencies (``inv_freq``) turned every kept key.
 
     torch counts in the version each change made in place (``w.mul_(2)``, ``w.copy_(t)``,
     ``load_state_dict``). A weight replaced (``model.half().float()``, ``model.to(...)``, ``w.data = t``,
@@ -460,7 +462,7 @@ class _Weights:
     def __init__(self, model) -> None:
         self._storages: list[int] = []
         memory, strides, versions = [], [], []
-        for p in model.parameters():
+        for p in chain(model.parameters(), model.buffers()):
             self._storages.append(p.untyped_storage()._weak_ref())
             memory.append(p.data_ptr())
             strides.append(p.stride())

@@ -28,6 +28,8 @@ computing it again. ``release(model)`` lets the kept decoders go, and their memo
 """
 from __future__ import annotations
 
+from itertools import chain
+
 import torch
 import torch.nn.functional as F
 
@@ -79,6 +81,7 @@ class StaticDecoder:
         weight = model.lm_head.weight
         self.model, self.max_len, self.device = model, max_len, weight.device
         self.memory = weight_memory(model)  # where the weights were: a captured graph reads them there
+        self.buffer_versions = _buffer_versions(model)  # the rotary frequencies its cos and sin come from
         self.caches = model.new_caches(1, max_len)
         positions = torch.arange(max_len, device=self.device)
         self.cos, self.sin = model.model.rotary_emb(positions, weight.dtype)  # (max_len, head_dim), once
@@ -162,17 +165,24 @@ class StaticDecoder:
 
 
 def weight_memory(model: CausalLM) -> tuple[int, ...]:
-    """The address of each weight (a replaced weight has another; one changed in place keeps its own)."""
-    return tuple(p.data_ptr() for p in model.parameters())
+    """The address of each weight and buffer (a replaced one has another; one changed in place keeps its own)."""
+    return tuple(p.data_ptr() for p in chain(model.parameters(), model.buffers()))
+
+
+def _buffer_versions(model: CausalLM) -> tuple[int, ...]:
+    """Each buffer's version counter: the rotary frequencies changed in place (``inv_freq.mul_(2)``) bump it."""
+    return tuple(0 if b.is_inference() else b._version for b in model.buffers())
 
 
 def _serves(decoder: StaticDecoder, model: CausalLM, memory: tuple[int, ...]) -> bool:
     """Whether a kept decoder still fits ``model``: caches in its dtype, on its device (``model.to(...)`` since
     would make every step fail on mixed dtypes or devices), made for its weights where they are now (a graph
-    captured before a weight was replaced would replay the old weight's memory, freed since)."""
+    captured before a weight was replaced would replay the old weight's memory, freed since), its cos and sin
+    computed from the rotary frequencies as they are now (a learner's experiment with them, in place or a
+    rotary module of another base put in, left the steps turning keys by the old angles)."""
     weight = model.lm_head.weight
     return decoder.caches[0].k.dtype == weight.dtype and decoder.device == weight.device \
-        and decoder.memory == memory
+        and decoder.memory == memory and decoder.buffer_versions == _buffer_versions(model)
 
 
 def kept_decoder(model: CausalLM, length: int, memory: tuple[int, ...] | None = None) -> StaticDecoder | None:

@@ -453,6 +453,29 @@ def test_a_prompt_cache_is_not_trusted_once_a_weight_changed(tiny_dir):
     assert chat.generate(messages, cache=cache, do_sample=False, max_new_tokens=20).cached_tokens > 0
 
 
+@pytest.mark.parametrize("change", ["in place", "replaced"])
+def test_a_prompt_cache_is_not_trusted_once_the_rotary_frequencies_changed(change):
+    """The keys a prompt cache keeps were turned by the rotary angles of their time: after a learner's
+    experiment with the frequencies (``inv_freq``, a buffer, not a weight) they were reused, and the reply
+    differed from the one without the cache."""
+    from qwen_lab.layers import RotaryEmbedding
+    chat = ChatModel.load("qwen-lab/tiny-chat", dtype="float32", device="cpu")  # its own: changed here
+    cache, messages = PromptCache(), [{"role": "user", "content": "Hello! How are you today?"}]
+    first = chat.generate(messages, cache=cache, do_sample=False, max_new_tokens=16)
+    messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And what is 2 plus 3?"}]
+    before = chat.generate(messages, cache=cache, do_sample=False, max_new_tokens=16)
+    assert before.cached_tokens > 0
+    if change == "in place":
+        chat.model.model.rotary_emb.inv_freq.mul_(7)
+    else:
+        chat.model.model.rotary_emb = RotaryEmbedding(chat.model.config.head_dim, 10.0)  # base 10 for 10,000
+    fresh = chat.generate(messages, do_sample=False, max_new_tokens=16)
+    assert fresh.token_ids != before.token_ids  # the change matters to this reply
+    kept = chat.generate(messages, cache=cache, do_sample=False, max_new_tokens=16)
+    assert kept.cached_tokens == 0 and kept.token_ids == fresh.token_ids
+    assert chat.generate(messages, cache=cache, do_sample=False, max_new_tokens=16).cached_tokens > 0
+
+
 def test_a_stopped_reply_keeps_what_it_fed(tiny_chat):
     cache, cancel = PromptCache(), threading.Event()
     stream = tiny_chat.stream([{"role": "user", "content": "Tell me about cats."}], cache=cache, cancel=cancel,

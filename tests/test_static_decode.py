@@ -466,3 +466,23 @@ def test_two_static_streams_of_one_model_read_in_turns_are_refused(chats):
     chat.generate([{"role": "user", "content": "Hello!"}], static=True, max_new_tokens=4)
     with pytest.raises(QwenLabError, match="another generation used this model's static decoder"):
         first.result
+
+
+@pytest.mark.parametrize("change", ["in place", "replaced"])
+def test_a_kept_decoder_follows_a_change_of_the_rotary_frequencies(change):
+    """A decoder computes every position's cos and sin once, from the model's rotary module: after a learner's
+    experiment with the frequencies (``inv_freq`` changed, or a rotary module of another base put in), its
+    steps turned the keys by the old angles while the prefill, the model's own forward, used the new ones."""
+    from qwen_lab.layers import RotaryEmbedding
+    files = resolve("qwen-lab/tiny-chat")  # its own copy, changed here; replies that the change moves
+    model, tok = load_model(files, "float32", DEVICE, matvec="none"), Tokenizer.from_files(files)
+    prompt, config = tok.encode("Hello! How are you today? I am"), GenerationConfig(max_new_tokens=16, do_sample=False)
+    before = generate_stream(model, tok, prompt, config, static=True).result
+    inner = model.model
+    if change == "in place":
+        inner.rotary_emb.inv_freq.mul_(7)
+    else:
+        inner.rotary_emb = RotaryEmbedding(model.config.head_dim, 10.0).to(DEVICE)  # base 10 for 10,000
+    eager = generate_stream(model, tok, prompt, config).result
+    assert eager.token_ids != before.token_ids  # the change matters to this model's reply
+    assert generate_stream(model, tok, prompt, config, static=True).result.token_ids == eager.token_ids
