@@ -40,7 +40,7 @@ from .chat_template import ChatTemplate
 from .errors import CheckpointError, ContextTooLongError, QwenLabError, SettingError
 from .hub import ModelFiles, resolve
 from .hub import read_json_object
-from .load import available_memory, load_model, read_config
+from .load import available_memory, check_weight_files, load_model, read_config
 from .tokenizer import Tokenizer
 
 FINISH_REASONS = ("eos", "length", "stop", "cancelled")
@@ -664,6 +664,7 @@ def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special
 
     fed = steps.start  # positions whose keys and values are whole in the caches
     try:
+        check_weight_files(model)  # a weights file rewritten in place since the load: reading it would kill us
         logits = steps.prefill(prompt_ids)
         fed = n
         while True:
@@ -697,6 +698,7 @@ def _steps(model, tokenizer, prompt_ids, config, cancel, use_cache, skip_special
             if cancel is not None and cancel.is_set():
                 reason = "cancelled"
                 break
+            check_weight_files(model)
             logits = steps.step(token, n - 1)
             fed = n
     finally:  # ended, failed or closed: what was computed whole is given back (the last token chosen was never fed)

@@ -31,6 +31,7 @@ import json
 import mmap
 import os
 import struct
+import weakref
 from pathlib import Path
 
 import torch
@@ -200,21 +201,63 @@ def _read_header(f, path: Path, size: int) -> tuple[dict, int]:
     return header, n
 
 
-def _map_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
-    """The tensors, and the address range of the mapping they view. Nothing of a file that
-    is not a valid safetensors file is shown in an error (it might not be a model file at all)."""
+class WeightFile:
+    """A file whose memory map a model's weights view (a file loaded in its own dtype on a CPU: no copy).
+
+    Those weights are read from the file's pages for as long as the model lives, and the pages are the
+    file's: rewritten in place meanwhile (``cp new.safetensors model.safetensors`` first cuts the file to
+    nothing), the next read of a weight killed the process (SIGBUS: "the kernel died", nothing said).
+    So the file stays open (``fd``; closed with this object) and ``check_weight_files`` compares what
+    ``fstat`` says of it now with what it said at the load (``size``, ``mtime_ns``). ``span``: the
+    addresses of its mapping. (A rewrite that lands during a token's own reads still kills the process:
+    the check leaves that window of one token, and a model's own forward, outside ``generation``, unchecked.)
+    """
+
+    __slots__ = ("path", "fd", "size", "mtime_ns", "span", "__weakref__")
+
+    def __init__(self, path: Path, fd: int) -> None:
+        weakref.finalize(self, os.close, fd)
+        st = os.fstat(fd)
+        self.path, self.fd, self.size, self.mtime_ns, self.span = path, fd, st.st_size, st.st_mtime_ns, (0, 0)
+
+    def viewed_by(self, model: nn.Module) -> bool:
+        lo, hi = self.span
+        return any(lo <= p.data_ptr() < hi for p in model.parameters())
+
+
+def check_weight_files(model: nn.Module) -> None:
+    """One line (``CheckpointError``) where a file the model's weights are read from changed on disk since the
+    load (``WeightFile``): reading them could kill the process. ``generation`` asks before the prompt and
+    before every token; a few microseconds."""
+    for f in model.__dict__.get("_weight_files", ()):
+        now = os.fstat(f.fd)
+        if (now.st_size, now.st_mtime_ns) != (f.size, f.mtime_ns) and f.viewed_by(model):
+            raise CheckpointError(f"{f.path} was changed on disk after the model was loaded from it ({now.st_size:,} "
+                                  f"bytes now, {f.size:,} then), and its weights are read from that file: load the "
+                                  f"model again (to update a model folder in use, copy each new file in under "
+                                  f"another name and rename it into place)")
+
+
+def _map_safetensors(path: str | Path, keep: bool = False
+                     ) -> tuple[dict[str, torch.Tensor], tuple[int, int], WeightFile | None]:
+    """The tensors, the address range of the mapping they view, and (``keep``) the file kept open as a
+    ``WeightFile``. Nothing of a file that is not a valid safetensors file is shown in an error (it might
+    not be a model file at all)."""
     path = Path(path)
     try:
         with open_regular(path) as f:  # a pipe would block the open forever
             size = os.fstat(f.fileno()).st_size
             header, n = _read_header(f, path, size)
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            kept = WeightFile(path, os.dup(f.fileno())) if keep else None
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
     advise_huge(mm, 0, len(mm))  # the file's pages, as read from disk, in 2 MiB pieces (still shared)
     header.pop("__metadata__", None)
     tensors, data_start, spans = {}, 8 + n, []
     base = ctypes.addressof(ctypes.c_char.from_buffer(mm)) if size else 0
+    if kept is not None:
+        kept.span = (base, base + size)
     for name, info in header.items():
         try:
             dtype = _ST_DTYPES[info["dtype"]]
@@ -252,7 +295,7 @@ def _map_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], tuple[i
         if begin < end:  # two names for the same bytes: a crafted or damaged file
             raise CheckpointError(f"{path}: tensors {_short(first)} and {_short(second)} overlap in the file: "
                                   f"file is corrupt")
-    return tensors, (base, base + size)
+    return tensors, (base, base + size), kept
 
 
 def _short(value, limit: int = 100, quote: bool = True) -> str:
@@ -358,9 +401,10 @@ def load_weights(model: CausalLM, files: list[Path], dtype: torch.dtype, device:
     aliases = model.tied_weights()
     tensors: dict[str, torch.Tensor] = {}
     shard_of: dict[str, Path] = {}
-    mapped = []
+    mapped, kept = [], []
     for f in files:
-        file_tensors, address_range = _map_safetensors(f)
+        file_tensors, address_range, weight_file = _map_safetensors(f, keep=True)
+        kept.append(weight_file)
         twice = next((name for name in file_tensors if name in tensors), None)
         if twice is not None:  # which copy would count would depend on the order of the files
             raise CheckpointError(f"{f.parent}: tensor {_short(twice)} is stored in both {shard_of[twice].name} and "
@@ -399,6 +443,7 @@ def load_weights(model: CausalLM, files: list[Path], dtype: torch.dtype, device:
         module._parameters[attr] = nn.Parameter(value, requires_grad=False)
     model.tie_weights()
     model.reset_buffers(device)
+    model._weight_files = [f for f in kept if f.viewed_by(model)]  # the others close: nothing reads them
 
 
 def check_memory(model: CausalLM, dtype: torch.dtype, device: torch.device, saved: torch.dtype | None) -> None:
@@ -476,6 +521,7 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["ARCHITECTURES", "DTYPES", "architecture_of", "available_memory", "build_model", "checkpoint_dtype",
-           "choose_dtype", "count_parameters", "default_device", "load_model", "load_weights", "read_config",
-           "read_safetensors", "read_safetensors_header", "suggested_dtype"]
+__all__ = ["ARCHITECTURES", "DTYPES", "WeightFile", "architecture_of", "available_memory", "build_model",
+           "check_weight_files", "checkpoint_dtype", "choose_dtype", "count_parameters", "default_device",
+           "load_model", "load_weights", "read_config", "read_safetensors", "read_safetensors_header",
+           "suggested_dtype"]

@@ -192,7 +192,7 @@ def test_converted_load_is_exact_and_the_released_mapping_still_reads_back(tiny_
     for name, value in reference.items():
         assert torch.equal(model.get_parameter(name), value.float()), name
     # Released pages of the private mapping are re-read from the file when touched again.
-    tensors, mapped = _map_safetensors(d / "model.safetensors")
+    tensors, mapped, _ = _map_safetensors(d / "model.safetensors")
     view = tensors["model.embed_tokens.weight"]
     _release(view, [mapped])
     assert torch.equal(view, reference["model.embed_tokens.weight"])
@@ -564,3 +564,58 @@ def test_a_weights_file_truncated_while_its_cached_pages_are_counted_is_no_crash
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
     assert run.returncode == 0 and run.stdout.strip() == "None", (run.returncode, run.stdout, run.stderr[-500:])
+
+
+REWRITTEN = r'''
+import os, sys
+from pathlib import Path
+from qwen_lab.errors import CheckpointError
+from qwen_lab.generation import ChatModel, PromptCache
+folder, dtype, how = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+chat = ChatModel.load(str(folder), dtype=dtype, device="cpu")
+cache, ask = PromptCache(), [{"role": "user", "content": "What is 2 plus 3?"}]
+print("first:", chat.generate(ask, cache=cache, max_new_tokens=6, do_sample=False).token_ids, flush=True)
+stream = chat.stream(ask, cache=cache, max_new_tokens=12, do_sample=False, eos_token_id=[])
+next(stream)  # a reply under way, its prompt fed
+for path in sorted(folder.glob("*.safetensors")):
+    data = path.read_bytes()
+    if how in ("in place", "same size"):  # as cp over it writes: cut to nothing, then the new bytes
+        with open(path, "r+b") as f:
+            f.truncate(0)
+            f.write(data[:len(data) // 2] if how == "in place" else data[::-1])
+    else:  # a new file renamed into place: the loaded weights keep their own, which nobody truncates
+        (folder / "new.tmp").write_bytes(data[:len(data) // 2])
+        os.replace(folder / "new.tmp", path)
+for name, go in [("the reply under way", lambda: list(stream)),
+                 ("the next turn", lambda: chat.generate(ask, cache=cache, max_new_tokens=6, do_sample=False))]:
+    try:
+        go()
+        print(name, "ok", flush=True)
+    except CheckpointError as e:
+        print(name, "refused:", e, flush=True)
+'''
+
+
+@pytest.mark.parametrize("dtype, how, refused", [("bfloat16", "in place", True),  # views on the file: refused
+                                                 ("bfloat16", "same size", True),  # no SIGBUS, other weights
+                                                 ("float32", "in place", False),   # a converted copy: unaffected
+                                                 ("bfloat16", "renamed", False)])  # the safe update
+def test_a_weights_file_rewritten_in_place_is_refused_in_one_line_not_a_dead_process(tmp_path, dtype, how, refused):
+    """A bfloat16 checkpoint loaded as bfloat16 is read from the file's own pages. A teacher's ``cp`` over a
+    model folder's file cuts it first: every learner's next token read pages that no longer existed, and the
+    process died of SIGBUS (a notebook's "kernel died", not a word why)."""
+    import subprocess
+    import sys
+    folder = tmp_path / "model"
+    shutil.copytree(resolve("qwen-lab/tiny-chat").config.parent, folder)
+    run = subprocess.run([sys.executable, "-c", REWRITTEN, str(folder), dtype, how], capture_output=True,
+                         text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, (run.returncode, run.stderr[-2000:])  # -7: SIGBUS
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("first:") and len(lines) == 3, run.stdout
+    for line in lines[1:]:
+        if refused:
+            assert "refused:" in line and "was changed on disk after the model was loaded" in line \
+                and "model.safetensors" in line and "rename it into place" in line, line
+        else:
+            assert line.endswith(" ok"), line
