@@ -56,7 +56,7 @@ def main() -> None:
     args = p.parse_args()
 
     import torch
-    from bench_decode import machine, make_checkpoint, sum_speed, weights_only
+    from bench_decode import cache_like_a_download, machine, make_checkpoint, sum_speed, weights_only
     from qwen_lab import kernels, layers, pages, tuning
     from qwen_lab.load import load_model
 
@@ -77,6 +77,7 @@ def main() -> None:
                 f"the ways are: {'; '.join(sorted(known))}")
     directory = make_checkpoint(args.config)
     print(machine())
+    print(cache_like_a_download(weights_only(directory).weights))
     print(f"model: random weights, shapes of {args.config.stem}; KV cache holding {args.context} positions; "
           f"{args.rounds} rounds of {args.steps} steps each way, alternating")
     for dtype in args.dtypes.split(","):
