@@ -224,12 +224,24 @@ class WeightFile:
         lo, hi = self.span
         return any(lo <= p.data_ptr() < hi for p in model.parameters())
 
+    def __reduce__(self):  # a copy of the model (copy.deepcopy, pickle) copies its weights: nothing to watch
+        return _unwatched, (self.path,)
+
+
+def _unwatched(path: Path) -> WeightFile:
+    """A ``WeightFile`` that watches nothing (``fd`` None): a copied model's, whose weights are its own."""
+    f = WeightFile.__new__(WeightFile)
+    f.path, f.fd, f.size, f.mtime_ns, f.span = path, None, 0, 0, (0, 0)
+    return f
+
 
 def check_weight_files(model: nn.Module) -> None:
     """One line (``CheckpointError``) where a file the model's weights are read from changed on disk since the
     load (``WeightFile``): reading them could kill the process. ``generation`` asks before the prompt and
     before every token; a few microseconds."""
     for f in model.__dict__.get("_weight_files", ()):
+        if f.fd is None:
+            continue
         now = os.fstat(f.fd)
         if (now.st_size, now.st_mtime_ns) != (f.size, f.mtime_ns) and f.viewed_by(model):
             raise CheckpointError(f"{f.path} was changed on disk after the model was loaded from it ({now.st_size:,} "

@@ -619,3 +619,24 @@ def test_a_weights_file_rewritten_in_place_is_refused_in_one_line_not_a_dead_pro
                 and "model.safetensors" in line and "rename it into place" in line, line
         else:
             assert line.endswith(" ok"), line
+
+
+def test_a_copy_of_a_model_watches_no_file_and_outlives_the_original():
+    """``copy.deepcopy`` (or pickle) copies a model's weights out of the file, and copied the kept file's
+    descriptor number with them: once the original was gone, its descriptor closed, the copy's check looked
+    at a closed descriptor (or another file that got its number) before every token."""
+    import copy
+    import gc
+    import weakref
+    from qwen_lab.load import check_weight_files
+    model = load_model(resolve("qwen-lab/tiny-chat"), "bfloat16", "cpu", matvec="none")
+    assert model._weight_files and all(f.viewed_by(model) for f in model._weight_files)  # views: watched
+    twin = copy.deepcopy(model)
+    assert not any(f.viewed_by(twin) for f in twin._weight_files)  # copies
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None  # the original's descriptor is closed
+    check_weight_files(twin)  # raised OSError (a closed descriptor) before every token
+    for f in twin._weight_files:
+        assert f.fd is None
