@@ -65,10 +65,11 @@ def cache_like_a_download(files: list[Path]) -> str:
 
     A file written in small pieces (``save_file`` above, ``tar -xf``, ``cp``) stays cached in those pieces
     until the system drops them, and a mapping of it then gets 4 KiB pages (``load.cached_in_huge_pages``):
-    this benchmark's checkpoint, written hours before, was measured 28% in 2 MiB pages, and a 0.5B bf16
-    step read it at 68% of a 65 GB/s probe, against 73% with 96% of it in 2 MiB pages (AMD EPYC Zen 4,
-    benchmarks/RESULTS.md). A user's download gets 2 MiB pages; so a file mapped less than 90% in them is
-    dropped from the cache (``posix_fadvise``: only pages no process maps) and read afresh, 16 MiB a read."""
+    this benchmark's checkpoint, written hours before, mapped 28% in 2 MiB pages, and side by side a 0.5B
+    bf16 token step read the same checkpoint in 4 KiB pages at 75% of a 64 GB/s probe against 83% in 2 MiB
+    pages (AMD EPYC Zen 4, benchmarks/RESULTS.md). A user's download gets 2 MiB pages; so a file mapped less
+    than 90% in them is dropped from the cache (``posix_fadvise``: only pages no process maps) and read
+    afresh, 16 MiB a read."""
     from qwen_lab.load import cached_in_huge_pages
     total = huge = 0
     redone = []
@@ -259,8 +260,8 @@ def main() -> None:
         return statistics.median(r[key] for r in runs[(impl, dtype)])
 
     bandwidth = statistics.median(bandwidths)
-    lines = [f"### {label}", "", f"Machine: {machine()}; {pages_line}; read bandwidth measured {len(bandwidths)} times in this "
-             f"run (before each round and after each measurement): median {bandwidth / 1e9:.1f} GB/s, range "
+    lines = [f"### {label}", "", f"Machine: {machine()}; {pages_line}; read bandwidth measured {len(bandwidths)} "
+             f"times in this run (before each round and after each measurement): median {bandwidth / 1e9:.1f} GB/s, range "
              f"{min(bandwidths) / 1e9:.1f}-{max(bandwidths) / 1e9:.1f}. "
              f"Prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens "
              f"(greedy, EOS ignored), medians of {args.rounds} alternating rounds, each in a fresh process.", "",
