@@ -261,8 +261,8 @@ def main() -> None:
 
     bandwidth = statistics.median(bandwidths)
     lines = [f"### {label}", "", f"Machine: {machine()}; {pages_line}; read bandwidth measured {len(bandwidths)} "
-             f"times in this run (before each round and after each measurement): median {bandwidth / 1e9:.1f} GB/s, range "
-             f"{min(bandwidths) / 1e9:.1f}-{max(bandwidths) / 1e9:.1f}. "
+             f"times in this run (before each round and after each measurement): median {bandwidth / 1e9:.1f} "
+             f"GB/s, range {min(bandwidths) / 1e9:.1f}-{max(bandwidths) / 1e9:.1f}. "
              f"Prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens "
              f"(greedy, EOS ignored), medians of {args.rounds} alternating rounds, each in a fresh process.", "",
              "| implementation | dtype | load s | peak RSS GiB (above imports) | weights GiB | prefill tok/s | TTFT s "
