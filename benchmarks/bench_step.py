@@ -19,6 +19,8 @@ positions), alternating in rounds between:
 - ``64 KB chunks``: the whole-stack step with every chunk 64 KB (the pool's sharing before);
 - ``no tail split``: the whole-stack step with a job's last chunks as large as the others
   (``kernels.TAIL_SPLIT`` = 1, as before it);
+- ``token step, one claim counter``: the token step with two threads' chunks claimed in one counter's
+  order (``kernels.CLAIMS`` = ``counter``, as before halves);
 - ``bf16 widened, no pairs`` (bf16 only): the whole-stack step with each shape's plan measured without
   the pair variants (``kernels.PAIR_VARIANTS``), i.e. every bf16 weight widened to float32 before its
   multiply-add, as before those variants;
@@ -40,6 +42,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 TOKEN_STEP = "token step"
+COUNTER = "token step, one claim counter"
 FOUR_ROWS = "4 rows at most"
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
@@ -69,6 +72,7 @@ def main() -> None:
         "module by module": ((by_layer, by_modules), {}, None),
         "64 KB chunks": ((stack, fused), {"chunk_max_bytes": kernels.CHUNK_BYTES}, None),
         "no tail split": ((stack, fused), {"tail_split": 1}, None),
+        COUNTER: ((stack, fused), {"claims": "counter"}, None),
     }
     wanted = [name.strip() for name in args.ways.split(";")] if args.ways else None
     known = {*every_way, "bf16 widened, no pairs", FOUR_ROWS}
@@ -107,8 +111,9 @@ def main() -> None:
                      if isinstance(m, torch.nn.Linear))
         probe = pages.huge_empty((nbytes // 4,), torch.float32).fill_(1.0)  # memory like the weights' (bench_decode)
         caches = model.new_caches(1, args.context + args.rounds * len(ways) * args.steps + 8)
-        token_step = kernels.TokenStep.for_model(model, caches) if TOKEN_STEP in ways else None
-        if TOKEN_STEP in ways and token_step is None:
+        stepped = TOKEN_STEP in ways or COUNTER in ways
+        token_step = kernels.TokenStep.for_model(model, caches) if stepped else None
+        if stepped and token_step is None:
             raise SystemExit("kernels.TokenStep does not apply to this model here (no kernels?)")
         times = {name: [] for name in ways}
         reads = {name: [] for name in ways}
@@ -130,7 +135,7 @@ def main() -> None:
                     kernels.configure(**sharing)
                     start = time.perf_counter()
                     for _ in range(args.steps):
-                        if name == TOKEN_STEP:
+                        if name in (TOKEN_STEP, COUNTER):
                             token_step(5, pos)
                         else:
                             model(token, caches, pos, last_only=True)

@@ -95,6 +95,9 @@ CHUNK_MAX_BYTES = 1024 * 1024
 #: The last chunks of a job (a chunk per thread's worth of rows) are this many times smaller, so that
 #: threads finish a job together (csrc/gemv.c); 1: every chunk the same size.
 TAIL_SPLIT = 4
+#: How two threads claim a job's chunks (csrc/pool.c): ``halves``, each thread its own half front to back,
+#: then what is left of the other's, so that each reads one stream a job; ``counter``, all in one order.
+CLAIMS = "halves"
 #: The attention step is shared over threads from this many multiply-adds (heads x positions x head_dim).
 SOLO_WORK = 1 << 16
 #: The largest k ``top_k`` takes (Qwen2.5 samples with top-k 20; past a few hundred, torch's topk wins).
@@ -220,6 +223,8 @@ def _load_library() -> ctypes.CDLL:
                                     f"kernels.{py.__name__} {ctypes.sizeof(py)}: reinstall qwen_lab")
     lib.qwen_pool_stats.argtypes, lib.qwen_pool_stats.restype = [ctypes.c_void_p], None
     lib.qwen_pool_configure.argtypes, lib.qwen_pool_configure.restype = [ctypes.c_int64] * 2, None
+    lib.qwen_pool_set_halves.argtypes, lib.qwen_pool_set_halves.restype = [ctypes.c_int], None
+    lib.qwen_pool_set_halves(_sharing["claims"] == "halves")
     lib.qwen_kernels_configure.argtypes, lib.qwen_kernels_configure.restype = [ctypes.c_int64], None
     lib.qwen_kernels_configure(_sharing["solo_work"])
     return lib
@@ -293,25 +298,29 @@ def variants() -> list[str]:
 
 
 _sharing = {"solo": SOLO_BYTES, "chunk": CHUNK_BYTES, "chunk_max": CHUNK_MAX_BYTES, "solo_work": SOLO_WORK,
-            "tail_split": TAIL_SPLIT}
+            "tail_split": TAIL_SPLIT, "claims": CLAIMS}
 
 
 def configure(solo_bytes: int = SOLO_BYTES, chunk_bytes: int = CHUNK_BYTES, solo_work: int | None = None,
-              chunk_max_bytes: int | None = None, tail_split: int = TAIL_SPLIT) -> None:
+              chunk_max_bytes: int | None = None, tail_split: int = TAIL_SPLIT, claims: str = CLAIMS) -> None:
     """Change how calls are shared over threads (for tests and measurements; see SOLO_BYTES).
 
     ``solo_work`` defaults to SOLO_WORK, or 0 (share every attention step) when ``solo_bytes`` is 0.
     ``chunk_max_bytes`` defaults to CHUNK_MAX_BYTES with the default ``chunk_bytes``, else to
-    ``chunk_bytes`` (every chunk that size, as a test of chunk edges wants). ``tail_split``: see TAIL_SPLIT.
+    ``chunk_bytes`` (every chunk that size, as a test of chunk edges wants). ``tail_split``: see TAIL_SPLIT;
+    ``claims``: see CLAIMS.
     """
+    if claims not in ("halves", "counter"):
+        raise SettingError(f"claims {claims!r} is not 'halves' or 'counter'")
     if solo_work is None:
         solo_work = 0 if solo_bytes == 0 else SOLO_WORK
     chunk = max(1, int(chunk_bytes))
     if chunk_max_bytes is None:
         chunk_max_bytes = CHUNK_MAX_BYTES if chunk_bytes == CHUNK_BYTES else chunk
     _sharing.update(solo=int(solo_bytes), chunk=chunk, chunk_max=max(chunk, int(chunk_max_bytes)),
-                    solo_work=int(solo_work), tail_split=max(1, int(tail_split)))
+                    solo_work=int(solo_work), tail_split=max(1, int(tail_split)), claims=claims)
     _library().qwen_kernels_configure(_sharing["solo_work"])
+    _library().qwen_pool_set_halves(claims == "halves")
 
 
 _threads: int | None = None

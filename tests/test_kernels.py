@@ -790,23 +790,34 @@ def pool_settings():
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_same_bits_whatever_the_threads_and_chunks(pool_settings, dtype):
+@pytest.mark.parametrize("claims", ["halves", "counter"])
+def test_the_same_bits_whatever_the_threads_and_chunks(pool_settings, dtype, claims):
     g = torch.Generator().manual_seed(7)
-    w = torch.randn(3001, 517, generator=g).to(dtype)  # odd sizes: a last, shorter chunk
-    x, b = torch.randn(517, generator=g).to(dtype), torch.randn(3001, generator=g).to(dtype)
+    w = torch.randn(5001, 517, generator=g).to(dtype)  # odd sizes: a last, shorter chunk
+    x, b = torch.randn(517, generator=g).to(dtype), torch.randn(5001, generator=g).to(dtype)
     kernels.set_num_threads(1)
     want = kernels.gemv(x, w, b)
-    for threads, solo, chunk in [(2, 0, 4096), (3, 0, 1), (2, 0, 10**9), (4, 10**9, 4096), (2, 0, 64 * 1024)]:
+    # (2, 0, 1): a row a chunk, 5001 chunks: more than a job claimed in halves holds (4095), in one counter's order
+    for threads, solo, chunk in [(2, 0, 4096), (3, 0, 1), (2, 0, 10**9), (4, 10**9, 4096), (2, 0, 64 * 1024),
+                                 (2, 0, 1), (2, 0, 2048)]:
         kernels.set_num_threads(threads)
-        kernels.configure(solo, chunk)
+        kernels.configure(solo, chunk, claims=claims)
         assert torch.equal(kernels.gemv(x, w, b), want), (threads, solo, chunk)
+
+
+def test_claims_are_halves_or_a_counter():
+    with pytest.raises(SettingError, match="claims 'pairs' is not 'halves' or 'counter'"):
+        kernels.configure(claims="pairs")
 
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_row_once_when_the_last_chunks_are_split(pool_settings, dtype):
+@pytest.mark.parametrize("late_helper", [False, True])
+def test_every_row_once_when_the_last_chunks_are_split(pool_settings, dtype, late_helper):
     """The job's last chunks cut tail_split times smaller (csrc/gemv.c): every row computed, the same bits as
-    one thread alone, for rows walked 1, 2, 4 or 8 at a time and splits that do not divide the chunk."""
+    one thread alone, for rows walked 1, 2, 4 or 8 at a time and splits that do not divide the chunk; with two
+    threads the chunks claimed in halves (csrc/pool.c), also with a helper that sleeps between jobs, so the
+    caller starts first and takes chunks of the helper's half."""
     g = torch.Generator().manual_seed(11)
     lib = kernels._library()
 
@@ -818,16 +829,22 @@ def test_every_row_once_when_the_last_chunks_are_split(pool_settings, dtype):
                                                          s["chunk_max"], s["tail_split"]) == 0
         return y
 
-    for out_features in (3001, 1024, 37):
-        w = torch.randn(out_features, 300, generator=g).to(dtype)
-        x = torch.randn(300, generator=g).to(dtype)
-        for rows in (1, 2, 4, 8):
-            want = product(x, w, rows, 1)
-            assert not want.isnan().any()
-            for threads, chunk, split in [(2, 8 * 1024, 4), (2, 8 * 1024, 3), (3, 6000, 7), (2, 20000, 2),
-                                          (2, 4096, 64), (2, 8 * 1024, 1), (2, 64 * 1024, 4)]:  # 64 KB: 8-row tails
-                kernels.configure(0, chunk, tail_split=split)
-                assert torch.equal(product(x, w, rows, threads), want), (out_features, rows, threads, chunk, split)
+    if late_helper:  # idle workers sleep at once: each job wakes the helper, which comes after the caller
+        lib.qwen_pool_configure(0, 20000)
+    try:
+        for out_features in (3001, 1024, 37):
+            w = torch.randn(out_features, 300, generator=g).to(dtype)
+            x = torch.randn(300, generator=g).to(dtype)
+            for rows in (1, 2, 4, 8):
+                want = product(x, w, rows, 1)
+                assert not want.isnan().any()
+                for threads, chunk, split in [(2, 8 * 1024, 4), (2, 8 * 1024, 3), (3, 6000, 7), (2, 20000, 2),
+                                              (2, 4096, 64), (2, 8 * 1024, 1), (2, 64 * 1024, 4)]:  # 64 KB: 8-row tails
+                    kernels.configure(0, chunk, tail_split=split)
+                    assert torch.equal(product(x, w, rows, threads), want), (out_features, rows, threads, chunk,
+                                                                              split)
+    finally:
+        lib.qwen_pool_configure(50000, 20000)  # pool.c's own
 
 
 @needs_kernel
