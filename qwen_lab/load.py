@@ -259,8 +259,10 @@ def check_weight_files(model: nn.Module) -> None:
     changed = _changed_weight_file(model)
     if changed is not None:
         f, now = changed
-        raise CheckpointError(f"{f.path} was changed on disk after the model was loaded from it ({now.st_size:,} "
-                              f"bytes now, {f.size:,} then), and its weights are read from that file: load the "
+        what = f"{now.st_size:,} bytes now, {f.size:,} then" if now.st_size != f.size else \
+            f"the same {f.size:,} bytes, modified since"
+        raise CheckpointError(f"{f.path} was changed on disk after the model was loaded from it ({what}), "
+                              f"and its weights are read from that file: load the "
                               f"model again (to update a model folder in use, copy each new file in under "
                               f"another name and rename it into place)")
 
