@@ -154,10 +154,11 @@ def _chat(chat=None):
         return chat
     from .generation import ChatModel
     from .hub import choose_model
-    from .load import suggested_dtype
+    from .load import suggested_dtype, weight_files_changed
     model, _ = choose_model()
     key = ("chat", model)
-    if key not in _loaded:
+    # a weights file rewritten in place under it makes it refuse every reply ("load the model again"): load it anew
+    if key not in _loaded or weight_files_changed(_loaded[key].model):
         _loaded[key] = ChatModel.load(model, dtype=suggested_dtype(model))
     return _loaded[key]
 

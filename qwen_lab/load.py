@@ -235,19 +235,36 @@ def _unwatched(path: Path) -> WeightFile:
     return f
 
 
-def check_weight_files(model: nn.Module) -> None:
-    """One line (``CheckpointError``) where a file the model's weights are read from changed on disk since the
-    load (``WeightFile``): reading them could kill the process. ``generation`` asks before the prompt and
-    before every token; a few microseconds."""
+def _changed_weight_file(model: nn.Module) -> tuple[WeightFile, os.stat_result] | None:
+    """The first file the model's weights are read from that changed on disk since the load, and its ``fstat``."""
     for f in model.__dict__.get("_weight_files", ()):
         if f.fd is None:
             continue
         now = os.fstat(f.fd)
         if (now.st_size, now.st_mtime_ns) != (f.size, f.mtime_ns) and f.viewed_by(model):
-            raise CheckpointError(f"{f.path} was changed on disk after the model was loaded from it ({now.st_size:,} "
-                                  f"bytes now, {f.size:,} then), and its weights are read from that file: load the "
-                                  f"model again (to update a model folder in use, copy each new file in under "
-                                  f"another name and rename it into place)")
+            return f, now
+    return None
+
+
+def weight_files_changed(model: nn.Module) -> bool:
+    """Whether ``check_weight_files(model)`` would refuse: a loader that keeps its models (``ChatPanel.load``)
+    asks, so that loading the model again, as the refusal says, loads it anew rather than giving it back."""
+    return _changed_weight_file(model) is not None
+
+
+def check_weight_files(model: nn.Module) -> None:
+    """One line (``CheckpointError``) where a file the model's weights are read from changed on disk since the
+    load (``WeightFile``): reading them could kill the process. ``generation`` asks before the prompt and
+    before every token; a few microseconds."""
+    changed = _changed_weight_file(model)
+    if changed is not None:
+        f, now = changed
+        what = f"{now.st_size:,} bytes now, {f.size:,} then" if now.st_size != f.size else \
+            f"the same {f.size:,} bytes, modified since"
+        raise CheckpointError(f"{f.path} was changed on disk after the model was loaded from it ({what}), "
+                              f"and its weights are read from that file: load the "
+                              f"model again (to update a model folder in use, copy each new file in under "
+                              f"another name and rename it into place)")
 
 
 def _map_safetensors(path: str | Path, keep: bool = False
@@ -536,4 +553,4 @@ def count_parameters(model: nn.Module) -> int:
 __all__ = ["ARCHITECTURES", "DTYPES", "WeightFile", "architecture_of", "available_memory", "build_model",
            "check_weight_files", "checkpoint_dtype", "choose_dtype", "count_parameters", "default_device",
            "load_model", "load_weights", "read_config", "read_safetensors", "read_safetensors_header",
-           "suggested_dtype"]
+           "suggested_dtype", "weight_files_changed"]

@@ -72,7 +72,7 @@ from . import static_decode
 from .errors import ModelReleasedError, QwenLabError
 from .generation import ChatModel, PromptCache
 from .hub import resolve
-from .load import checkpoint_dtype, choose_dtype, parse_device, read_config
+from .load import checkpoint_dtype, choose_dtype, parse_device, read_config, weight_files_changed
 from .lang import choose_language
 from .markup import CSS as _INSIDE_CSS
 from .markup import INSIDE_WORDS, inside_view, render_markdown
@@ -294,19 +294,22 @@ class ChatPanel:
     def load(cls, model: str = "qwen-lab/tiny-chat", *, dtype: str = "auto", device: str | None = None,
              **kwargs) -> "ChatPanel":
         """A panel on ``model``. ``load`` keeps one model: the same ``model``, ``dtype`` and ``device``
-        again share its load (as loaded: ``"auto"`` and the dtype it picks are the same); another releases
-        it from the panels using it, then loads (module docstring).
+        again share its load (as loaded: ``"auto"`` and the dtype it picks are the same), unless a file its
+        weights are read from was rewritten in place since (each reply is refused: "load the model again");
+        another releases it from the panels using it, then loads (module docstring).
 
         The new model's files are found (or downloaded), and ``dtype`` and ``device`` checked, before
         anything is released: a misspelt name keeps the model there was.
         """
         key = (str(model), dtype, device)
-        if key not in _loaded:
+        # a model whose weights file was rewritten in place since is refused ("load the model again"): not kept
+        if key not in _loaded or weight_files_changed(_loaded[key].model):
             files = resolve(model)
             where = parse_device(device)
             wanted = choose_dtype(dtype, where, checkpoint_dtype(read_config(files.config)))
             same = next((chat for chat in _loaded.values() if chat.name == files.model_id and chat.device == where
-                         and chat.model.lm_head.weight.dtype == wanted), None)
+                         and chat.model.lm_head.weight.dtype == wanted and not weight_files_changed(chat.model)),
+                        None)
             if same is not None:  # the same model as written another way ("auto" and what it picks): no reload
                 _loaded[key] = same
                 return cls(same, **kwargs)

@@ -32,6 +32,7 @@ from itertools import chain
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .layers import Attention, CausalLM, apply_rotary
 
@@ -81,7 +82,7 @@ class StaticDecoder:
         weight = model.lm_head.weight
         self.model, self.max_len, self.device = model, max_len, weight.device
         self.memory = weight_memory(model)  # where the weights were: a captured graph reads them there
-        self.buffer_versions = _buffer_versions(model)  # the rotary frequencies its cos and sin come from
+        self.rotary = _rotary(model)  # the rotary module its cos and sin come from, and its frequencies then
         self.caches = model.new_caches(1, max_len)
         positions = torch.arange(max_len, device=self.device)
         self.cos, self.sin = model.model.rotary_emb(positions, weight.dtype)  # (max_len, head_dim), once
@@ -169,9 +170,21 @@ def weight_memory(model: CausalLM) -> tuple[int, ...]:
     return tuple(p.data_ptr() for p in chain(model.parameters(), model.buffers()))
 
 
-def _buffer_versions(model: CausalLM) -> tuple[int, ...]:
-    """Each buffer's version counter: the rotary frequencies changed in place (``inv_freq.mul_(2)``) bump it."""
-    return tuple(0 if b.is_inference() else b._version for b in model.buffers())
+def _rotary(model: CausalLM) -> tuple[nn.Module, list[torch.Tensor]]:
+    """The model's rotary module and a copy of its buffers (the frequencies, ``inv_freq``): what a decoder's cos
+    and sin were computed from. Copies, not addresses and versions: a new tensor (version 0) may be given the
+    memory of one freed (measured: a rotary module replaced twice in a row got the first one's address 10 times
+    in 200 on a CPU; the CUDA caching allocator hands freed blocks back first)."""
+    rotary = model.model.rotary_emb
+    return rotary, [b.detach().clone() for b in rotary.buffers()]
+
+
+def _same_rotary(kept: tuple[nn.Module, list[torch.Tensor]], model: CausalLM) -> bool:
+    rotary, values = kept
+    now = list(rotary.buffers())
+    return model.model.rotary_emb is rotary and len(now) == len(values) and all(
+        a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+        for a, b in zip(values, now))
 
 
 def _serves(decoder: StaticDecoder, model: CausalLM, memory: tuple[int, ...]) -> bool:
@@ -182,7 +195,7 @@ def _serves(decoder: StaticDecoder, model: CausalLM, memory: tuple[int, ...]) ->
     rotary module of another base put in, left the steps turning keys by the old angles)."""
     weight = model.lm_head.weight
     return decoder.caches[0].k.dtype == weight.dtype and decoder.device == weight.device \
-        and decoder.memory == memory and decoder.buffer_versions == _buffer_versions(model)
+        and decoder.memory == memory and _same_rotary(decoder.rotary, model)
 
 
 def kept_decoder(model: CausalLM, length: int, memory: tuple[int, ...] | None = None) -> StaticDecoder | None:

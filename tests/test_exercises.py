@@ -354,3 +354,31 @@ def test_ctrl_c_still_stops_a_check():
 def test_a_check_that_cannot_run_says_so_in_one_line(capsys, tmp_path):
     line = verdict(capsys, ex.check_kv_cache_bytes, 28672, tmp_path / "missing.json")
     assert line.startswith("✗ cannot check: ") and "missing.json" in line
+
+
+def test_the_model_the_checks_load_is_loaded_anew_once_its_weights_file_was_rewritten(tmp_path, tokenizer,
+                                                                                    monkeypatch):
+    """The checks load the notebooks' model once and keep it; a real model's weights are read from its file,
+    and one rewritten in place under it (a teacher's cp) made every check that runs the model refused,
+    "load the model again", which no cell could do: the checks kept giving back the same model."""
+    import os
+
+    from conftest import make_checkpoint
+    from qwen_lab.errors import CheckpointError
+    folder = make_checkpoint(tmp_path / "model", tokenizer, dtype=torch.bfloat16)
+    path = folder / "model.safetensors"
+    os.utime(path, ns=(10**18, 10**18))  # written long before the room started
+    monkeypatch.setenv("QWEN_LAB_MODEL", str(folder))
+    monkeypatch.setattr(ex, "_loaded", {})
+    ask = [{"role": "user", "content": "Hi"}]
+    first = ex._chat()
+    assert ex._chat() is first and first.model.lm_head.weight.dtype == torch.bfloat16  # kept; views on the file
+    data = path.read_bytes()
+    with open(path, "r+b") as f:  # as cp over it writes: cut to nothing, then the bytes (the same ones here)
+        f.truncate(0)
+        f.write(data)
+    with pytest.raises(CheckpointError, match="load the model again"):
+        first.generate(ask, max_new_tokens=2, do_sample=False)
+    again = ex._chat()
+    assert again is not first and again.generate(ask, max_new_tokens=2, do_sample=False).token_ids
+    assert ex._chat() is again

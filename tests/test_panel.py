@@ -3,6 +3,7 @@ import html
 import json
 
 import pytest
+import torch
 
 pytest.importorskip("ipywidgets")
 
@@ -294,6 +295,35 @@ def test_a_reply_being_written_when_its_model_is_released_still_finishes(two_mod
     assert "已把" in panel.status.value and "從記憶體釋放" in panel.status.value  # said in the panel's language
     panel.send("again")
     assert "錯誤：ChatPanel.load 載入" in panel.status.value and panel.input.value == "again"
+
+
+def test_load_again_after_a_weights_file_was_rewritten_in_place_loads_the_model_anew(tmp_path, tokenizer):
+    """A bf16 model's weights are read from its file; a file rewritten in place under it (a teacher's cp)
+    makes each reply refused, "load the model again". ChatPanel.load, run again as told, gave back the same
+    model (it keeps its load), refused again: only a restart of the Jupyter kernel helped."""
+    import os
+
+    from conftest import make_checkpoint
+    from qwen_lab.errors import CheckpointError
+    folder = make_checkpoint(tmp_path, tokenizer, dtype=torch.bfloat16)
+    path = folder / "model.safetensors"
+    os.utime(path, ns=(10**18, 10**18))  # written long before the room started
+    ask = [{"role": "user", "content": "Hi"}]
+    first = ChatPanel.load(str(folder), dtype="bfloat16", device="cpu")
+    loaded = first.chat
+    assert loaded.generate(ask, max_new_tokens=2, do_sample=False).token_ids
+    data = path.read_bytes()
+    with open(path, "r+b") as f:  # as cp over it writes: cut to nothing, then the bytes (the same ones here)
+        f.truncate(0)
+        f.write(data)
+    with pytest.raises(CheckpointError, match="load the model again"):
+        loaded.generate(ask, max_new_tokens=2, do_sample=False)
+    for dtype in ("auto", "bfloat16"):  # "auto", the same model written another way, was given back too
+        again = ChatPanel.load(str(folder), dtype=dtype, device="cpu")
+        assert again.chat is not loaded
+        assert again.chat.generate(ask, max_new_tokens=2, do_sample=False).token_ids
+    assert ChatPanel.load(str(folder), dtype="auto", device="cpu").chat is again.chat  # unchanged since: kept
+    assert "was released from memory" in first.status.value
 
 
 def test_markdown_subset():

@@ -486,3 +486,24 @@ def test_a_kept_decoder_follows_a_change_of_the_rotary_frequencies(change):
     eager = generate_stream(model, tok, prompt, config).result
     assert eager.token_ids != before.token_ids  # the change matters to this model's reply
     assert generate_stream(model, tok, prompt, config, static=True).result.token_ids == eager.token_ids
+
+
+def test_a_kept_decoder_is_not_fooled_by_new_frequencies_at_the_old_ones_address():
+    """An allocator hands a freed block back to a later tensor of its size (the CUDA caching allocator first;
+    on a CPU, a rotary module replaced twice in a row, a cell run twice, got the address of the one a kept
+    decoder was made with 10 times in 200 here). The decoder knew its frequencies by their address and
+    version (0 for any new tensor), so it took the new ones for the old, and stepped by the old angles. Here a
+    bytearray stands for that block: the new frequencies are a new tensor on it, as a reused block would be."""
+    from qwen_lab.layers import rope_frequencies
+    files = resolve("qwen-lab/tiny-chat")  # its own copy, changed here; replies that the change moves
+    model, tok = load_model(files, "float32", "cpu", matvec="none"), Tokenizer.from_files(files)
+    prompt, config = tok.encode("Hello! How are you today? I am"), GenerationConfig(max_new_tokens=16, do_sample=False)
+    rotary = model.model.rotary_emb
+    block = bytearray(rotary.inv_freq.numpy().tobytes())
+    rotary.inv_freq = torch.frombuffer(block, dtype=torch.float32)  # the same frequencies, in the block
+    before = generate_stream(model, tok, prompt, config, static=True).result  # a decoder made and kept
+    block[:] = rope_frequencies(model.config.head_dim, 10.0).numpy().tobytes()  # the block freed, handed back...
+    rotary.inv_freq = torch.frombuffer(block, dtype=torch.float32)  # ...to another base's frequencies
+    eager = generate_stream(model, tok, prompt, config).result
+    assert eager.token_ids != before.token_ids  # the change matters to this model's reply
+    assert generate_stream(model, tok, prompt, config, static=True).result.token_ids == eager.token_ids
