@@ -180,3 +180,12 @@ def tree(folder):
 def read_only(folder):
     for path in [folder, *folder.rglob("*")]:
         path.chmod(0o555 if path.is_dir() else 0o444)
+
+
+def rewrite_in_place(path: Path) -> None:
+    """``path`` written again as ``cp`` over it writes: cut to nothing, then its bytes (the same ones), a newer
+    modification time (a test sets an old one first: within one clock tick it could read the same)."""
+    data = path.read_bytes()
+    with open(path, "r+b") as f:
+        f.truncate(0)
+        f.write(data)

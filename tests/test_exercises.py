@@ -363,7 +363,7 @@ def test_the_model_the_checks_load_is_loaded_anew_once_its_weights_file_was_rewr
     "load the model again", which no cell could do: the checks kept giving back the same model."""
     import os
 
-    from conftest import make_checkpoint
+    from conftest import make_checkpoint, rewrite_in_place
     from qwen_lab.errors import CheckpointError
     folder = make_checkpoint(tmp_path / "model", tokenizer, dtype=torch.bfloat16)
     path = folder / "model.safetensors"
@@ -373,10 +373,7 @@ def test_the_model_the_checks_load_is_loaded_anew_once_its_weights_file_was_rewr
     ask = [{"role": "user", "content": "Hi"}]
     first = ex._chat()
     assert ex._chat() is first and first.model.lm_head.weight.dtype == torch.bfloat16  # kept; views on the file
-    data = path.read_bytes()
-    with open(path, "r+b") as f:  # as cp over it writes: cut to nothing, then the bytes (the same ones here)
-        f.truncate(0)
-        f.write(data)
+    rewrite_in_place(path)  # as cp over it writes
     with pytest.raises(CheckpointError, match="load the model again"):
         first.generate(ask, max_new_tokens=2, do_sample=False)
     again = ex._chat()

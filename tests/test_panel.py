@@ -303,7 +303,7 @@ def test_load_again_after_a_weights_file_was_rewritten_in_place_loads_the_model_
     model (it keeps its load), refused again: only a restart of the Jupyter kernel helped."""
     import os
 
-    from conftest import make_checkpoint
+    from conftest import make_checkpoint, rewrite_in_place
     from qwen_lab.errors import CheckpointError
     folder = make_checkpoint(tmp_path, tokenizer, dtype=torch.bfloat16)
     path = folder / "model.safetensors"
@@ -312,10 +312,7 @@ def test_load_again_after_a_weights_file_was_rewritten_in_place_loads_the_model_
     first = ChatPanel.load(str(folder), dtype="bfloat16", device="cpu")
     loaded = first.chat
     assert loaded.generate(ask, max_new_tokens=2, do_sample=False).token_ids
-    data = path.read_bytes()
-    with open(path, "r+b") as f:  # as cp over it writes: cut to nothing, then the bytes (the same ones here)
-        f.truncate(0)
-        f.write(data)
+    rewrite_in_place(path)  # as cp over it writes
     with pytest.raises(CheckpointError, match="load the model again"):
         loaded.generate(ask, max_new_tokens=2, do_sample=False)
     for dtype in ("auto", "bfloat16"):  # "auto", the same model written another way, was given back too
