@@ -224,9 +224,8 @@ def _load_library() -> ctypes.CDLL:
     lib.qwen_pool_stats.argtypes, lib.qwen_pool_stats.restype = [ctypes.c_void_p], None
     lib.qwen_pool_configure.argtypes, lib.qwen_pool_configure.restype = [ctypes.c_int64] * 2, None
     lib.qwen_pool_set_halves.argtypes, lib.qwen_pool_set_halves.restype = [ctypes.c_int], None
-    lib.qwen_pool_set_halves(_sharing["claims"] == "halves")
     lib.qwen_kernels_configure.argtypes, lib.qwen_kernels_configure.restype = [ctypes.c_int64], None
-    lib.qwen_kernels_configure(_sharing["solo_work"])
+    _hand_over_sharing(lib)
     return lib
 
 
@@ -319,8 +318,13 @@ def configure(solo_bytes: int = SOLO_BYTES, chunk_bytes: int = CHUNK_BYTES, solo
         chunk_max_bytes = CHUNK_MAX_BYTES if chunk_bytes == CHUNK_BYTES else chunk
     _sharing.update(solo=int(solo_bytes), chunk=chunk, chunk_max=max(chunk, int(chunk_max_bytes)),
                     solo_work=int(solo_work), tail_split=max(1, int(tail_split)), claims=claims)
-    _library().qwen_kernels_configure(_sharing["solo_work"])
-    _library().qwen_pool_set_halves(claims == "halves")
+    _hand_over_sharing(_library())
+
+
+def _hand_over_sharing(lib: ctypes.CDLL) -> None:
+    """Give the library the settings of ``_sharing`` that it keeps itself (the rest go with each call)."""
+    lib.qwen_kernels_configure(_sharing["solo_work"])
+    lib.qwen_pool_set_halves(_sharing["claims"] == "halves")
 
 
 _threads: int | None = None
