@@ -262,9 +262,9 @@ def check_weight_files(model: nn.Module) -> None:
         what = f"{now.st_size:,} bytes now, {f.size:,} then" if now.st_size != f.size else \
             f"the same {f.size:,} bytes, modified since"
         raise CheckpointError(f"{f.path} was changed on disk after the model was loaded from it ({what}), "
-                              f"and its weights are read from that file: load the "
-                              f"model again (to update a model folder in use, copy each new file in under "
-                              f"another name and rename it into place)")
+                              f"and its weights are read from that file: load the model again (to update a "
+                              f"model folder in use, copy each new file in under another name and rename it "
+                              f"into place)")
 
 
 def _map_safetensors(path: str | Path, keep: bool = False
