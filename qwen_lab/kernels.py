@@ -187,6 +187,13 @@ def _load_library() -> ctypes.CDLL:
         if not target.exists():
             _build(cc.split(), target)
         lib = ctypes.CDLL(str(target))
+    return _declare(lib)
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """``lib`` with its functions' argument types declared and this process's pool settings handed over.
+    (benchmarks/bench_step.py ``--against`` also opens another checkout's build with it, to time the two side
+    by side.)"""
     lib.variants = [v for v in VARIANTS if hasattr(lib, f"qwen_gemv_f32_{v}")]  # those the compiler could build
     gemv_args = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 3 + [ctypes.c_int64] * 4
     lib.gemv = {}  # (bf16?, variant) -> the function, looked up once: _run is on the hot path

@@ -71,10 +71,22 @@ static inline void load_bf16_pair(const uint16_t *p, vf *lo, vf *hi) {
 /* x as float32, each block of 2*VEC values reordered to match load_bf16_pair (the tail stays in order). */
 static void shuffle_x(const uint16_t *x16, float *xs, int64_t K) __attribute__((unused));  /* not with DPBF16 */
 
+/* A row's VEC sums added in halves (a tree: four dependent adds for 16 lanes), not lane after lane: a chain of
+ * VEC scalar adds per row, which GCC compiles a loop over lanes to, held a float32 one-row walk of 896-wide rows
+ * at 81-86% of a plain read's speed on AMD Zen 4 (one thread; scratch harness, the same rows alternating;
+ * benchmarks/RESULTS.md); in halves, ~95%. */
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+
 static inline float hsum(vf v) {
-    float s = 0.0f;
-    for (int i = 0; i < VEC; i++) s += v[i];
-    return s;
+#if VEC == 16
+    v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+    v8f a = v;
+#endif
+    v4f b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    b += __builtin_shufflevector(b, b, 2, 3, 0, 1);
+    return b[0] + b[1];
 }
 
 #define PREFETCH_AHEAD 1024  /* bytes */
@@ -238,6 +250,48 @@ struct gemv_job {
     int64_t body, tail_rows;  /* the last matrix: `body` chunks of `rows`, then chunks of tail_rows (0: none) */
 };
 
+/* A chunk's `count` rows of one matrix, R at a time, the leftover rows one by one, into y (+ bias): one function
+ * per walk, kept out of gemv_chunk. Inlined there, beside every other walk, a float32 one-row walk streamed ~6%
+ * slower on AMD Zen 4 (one thread, 896-wide rows; benchmarks/RESULTS.md). */
+#define ROWS_F32(NAME_, R, DOT)                                                                      \
+__attribute__((noinline)) static void NAME_(const float *w, const float *x, const float *bias, float *y, \
+                                            int64_t K, int64_t count, int prefetch) {                \
+    float out[R];                                                                                    \
+    int64_t r = 0;                                                                                   \
+    for (; r + R <= count; r += R, w += R * K) {                                                     \
+        DOT(w, x, K, prefetch, out);                                                                 \
+        for (int i = 0; i < R; i++) y[r + i] = out[i] + (bias ? bias[r + i] : 0.0f);                 \
+    }                                                                                                \
+    for (; r < count; r++, w += K) {                                                                 \
+        dot1_f32(w, x, K, prefetch, out);                                                            \
+        y[r] = out[0] + (bias ? bias[r] : 0.0f);                                                     \
+    }                                                                                                \
+}
+
+#define ROWS_BF16(NAME_, R, DOT)                                                                     \
+__attribute__((noinline)) static void NAME_(const uint16_t *w, const void *x, const uint16_t *bias,     \
+                                            uint16_t *y, int64_t K, int64_t count, int prefetch) {   \
+    float out[R];                                                                                    \
+    int64_t r = 0;                                                                                   \
+    for (; r + R <= count; r += R, w += R * K) {                                                     \
+        DOT(w, x, K, prefetch, out);                                                                 \
+        for (int i = 0; i < R; i++) y[r + i] = f32_to_bf16(out[i] + (bias ? bf16_to_f32(bias[r + i]) : 0.0f)); \
+    }                                                                                                \
+    for (; r < count; r++, w += K) {                                                                 \
+        dot1_bf16(w, x, K, prefetch, out);                                                           \
+        y[r] = f32_to_bf16(out[0] + (bias ? bf16_to_f32(bias[r]) : 0.0f));                           \
+    }                                                                                                \
+}
+
+ROWS_F32(rows1_f32, 1, dot1_f32)
+ROWS_F32(rows2_f32, 2, dot2_f32)
+ROWS_F32(rows4_f32, 4, dot4_f32)
+ROWS_F32(rows8_f32, 8, dot8_f32)
+ROWS_BF16(rows1_bf16, 1, dot1_bf16)
+ROWS_BF16(rows2_bf16, 2, dot2_bf16)
+ROWS_BF16(rows4_bf16, 4, dot4_bf16)
+ROWS_BF16(rows8_bf16, 8, dot8_bf16)
+
 static void gemv_chunk(const void *job, int64_t c) {
     const struct gemv_job *j = job;
     int m = 0;
@@ -250,31 +304,28 @@ static void gemv_chunk(const void *job, int64_t c) {
         end = n + j->tail_rows;
     }
     if (end > N) end = N;
-    const void *W = j->W[m], *bias = j->bias[m];
-    void *y = j->y[m];
-    float out[8];
-    while (n < end) {
-        int take = end - n >= j->rows_in_flight ? j->rows_in_flight : 1;  /* the chunk's leftover rows: one by one */
-        if (j->bf16) {
-            const uint16_t *w = (const uint16_t *)W + n * K;
-            if (take == 8) dot8_bf16(w, j->x, K, j->prefetch, out);
-            else if (take == 4) dot4_bf16(w, j->x, K, j->prefetch, out);
-            else if (take == 2) dot2_bf16(w, j->x, K, j->prefetch, out);
-            else dot1_bf16(w, j->x, K, j->prefetch, out);
-            for (int r = 0; r < take; r++) {
-                float b = bias ? bf16_to_f32(((const uint16_t *)bias)[n + r]) : 0.0f;
-                ((uint16_t *)y)[n + r] = f32_to_bf16(out[r] + b);
-            }
-        } else {
-            const float *w = (const float *)W + n * K;
-            const float *x = j->x;
-            if (take == 8) dot8_f32(w, x, K, j->prefetch, out);
-            else if (take == 4) dot4_f32(w, x, K, j->prefetch, out);
-            else if (take == 2) dot2_f32(w, x, K, j->prefetch, out);
-            else dot1_f32(w, x, K, j->prefetch, out);
-            for (int r = 0; r < take; r++) ((float *)y)[n + r] = out[r] + (bias ? ((const float *)bias)[n + r] : 0.0f);
+    if (n >= end) return;
+    const int64_t count = end - n;
+    if (j->bf16) {
+        const uint16_t *w = (const uint16_t *)j->W[m] + n * K, *bias = j->bias[m];
+        uint16_t *y = (uint16_t *)j->y[m] + n;
+        if (bias) bias += n;
+        switch (j->rows_in_flight) {
+            case 8: rows8_bf16(w, j->x, bias, y, K, count, j->prefetch); break;
+            case 4: rows4_bf16(w, j->x, bias, y, K, count, j->prefetch); break;
+            case 2: rows2_bf16(w, j->x, bias, y, K, count, j->prefetch); break;
+            default: rows1_bf16(w, j->x, bias, y, K, count, j->prefetch);
         }
-        n += take;
+    } else {
+        const float *w = (const float *)j->W[m] + n * K, *bias = j->bias[m];
+        float *y = (float *)j->y[m] + n;
+        if (bias) bias += n;
+        switch (j->rows_in_flight) {
+            case 8: rows8_f32(w, j->x, bias, y, K, count, j->prefetch); break;
+            case 4: rows4_f32(w, j->x, bias, y, K, count, j->prefetch); break;
+            case 2: rows2_f32(w, j->x, bias, y, K, count, j->prefetch); break;
+            default: rows1_f32(w, j->x, bias, y, K, count, j->prefetch);
+        }
     }
 }
 
