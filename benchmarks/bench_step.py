@@ -22,7 +22,7 @@ positions), alternating in rounds between:
 - ``token step, one claim counter``: the token step with two threads' chunks claimed in one counter's
   order (``kernels.CLAIMS`` = ``counter``, as before halves);
 - ``token step, --against's kernels`` (with ``--against PATH``): the token step of a second copy of the
-  model, made with the C kernels built from another checkout (PATH: its ``kernels-<hash>.so``, which that
+  model, with the same plans, made with the C kernels built from another checkout (PATH: its ``kernels-<hash>.so``, which that
   checkout prints with ``python -c "from qwen_lab import kernels; print(kernels.cache_dir() /
   kernels.library_name())"`` once it has built them): a change to ``csrc/`` against the code before it;
 - ``bf16 widened, no pairs`` (bf16 only): the whole-stack step with each shape's plan measured without
@@ -141,6 +141,11 @@ def main() -> None:
             ours, kernels._outcome = kernels._outcome, lambda: (other, None)
             try:
                 twin = load_model(weights_only(directory), dtype, "cpu")
+                # the plans of this checkout's model, so that only the code differs (each build's own plans
+                # file was measured at another moment, at whatever speed the memory had then)
+                for mine, its in zip(linears, (m for m in twin.modules() if isinstance(m, kernels.Linear)
+                                               and m.use_kernel)):
+                    its.plan = tuned[mine]
                 twin_caches = twin.new_caches(1, caches[0].max_len)
                 prefill(twin, twin_caches, args.context)
                 against_step = kernels.TokenStep.for_model(twin, twin_caches)
