@@ -235,12 +235,19 @@ def _unwatched(path: Path) -> WeightFile:
     return f
 
 
-def _changed_weight_file(model: nn.Module) -> tuple[WeightFile, os.stat_result] | None:
-    """The first file the model's weights are read from that changed on disk since the load, and its ``fstat``."""
+def _changed_weight_file(model: nn.Module) -> tuple[WeightFile, os.stat_result | OSError] | None:
+    """The first file the model's weights are read from that changed on disk since the load, and its ``fstat``
+    (or the error ``fstat`` raised: a file on NFS removed or replaced on the server answers ESTALE, and its
+    pages can no more be read than a truncated file's)."""
     for f in model.__dict__.get("_weight_files", ()):
         if f.fd is None:
             continue
-        now = os.fstat(f.fd)
+        try:
+            now = os.fstat(f.fd)
+        except OSError as e:
+            if f.viewed_by(model):
+                return f, e
+            continue
         if (now.st_size, now.st_mtime_ns) != (f.size, f.mtime_ns) and f.viewed_by(model):
             return f, now
     return None
@@ -259,6 +266,10 @@ def check_weight_files(model: nn.Module) -> None:
     changed = _changed_weight_file(model)
     if changed is not None:
         f, now = changed
+        if isinstance(now, OSError):
+            raise CheckpointError(f"{f.path} can no longer be read from ({now.strerror or now}: removed or replaced "
+                                  f"since the model was loaded from it?), and its weights are read from that file: "
+                                  f"load the model again") from now
         what = f"{now.st_size:,} bytes now, {f.size:,} then" if now.st_size != f.size else \
             f"the same {f.size:,} bytes, modified since"
         raise CheckpointError(f"{f.path} was changed on disk after the model was loaded from it ({what}), "

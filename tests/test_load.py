@@ -623,6 +623,31 @@ def test_a_weights_file_rewritten_in_place_is_refused_in_one_line_not_a_dead_pro
             assert line.endswith(" ok"), line
 
 
+def test_a_weights_file_that_can_no_longer_be_checked_is_refused_in_one_line(monkeypatch):
+    """On NFS, a file removed or replaced on the server answers ``fstat`` with ESTALE (and its pages with
+    SIGBUS): the check before every token raised that OSError as it came, a traceback in place of a reason."""
+    import errno
+    from qwen_lab.load import check_weight_files, weight_files_changed
+    model = load_model(resolve("qwen-lab/tiny-chat"), "bfloat16", "cpu", matvec="none")
+    watched = {f.fd for f in model._weight_files}
+    real = os.fstat
+
+    def stale(fd, *args, **kwargs):
+        if fd in watched:
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+        return real(fd, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fstat", stale)  # the module load.py calls it through
+    assert weight_files_changed(model)  # the panel and the exercises then load it anew
+    with pytest.raises(CheckpointError) as e:
+        check_weight_files(model)
+    line = str(e.value)
+    assert "\n" not in line and "model.safetensors can no longer be read from" in line \
+        and os.strerror(errno.ESTALE) in line and "load the model again" in line
+    float32 = load_model(resolve("qwen-lab/tiny-chat"), "float32", "cpu", matvec="none")
+    check_weight_files(float32)  # converted copies read nothing from the file: nothing to refuse
+
+
 def test_a_copy_of_a_model_watches_no_file_and_outlives_the_original():
     """``copy.deepcopy`` (or pickle) copies a model's weights out of the file, and copied the kept file's
     descriptor number with them: once the original was gone, its descriptor closed, the copy's check looked
