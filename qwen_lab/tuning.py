@@ -79,8 +79,9 @@ CHECK_ROWS = 4096
 #: Part of the cache's key: a change to how plans are measured measures them again (2: timed copies
 #: never the matrix the checks just read, which on a CPU with a large L3 could still be there; 3: timed
 #: in 2 MiB pages where the weights are, ``pages.huge_pages``; 4: no plan timed while torch's OpenMP workers
-#: still spin after its own product or the checks, ``threads.wait_until_quiet``).
-METHOD = 4
+#: still spin after its own product or the checks, ``threads.wait_until_quiet``; 5: a near tie decided on one
+#: thread goes to the fastest on all threads of the plans that tie there, not to the fastest alone).
+METHOD = 5
 #: Other programs' CPU time during a measurement, in cores on average beyond the CPUs this process leaves
 #: free (those it may use, less the kernels' threads: ``busy_threshold``), from which the machine counts as
 #: busy and the plan as provisional. Measured on a 2-core AMD EPYC Zen 4 (three shapes, twice each): others
@@ -295,8 +296,8 @@ def measure(out_features: int, in_features: int, dtype: torch.dtype,
     if len(close) > 1 and kernels.num_threads() > 1:
         # With the memory slow, every plan streams at its speed: near ties that say nothing of the memory
         # being fast, when each core's own rate limits a plan. One thread alone is limited by its core at any
-        # memory speed, so the plans within TIE of the fastest are timed again on one, and one faster there
-        # by more than TIE is chosen instead (RESULTS.md: on a 2-core AMD EPYC Zen 4, float32 896x896 timed
+        # memory speed, so the plans within TIE of the fastest are timed again on one, and those slower there
+        # than the fastest by more than TIE are ruled out (RESULTS.md: on a 2-core AMD EPYC Zen 4, float32 896x896 timed
         # 35.5 against 30.8 GB/s on two threads with the memory at 35 GB/s, 31.9 against 23.2 on one; in a
         # decode step with the memory at 68 GB/s, 44.8 against 35). Closer than that, one thread's rates
         # are noise too (bf16 plans: 27-36 GB/s, ranked differently from one measurement to the next).
@@ -306,9 +307,13 @@ def measure(out_features: int, in_features: int, dtype: torch.dtype,
                 for plan in _rotated(close, r):
                     alone[plan] = min(alone[plan], timed(plan))
         speeds.update({f"{plan} {ALONE}": nbytes / t for plan, t in alone.items()})
-        fastest_alone = min(alone, key=alone.get)
-        if alone[fastest_alone] * (1 + TIE) < alone[chosen]:
-            chosen = fastest_alone
+        # Of the plans within TIE of the fastest there, the fastest on all threads. One thread alone is partly
+        # limited by the memory too when it is slow: on the Zen 4 above, with the memory at ~36 GB/s, float32
+        # 896x896's "avx2, 1 row, prefetch" timed 29.3 GB/s alone against "avx2, 1 row"'s 27.9 and was chosen
+        # (over "avx512, 1 row", 24.7 alone), though on two threads with the memory fast it streams 44 GB/s
+        # against 52; the two tie alone, and two threads rank them as the step does.
+        fastest_alone = min(alone.values())
+        chosen = min((plan for plan in close if alone[plan] <= fastest_alone * (1 + TIE)), key=best.get)
     return chosen, speeds
 
 

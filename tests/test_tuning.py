@@ -196,6 +196,27 @@ def test_near_ties_are_decided_on_one_thread(monkeypatch, slower_on_two, four_al
     assert (f"{one} {tuning.ALONE}" in speeds) == (slower_on_two < 1 + tuning.TIE)
 
 
+@needs_kernel
+def test_a_near_tie_goes_to_the_fastest_on_all_threads_of_the_plans_that_tie_alone(monkeypatch):
+    """With the memory slow, one thread alone is partly held by the memory too: a prefetching plan timed 5%
+    faster alone than a plain one that two threads find faster (and that, with the memory fast, streams 18%
+    faster). Alone rules out the plan that is slow there (the fastest on two threads); of the two that tie
+    alone, two threads choose (the fastest alone was chosen before)."""
+    from qwen_lab import tuning
+    monkeypatch.setattr(tuning, "STREAM_BYTES", 8 << 20)
+    monkeypatch.setattr(tuning, "ROUNDS", 3)
+    monkeypatch.setattr(tuning, "SAMPLE_BYTES", 0)
+    monkeypatch.setattr(tuning, "TIE", 0.10)
+    wide, plain, ahead = kernels.Plan("avx2x16", 1, 0), kernels.Plan("avx2", 1, 0), kernels.Plan("avx2", 1, 1)
+    pace = {(wide, 2): 0.0040, (plain, 2): 0.0041, (ahead, 2): 0.0043,  # all within TIE on two threads
+            (wide, 1): 0.0070, (plain, 1): 0.0050, (ahead, 1): 0.00476}  # the wide one slow alone
+    _paced_run(monkeypatch, lambda plan, threads: pace[plan, min(threads, 2)])
+    with kernels.threads_set(2):
+        plan, speeds = tuning.measure(1024, 1024, torch.float32, [wide, plain, ahead])
+    assert plan == plain, speeds
+    assert speeds[f"{ahead} {tuning.ALONE}"] > speeds[f"{plain} {tuning.ALONE}"] > speeds[f"{wide} {tuning.ALONE}"]
+
+
 def test_a_matrix_without_weights_is_refused_in_one_line():
     from qwen_lab import tuning
     with pytest.raises(ValueError, match="no weights to time"):
