@@ -22,9 +22,9 @@ positions), alternating in rounds between:
 - ``token step, one claim counter``: the token step with two threads' chunks claimed in one counter's
   order (``kernels.CLAIMS`` = ``counter``, as before halves);
 - ``token step, --against's kernels`` (with ``--against PATH``): the token step of a second copy of the
-  model, with the same plans, made with the C kernels built from another checkout (PATH: its ``kernels-<hash>.so``, which that
-  checkout prints with ``python -c "from qwen_lab import kernels; print(kernels.cache_dir() /
-  kernels.library_name())"`` once it has built them): a change to ``csrc/`` against the code before it;
+  model, with the same plans, made with the C kernels built from another checkout (PATH: the
+  ``kernels-<hash>.so`` that checkout built into ``kernels.cache_dir()``, named by its
+  ``kernels.library_name()``): a change to ``csrc/`` against the code before it;
 - ``bf16 widened, no pairs`` (bf16 only): the whole-stack step with each shape's plan measured without
   the pair variants (``kernels.PAIR_VARIANTS``), i.e. every bf16 weight widened to float32 before its
   multiply-add, as before those variants;
@@ -206,7 +206,8 @@ def main() -> None:
                 used = statistics.median(nbytes / s / r for s, r in rounds)
                 print(f"  {name:<{width}} {t * 1e3:9.1f} {1 / t:7.2f} {nbytes / t / 1e9:6.1f} "
                       f"{statistics.median(r for _, r in rounds) / 1e9:10.1f} {used:6.0%}   "
-                      f"({len(rounds)}; {min(s for s, _ in rounds) * 1e3:.1f}-{max(s for s, _ in rounds) * 1e3:.1f} ms)")
+                      f"({len(rounds)}; {min(s for s, _ in rounds) * 1e3:.1f}-"
+                      f"{max(s for s, _ in rounds) * 1e3:.1f} ms)")
 
 
 def prefill(model, caches: list, context: int) -> None:

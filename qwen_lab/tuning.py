@@ -295,11 +295,11 @@ def measure(out_features: int, in_features: int, dtype: torch.dtype,
     close = [plan for plan in correct if best[plan] <= best[chosen] * (1 + TIE)]
     if len(close) > 1 and kernels.num_threads() > 1:
         # With the memory slow, every plan streams at its speed: near ties that say nothing of the memory
-        # being fast, when each core's own rate limits a plan. One thread alone is limited by its core at any
-        # memory speed, so the plans within TIE of the fastest are timed again on one, and those slower there
-        # than the fastest by more than TIE are ruled out (RESULTS.md: on a 2-core AMD EPYC Zen 4, float32 896x896 timed
-        # 35.5 against 30.8 GB/s on two threads with the memory at 35 GB/s, 31.9 against 23.2 on one; in a
-        # decode step with the memory at 68 GB/s, 44.8 against 35). Closer than that, one thread's rates
+        # being fast, when each core's own rate limits a plan. One thread alone is limited mostly by its core,
+        # so the plans within TIE of the fastest are timed again on one, and those slower there than the
+        # fastest by more than TIE are ruled out (RESULTS.md: on a 2-core AMD EPYC Zen 4, float32 896x896
+        # timed 35.5 against 30.8 GB/s on two threads with the memory at 35 GB/s, 31.9 against 23.2 on one;
+        # in a decode step with the memory at 68 GB/s, 44.8 against 35). Closer than that, one thread's rates
         # are noise too (bf16 plans: 27-36 GB/s, ranked differently from one measurement to the next).
         alone = {plan: float("inf") for plan in close}
         with kernels.threads_set(1), torch.inference_mode():
@@ -307,11 +307,11 @@ def measure(out_features: int, in_features: int, dtype: torch.dtype,
                 for plan in _rotated(close, r):
                     alone[plan] = min(alone[plan], timed(plan))
         speeds.update({f"{plan} {ALONE}": nbytes / t for plan, t in alone.items()})
-        # Of the plans within TIE of the fastest there, the fastest on all threads. One thread alone is partly
-        # limited by the memory too when it is slow: on the Zen 4 above, with the memory at ~36 GB/s, float32
+        # Of the plans within TIE of the fastest there, the fastest on all threads: one thread alone is partly
+        # held by the memory too when it is slow. On the Zen 4 above, with the memory at ~36 GB/s, float32
         # 896x896's "avx2, 1 row, prefetch" timed 29.3 GB/s alone against "avx2, 1 row"'s 27.9 and was chosen
-        # (over "avx512, 1 row", 24.7 alone), though on two threads with the memory fast it streams 44 GB/s
-        # against 52; the two tie alone, and two threads rank them as the step does.
+        # as the fastest alone (over "avx512, 1 row", 24.7 there), though on two threads with the memory fast it
+        # streams 44 GB/s against 52; the two tie alone, and two threads rank them as the step does.
         fastest_alone = min(alone.values())
         chosen = min((plan for plan in close if alone[plan] <= fastest_alone * (1 + TIE)), key=best.get)
     return chosen, speeds

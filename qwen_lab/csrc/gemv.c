@@ -71,16 +71,18 @@ static inline void load_bf16_pair(const uint16_t *p, vf *lo, vf *hi) {
 /* x as float32, each block of 2*VEC values reordered to match load_bf16_pair (the tail stays in order). */
 static void shuffle_x(const uint16_t *x16, float *xs, int64_t K) __attribute__((unused));  /* not with DPBF16 */
 
-/* A row's VEC sums added in halves (a tree: four dependent adds for 16 lanes), not lane after lane: a chain of
- * VEC scalar adds per row, which GCC compiles a loop over lanes to, held a float32 one-row walk of 896-wide rows
- * at 81-86% of a plain read's speed on AMD Zen 4 (one thread; scratch harness, the same rows alternating;
- * benchmarks/RESULTS.md); in halves, ~95%. */
+/* A row's VEC sums added in halves (a tree: four dependent adds for 16 lanes, the order of kernels.c's hsum),
+ * not lane after lane: a chain of VEC scalar adds per row, which GCC compiles a loop over lanes to, held a float32
+ * one-row walk of 896-wide rows at 81-86% of a plain read's speed on AMD Zen 4 (one thread; scratch harness, the
+ * same rows alternating; benchmarks/RESULTS.md); in halves ~95%, and with the rows' loop out of line (below)
+ * at the read's speed. */
 typedef float v8f __attribute__((vector_size(32)));
 typedef float v4f __attribute__((vector_size(16)));
 
 static inline float hsum(vf v) {
 #if VEC == 16
-    v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
+            + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
 #else
     v8f a = v;
 #endif
