@@ -628,7 +628,8 @@ def _free_memory(model) -> int | None:
 
 
 def _check_cache_memory(model, positions: int, freed: int = 0) -> None:
-    """Refuse, with the figures, a KV cache larger than the memory left: it is allocated whole, up front.
+    """Refuse, with the figures, a KV cache larger than the memory left: it is allocated whole, up front (on a
+    CPU its pages are taken as positions are written, ``pages.huge_zeros``; they must still be there by then).
 
     Its size is the config's (layers x KV heads x head_dim) times the positions asked for: a
     64 MB checkpoint whose config.json claims 1,024 KV heads of 1,024 channels, asked for

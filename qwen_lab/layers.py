@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CheckpointError, UnsupportedArchitectureError
+from .pages import huge_zeros
 
 
 # ---------------------------------------------------------------- the config
@@ -207,11 +208,14 @@ class KVCache(nn.Module):
     """
 
     def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype, device: torch.device | str | None = None,
+                 memory: torch.Tensor | None = None) -> None:
         super().__init__()
         shape = (batch, kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        if memory is None:  # else zeros of shape (2, *shape) to hold k and v: CausalLM.new_caches
+            memory = torch.zeros((2, *shape), dtype=dtype, device=device)
+        self.register_buffer("k", memory[0], persistent=False)
+        self.register_buffer("v", memory[1], persistent=False)
 
     @property
     def max_len(self) -> int:
@@ -386,7 +390,11 @@ class CausalLM(nn.Module):
         return self.lm_head(h)
 
     def new_caches(self, batch: int, max_len: int) -> list[KVCache]:
-        """One empty KV cache per layer, in the model's dtype and device."""
+        """One empty KV cache per layer, in the model's dtype and device. On a CPU, all of them in one block of
+        memory in 2 MiB pages where the system gives them (``pages.huge_zeros``): each token's attention reads
+        every cached position, and at thousands of positions 4 KiB pages cost decoding 1-4% (RESULTS.md)."""
         cfg, w = self.config, self.lm_head.weight
-        return [KVCache(batch, cfg.num_key_value_heads, max_len, cfg.head_dim, w.dtype, w.device)
-                for _ in range(cfg.num_hidden_layers)]
+        shape = (cfg.num_hidden_layers, 2, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        memory = huge_zeros(shape, w.dtype) if w.device.type == "cpu" else None
+        return [KVCache(batch, cfg.num_key_value_heads, max_len, cfg.head_dim, w.dtype, w.device,
+                        None if memory is None else memory[i]) for i in range(cfg.num_hidden_layers)]

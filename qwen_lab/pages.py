@@ -1,6 +1,7 @@
 """Memory in 2 MiB pages for the weights a decode step streams (Linux's transparent huge pages).
 
-Used by ``load`` (the weights it converts, and the file mappings it advises) and by ``tuning``
+Used by ``load`` (the weights it converts, and the file mappings it advises), by ``layers`` (the KV
+caches, which attention reads whole every token), and by ``tuning``
 (which times its candidate plans on memory of the same kind as the weights they will run on:
 a plan chosen on 4 KiB pages was measured slower on the 2 MiB pages the model has,
 ``benchmarks/RESULTS.md``).
@@ -67,12 +68,30 @@ def advise_huge(mm: mmap.mmap, start: int, length: int) -> None:
 def huge_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor in 2 MiB-aligned memory advised to use huge pages (``huge_pages``) where
     it is that large; otherwise as torch allocates it. Its pages come when first written."""
+    huge = _huge(shape, dtype)
+    return torch.empty(shape, dtype=dtype) if huge is None else huge
+
+
+def huge_zeros(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """``huge_empty``'s memory holding zeros: memory fresh from the system is zeros already, so its pages
+    are not written here, and come when first written (a KV cache of many positions takes the memory of
+    those it holds). Otherwise ``torch.zeros``."""
+    huge = _huge(shape, dtype)
+    return torch.zeros(shape, dtype=dtype) if huge is None else huge
+
+
+def _huge(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor | None:
+    """A CPU tensor in fresh anonymous memory (zeros), 2 MiB-aligned and advised as huge pages; None where
+    it is under 2 MiB or huge pages are not asked for here."""
     count, itemsize = 1, torch.empty((), dtype=dtype).element_size()
     for size in shape:
         count *= size
     if count * itemsize < HUGE_PAGE or not huge_pages():
-        return torch.empty(shape, dtype=dtype)
-    mm = mmap.mmap(-1, count * itemsize + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        return None
+    try:
+        mm = mmap.mmap(-1, count * itemsize + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError:  # no address space for it (ulimit -v): torch's allocation then says so as it always did
+        return None
     offset = -ctypes.addressof(ctypes.c_char.from_buffer(mm)) % HUGE_PAGE
     whole = count * itemsize // HUGE_PAGE * HUGE_PAGE  # the tail, under 2 MiB, in small pages: no page half empty
     advise_huge(mm, offset, whole)  # before any page is touched: the first writes then fault in 2 MiB pages
@@ -84,4 +103,5 @@ def huge_copy(view: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return huge_empty(view.shape, dtype).copy_(view)
 
 
-__all__ = ["HUGE_PAGE", "THP_SETTING", "advise_huge", "huge_copy", "huge_empty", "huge_pages", "huge_pages_and_why"]
+__all__ = ["HUGE_PAGE", "THP_SETTING", "advise_huge", "huge_copy", "huge_empty", "huge_pages", "huge_pages_and_why",
+           "huge_zeros"]
