@@ -152,17 +152,29 @@ def online(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
 
-def vm_flags(address: int) -> list[str] | None:
-    """The VmFlags of this process's mapping holding ``address`` (None: no mapping holds it)."""
+def _smaps_entry(address: int, field: str) -> list[str] | None:
+    """The words after ``field:`` in /proc/self/smaps for this process's mapping holding ``address`` (None: no
+    mapping holds it)."""
     found = None
     for line in Path("/proc/self/smaps").read_text().splitlines():
         head = line.split()[0] if line else ""
         if "-" in head and all(c in "0123456789abcdef-" for c in head):
             lo, hi = (int(x, 16) for x in head.split("-"))
             found = lo <= address < hi
-        elif found and line.startswith("VmFlags:"):
+        elif found and line.startswith(field + ":"):
             return line.split()[1:]
     return None
+
+
+def vm_flags(address: int) -> list[str] | None:
+    """The VmFlags of this process's mapping holding ``address`` (None: no mapping holds it)."""
+    return _smaps_entry(address, "VmFlags")
+
+
+def resident_kib(address: int) -> int | None:
+    """KiB of the mapping holding ``address`` in memory now (its Rss; None: no mapping holds it)."""
+    entry = _smaps_entry(address, "Rss")
+    return None if entry is None else int(entry[0])
 
 
 # In CI the C kernels must be built and tested, not skipped (.ci/run sets this).

@@ -228,25 +228,12 @@ def test_checkpoints_written_by_qwen_lab_load_in_transformers(which, request):
         torch.testing.assert_close(ours(ids), reference(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def _smaps_field(address: int, field: str) -> int | None:
-    """A field of /proc/self/smaps (in kB) for the mapping holding ``address``."""
-    found = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()[0] if line else ""
-        if "-" in head and all(c in "0123456789abcdef-" for c in head):
-            lo, hi = (int(x, 16) for x in head.split("-"))
-            found = lo <= address < hi
-        elif found and line.startswith(field + ":"):
-            return int(line.split()[1])
-    return None
-
-
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
 def test_a_model_s_kv_caches_share_one_block_in_huge_pages_taken_as_written(monkeypatch):
     """Each token's attention reads every cached position: at thousands of positions, caches in 4 KiB pages
     cost bf16 decoding 1-4% against 2 MiB pages (benchmarks/RESULTS.md). The layers' caches are one block,
     advised as huge pages; fresh memory is zeros, so its pages are taken as positions are written."""
-    from conftest import vm_flags
+    from conftest import resident_kib, vm_flags
     from qwen_lab import pages
     if not pages.huge_pages():
         pytest.skip(f"transparent huge pages are off here ({pages.THP_SETTING})")
@@ -257,9 +244,9 @@ def test_a_model_s_kv_caches_share_one_block_in_huge_pages_taken_as_written(monk
     ends = sorted((t.data_ptr(), t.data_ptr() + t.nbytes) for c in caches for t in (c.k, c.v))
     assert all(end == start for (_, end), (start, _) in zip(ends, ends[1:]))  # one block, no overlap
     assert all(t.is_contiguous() and t.shape == (1, 2, 16384, 48) for c in caches for t in (c.k, c.v))
-    assert _smaps_field(first, "Rss") < 8 << 10  # not written yet: under 8 MiB of its 48 taken
+    assert resident_kib(first) < 8 << 10  # not written yet: under 8 MiB of its 48 taken
     assert all(not t.any() for c in caches for t in (c.k, c.v))  # zeros (reading takes no memory either)
-    assert _smaps_field(first, "Rss") < 8 << 10
+    assert resident_kib(first) < 8 << 10
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.inference_mode():
         got = model(ids, caches, 0)
