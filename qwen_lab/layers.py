@@ -212,8 +212,8 @@ class KVCache(nn.Module):
                  memory: torch.Tensor | None = None) -> None:
         super().__init__()
         shape = (batch, kv_heads, max_len, head_dim)
-        if memory is None:  # else zeros of shape (2, *shape) to hold k and v: CausalLM.new_caches
-            memory = torch.zeros((2, *shape), dtype=dtype, device=device)
+        if memory is None:  # else zeros of shape (2, *shape) holding k and v: CausalLM.new_caches on a CPU
+            memory = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2)]
         self.register_buffer("k", memory[0], persistent=False)
         self.register_buffer("v", memory[1], persistent=False)
 
