@@ -294,6 +294,12 @@ ROWS_BF16(rows2_bf16, 2, dot2_bf16)
 ROWS_BF16(rows4_bf16, 4, dot4_bf16)
 ROWS_BF16(rows8_bf16, 8, dot8_bf16)
 
+/* The walks by rows side by side (valid() admits only these). */
+static void (*const rows_f32[9])(const float *, const float *, const float *, float *, int64_t, int64_t, int) = {
+    [1] = rows1_f32, [2] = rows2_f32, [4] = rows4_f32, [8] = rows8_f32};
+static void (*const rows_bf16[9])(const uint16_t *, const void *, const uint16_t *, uint16_t *, int64_t, int64_t,
+                                  int) = {[1] = rows1_bf16, [2] = rows2_bf16, [4] = rows4_bf16, [8] = rows8_bf16};
+
 static void gemv_chunk(const void *job, int64_t c) {
     const struct gemv_job *j = job;
     int m = 0;
@@ -307,27 +313,14 @@ static void gemv_chunk(const void *job, int64_t c) {
     }
     if (end > N) end = N;
     if (n >= end) return;
-    const int64_t count = end - n;
     if (j->bf16) {
-        const uint16_t *w = (const uint16_t *)j->W[m] + n * K, *bias = j->bias[m];
-        uint16_t *y = (uint16_t *)j->y[m] + n;
-        if (bias) bias += n;
-        switch (j->rows_in_flight) {
-            case 8: rows8_bf16(w, j->x, bias, y, K, count, j->prefetch); break;
-            case 4: rows4_bf16(w, j->x, bias, y, K, count, j->prefetch); break;
-            case 2: rows2_bf16(w, j->x, bias, y, K, count, j->prefetch); break;
-            default: rows1_bf16(w, j->x, bias, y, K, count, j->prefetch);
-        }
+        const uint16_t *bias = j->bias[m];
+        rows_bf16[j->rows_in_flight]((const uint16_t *)j->W[m] + n * K, j->x, bias ? bias + n : NULL,
+                                     (uint16_t *)j->y[m] + n, K, end - n, j->prefetch);
     } else {
-        const float *w = (const float *)j->W[m] + n * K, *bias = j->bias[m];
-        float *y = (float *)j->y[m] + n;
-        if (bias) bias += n;
-        switch (j->rows_in_flight) {
-            case 8: rows8_f32(w, j->x, bias, y, K, count, j->prefetch); break;
-            case 4: rows4_f32(w, j->x, bias, y, K, count, j->prefetch); break;
-            case 2: rows2_f32(w, j->x, bias, y, K, count, j->prefetch); break;
-            default: rows1_f32(w, j->x, bias, y, K, count, j->prefetch);
-        }
+        const float *bias = j->bias[m];
+        rows_f32[j->rows_in_flight]((const float *)j->W[m] + n * K, j->x, bias ? bias + n : NULL,
+                                    (float *)j->y[m] + n, K, end - n, j->prefetch);
     }
 }
 
