@@ -31,6 +31,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "gemv.h"
 #include "pool.h"
 #if DPBF16 == 2
 #include <immintrin.h>
@@ -237,19 +238,13 @@ static void shuffle_x(const uint16_t *x16, float *xs, int64_t K) {
     for (; k < K; k++) xs[k] = bf16_to_f32(x16[k]);
 }
 
-/* A job is one to GROUP_MAX matrices that share the input x (a layer's q, k and v; its gate and up),
- * each with its own output; their chunks are numbered one after another, so one call to the pool
- * shares all of them over the threads (k and v alone would be too small to share). */
-#define GROUP_MAX 3
-
 struct gemv_job {
     const void *x;  /* float32; for bf16 weights the widened, shuffled x, or with DPBF16 the bf16 x itself */
-    int64_t K, rows;  /* rows per chunk */
-    int count, bf16, rows_in_flight, prefetch;
+    int64_t K;
+    int bf16, rows_in_flight, prefetch;
     const void *W[GROUP_MAX], *bias[GROUP_MAX];
     void *y[GROUP_MAX];
-    int64_t N[GROUP_MAX], first[GROUP_MAX + 1];  /* first[i]: matrix i's first chunk */
-    int64_t body, tail_rows;  /* the last matrix: `body` chunks of `rows`, then chunks of tail_rows (0: none) */
+    struct gemv_layout at;
 };
 
 /* A chunk's `count` rows of one matrix, R at a time, the leftover rows one by one, into y (+ bias): one function
@@ -302,16 +297,9 @@ static void (*const rows_bf16[9])(const uint16_t *, const void *, const uint16_t
 
 static void gemv_chunk(const void *job, int64_t c) {
     const struct gemv_job *j = job;
-    int m = 0;
-    while (c >= j->first[m + 1]) m++;
-    c -= j->first[m];
-    const int64_t K = j->K, N = j->N[m];
-    int64_t n = c * j->rows, end = n + j->rows;
-    if (m == j->count - 1 && j->tail_rows && c >= j->body) {  /* the job's last rows, in smaller chunks */
-        n = j->body * j->rows + (c - j->body) * j->tail_rows;
-        end = n + j->tail_rows;
-    }
-    if (end > N) end = N;
+    int64_t n, end;
+    const int m = gemv_chunk_rows(&j->at, c, &n, &end);
+    const int64_t K = j->K;
     if (n >= end) return;
     if (j->bf16) {
         const uint16_t *bias = j->bias[m];
@@ -324,46 +312,11 @@ static void gemv_chunk(const void *job, int64_t c) {
     }
 }
 
-/* Chunks are whole multiples of rows_in_flight rows: about 1/CHUNKS_PER_THREAD of each thread's share
- * of the job, kept between `chunk_bytes` and `chunk_max` (measured on a 544 MB bf16 product, 2 threads:
- * 64 KB chunks read at 82% of `sum`'s speed, 1 MB chunks at 92%: each chunk costs two contended
- * atomic operations and a fresh start for the prefetcher). Several chunks per thread leave a thread
- * that loses its CPU mid-job little that the others must wait for. A job smaller than `solo_bytes`
- * in all runs on the calling thread alone.
- *
- * The last `threads` chunks' worth of rows are cut `tail_split` times smaller: the job ends when its
- * last chunk does, and a thread that finds none left waits for the others' last ones. With 1 MB chunks
- * that wait was half a chunk on average (tens of microseconds per job, and the caller, done spinning,
- * slept on a futex in a quarter of the jobs); a tail of quarter chunks shortens it fourfold and leaves
- * the large chunks everywhere else. */
-#define CHUNKS_PER_THREAD 8
-
-static void run(struct gemv_job *job, int64_t row_bytes, int threads, int64_t solo_bytes, int64_t chunk_bytes,
-                int64_t chunk_max, int64_t tail_split) {
-    int64_t total = 0, rows = 0;
-    for (int m = 0; m < job->count; m++) {
-        total += job->N[m];
-        if (job->N[m] > rows) rows = job->N[m];
-    }
-    if (threads > 1 && total * row_bytes >= solo_bytes) {
-        int64_t bytes = total * row_bytes / ((int64_t)threads * CHUNKS_PER_THREAD);
-        if (bytes > chunk_max) bytes = chunk_max;
-        if (bytes < chunk_bytes) bytes = chunk_bytes;
-        rows = bytes / row_bytes;
-        rows -= rows % job->rows_in_flight;
-        if (rows < job->rows_in_flight) rows = job->rows_in_flight;
-    }
-    job->rows = rows;
-    job->first[0] = 0;
-    for (int m = 0; m < job->count; m++) job->first[m + 1] = job->first[m] + (job->N[m] + rows - 1) / rows;
-    const int L = job->count - 1;
-    const int64_t body = (job->N[L] + rows - 1) / rows - threads, tail = rows / (tail_split > 1 ? tail_split : 1);
-    if (threads > 1 && tail_split > 1 && body > 0 && tail >= job->rows_in_flight) {
-        job->body = body;
-        job->tail_rows = tail - tail % job->rows_in_flight;
-        job->first[L + 1] = job->first[L] + body + (job->N[L] - body * rows + job->tail_rows - 1) / job->tail_rows;
-    }
-    qwen_pool_run(gemv_chunk, job, job->first[job->count], threads);
+static void run(struct gemv_job *job, const int64_t *N, int count, int64_t row_bytes, int threads,
+                int64_t solo_bytes, int64_t chunk_bytes, int64_t chunk_max, int64_t tail_split) {
+    gemv_layout(&job->at, count, N, row_bytes, job->rows_in_flight, threads, solo_bytes, chunk_bytes, chunk_max,
+                tail_split);
+    qwen_pool_run(gemv_chunk, job, job->at.first[count], threads);
 }
 
 static int valid(int rows_in_flight) { return rows_in_flight == 1 || rows_in_flight == 2 || rows_in_flight == 4 || rows_in_flight == 8; }
@@ -377,12 +330,11 @@ int NAME(qwen_gemv_group, VARIANT)(int bf16, int count, const void *const *W, co
                                    int prefetch, int64_t solo_bytes, int64_t chunk_bytes, int64_t chunk_max,
                                    int64_t tail_split) {
     if (!valid(rows_in_flight) || count < 1 || count > GROUP_MAX) return -2;
-    struct gemv_job job = {.K = K, .count = count, .bf16 = bf16, .rows_in_flight = rows_in_flight, .prefetch = prefetch};
+    struct gemv_job job = {.K = K, .bf16 = bf16, .rows_in_flight = rows_in_flight, .prefetch = prefetch};
     for (int m = 0; m < count; m++) {
         job.W[m] = W[m];
         job.bias[m] = bias ? bias[m] : NULL;
         job.y[m] = y[m];
-        job.N[m] = N[m];
     }
     float stack[8192], *xf = NULL;
 #ifdef DPBF16
@@ -398,7 +350,7 @@ int NAME(qwen_gemv_group, VARIANT)(int bf16, int count, const void *const *W, co
     } else {
         job.x = x;
     }
-    run(&job, K * (bf16 ? 2 : 4), threads, solo_bytes, chunk_bytes, chunk_max, tail_split);
+    run(&job, N, count, K * (bf16 ? 2 : 4), threads, solo_bytes, chunk_bytes, chunk_max, tail_split);
     if (xf && xf != stack) free(xf);
     return 0;
 }
