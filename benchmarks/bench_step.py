@@ -21,6 +21,8 @@ positions), alternating in rounds between:
   (``kernels.TAIL_SPLIT`` = 1, as before it);
 - ``token step, one claim counter``: the token step with two threads' chunks claimed in one counter's
   order (``kernels.CLAIMS`` = ``counter``, as before halves);
+- ``token step, no warming``: the token step with threads that only wait when they have nothing left to
+  claim (``kernels.WARM_BYTES`` = 0, as before warming: csrc/pool.c);
 - ``token step, --against's kernels`` (with ``--against PATH``): the token step of a second copy of the
   model, with the same plans, made with the C kernels built from another checkout (PATH: the
   ``kernels-<hash>.so`` that checkout built into ``kernels.cache_dir()``, named by its
@@ -49,6 +51,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 TOKEN_STEP = "token step"
 COUNTER = "token step, one claim counter"
+COLD = "token step, no warming"
 AGAINST = "token step, --against's kernels"
 FOUR_ROWS = "4 rows at most"
 sys.path.insert(0, str(HERE))
@@ -82,6 +85,7 @@ def main() -> None:
         "64 KB chunks": ((stack, fused), {"chunk_max_bytes": kernels.CHUNK_BYTES}, None),
         "no tail split": ((stack, fused), {"tail_split": 1}, None),
         COUNTER: ((stack, fused), {"claims": "counter"}, None),
+        COLD: ((stack, fused), {"warm_bytes": 0}, None),
     }
     wanted = [name.strip() for name in args.ways.split(";")] if args.ways else None
     known = {*every_way, "bf16 widened, no pairs", FOUR_ROWS} | ({AGAINST} if args.against else set())
@@ -131,7 +135,7 @@ def main() -> None:
         probe = pages.huge_empty((nbytes // 4,), torch.float32).fill_(1.0)  # memory like the weights' (bench_decode)
         against = other is not None and (wanted is None or AGAINST in wanted)
         caches = model.new_caches(1, args.context + args.rounds * (len(ways) + against) * args.steps + 8)
-        stepped = TOKEN_STEP in ways or COUNTER in ways
+        stepped = bool({TOKEN_STEP, COUNTER, COLD} & set(ways))
         token_step = kernels.TokenStep.for_model(model, caches) if stepped else None
         if stepped and token_step is None:
             raise SystemExit("kernels.TokenStep does not apply to this model here (no kernels?)")
@@ -172,7 +176,7 @@ def main() -> None:
                     kernels.configure(**sharing)
                     start = time.perf_counter()
                     for _ in range(args.steps):
-                        if name in (TOKEN_STEP, COUNTER):
+                        if name in (TOKEN_STEP, COUNTER, COLD):
                             token_step(5, pos)
                         elif name == AGAINST:
                             against_step(5, pos)

@@ -98,6 +98,9 @@ TAIL_SPLIT = 4
 #: How two threads claim a job's chunks (csrc/pool.c): ``halves``, each thread its own half front to back,
 #: then what is left of the other's, so that each reads one stream a job; ``counter``, all in one order.
 CLAIMS = "halves"
+#: A thread with nothing left to claim of a job prefetches its part of the next product of a decode step
+#: into its cache, this many bytes at most, while it waits (csrc/pool.c); 0: it only waits.
+WARM_BYTES = 2 * 1024 * 1024
 #: The attention step is shared over threads from this many multiply-adds (heads x positions x head_dim).
 SOLO_WORK = 1 << 16
 #: The largest k ``top_k`` takes (Qwen2.5 samples with top-k 20; past a few hundred, torch's topk wins).
@@ -231,6 +234,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.qwen_pool_stats.argtypes, lib.qwen_pool_stats.restype = [ctypes.c_void_p], None
     lib.qwen_pool_configure.argtypes, lib.qwen_pool_configure.restype = [ctypes.c_int64] * 2, None
     lib.qwen_pool_set_halves.argtypes, lib.qwen_pool_set_halves.restype = [ctypes.c_int], None
+    lib.qwen_pool_set_warm.argtypes, lib.qwen_pool_set_warm.restype = [ctypes.c_int64], None
+    lib.qwen_pool_expected.argtypes, lib.qwen_pool_expected.restype = [ctypes.c_void_p], None
     lib.qwen_kernels_configure.argtypes, lib.qwen_kernels_configure.restype = [ctypes.c_int64], None
     _hand_over_sharing(lib)
     return lib
@@ -304,17 +309,18 @@ def variants() -> list[str]:
 
 
 _sharing = {"solo": SOLO_BYTES, "chunk": CHUNK_BYTES, "chunk_max": CHUNK_MAX_BYTES, "solo_work": SOLO_WORK,
-            "tail_split": TAIL_SPLIT, "claims": CLAIMS}
+            "tail_split": TAIL_SPLIT, "claims": CLAIMS, "warm": WARM_BYTES}
 
 
 def configure(solo_bytes: int = SOLO_BYTES, chunk_bytes: int = CHUNK_BYTES, solo_work: int | None = None,
-              chunk_max_bytes: int | None = None, tail_split: int = TAIL_SPLIT, claims: str = CLAIMS) -> None:
+              chunk_max_bytes: int | None = None, tail_split: int = TAIL_SPLIT, claims: str = CLAIMS,
+              warm_bytes: int = WARM_BYTES) -> None:
     """Change how calls are shared over threads (for tests and measurements; see SOLO_BYTES).
 
     ``solo_work`` defaults to SOLO_WORK, or 0 (share every attention step) when ``solo_bytes`` is 0.
     ``chunk_max_bytes`` defaults to CHUNK_MAX_BYTES with the default ``chunk_bytes``, else to
     ``chunk_bytes`` (every chunk that size, as a test of chunk edges wants). ``tail_split``: see TAIL_SPLIT;
-    ``claims``: see CLAIMS.
+    ``claims``: see CLAIMS; ``warm_bytes``: see WARM_BYTES.
     """
     if claims not in ("halves", "counter"):
         raise SettingError(f"claims {claims!r} is not 'halves' or 'counter'")
@@ -324,7 +330,8 @@ def configure(solo_bytes: int = SOLO_BYTES, chunk_bytes: int = CHUNK_BYTES, solo
     if chunk_max_bytes is None:
         chunk_max_bytes = CHUNK_MAX_BYTES if chunk_bytes == CHUNK_BYTES else chunk
     _sharing.update(solo=int(solo_bytes), chunk=chunk, chunk_max=max(chunk, int(chunk_max_bytes)),
-                    solo_work=int(solo_work), tail_split=max(1, int(tail_split)), claims=claims)
+                    solo_work=int(solo_work), tail_split=max(1, int(tail_split)), claims=claims,
+                    warm=max(0, int(warm_bytes)))
     _hand_over_sharing(_library())
 
 
@@ -332,6 +339,7 @@ def _hand_over_sharing(lib: ctypes.CDLL) -> None:
     """Give the library the settings of ``_sharing`` that it keeps itself (the rest go with each call)."""
     lib.qwen_kernels_configure(_sharing["solo_work"])
     lib.qwen_pool_set_halves(_sharing["claims"] == "halves")
+    lib.qwen_pool_set_warm(_sharing["warm"])
 
 
 _threads: int | None = None
@@ -367,9 +375,9 @@ def set_num_threads(count: int) -> None:
 
 def pool_stats() -> dict[str, int]:
     """Counters of the kernels' thread pool since start (for tests and measurements)."""
-    out = (ctypes.c_int64 * 4)()
+    out = (ctypes.c_int64 * 5)()
     _library().qwen_pool_stats(out)
-    return dict(zip(("jobs", "solo_jobs", "helper_chunks", "caller_sleeps"), out))
+    return dict(zip(("jobs", "solo_jobs", "helper_chunks", "caller_sleeps", "warmed_bytes"), out))
 
 
 def status() -> str:

@@ -1,5 +1,7 @@
 """The C matrix-vector kernel: same results as F.linear, used only where it applies, clear when it can't be."""
 
+import ctypes
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -845,6 +847,68 @@ def test_every_row_once_when_the_last_chunks_are_split(pool_settings, dtype, lat
                                                                               split)
     finally:
         lib.qwen_pool_configure(50000, 20000)  # pool.c's own
+
+
+def _helper_first_row(N, row_bytes, rows_in_flight, sharing):
+    """The row of an N-row product where the helper of two threads starts (csrc/gemv.h's layout, pool.c's halves),
+    restated here from their documentation."""
+    rows = N * row_bytes // (2 * 8)  # bytes: an eighth of each thread's share, within the chunk sizes
+    rows = max(sharing["chunk"], min(sharing["chunk_max"], rows)) // row_bytes
+    rows = max(rows_in_flight, rows - rows % rows_in_flight)
+    n, body, tail = -(-N // rows), -(-N // rows) - 2, rows // sharing["tail_split"]
+    if sharing["tail_split"] > 1 and body > 0 and tail >= rows_in_flight:
+        tail -= tail % rows_in_flight
+        n = body + -(-(N - body * rows) // tail)
+    else:
+        body, tail = n, rows
+    h = n // 2
+    return h * rows if h < body else body * rows + (h - body) * tail
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_threads_waiting_in_a_token_step_warm_the_next_product(dtype, pool_settings):
+    """A thread with nothing left to claim prefetches its part of the next product (csrc/pool.c): the token
+    step's bits do not change; bytes are warmed only where asked, at most WARM_BYTES a part; and after the
+    step the calling thread expects the head where the head is the kernel's: its first row for the caller,
+    the helper's first row (the halves of its chunks) for the helper (none in one counter's order), nothing
+    where torch runs the head."""
+    model = load_model(resolve("qwen-lab/tiny-chat"), dtype, "cpu")
+    kernels.set_num_threads(2)
+    lib = kernels._library()
+    expected = (ctypes.c_int64 * 4)()
+    parts = 2 * (4 * len(model.model.layers) + 1)  # each product's successor, for each thread, a step
+    logits = {}
+    with torch.inference_mode():
+        for warm in (0, 4096, kernels.WARM_BYTES):
+            kernels.configure(0, 4096, warm_bytes=warm)  # every product shared, in chunks of 4 KB: threads wait
+            for _ in range(50):  # on a busy machine the helper may come after every short job of some steps
+                caches = model.new_caches(1, 64)
+                model(torch.tensor([[5, 17, 300, 42]]), caches, 0)
+                step = kernels.TokenStep.for_model(model, caches)
+                before = kernels.pool_stats()["warmed_bytes"]
+                got = [step((pos * 37) % 2048, pos) for pos in range(4, 24)]
+                warmed = kernels.pool_stats()["warmed_bytes"] - before
+                assert warmed <= warm * parts * len(got), (warm, warmed)
+                logits.setdefault(warm, got)
+                assert all(torch.equal(a, b) for a, b in zip(logits[0], got))
+                if warm == 0 or warmed > 0:
+                    break
+            assert warm == 0 or warmed > 0
+        lib.qwen_pool_expected(expected)
+        head = model.lm_head.weight
+        row = head.shape[1] * head.element_size()
+        first = _helper_first_row(head.shape[0], row, model.lm_head.plan.rows, kernels._sharing)
+        assert tuple(expected) == (head.data_ptr(), first * row, head.data_ptr() + first * row,
+                                   (head.shape[0] - first) * row)
+        kernels.configure(0, 4096, claims="counter")  # in one counter's order no helper knows its first chunk
+        kernels.TokenStep.for_model(model, caches)(7, 24)
+        lib.qwen_pool_expected(expected)
+        assert tuple(expected) == (head.data_ptr(), head.numel() * head.element_size(), 0, 0)
+        model.lm_head.plan = kernels.Plan("torch")
+        kernels.TokenStep.for_model(model, caches)(7, 25)
+        lib.qwen_pool_expected(expected)
+        assert tuple(expected) == (0, 0, 0, 0)
 
 
 @needs_kernel

@@ -13,6 +13,7 @@
 #include <stdatomic.h>
 
 #include "bf16.h"
+#include "gemv.h"
 #include "pool.h"
 
 static inline float hsum(__m256 v) {
@@ -428,12 +429,44 @@ static void silu_times(const void *g, const void *u, void *act, int64_t n, int b
 /* silu_times, exported for tests/test_kernels.py. */
 void qwen_silu_times(const void *g, const void *u, void *act, int64_t n, int bf16) { silu_times(g, u, act, n, bf16); }
 
+/* What may follow the stack in the same call (kernels.py: StackTail): the final norm of `out` into
+ * `normed`, then the head's product into `logits` (vocab values), by the variant and plan of `head`
+ * (none where head.fn is NULL: a head measured faster by torch's product runs in Python). */
+struct stack_tail {
+    const void *norm, *head_w, *head_b;
+    void *normed, *logits;
+    double eps;
+    struct product head;
+    int64_t vocab;
+};
+
+/* Tells the pool where each thread's part of the next product starts, the product of `count` matrices
+ * W (N[i] x K) run by plan `p` with this call's sharing of `s`, so that a thread waiting before it warms
+ * its part (pool.c). Laid out as gemv.c lays out the product (gemv.h), and claimed as the pool claims. */
+static void expect(const struct layer_step *s, const struct product *p, int count, const void *const *W,
+                   const int64_t *N, int64_t K) {
+    const int64_t row = K * (s->bf16 ? 2 : 4);
+    struct gemv_layout l;
+    gemv_layout(&l, count, N, row, (int)p->rows, (int)s->threads, s->solo_bytes, s->chunk_bytes, s->chunk_max,
+                s->tail_split);
+    const int64_t h = qwen_pool_helper_first(l.first[count], (int)s->threads);
+    const char *helper = NULL;
+    int64_t caller_bytes = N[0] * row, helper_bytes = 0, r, end;
+    if (h >= 0) {
+        const int m = gemv_chunk_rows(&l, h, &r, &end);
+        helper = (const char *)W[m] + r * row, helper_bytes = (N[m] - r) * row;
+        if (m == 0) caller_bytes = r * row;  /* the caller's half ends where the helper's starts */
+    }
+    qwen_pool_expect(W[0], caller_bytes, helper, helper_bytes);
+}
+
 /* layers.DecoderLayer.forward for one token, as the module-by-module path computes it (the same
  * products, attention and roundings), in one call: the ~15 Python calls and small torch operations
  * of a layer cost more than its attention at short contexts. Scratch holds the intermediate rows:
  * 4 x hidden + 2 x H*d + 2 x KV*d + 3 x inter values. Returns 0, -1 (no memory), -2 (a refused
- * plan or head size), -3 (scratch too small). */
-int qwen_layer_step(const struct layer_step *s) {
+ * plan or head size), -3 (scratch too small). What comes after the layer, for the pool to warm during
+ * its last product: `next` layer's q/k/v, or else `tail`'s head (either may be NULL). */
+static int layer_step(const struct layer_step *s, const struct layer_step *next, const struct stack_tail *tail) {
     const int bf16 = (int)s->bf16, threads = (int)s->threads;
     const int64_t es = bf16 ? 2 : 4, D = s->hidden, I = s->inter, Q = s->H * s->d, KVD = s->KV * s->d;
     if (s->scratch_bytes < es * (4 * D + 2 * Q + 2 * KVD + 3 * I)) return -3;
@@ -448,6 +481,8 @@ int qwen_layer_step(const struct layer_step *s) {
         const void *W[3] = {s->wq, s->wk, s->wv}, *B[3] = {s->bq, s->bk, s->bv};
         void *Y[3] = {q, k, v};
         int64_t N[3] = {Q, KVD, KVD};
+        const void *after[1] = {s->wo};
+        expect(s, &s->o, 1, after, &D, Q);  /* attention comes between: its jobs' waits warm o too */
         if ((failed = s->qkv.fn(bf16, 3, W, B, Y, N, D, h, threads, (int)s->qkv.rows, (int)s->qkv.prefetch,
                                 s->solo_bytes, s->chunk_bytes, s->chunk_max, s->tail_split))) return failed;
     }
@@ -456,6 +491,9 @@ int qwen_layer_step(const struct layer_step *s) {
     {
         const void *W[1] = {s->wo}, *B[1] = {s->bo};
         void *Y[1] = {o};
+        const void *after[2] = {s->wg, s->wu};
+        const int64_t NA[2] = {I, I};
+        expect(s, &s->gate_up, 2, after, NA, D);
         if ((failed = s->o.fn(bf16, 1, W, B, Y, &D, Q, y, threads, (int)s->o.rows, (int)s->o.prefetch,
                               s->solo_bytes, s->chunk_bytes, s->chunk_max, s->tail_split))) return failed;
     }
@@ -466,6 +504,8 @@ int qwen_layer_step(const struct layer_step *s) {
         const void *W[2] = {s->wg, s->wu}, *B[2] = {s->bg, s->bu};
         void *Y[2] = {g, u};
         int64_t N[2] = {I, I};
+        const void *after[1] = {s->wd};
+        expect(s, &s->down, 1, after, &D, I);
         if ((failed = s->gate_up.fn(bf16, 2, W, B, Y, N, D, h, threads, (int)s->gate_up.rows,
                                     (int)s->gate_up.prefetch, s->solo_bytes, s->chunk_bytes, s->chunk_max,
                                     s->tail_split))) return failed;
@@ -474,12 +514,25 @@ int qwen_layer_step(const struct layer_step *s) {
     {
         const void *W[1] = {s->wd}, *B[1] = {s->bd};
         void *Y[1] = {m};
+        if (next) {
+            const void *after[3] = {next->wq, next->wk, next->wv};
+            const int64_t NA[3] = {next->H * next->d, next->KV * next->d, next->KV * next->d};
+            expect(s, &next->qkv, 3, after, NA, next->hidden);
+        } else if (tail && tail->head.fn) {
+            const void *after[1] = {tail->head_w};
+            expect(s, &tail->head, 1, after, &tail->vocab, D);
+        } else {
+            qwen_pool_expect(NULL, 0, NULL, 0);
+        }
         if ((failed = s->down.fn(bf16, 1, W, B, Y, &D, I, act, threads, (int)s->down.rows, (int)s->down.prefetch,
                                  s->solo_bytes, s->chunk_bytes, s->chunk_max, s->tail_split))) return failed;
     }
     add(x1, m, s->out, D, bf16);
     return 0;
 }
+
+/* layer_step alone (kernels.DecoderLayer: one call per layer from Python). */
+int qwen_layer_step(const struct layer_step *s) { return layer_step(s, NULL, NULL); }
 
 /* ---- the whole stack of layers for one new token ------------------------------------------ */
 
@@ -488,17 +541,6 @@ struct stack_call {
     const void *x, *cos, *sin;
     void *out, *scratch, *between;  /* between: two rows of hidden values, the stream between layers */
     int64_t pos, threads, solo_bytes, chunk_bytes, chunk_max, tail_split;
-};
-
-/* What may follow the stack in the same call (kernels.py: StackTail): the final norm of `out` into
- * `normed`, then the head's product into `logits` (vocab values), by the variant and plan of `head`
- * (none where head.fn is NULL: a head measured faster by torch's product runs in Python). */
-struct stack_tail {
-    const void *norm, *head_w, *head_b;
-    void *normed, *logits;
-    double eps;
-    struct product head;
-    int64_t vocab;
 };
 
 /* Every layer for one token, in one call: x -> layer 0 -> ... -> layer n-1 -> out, each as
@@ -517,7 +559,7 @@ int qwen_stack_step(const struct layer_step *const *layers, int64_t n, void *con
         s.kc = kv[2 * i], s.vc = kv[2 * i + 1], s.max_len = max_len[i], s.pos = call->pos;
         s.threads = call->threads, s.solo_bytes = call->solo_bytes, s.chunk_bytes = call->chunk_bytes;
         s.chunk_max = call->chunk_max, s.tail_split = call->tail_split;
-        int failed = qwen_layer_step(&s);
+        int failed = layer_step(&s, i + 1 < n ? layers[i + 1] : NULL, tail);
         if (failed) return failed;
     }
     if (!tail) return 0;

@@ -30,6 +30,15 @@
  * ~59 GB/s, benchmarks/RESULTS.md): a 2 MB job 35.8 us against 41.6, a 128 MB one 1-2% faster, and
  * beside a busy program a tie on short jobs. Its claim word: generation (16 bits), then the next
  * chunk and the end of each half (12 bits each), one compare-and-swap a claim as above.
+ *
+ * A thread that spins does not only wait: a decode step is products each of which needs the one before,
+ * and a thread with nothing left to claim leaves its share of the memory's speed unused. The caller says
+ * (qwen_pool_expect) where the next product starts for it and, claimed in halves, for the helper; while
+ * a thread spins (for the other's last chunk, for the caller's small work between products, for the next
+ * job) it prefetches its own part of that product into its L2 cache, `warm_bytes` at most, 4 KB between
+ * looks at what it waits for, and only within the spin's time: a thread under contention sleeps as soon
+ * as before. Measured (AMD EPYC Zen 4, memory fast, benchmarks/RESULTS.md): in a float32 0.5B step the
+ * two threads ended each large job 17-22 us apart, and the step 2% faster with warming; bf16 a tie.
  */
 #define _GNU_SOURCE
 #include "pool.h"
@@ -62,11 +71,42 @@ static struct {
     int halves_on;                  /* claim two threads' jobs in halves (qwen_pool_set_halves) */
     qwen_chunk_fn fn;
     const void *job;
+    const char *helper_next;        /* where a helper's part of the job after this one starts (or NULL) */
+    int64_t next_bytes, warm_bytes; /* how much of it there is; how much a thread warms (qwen_pool_set_warm) */
     /* counters for tests and tuning (relaxed) */
-    _Atomic int64_t jobs, solo_jobs, helper_chunks, caller_sleeps;
+    _Atomic int64_t jobs, solo_jobs, helper_chunks, caller_sleeps, warmed;
     int64_t worker_spin_ns, caller_spin_ns;
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, .halves_on = 1, .worker_spin_ns = 50000,
-           .caller_spin_ns = 20000};
+           .caller_spin_ns = 20000, .warm_bytes = 2 << 20};
+
+/* A thread's next part to warm (the caller's from qwen_pool_expect, a helper's from the job it last took
+ * chunks of) and how far it got. */
+static __thread const char *next_at, *warming, *expect_helper;
+static __thread int64_t next_bytes, warmed, expect_helper_bytes;
+
+void qwen_pool_expect(const void *caller, int64_t caller_bytes, const void *helper, int64_t helper_bytes) {
+    next_at = caller, next_bytes = caller_bytes;
+    expect_helper = helper, expect_helper_bytes = helper_bytes;
+}
+
+/* The calling thread's expectation (qwen_pool_expect), for tests: caller, caller_bytes, helper, helper_bytes. */
+void qwen_pool_expected(int64_t out[4]) {
+    out[0] = (int64_t)(intptr_t)next_at, out[1] = next_bytes;
+    out[2] = (int64_t)(intptr_t)expect_helper, out[3] = expect_helper_bytes;
+}
+
+/* Prefetch the next 4 KB of this thread's next part into L2; 0 once there is nothing (more) to warm. */
+static int warm_some(void) {
+    if (!next_at) return 0;
+    if (next_at != warming) warming = next_at, warmed = 0;
+    const int64_t limit = next_bytes < pool.warm_bytes ? next_bytes : pool.warm_bytes;
+    if (warmed >= limit) return 0;
+    const int64_t end = warmed + 4096 < limit ? warmed + 4096 : limit;
+    for (const char *p = next_at + warmed; p < next_at + end; p += 64) _mm_prefetch(p, _MM_HINT_T1);
+    atomic_fetch_add_explicit(&pool.warmed, end - warmed, memory_order_relaxed);
+    warmed = end;
+    return 1;
+}
 
 #define HALF_BITS 12
 #define HALF_MAX ((1u << HALF_BITS) - 1)  /* the most chunks a job claimed in halves has */
@@ -85,7 +125,8 @@ static int64_t now_ns(void) {
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
-/* Spin until *word != value or `budget_ns` passed; returns the last value seen. */
+/* Spin until *word != value or `budget_ns` passed; returns the last value seen. The spin warms this
+ * thread's next part (warm_some) until that is done: warming takes no time that spinning did not. */
 static uint32_t spin_while(_Atomic uint32_t *word, uint32_t value, int64_t budget_ns) {
     int64_t deadline = 0;
     for (int i = 0;; i++) {
@@ -96,7 +137,7 @@ static uint32_t spin_while(_Atomic uint32_t *word, uint32_t value, int64_t budge
             if (!deadline) deadline = t + budget_ns;
             else if (t >= deadline) return v;
         }
-        _mm_pause();
+        if (!warm_some()) _mm_pause();
     }
 }
 
@@ -140,6 +181,7 @@ static int64_t take_halves(uint32_t g, int caller) {
             continue;
         /* claimed: the job cannot end, nor the next one be written, before this chunk is done */
         const uint32_t n = (uint32_t)(atomic_load_explicit(&pool.claim, memory_order_acquire) >> 16 & 0xffff);
+        if (!caller && !ran) next_at = pool.helper_next, next_bytes = pool.next_bytes;  /* read before the job ends */
         pool.fn(pool.job, (int64_t)chunk);
         ran++;
         finished(n);
@@ -224,6 +266,7 @@ void qwen_pool_run(qwen_chunk_fn fn, const void *job, int64_t n, int threads) {
     start_workers(threads - 1);
     pool.fn = fn;
     pool.job = job;
+    pool.helper_next = expect_helper, pool.next_bytes = expect_helper_bytes;
     atomic_store_explicit(&pool.helpers, threads - 1, memory_order_relaxed);
     atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
     uint32_t g = ++pool.last_gen;
@@ -256,12 +299,20 @@ void qwen_pool_run(qwen_chunk_fn fn, const void *job, int64_t n, int threads) {
     pthread_mutex_unlock(&pool.busy);
 }
 
-/* Counters since start: jobs, jobs run alone, chunks run by helpers, times the caller slept. */
-void qwen_pool_stats(int64_t out[4]) {
+/* Counters since start: jobs, jobs run alone, chunks run by helpers, times the caller slept, bytes warmed. */
+void qwen_pool_stats(int64_t out[5]) {
     out[0] = atomic_load(&pool.jobs);
     out[1] = atomic_load(&pool.solo_jobs);
     out[2] = atomic_load(&pool.helper_chunks);
     out[3] = atomic_load(&pool.caller_sleeps);
+    out[4] = atomic_load(&pool.warmed);
+}
+
+/* How many bytes of its next part a waiting thread prefetches at most (0: none). */
+void qwen_pool_set_warm(int64_t bytes) { pool.warm_bytes = bytes > 0 ? bytes : 0; }
+
+int64_t qwen_pool_helper_first(int64_t n, int threads) {
+    return pool.halves_on && threads == 2 && n > 1 && n <= HALF_MAX ? n / 2 : -1;
 }
 
 /* Claim two threads' jobs in halves (1, as built) or in one counter's order (0; for measurements). */

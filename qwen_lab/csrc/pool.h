@@ -9,4 +9,13 @@
 typedef void (*qwen_chunk_fn)(const void *job, int64_t chunk);
 void qwen_pool_run(qwen_chunk_fn fn, const void *job, int64_t n, int threads);
 
+/* What the calling thread's next job reads first, for pool.c to warm while threads wait (see there):
+ * `caller_bytes` from `caller` for the calling thread, `helper_bytes` from `helper` for a helper (NULL:
+ * nothing). Kept for the calling thread until it says otherwise. */
+void qwen_pool_expect(const void *caller, int64_t caller_bytes, const void *helper, int64_t helper_bytes);
+
+/* The chunk a helper claims first in a job of n chunks on `threads` threads, or -1 where no helper
+ * claims a known one first (claims in one counter's order, or a job run on the calling thread alone). */
+int64_t qwen_pool_helper_first(int64_t n, int threads);
+
 #endif
