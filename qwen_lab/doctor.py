@@ -187,6 +187,7 @@ def check_runtime(model: str, files: ModelFiles) -> list[Check]:
         device = default_device()
         saved = checkpoint_dtype(config)
         dtype = choose_dtype(suggested_dtype(model), device, saved)
+        default = choose_dtype("auto", device, saved)  # `qwen-lab generate`'s and ChatModel.load's default
         params = count_parameters(build_model(config, "meta"))  # shapes only: no memory
     except (QwenLabError, ValueError) as e:
         return [Check("device", "FAIL", f"{name}: {e}")]
@@ -204,6 +205,9 @@ def check_runtime(model: str, files: ModelFiles) -> list[Check]:
         status = "ok" if kernels.available() else "warn"
         free, free_where = available_memory(), "available"
         need = params * dtype.itemsize + RUNTIME_BYTES
+    if default != dtype:  # tiny-chat: float32 in the notebooks (the same outputs everywhere), its own bf16 elsewhere
+        dtype_name += (f" in the notebooks and the panel ({str(default).removeprefix('torch.')} in "
+                       "`qwen-lab generate` and ChatModel.load unless --dtype or dtype= says otherwise)")
     checks = [Check("device", status, f"{name} runs in {dtype_name} on {where}; decoding: {runs}")]
     shared = " (one copy, shared by every process that loads this file)" if device.type == "cpu" and dtype == saved \
         else ""
