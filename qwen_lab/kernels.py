@@ -196,7 +196,15 @@ def _load_library() -> ctypes.CDLL:
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     """``lib`` with its functions' argument types declared and this process's pool settings handed over.
     (benchmarks/bench_step.py ``--against`` also opens another checkout's build with it, to time the two side
-    by side.)"""
+    by side: ``KernelUnavailable`` where that build lacks a function this checkout calls.)"""
+    try:
+        return _declared(lib)
+    except AttributeError as e:  # ctypes: "<path>: undefined symbol: <name>"
+        raise KernelUnavailable(f"{str(e).rsplit(': ', 1)[-1]} is missing from {lib._name}: it was built from "
+                                "other sources than these") from None
+
+
+def _declared(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.variants = [v for v in VARIANTS if hasattr(lib, f"qwen_gemv_f32_{v}")]  # those the compiler could build
     gemv_args = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 3 + [ctypes.c_int64] * 4
     lib.gemv = {}  # (bf16?, variant) -> the function, looked up once: _run is on the hot path
@@ -235,7 +243,6 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.qwen_pool_configure.argtypes, lib.qwen_pool_configure.restype = [ctypes.c_int64] * 2, None
     lib.qwen_pool_set_halves.argtypes, lib.qwen_pool_set_halves.restype = [ctypes.c_int], None
     lib.qwen_pool_set_warm.argtypes, lib.qwen_pool_set_warm.restype = [ctypes.c_int64], None
-    lib.qwen_pool_expected.argtypes, lib.qwen_pool_expected.restype = [ctypes.c_void_p], None
     lib.qwen_kernels_configure.argtypes, lib.qwen_kernels_configure.restype = [ctypes.c_int64], None
     _hand_over_sharing(lib)
     return lib

@@ -911,6 +911,15 @@ def test_threads_waiting_in_a_token_step_warm_the_next_product(dtype, pool_setti
         assert tuple(expected) == (0, 0, 0, 0)
 
 
+def test_a_build_from_other_sources_is_refused_in_one_line():
+    """bench_step.py --against opens another checkout's build with kernels._declare: where it lacks a function
+    these sources call, one line says which (not ctypes' AttributeError from the middle of the declarations)."""
+    other = ctypes.CDLL("libc.so.6")
+    with pytest.raises(kernels.KernelUnavailable, match=r"^qwen_rmsnorm_f32 is missing from libc\.so\.6: it was "
+                                                        r"built from other sources than these$"):
+        kernels._declare(other)
+
+
 @needs_kernel
 def test_helpers_take_chunks_of_a_large_job(pool_settings):
     kernels.set_num_threads(2)
