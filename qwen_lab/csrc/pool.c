@@ -38,7 +38,8 @@
  * job) it prefetches its own part of that product into its L2 cache, `warm_bytes` at most, 4 KB between
  * looks at what it waits for, and only within the spin's time: a thread under contention sleeps as soon
  * as before. Measured (AMD EPYC Zen 4, memory fast, benchmarks/RESULTS.md): in a float32 0.5B step the
- * two threads ended each large job 17-22 us apart, and the step 2% faster with warming; bf16 a tie.
+ * two threads ended each large job 17-22 us apart; with warming that step is 1-2% faster, a 1.5B bf16
+ * one 1.7%, a 0.5B bf16 one a tie.
  */
 #define _GNU_SOURCE
 #include "pool.h"
