@@ -40,6 +40,10 @@ def main() -> None:
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     d = config.get("head_dim") or config["hidden_size"] // heads
     dtype = getattr(torch, args.dtype)
+    # torch on one thread, as generation decodes: after a parallel torch operation (the random caches below)
+    # its OpenMP workers spin for milliseconds on the other cores, and a short context's 35 calls (~1 ms)
+    # timed on 2 threads then ran beside them, as slow as on 1 (a tie at 256 and 640 positions)
+    torch.set_num_threads(1)
     lib = kernels._library()
     fn = lib.qwen_attend_one_bf16 if dtype == torch.bfloat16 else lib.qwen_attend_one_f32
     print(machine())
