@@ -99,7 +99,8 @@ TAIL_SPLIT = 4
 #: then what is left of the other's, so that each reads one stream a job; ``counter``, all in one order.
 CLAIMS = "halves"
 #: A thread with nothing left to claim of a job prefetches its part of the next product of a decode step
-#: into its cache, this many bytes at most, while it waits (csrc/pool.c); 0: it only waits.
+#: into its cache, this many bytes at most, while it spins waiting, and never longer than it would have spun
+#: (csrc/pool.c); 0: it only waits.
 WARM_BYTES = 2 * 1024 * 1024
 #: The attention step is shared over threads from this many multiply-adds (heads x positions x head_dim).
 SOLO_WORK = 1 << 16

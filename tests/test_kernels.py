@@ -852,8 +852,8 @@ def test_every_row_once_when_the_last_chunks_are_split(pool_settings, dtype, lat
 def _helper_first_row(N, row_bytes, rows_in_flight, sharing):
     """The row of an N-row product where the helper of two threads starts (csrc/gemv.h's layout, pool.c's halves),
     restated here from their documentation."""
-    rows = N * row_bytes // (2 * 8)  # bytes: an eighth of each thread's share, within the chunk sizes
-    rows = max(sharing["chunk"], min(sharing["chunk_max"], rows)) // row_bytes
+    chunk = N * row_bytes // (2 * 8)  # an eighth of each thread's share, within the chunk sizes
+    rows = max(sharing["chunk"], min(sharing["chunk_max"], chunk)) // row_bytes
     rows = max(rows_in_flight, rows - rows % rows_in_flight)
     n, body, tail = -(-N // rows), -(-N // rows) - 2, rows // sharing["tail_split"]
     if sharing["tail_split"] > 1 and body > 0 and tail >= rows_in_flight:
