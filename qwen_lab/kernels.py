@@ -85,8 +85,8 @@ PAIR_VARIANTS = frozenset(v for v, (*_, macros) in VARIANTS.items() if any(m.sta
 #: Weight dtypes the kernel handles; float16 and others go to F.linear.
 DTYPES = (torch.float32, torch.bfloat16)
 #: How a call is shared over threads (measured in benchmarks/bench_contention.py): a job that
-#: reads fewer bytes than SOLO_BYTES runs on the calling thread alone (waking a helper would cost
-#: more than it saves); larger ones are cut into chunks that threads claim one at a time, so a
+#: reads fewer bytes than SOLO_BYTES is not cut into chunks (one matrix runs on the calling thread alone:
+#: waking a helper would cost more than it saves; a group such as q, k and v is one chunk each); larger ones are cut into chunks that threads claim one at a time, so a
 #: thread that loses its core to another program leaves little undone: about an eighth of each
 #: thread's share, from CHUNK_BYTES up to CHUNK_MAX_BYTES (csrc/gemv.c: larger chunks stream faster).
 SOLO_BYTES = 256 * 1024
@@ -201,6 +201,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     try:
         return _declared(lib)
     except AttributeError as e:  # ctypes: "<path>: undefined symbol: <name>"
+        if "undefined symbol" not in str(e):
+            raise
         raise KernelUnavailable(f"{str(e).rsplit(': ', 1)[-1]} is missing from {lib._name}: it was built from "
                                 "other sources than these") from None
 
@@ -383,9 +385,10 @@ def set_num_threads(count: int) -> None:
 
 def pool_stats() -> dict[str, int]:
     """Counters of the kernels' thread pool since start (for tests and measurements)."""
-    out = (ctypes.c_int64 * 5)()
+    out = (ctypes.c_int64 * 6)()
     _library().qwen_pool_stats(out)
-    return dict(zip(("jobs", "solo_jobs", "helper_chunks", "caller_sleeps", "warmed_bytes"), out))
+    return dict(zip(("jobs", "solo_jobs", "helper_chunks", "caller_sleeps", "warmed_by_callers",
+                     "warmed_by_helpers"), out))
 
 
 def status() -> str:

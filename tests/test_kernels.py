@@ -849,66 +849,104 @@ def test_every_row_once_when_the_last_chunks_are_split(pool_settings, dtype, lat
         lib.qwen_pool_configure(50000, 20000)  # pool.c's own
 
 
-def _helper_first_row(N, row_bytes, rows_in_flight, sharing):
-    """The row of an N-row product where the helper of two threads starts (csrc/gemv.h's layout, pool.c's halves),
-    restated here from their documentation."""
-    chunk = N * row_bytes // (2 * 8)  # an eighth of each thread's share, within the chunk sizes
-    rows = max(sharing["chunk"], min(sharing["chunk_max"], chunk)) // row_bytes
-    rows = max(rows_in_flight, rows - rows % rows_in_flight)
-    n, body, tail = -(-N // rows), -(-N // rows) - 2, rows // sharing["tail_split"]
-    if sharing["tail_split"] > 1 and body > 0 and tail >= rows_in_flight:
-        tail -= tail % rows_in_flight
-        n = body + -(-(N - body * rows) // tail)
-    else:
-        body, tail = n, rows
-    h = n // 2
-    return h * rows if h < body else body * rows + (h - body) * tail
+def _expected_warming(weights, rows_in_flight, sharing):
+    """(caller's first address, its bytes, helper's first address, its bytes) that the layer step tells the pool
+    for a product of `weights` (one x, rows of the same width) on two threads: csrc/gemv.h's chunk layout and
+    pool.c's halves, restated here from their documentation."""
+    N, row = [w.shape[0] for w in weights], weights[0].shape[1] * weights[0].element_size()
+    rows = max(N)
+    if sum(N) * row >= sharing["solo"]:  # chunks of an eighth of each thread's share, within the chunk sizes
+        chunk = max(sharing["chunk"], min(sharing["chunk_max"], sum(N) * row // (2 * 8))) // row
+        rows = max(rows_in_flight, chunk - chunk % rows_in_flight)
+    counts = [-(-n // rows) for n in N]
+    body, tail, tail_rows = counts[-1] - 2, rows // sharing["tail_split"], 0
+    if sharing["tail_split"] > 1 and body > 0 and tail >= rows_in_flight:  # the last matrix ends in smaller chunks
+        tail_rows = tail - tail % rows_in_flight
+        counts[-1] = body + -(-(N[-1] - body * rows) // tail_rows)
+    n = sum(counts)
+    first = weights[0].data_ptr()
+    if sharing["claims"] != "halves" or not 1 < n <= 4095:  # no helper's first chunk is known
+        return first, (rows if n > 1 and rows < N[0] else N[0]) * row, 0, 0
+    h, m = n // 2, 0
+    while h >= counts[m]:  # the helper's first chunk, n // 2, in matrix m
+        h, m = h - counts[m], m + 1
+    r = body * rows + (h - body) * tail_rows if m == len(N) - 1 and tail_rows and h >= body else h * rows
+    return first, (r if m == 0 else N[0]) * row, weights[m].data_ptr() + r * row, (N[m] - r) * row
 
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_threads_waiting_in_a_token_step_warm_the_next_product(dtype, pool_settings):
     """A thread with nothing left to claim prefetches its part of the next product (csrc/pool.c): the token
-    step's bits do not change; bytes are warmed only where asked, at most WARM_BYTES a part; and after the
-    step the calling thread expects the head where the head is the kernel's: its first row for the caller,
-    the helper's first row (the halves of its chunks) for the helper (none in one counter's order), nothing
-    where torch runs the head."""
+    step's bits do not change; the caller and the helper both warm, only where asked, at most WARM_BYTES a
+    product; after the step the calling thread expects the next token's first product (layer 0's q/k/v), its
+    caller's and its helper's parts where gemv.h lays them out, the caller's first chunk alone in one counter's
+    order, and the same whether the head ran in C or in torch."""
     model = load_model(resolve("qwen-lab/tiny-chat"), dtype, "cpu")
+    model.lm_head.plan = kernels.Plan()  # the head by the kernel, whatever tuning measured
     kernels.set_num_threads(2)
     lib = kernels._library()
     expected = (ctypes.c_int64 * 4)()
-    parts = 2 * (4 * len(model.model.layers) + 1)  # each product's successor, for each thread, a step
+    parts = 4 * len(model.model.layers) + 1  # each product's successor, a step
+    attention = model.model.layers[0].self_attn
+    qkv = [attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]
     logits = {}
     with torch.inference_mode():
         for warm in (0, 4096, kernels.WARM_BYTES):
             kernels.configure(0, 4096, warm_bytes=warm)  # every product shared, in chunks of 4 KB: threads wait
+            by = {"warmed_by_callers": 0, "warmed_by_helpers": 0}
             for _ in range(50):  # on a busy machine the helper may come after every short job of some steps
                 caches = model.new_caches(1, 64)
                 model(torch.tensor([[5, 17, 300, 42]]), caches, 0)
                 step = kernels.TokenStep.for_model(model, caches)
-                before = kernels.pool_stats()["warmed_bytes"]
+                before = kernels.pool_stats()
                 got = [step((pos * 37) % 2048, pos) for pos in range(4, 24)]
-                warmed = kernels.pool_stats()["warmed_bytes"] - before
-                assert warmed <= warm * parts * len(got), (warm, warmed)
+                after = kernels.pool_stats()
+                for name in by:
+                    by[name] += after[name] - before[name]
+                    assert after[name] - before[name] <= warm * parts * len(got), (warm, name)
                 logits.setdefault(warm, got)
                 assert all(torch.equal(a, b) for a, b in zip(logits[0], got))
-                if warm == 0 or warmed > 0:
+                if warm == 0 or min(by.values()) > 0:
                     break
-            assert warm == 0 or warmed > 0
-        lib.qwen_pool_expected(expected)
-        head = model.lm_head.weight
-        row = head.shape[1] * head.element_size()
-        first = _helper_first_row(head.shape[0], row, model.lm_head.plan.rows, kernels._sharing)
-        assert tuple(expected) == (head.data_ptr(), first * row, head.data_ptr() + first * row,
-                                   (head.shape[0] - first) * row)
-        kernels.configure(0, 4096, claims="counter")  # in one counter's order no helper knows its first chunk
+            assert all(v == 0 for v in by.values()) if warm == 0 else min(by.values()) > 0, (warm, by)
+            lib.qwen_pool_expected(expected)
+            assert tuple(expected) == _expected_warming(qkv, attention.q_proj.plan.rows, kernels._sharing)
+        kernels.configure(0, 4096, claims="counter")
         kernels.TokenStep.for_model(model, caches)(7, 24)
         lib.qwen_pool_expected(expected)
-        assert tuple(expected) == (head.data_ptr(), head.numel() * head.element_size(), 0, 0)
-        model.lm_head.plan = kernels.Plan("torch")
+        assert expected[2:] == [0, 0]
+        assert tuple(expected) == _expected_warming(qkv, attention.q_proj.plan.rows, kernels._sharing)
+        kernels.configure(0, 4096)
+        model.lm_head.plan = kernels.Plan("torch")  # the last layer's down projection then warms layer 0's q/k/v
+        lib.qwen_pool_expect(None, 0, None, 0)  # so that what follows is the step's own
         kernels.TokenStep.for_model(model, caches)(7, 25)
         lib.qwen_pool_expected(expected)
-        assert tuple(expected) == (0, 0, 0, 0)
+        assert tuple(expected) == _expected_warming(qkv, attention.q_proj.plan.rows, kernels._sharing)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("chunk", [4096, 12288, 1 << 20])
+def test_each_product_s_parts_are_where_its_chunks_start(dtype, chunk, pool_settings):
+    """What the layer step tells the pool for each of a layer's products (q/k/v: three matrices of unequal rows;
+    gate and up; o; the down projection) matches the chunk layout of csrc/gemv.h: with small chunks the helper's
+    half starts inside k, at the start of v, or inside up; with 1 MB chunks these small products are one chunk per
+    matrix, and the helper's is k, or up."""
+    model = load_model(resolve("qwen-lab/tiny-chat"), dtype, "cpu")
+    kernels.set_num_threads(2)
+    kernels.configure(0, chunk)
+    layer = model.model.layers[1]
+    s = kernels.LayerStep.from_buffer_copy(layer._prepared())
+    kernels._share(s)
+    expected = (ctypes.c_int64 * 4)()
+    a, m = layer.self_attn, layer.mlp
+    for which, (weights, plan) in enumerate([([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], a.q_proj.plan),
+                                             ([a.o_proj.weight], a.o_proj.plan),
+                                             ([m.gate_proj.weight, m.up_proj.weight], m.gate_proj.plan),
+                                             ([m.down_proj.weight], m.down_proj.plan)]):
+        kernels._library().qwen_layer_expects(ctypes.byref(s), which, expected)
+        assert tuple(expected) == _expected_warming(weights, plan.rows, kernels._sharing), (which, chunk)
 
 
 def test_a_build_from_other_sources_is_refused_in_one_line():

@@ -449,15 +449,24 @@ static void expect(const struct layer_step *s, const struct product *p, int coun
     struct gemv_layout l;
     gemv_layout(&l, count, N, row, (int)p->rows, (int)s->threads, s->solo_bytes, s->chunk_bytes, s->chunk_max,
                 s->tail_split);
-    const int64_t h = qwen_pool_helper_first(l.first[count], (int)s->threads);
+    const int64_t n = l.first[count], h = qwen_pool_helper_first(n, (int)s->threads);
     const char *helper = NULL;
     int64_t caller_bytes = N[0] * row, helper_bytes = 0, r, end;
     if (h >= 0) {
         const int m = gemv_chunk_rows(&l, h, &r, &end);
         helper = (const char *)W[m] + r * row, helper_bytes = (N[m] - r) * row;
         if (m == 0) caller_bytes = r * row;  /* the caller's half ends where the helper's starts */
+    } else if (n > 1 && l.rows < N[0]) {
+        caller_bytes = l.rows * row;  /* claimed in one counter's order: of its first chunk only is it sure */
     }
     qwen_pool_expect(W[0], caller_bytes, helper, helper_bytes);
+}
+
+/* expect() for the q/k/v product of layer `of`, with the sharing of `s`. */
+static void expect_qkv(const struct layer_step *s, const struct layer_step *of) {
+    const void *W[3] = {of->wq, of->wk, of->wv};
+    const int64_t N[3] = {of->H * of->d, of->KV * of->d, of->KV * of->d};
+    expect(s, &of->qkv, 3, W, N, of->hidden);
 }
 
 /* layers.DecoderLayer.forward for one token, as the module-by-module path computes it (the same
@@ -465,8 +474,10 @@ static void expect(const struct layer_step *s, const struct product *p, int coun
  * of a layer cost more than its attention at short contexts. Scratch holds the intermediate rows:
  * 4 x hidden + 2 x H*d + 2 x KV*d + 3 x inter values. Returns 0, -1 (no memory), -2 (a refused
  * plan or head size), -3 (scratch too small). What comes after the layer, for the pool to warm during
- * its last product: `next` layer's q/k/v, or else `tail`'s head (either may be NULL). */
-static int layer_step(const struct layer_step *s, const struct layer_step *next, const struct stack_tail *tail) {
+ * its last product: `next` layer's q/k/v, or else `tail`'s head where the kernels run it, or else the q/k/v
+ * of `first`, the next token's first layer (any of the three may be NULL). */
+static int layer_step(const struct layer_step *s, const struct layer_step *next, const struct stack_tail *tail,
+                      const struct layer_step *first) {
     const int bf16 = (int)s->bf16, threads = (int)s->threads;
     const int64_t es = bf16 ? 2 : 4, D = s->hidden, I = s->inter, Q = s->H * s->d, KVD = s->KV * s->d;
     if (s->scratch_bytes < es * (4 * D + 2 * Q + 2 * KVD + 3 * I)) return -3;
@@ -515,12 +526,12 @@ static int layer_step(const struct layer_step *s, const struct layer_step *next,
         const void *W[1] = {s->wd}, *B[1] = {s->bd};
         void *Y[1] = {m};
         if (next) {
-            const void *after[3] = {next->wq, next->wk, next->wv};
-            const int64_t NA[3] = {next->H * next->d, next->KV * next->d, next->KV * next->d};
-            expect(s, &next->qkv, 3, after, NA, next->hidden);
+            expect_qkv(s, next);
         } else if (tail && tail->head.fn) {
             const void *after[1] = {tail->head_w};
             expect(s, &tail->head, 1, after, &tail->vocab, D);
+        } else if (first) {
+            expect_qkv(s, first);
         } else {
             qwen_pool_expect(NULL, 0, NULL, 0);
         }
@@ -532,7 +543,21 @@ static int layer_step(const struct layer_step *s, const struct layer_step *next,
 }
 
 /* layer_step alone (kernels.DecoderLayer: one call per layer from Python). */
-int qwen_layer_step(const struct layer_step *s) { return layer_step(s, NULL, NULL); }
+int qwen_layer_step(const struct layer_step *s) { return layer_step(s, NULL, NULL, NULL); }
+
+/* What the pool is told to warm for product `which` of the layer `s` (0: its q/k/v, as the layer before it
+ * or the last one's head says; 1: o; 2: gate and up; 3: the down projection), as qwen_pool_expected reads it
+ * back; for tests. */
+void qwen_layer_expects(const struct layer_step *s, int which, int64_t out[4]) {
+    const int64_t D = s->hidden, I = s->inter, Q = s->H * s->d;
+    const void *o[1] = {s->wo}, *gate_up[2] = {s->wg, s->wu}, *down[1] = {s->wd};
+    const int64_t NI[2] = {I, I};
+    if (which == 0) expect_qkv(s, s);
+    else if (which == 1) expect(s, &s->o, 1, o, &D, Q);
+    else if (which == 2) expect(s, &s->gate_up, 2, gate_up, NI, D);
+    else if (which == 3) expect(s, &s->down, 1, down, &D, I);
+    qwen_pool_expected(out);
+}
 
 /* ---- the whole stack of layers for one new token ------------------------------------------ */
 
@@ -551,15 +576,16 @@ struct stack_call {
 int qwen_stack_step(const struct layer_step *const *layers, int64_t n, void *const *kv, const int64_t *max_len,
                     const struct stack_call *call, const struct stack_tail *tail) {
     const int64_t row = layers[0]->hidden * (layers[0]->bf16 ? 2 : 4);
+    struct layer_step s;
     for (int64_t i = 0; i < n; i++) {
-        struct layer_step s = *layers[i];
+        s = *layers[i];
         s.x = i == 0 ? call->x : (const char *)call->between + ((i - 1) % 2) * row;
         s.out = i == n - 1 ? call->out : (char *)call->between + (i % 2) * row;
         s.cos = call->cos, s.sin = call->sin, s.scratch = call->scratch;
         s.kc = kv[2 * i], s.vc = kv[2 * i + 1], s.max_len = max_len[i], s.pos = call->pos;
         s.threads = call->threads, s.solo_bytes = call->solo_bytes, s.chunk_bytes = call->chunk_bytes;
         s.chunk_max = call->chunk_max, s.tail_split = call->tail_split;
-        int failed = layer_step(&s, i + 1 < n ? layers[i + 1] : NULL, tail);
+        int failed = layer_step(&s, i + 1 < n ? layers[i + 1] : NULL, tail, layers[0]);
         if (failed) return failed;
     }
     if (!tail) return 0;
@@ -568,6 +594,7 @@ int qwen_stack_step(const struct layer_step *const *layers, int64_t n, void *con
     if (failed || !tail->head.fn) return failed;  /* no head function: the caller runs the head */
     const void *W[1] = {tail->head_w}, *B[1] = {tail->head_b};
     void *Y[1] = {tail->logits};
+    if (n > 0) expect_qkv(&s, layers[0]);  /* the next token's first product */
     return tail->head.fn(bf16, 1, W, B, Y, &tail->vocab, layers[0]->hidden, tail->normed, (int)call->threads,
                          (int)tail->head.rows, (int)tail->head.prefetch, call->solo_bytes, call->chunk_bytes,
                          call->chunk_max, call->tail_split);

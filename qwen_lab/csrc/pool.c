@@ -75,7 +75,7 @@ static struct {
     const char *helper_next;        /* where a helper's part of the job after this one starts (or NULL) */
     int64_t next_bytes, warm_bytes; /* how much of it there is; how much a thread warms (qwen_pool_set_warm) */
     /* counters for tests and tuning (relaxed) */
-    _Atomic int64_t jobs, solo_jobs, helper_chunks, caller_sleeps, warmed;
+    _Atomic int64_t jobs, solo_jobs, helper_chunks, caller_sleeps, warmed[2];  /* warmed: by callers, helpers */
     int64_t worker_spin_ns, caller_spin_ns;
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, .halves_on = 1, .worker_spin_ns = 50000,
            .caller_spin_ns = 20000, .warm_bytes = 2 << 20};
@@ -83,7 +83,8 @@ static struct {
 /* A thread's next part to warm (the caller's from qwen_pool_expect, a helper's from the job it last took
  * chunks of) and how far it got. */
 static __thread const char *next_at, *warming, *expect_helper;
-static __thread int64_t next_bytes, warmed, expect_helper_bytes;
+static __thread int64_t next_bytes, warmed, expect_helper_bytes, uncounted;
+static __thread int is_helper;
 
 void qwen_pool_expect(const void *caller, int64_t caller_bytes, const void *helper, int64_t helper_bytes) {
     next_at = caller, next_bytes = caller_bytes;
@@ -104,9 +105,14 @@ static int warm_some(void) {
     if (warmed >= limit) return 0;
     const int64_t end = warmed + 4096 < limit ? warmed + 4096 : limit;
     for (const char *p = next_at + warmed; p < next_at + end; p += 64) _mm_prefetch(p, _MM_HINT_T1);
-    atomic_fetch_add_explicit(&pool.warmed, end - warmed, memory_order_relaxed);
+    uncounted += end - warmed;  /* counted once a spin ends: an atomic add per 4 KB shared the pool's line */
     warmed = end;
     return 1;
+}
+
+static void count_warmed(void) {
+    if (uncounted) atomic_fetch_add_explicit(&pool.warmed[is_helper], uncounted, memory_order_relaxed);
+    uncounted = 0;
 }
 
 #define HALF_BITS 12
@@ -127,18 +133,20 @@ static int64_t now_ns(void) {
 }
 
 /* Spin until *word != value or `budget_ns` passed; returns the last value seen. The spin warms this
- * thread's next part (warm_some) until that is done: warming takes no time that spinning did not. */
+ * thread's next part (warm_some) until that is done, and reads the clock after every 4 KB it warms (every
+ * 16 pauses otherwise): warming takes no time that spinning did not, give or take one 4 KB step. */
 static uint32_t spin_while(_Atomic uint32_t *word, uint32_t value, int64_t budget_ns) {
     int64_t deadline = 0;
     for (int i = 0;; i++) {
         uint32_t v = atomic_load_explicit(word, memory_order_acquire);
-        if (v != value) return v;
-        if ((i & 15) == 15) {
+        if (v != value) return count_warmed(), v;
+        const int warming_now = warm_some();
+        if (warming_now || (i & 15) == 15) {
             int64_t t = now_ns();
             if (!deadline) deadline = t + budget_ns;
-            else if (t >= deadline) return v;
+            else if (t >= deadline) return count_warmed(), v;
         }
-        if (!warm_some()) _mm_pause();
+        if (!warming_now) _mm_pause();
     }
 }
 
@@ -191,6 +199,7 @@ static int64_t take_halves(uint32_t g, int caller) {
 
 static void *worker_main(void *arg) {
     int me = (int)(intptr_t)arg;
+    is_helper = 1;
     uint32_t seen = atomic_load(&pool.gen);
     for (;;) {
         uint32_t g = spin_while(&pool.gen, seen, pool.worker_spin_ns);
@@ -300,13 +309,15 @@ void qwen_pool_run(qwen_chunk_fn fn, const void *job, int64_t n, int threads) {
     pthread_mutex_unlock(&pool.busy);
 }
 
-/* Counters since start: jobs, jobs run alone, chunks run by helpers, times the caller slept, bytes warmed. */
-void qwen_pool_stats(int64_t out[5]) {
+/* Counters since start: jobs, jobs run alone, chunks run by helpers, times the caller slept, bytes warmed by
+ * callers, by helpers. */
+void qwen_pool_stats(int64_t out[6]) {
     out[0] = atomic_load(&pool.jobs);
     out[1] = atomic_load(&pool.solo_jobs);
     out[2] = atomic_load(&pool.helper_chunks);
     out[3] = atomic_load(&pool.caller_sleeps);
-    out[4] = atomic_load(&pool.warmed);
+    out[4] = atomic_load(&pool.warmed[0]);
+    out[5] = atomic_load(&pool.warmed[1]);
 }
 
 /* How many bytes of its next part a waiting thread prefetches at most (0: none). */

@@ -14,6 +14,9 @@ void qwen_pool_run(qwen_chunk_fn fn, const void *job, int64_t n, int threads);
  * nothing). Kept for the calling thread until it says otherwise. */
 void qwen_pool_expect(const void *caller, int64_t caller_bytes, const void *helper, int64_t helper_bytes);
 
+/* The calling thread's expectation, for tests: caller, caller_bytes, helper, helper_bytes. */
+void qwen_pool_expected(int64_t out[4]);
+
 /* The chunk a helper claims first in a job of n chunks on `threads` threads, or -1 where no helper
  * claims a known one first (claims in one counter's order, or a job run on the calling thread alone). */
 int64_t qwen_pool_helper_first(int64_t n, int threads);
