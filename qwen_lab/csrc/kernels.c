@@ -469,6 +469,16 @@ static void expect_qkv(const struct layer_step *s, const struct layer_step *of) 
     expect(s, &of->qkv, 3, W, N, of->hidden);
 }
 
+/* expect() for product `which` of layer `s`: 0 q/k/v, 1 o, 2 gate and up, 3 the down projection. */
+static void expect_product(const struct layer_step *s, int which) {
+    const int64_t D = s->hidden, I = s->inter, Q = s->H * s->d, NI[2] = {I, I};
+    const void *o[1] = {s->wo}, *gate_up[2] = {s->wg, s->wu}, *down[1] = {s->wd};
+    if (which == 0) expect_qkv(s, s);
+    else if (which == 1) expect(s, &s->o, 1, o, &D, Q);
+    else if (which == 2) expect(s, &s->gate_up, 2, gate_up, NI, D);
+    else if (which == 3) expect(s, &s->down, 1, down, &D, I);
+}
+
 /* layers.DecoderLayer.forward for one token, as the module-by-module path computes it (the same
  * products, attention and roundings), in one call: the ~15 Python calls and small torch operations
  * of a layer cost more than its attention at short contexts. Scratch holds the intermediate rows:
@@ -492,8 +502,7 @@ static int layer_step(const struct layer_step *s, const struct layer_step *next,
         const void *W[3] = {s->wq, s->wk, s->wv}, *B[3] = {s->bq, s->bk, s->bv};
         void *Y[3] = {q, k, v};
         int64_t N[3] = {Q, KVD, KVD};
-        const void *after[1] = {s->wo};
-        expect(s, &s->o, 1, after, &D, Q);  /* attention comes between: its jobs' waits warm o too */
+        expect_product(s, 1);  /* attention comes between: its jobs' waits warm o too */
         if ((failed = s->qkv.fn(bf16, 3, W, B, Y, N, D, h, threads, (int)s->qkv.rows, (int)s->qkv.prefetch,
                                 s->solo_bytes, s->chunk_bytes, s->chunk_max, s->tail_split))) return failed;
     }
@@ -502,9 +511,7 @@ static int layer_step(const struct layer_step *s, const struct layer_step *next,
     {
         const void *W[1] = {s->wo}, *B[1] = {s->bo};
         void *Y[1] = {o};
-        const void *after[2] = {s->wg, s->wu};
-        const int64_t NA[2] = {I, I};
-        expect(s, &s->gate_up, 2, after, NA, D);
+        expect_product(s, 2);
         if ((failed = s->o.fn(bf16, 1, W, B, Y, &D, Q, y, threads, (int)s->o.rows, (int)s->o.prefetch,
                               s->solo_bytes, s->chunk_bytes, s->chunk_max, s->tail_split))) return failed;
     }
@@ -515,8 +522,7 @@ static int layer_step(const struct layer_step *s, const struct layer_step *next,
         const void *W[2] = {s->wg, s->wu}, *B[2] = {s->bg, s->bu};
         void *Y[2] = {g, u};
         int64_t N[2] = {I, I};
-        const void *after[1] = {s->wd};
-        expect(s, &s->down, 1, after, &D, I);
+        expect_product(s, 3);
         if ((failed = s->gate_up.fn(bf16, 2, W, B, Y, N, D, h, threads, (int)s->gate_up.rows,
                                     (int)s->gate_up.prefetch, s->solo_bytes, s->chunk_bytes, s->chunk_max,
                                     s->tail_split))) return failed;
@@ -549,13 +555,7 @@ int qwen_layer_step(const struct layer_step *s) { return layer_step(s, NULL, NUL
  * or the last one's head says; 1: o; 2: gate and up; 3: the down projection), as qwen_pool_expected reads it
  * back; for tests. */
 void qwen_layer_expects(const struct layer_step *s, int which, int64_t out[4]) {
-    const int64_t D = s->hidden, I = s->inter, Q = s->H * s->d;
-    const void *o[1] = {s->wo}, *gate_up[2] = {s->wg, s->wu}, *down[1] = {s->wd};
-    const int64_t NI[2] = {I, I};
-    if (which == 0) expect_qkv(s, s);
-    else if (which == 1) expect(s, &s->o, 1, o, &D, Q);
-    else if (which == 2) expect(s, &s->gate_up, 2, gate_up, NI, D);
-    else if (which == 3) expect(s, &s->down, 1, down, &D, I);
+    expect_product(s, which);
     qwen_pool_expected(out);
 }
 

@@ -118,6 +118,9 @@ static void count_warmed(void) {
 #define HALF_BITS 12
 #define HALF_MAX ((1u << HALF_BITS) - 1)  /* the most chunks a job claimed in halves has */
 
+/* Does a job of n chunks on `threads` threads get claimed in halves (qwen_pool_run, qwen_pool_helper_first)? */
+static int in_halves(int64_t n, int threads) { return pool.halves_on && threads == 2 && n <= HALF_MAX; }
+
 static void futex_wait(_Atomic uint32_t *word, uint32_t expected) {
     syscall(SYS_futex, (uint32_t *)word, FUTEX_WAIT_PRIVATE, expected, NULL, NULL, 0);
 }
@@ -280,7 +283,7 @@ void qwen_pool_run(qwen_chunk_fn fn, const void *job, int64_t n, int threads) {
     atomic_store_explicit(&pool.helpers, threads - 1, memory_order_relaxed);
     atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
     uint32_t g = ++pool.last_gen;
-    const int halves = pool.halves_on && threads == 2 && n <= HALF_MAX;
+    const int halves = in_halves(n, threads);
     atomic_store_explicit(&pool.in_halves, halves, memory_order_relaxed);
     if (halves) {  /* the counter below then has nothing to claim: next = n */
         const uint64_t half = (uint64_t)n / 2;
@@ -323,9 +326,7 @@ void qwen_pool_stats(int64_t out[6]) {
 /* How many bytes of its next part a waiting thread prefetches at most (0: none). */
 void qwen_pool_set_warm(int64_t bytes) { pool.warm_bytes = bytes > 0 ? bytes : 0; }
 
-int64_t qwen_pool_helper_first(int64_t n, int threads) {
-    return pool.halves_on && threads == 2 && n > 1 && n <= HALF_MAX ? n / 2 : -1;
-}
+int64_t qwen_pool_helper_first(int64_t n, int threads) { return n > 1 && in_halves(n, threads) ? n / 2 : -1; }
 
 /* Claim two threads' jobs in halves (1, as built) or in one counter's order (0; for measurements). */
 void qwen_pool_set_halves(int on) { pool.halves_on = on != 0; }
