@@ -890,6 +890,7 @@ def test_threads_waiting_in_a_token_step_warm_the_next_product(dtype, pool_setti
     parts = 4 * len(model.model.layers) + 1  # each product's successor, a step
     attention = model.model.layers[0].self_attn
     qkv = [attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]
+    rows = model.model.layers[0]._prepared().qkv.rows  # layer 0's q/k/v plan, as the layer step runs it
     logits = {}
     with torch.inference_mode():
         for warm in (0, 4096, kernels.WARM_BYTES):
@@ -911,18 +912,18 @@ def test_threads_waiting_in_a_token_step_warm_the_next_product(dtype, pool_setti
                     break
             assert all(v == 0 for v in by.values()) if warm == 0 else min(by.values()) > 0, (warm, by)
             lib.qwen_pool_expected(expected)
-            assert tuple(expected) == _expected_warming(qkv, attention.q_proj.plan.rows, kernels._sharing)
+            assert tuple(expected) == _expected_warming(qkv, rows, kernels._sharing)
         kernels.configure(0, 4096, claims="counter")
         kernels.TokenStep.for_model(model, caches)(7, 24)
         lib.qwen_pool_expected(expected)
         assert expected[2:] == [0, 0]
-        assert tuple(expected) == _expected_warming(qkv, attention.q_proj.plan.rows, kernels._sharing)
+        assert tuple(expected) == _expected_warming(qkv, rows, kernels._sharing)
         kernels.configure(0, 4096)
         model.lm_head.plan = kernels.Plan("torch")  # the last layer's down projection then warms layer 0's q/k/v
         lib.qwen_pool_expect(None, 0, None, 0)  # so that what follows is the step's own
         kernels.TokenStep.for_model(model, caches)(7, 25)
         lib.qwen_pool_expected(expected)
-        assert tuple(expected) == _expected_warming(qkv, attention.q_proj.plan.rows, kernels._sharing)
+        assert tuple(expected) == _expected_warming(qkv, rows, kernels._sharing)
 
 
 @needs_kernel
@@ -941,10 +942,10 @@ def test_each_product_s_parts_are_where_its_chunks_start(dtype, chunk, pool_sett
     kernels._share(s)
     expected = (ctypes.c_int64 * 4)()
     a, m = layer.self_attn, layer.mlp
-    for which, (weights, plan) in enumerate([([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], a.q_proj.plan),
-                                             ([a.o_proj.weight], a.o_proj.plan),
-                                             ([m.gate_proj.weight, m.up_proj.weight], m.gate_proj.plan),
-                                             ([m.down_proj.weight], m.down_proj.plan)]):
+    for which, (weights, plan) in enumerate([([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], s.qkv),
+                                             ([a.o_proj.weight], s.o),
+                                             ([m.gate_proj.weight, m.up_proj.weight], s.gate_up),
+                                             ([m.down_proj.weight], s.down)]):  # the plans the layer step runs
         kernels._library().qwen_layer_expects(ctypes.byref(s), which, expected)
         assert tuple(expected) == _expected_warming(weights, plan.rows, kernels._sharing), (which, chunk)
 
