@@ -86,9 +86,10 @@ PAIR_VARIANTS = frozenset(v for v, (*_, macros) in VARIANTS.items() if any(m.sta
 DTYPES = (torch.float32, torch.bfloat16)
 #: How a call is shared over threads (measured in benchmarks/bench_contention.py): a job that
 #: reads fewer bytes than SOLO_BYTES is not cut into chunks (one matrix runs on the calling thread alone:
-#: waking a helper would cost more than it saves; a group such as q, k and v is one chunk each); larger ones are cut into chunks that threads claim one at a time, so a
-#: thread that loses its core to another program leaves little undone: about an eighth of each
-#: thread's share, from CHUNK_BYTES up to CHUNK_MAX_BYTES (csrc/gemv.c: larger chunks stream faster).
+#: waking a helper would cost more than it saves; a group such as q, k and v is one chunk each); larger
+#: ones are cut into chunks that threads claim one at a time, so a thread that loses its core to another
+#: program leaves little undone: about an eighth of each thread's share, from CHUNK_BYTES up to
+#: CHUNK_MAX_BYTES (csrc/gemv.h: larger chunks stream faster).
 SOLO_BYTES = 256 * 1024
 CHUNK_BYTES = 64 * 1024
 CHUNK_MAX_BYTES = 1024 * 1024
