@@ -105,6 +105,9 @@ CLAIMS = "halves"
 WARM_BYTES = 2 * 1024 * 1024
 #: The attention step is shared over threads from this many multiply-adds (heads x positions x head_dim).
 SOLO_WORK = 1 << 16
+#: The most rows of x (tokens of a short prompt) that a product takes by the kernels' few-rows walk, which
+#: reads each weight once for all of them (csrc/gemv.c, FEW_MAX in csrc/gemv.h); more go to torch's product.
+FEW_MAX = 16
 #: The largest k ``top_k`` takes (Qwen2.5 samples with top-k 20; past a few hundred, torch's topk wins).
 TOP_K_MAX = 256
 
@@ -224,6 +227,13 @@ def _declared(lib: ctypes.CDLL) -> ctypes.CDLL:
                    + [ctypes.c_int])
     for fn in (lib.qwen_attend_one_f32, lib.qwen_attend_one_bf16):
         fn.argtypes, fn.restype = attend_args, ctypes.c_int
+    few_args = ([ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int64]
+                + [ctypes.c_int] * 2 + [ctypes.c_int64] * 4)
+    lib.few = {}  # variant -> the few-rows product (a short prompt's)
+    for v in lib.variants:
+        fn = getattr(lib, f"qwen_gemm_few_{v}")
+        fn.argtypes, fn.restype = few_args, ctypes.c_int
+        lib.few[v] = fn
     lib.gemv_group = {v: ctypes.cast(getattr(lib, f"qwen_gemv_group_{v}"), ctypes.c_void_p).value
                       for v in lib.variants}  # addresses the layer step calls through
     lib.qwen_layer_step.argtypes, lib.qwen_layer_step.restype = [ctypes.c_void_p], ctypes.c_int
@@ -320,21 +330,24 @@ def variants() -> list[str]:
 
 
 _sharing = {"solo": SOLO_BYTES, "chunk": CHUNK_BYTES, "chunk_max": CHUNK_MAX_BYTES, "solo_work": SOLO_WORK,
-            "tail_split": TAIL_SPLIT, "claims": CLAIMS, "warm": WARM_BYTES}
+            "tail_split": TAIL_SPLIT, "claims": CLAIMS, "warm": WARM_BYTES, "few": FEW_MAX}
 
 
 def configure(solo_bytes: int = SOLO_BYTES, chunk_bytes: int = CHUNK_BYTES, solo_work: int | None = None,
               chunk_max_bytes: int | None = None, tail_split: int = TAIL_SPLIT, claims: str = CLAIMS,
-              warm_bytes: int = WARM_BYTES) -> None:
+              warm_bytes: int = WARM_BYTES, few_rows: int = FEW_MAX) -> None:
     """Change how calls are shared over threads (for tests and measurements; see SOLO_BYTES).
 
     ``solo_work`` defaults to SOLO_WORK, or 0 (share every attention step) when ``solo_bytes`` is 0.
     ``chunk_max_bytes`` defaults to CHUNK_MAX_BYTES with the default ``chunk_bytes``, else to
     ``chunk_bytes`` (every chunk that size, as a test of chunk edges wants). ``tail_split``: see TAIL_SPLIT;
-    ``claims``: see CLAIMS; ``warm_bytes``: see WARM_BYTES.
+    ``claims``: see CLAIMS; ``warm_bytes``: see WARM_BYTES; ``few_rows``: the most rows ``Linear`` gives the
+    few-rows walk, at most FEW_MAX (1: none, every product of several rows by torch).
     """
     if claims not in ("halves", "counter"):
         raise SettingError(f"claims {claims!r} is not 'halves' or 'counter'")
+    if not 1 <= few_rows <= FEW_MAX:
+        raise SettingError(f"few_rows {few_rows!r} is not between 1 and {FEW_MAX}")
     if solo_work is None:
         solo_work = 0 if solo_bytes == 0 else SOLO_WORK
     chunk = max(1, int(chunk_bytes))
@@ -342,7 +355,7 @@ def configure(solo_bytes: int = SOLO_BYTES, chunk_bytes: int = CHUNK_BYTES, solo
         chunk_max_bytes = CHUNK_MAX_BYTES if chunk_bytes == CHUNK_BYTES else chunk
     _sharing.update(solo=int(solo_bytes), chunk=chunk, chunk_max=max(chunk, int(chunk_max_bytes)),
                     solo_work=int(solo_work), tail_split=max(1, int(tail_split)), claims=claims,
-                    warm=max(0, int(warm_bytes)))
+                    warm=max(0, int(warm_bytes)), few=int(few_rows))
     _hand_over_sharing(_library())
 
 
@@ -478,6 +491,59 @@ def _run(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return y
 
 
+def gemm_few(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, plan: Plan = DEFAULT_PLAN
+             ) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for an ``x`` of 1 to FEW_MAX rows (any leading shape), by the C kernel's
+    few-rows walk (csrc/gemv.c): each weight row read from memory once, for every row of ``x``. ``plan`` gives
+    the instruction set and the weight rows walked side by side (up to 4; its prefetch is the one-row
+    product's alone); the same checks as ``gemv``. ``Linear`` walks as its plan says with the widest
+    instruction set this CPU runs (``_few_variant``).
+    """
+    out_features, in_features = weight.shape
+    rows = x.numel() // in_features if x.dim() and x.shape[-1] == in_features else 0
+    if not 1 <= rows <= FEW_MAX or x.dtype != weight.dtype or weight.dtype not in DTYPES:
+        raise ValueError(f"gemm_few takes 1 to {FEW_MAX} rows of {in_features} {weight.dtype} values, got "
+                         f"{tuple(x.shape)} {x.dtype}")
+    if not weight.is_contiguous() or weight.device.type != "cpu":
+        raise ValueError("gemm_few needs a contiguous CPU weight matrix")
+    if plan.variant == "torch" or plan.variant not in variants():
+        raise ValueError(f"gemm_few variant {plan.variant!r} does not run here; this CPU runs {', '.join(variants())}")
+    return _run_few(_library(), x, weight, None if bias is None else bias.contiguous(), plan.rows, plan.variant)
+
+
+def _run_few(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int,
+             variant: str) -> torch.Tensor:
+    """The few-rows call, inputs already checked; ``rows``: the one-row plan's."""
+    out_features, in_features = weight.shape
+    x = x.contiguous()
+    y = x.new_empty(x.shape[:-1] + (out_features,))
+    bf16 = weight.dtype == torch.bfloat16
+    failed = lib.few[variant](bf16, weight.data_ptr(),
+                                   None if bias is None else bias.data_ptr(), y.data_ptr(), out_features, in_features,
+                                   x.data_ptr(), x.numel() // in_features, _threads or num_threads(), rows,
+                                   _sharing["solo"], _sharing["chunk"], _sharing["chunk_max"], _sharing["tail_split"])
+    if failed:
+        raise MemoryError(f"gemm_few: no memory for a float32 copy of {x.numel()} inputs") if failed == -1 else \
+            ValueError(f"gemm_few refused {x.numel() // in_features} rows")
+    return y
+
+
+@functools.lru_cache(maxsize=None)
+def _few_variant(bf16: bool) -> str:
+    """The few-rows walk's instruction set: the widest this CPU runs (several rows of x make it arithmetic as
+    much as streaming; the one-row plan's variant was chosen for streaming alone)."""
+    order = ("avx512bf16", "avx512", "avx2") if bf16 else ("avx512", "avx2")
+    return next(v for v in order if v in variants())
+
+
+def _applies_few(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Can the few-rows walk take ``x`` (2 to ``configure``'s ``few_rows`` rows) with parameter ``w``?"""
+    k = w.shape[-1]
+    return (x.dim() > 0 and x.shape[-1] == k and 2 * k <= x.numel() <= _sharing["few"] * k and x.dtype == w.dtype
+            and w.dtype in DTYPES and not w.is_cuda and not x.is_cuda and w.is_contiguous()
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and available())
+
+
 def _applies(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Can a kernel take ``x`` (one row) with parameter ``w``? Else the torch code runs."""
     return (x.numel() == x.shape[-1] == w.shape[-1] and x.dtype == w.dtype and w.dtype in DTYPES and not w.is_cuda
@@ -486,10 +552,11 @@ def _applies(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` for a CPU: a single row by the C kernel, and a bf16 prompt in float32
-    where the CPU has no bf16 instructions (torch would emulate each product, 3-5x slower).
+    """``nn.Linear`` for a CPU: a single row by the C kernel, a few rows (a short prompt: up to
+    FEW_MAX) by its few-rows walk unless the plan is torch's, and a longer bf16 prompt in float32 where the
+    CPU has no bf16 instructions (torch would emulate each product, 3-5x slower).
 
-    ``use_kernel = False`` keeps the second and drops the first (``matvec="torch"``).
+    ``use_kernel = False`` keeps the last and drops the others (``matvec="torch"``).
     """
 
     use_kernel = True
@@ -497,8 +564,11 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
-        if self.use_kernel and _applies(x, w) and (b is None or b.is_contiguous()):
-            return _run(_library(), x, w, b, self.plan)
+        if self.use_kernel and (b is None or b.is_contiguous()):
+            if _applies(x, w):
+                return _run(_library(), x, w, b, self.plan)
+            if self.plan.variant != "torch" and _applies_few(x, w):  # a short prompt: each weight read once
+                return _run_few(_library(), x, w, b, self.plan.rows, _few_variant(w.dtype == torch.bfloat16))
         if w.dtype == torch.bfloat16 and x.dtype == w.dtype and not w.is_cuda and not native_bf16():
             # bf16 in, float32 sums, bf16 out: what bf16 hardware computes, at float32's speed. The
             # float32 copy of the weight lives for this one product (55 MB at most for 1.5B).
@@ -929,6 +999,17 @@ class TokenStep:
         _step_succeeded(self.lib.qwen_stack_step(self.layers, len(self.prepared), self.kv, self.lengths,
                                                  ctypes.byref(call), ctypes.byref(tail)), pos)
         return _run(self.lib, self.normed, *self.head)[0, 0] if logits is None else logits
+
+
+def few_rows_prompt(model: nn.Module, tokens: int) -> bool:
+    """Does a prompt of ``tokens`` tokens run every product of ``model``'s layers by the few-rows walk (2 to
+    ``configure``'s ``few_rows`` tokens, each such weight's plan one of the kernels')? Its torch operations
+    between the products then belong on one thread, as a token's do (``generation``): torch's OpenMP
+    workers, spinning after a parallel operation, would take the core the kernels' pool needs."""
+    head = getattr(model, "lm_head", None)  # the prompt's last row only: a one-row product
+    return (available() and 2 <= tokens <= _sharing["few"] and in_use(model)
+            and all(m.use_kernel and m.plan.variant != "torch" for m in model.modules()
+                    if isinstance(m, nn.Linear) and m is not head))
 
 
 def in_use(model: nn.Module) -> bool:

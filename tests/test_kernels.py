@@ -86,11 +86,12 @@ def test_wrong_inputs_are_refused_with_a_reason():
 
 
 @needs_kernel
-def test_linear_uses_the_kernel_only_for_one_row_without_gradients(monkeypatch):
+def test_linear_uses_the_kernel_only_for_one_row_without_gradients(monkeypatch, pool_settings):
     layer = runtime.twin(kernels.Linear, nn.Linear(24, 10))
     calls = []
     real = kernels._run
     monkeypatch.setattr(kernels, "_run", lambda *a: calls.append(1) or real(*a))
+    kernels.configure(few_rows=1)  # no few-rows walk (the next test's): several rows go to torch
     with torch.inference_mode():
         layer(torch.randn(1, 1, 24))
         assert len(calls) == 1
@@ -103,6 +104,79 @@ def test_linear_uses_the_kernel_only_for_one_row_without_gradients(monkeypatch):
     x = torch.randn(1, 24, requires_grad=True)  # training or probing gradients: autograd must see it
     layer(x).sum().backward()
     assert x.grad is not None and layer.weight.grad is not None and len(calls) == 1
+
+
+def exact_rows(x, w, b):
+    """The float64 product of the same inputs."""
+    return F.linear(x.double(), w.double(), None if b is None else b.double())
+
+
+def bf16_rows_close(got: torch.Tensor, x, w, b) -> None:
+    """Within one bfloat16 rounding of the exact result, plus what float32 sums of the terms may lose (a
+    result far smaller than its terms, as many are in a long random row, is mostly that)."""
+    exact = exact_rows(x, w, b)
+    terms = F.linear(x.double().abs(), w.double().abs(), None if b is None else b.double().abs())
+    assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -8 + terms * 2 ** -16).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("out_features, in_features", [(1, 1), (5, 31), (13, 33), (130, 4864), (257, 96), (9, 9000)])
+def test_the_few_rows_walk_matches_float64_sums(out_features, in_features, pool_settings):
+    kernels.configure(0, 4096)  # share even small jobs: chunk edges and leftover rows get exercised
+    g = torch.Generator().manual_seed(out_features + in_features)
+    w, b = torch.randn(out_features, in_features, generator=g), torch.randn(out_features, generator=g)
+    for variant in kernels.variants():
+        for rows in (1, 2, 4, 8):  # the one-row plan's walk: side by side, 4 at most
+            for tokens in (1, 2, 3, 4, 5, 7, 8, 9, 16):  # whole blocks of 4 rows of x and leftovers
+                x = torch.randn(1, tokens, in_features, generator=g)
+                plan = kernels.Plan(variant, rows)
+                got = kernels.gemm_few(x, w, b, plan)
+                assert got.shape == (1, tokens, out_features)
+                torch.testing.assert_close(got.double(), exact_rows(x, w, b), rtol=1e-5, atol=1e-5 * in_features ** 0.5,
+                                           msg=f"{plan}, {tokens} rows")
+                wb, xb, bb = w.bfloat16(), x.bfloat16(), b.bfloat16()
+                bf16_rows_close(kernels.gemm_few(xb, wb, bb, plan), xb, wb, bb)
+                bf16_rows_close(kernels.gemm_few(xb, wb, None, plan), xb, wb, None)
+
+
+@needs_kernel
+def test_the_few_rows_walk_takes_1_to_few_max_rows_and_says_why_not():
+    w = torch.randn(4, 8)
+    kernels.gemm_few(torch.randn(kernels.FEW_MAX, 8), w)
+    for x in (torch.randn(kernels.FEW_MAX + 1, 8), torch.randn(0, 8), torch.randn(2, 9), torch.randn(2, 8).double()):
+        with pytest.raises(ValueError, match=f"1 to {kernels.FEW_MAX} rows of 8"):
+            kernels.gemm_few(x, w)
+    with pytest.raises(ValueError, match="does not run here"):
+        kernels.gemm_few(torch.randn(2, 8), w, plan=kernels.Plan("torch"))
+    lib, x, y = kernels._library(), torch.randn(kernels.FEW_MAX + 1, 8), torch.empty(kernels.FEW_MAX + 1, 4)
+    for tokens, rows in ((kernels.FEW_MAX + 1, 1), (0, 1), (2, 3)):  # the C side refuses what it cannot take
+        assert lib.few["avx2"](0, w.data_ptr(), None, y.data_ptr(), 4, 8, x.data_ptr(), tokens, 1, rows,
+                               *(kernels.SOLO_BYTES, kernels.CHUNK_BYTES, kernels.CHUNK_MAX_BYTES, 1)) == -2
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_walks_a_few_rows_once_and_leaves_more_to_torch(dtype, monkeypatch, pool_settings):
+    layer = runtime.twin(kernels.Linear, nn.Linear(96, 130)).to(dtype)
+    calls = []
+    real = kernels._run_few
+    monkeypatch.setattr(kernels, "_run_few", lambda *a: calls.append(a[-1]) or real(*a))
+    with torch.inference_mode():
+        for tokens in (2, kernels.FEW_MAX):
+            x = torch.randn(1, tokens, 96).to(dtype)
+            widest = kernels._few_variant(dtype == torch.bfloat16)
+            assert torch.equal(layer(x), real(kernels._library(), x, layer.weight, layer.bias, layer.plan.rows, widest))
+        assert calls == [kernels._few_variant(dtype == torch.bfloat16)] * 2  # the widest instruction set
+        x = torch.randn(1, kernels.FEW_MAX + 1, 96).to(dtype)
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias)) and len(calls) == 2
+        kernels.configure(few_rows=4)
+        x = torch.randn(1, 5, 96).to(dtype)
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias)) and len(calls) == 2
+        layer.plan = kernels.Plan("torch")  # measured faster by torch here: torch's for every row count
+        x = torch.randn(1, 3, 96).to(dtype)
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias)) and len(calls) == 2
+    with pytest.raises(SettingError, match="few_rows 17 is not between 1 and 16"):
+        kernels.configure(few_rows=17)
 
 
 @needs_kernel

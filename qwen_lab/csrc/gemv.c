@@ -375,3 +375,194 @@ int NAME(qwen_gemv_bf16, VARIANT)(const uint16_t *W, const uint16_t *x16, const 
     return NAME(qwen_gemv_group, VARIANT)(1, 1, w, b, out, &N, K, x16, threads, rows_in_flight, prefetch, solo_bytes,
                                           chunk_bytes, chunk_max, tail_split);
 }
+
+/* ---------------------------------------------------------------- a few rows of x: a short prompt
+ *
+ * Y = X W^T (+ b) for T rows of X (2 to FEW_MAX tokens: the new message of a chat's turn, whose earlier
+ * turns the KV cache kept). torch's matrix products are made for many rows: at a few they stream the
+ * weights at a fraction of the memory's speed (benchmarks/RESULTS.md), and such a prompt, like a token, is
+ * mostly the time its weights take to arrive. Here each weight row is read from memory once and dotted,
+ * while it sits in L1, with every row of X, FEW_TOKENS rows of X at a time, one register of sums each. The
+ * weight rows are walked as the one-row plan for the shape walks them (its `rows` side by side, at most
+ * FEW_ROWS_MAX): one stream per thread where that streams fastest (AMD Zen); past FEW_TOKENS rows of x,
+ * FEW_ROWS_MAX rows side by side, for more sums per vector loaded. Threads share the rows of W in chunks as gemv's do. Each sum is its own
+ * chain over the row, so these products differ from torch's and from the one-row walks' in the last bits
+ * (tests compare them to float64 sums). */
+#define FEW_TOKENS 4
+#if defined(__AVX512F__)
+#define FEW_ROWS_MAX 4
+#elif VEC == 8
+#define FEW_ROWS_MAX 2
+#else
+#define FEW_ROWS_MAX 1 /* 16-wide vectors on AVX2's 16 registers: two registers each */
+#endif
+
+/* R weight rows (row stride K) dotted with TB rows of x (row stride K): out[r * FEW_TOKENS + t]. */
+#define FEW_F32(NAME_, R, TB)                                                                        \
+static inline void NAME_(const float *w, const float *x, int64_t K, float *out) {                    \
+    vf acc[R][TB];                                                                                   \
+    for (int r = 0; r < R; r++) for (int t = 0; t < TB; t++) acc[r][t] = (vf){0};                    \
+    int64_t k = 0;                                                                                   \
+    for (; k + VEC <= K; k += VEC) {                                                                 \
+        vf xv[TB];                                                                                   \
+        for (int t = 0; t < TB; t++) xv[t] = load_f32(x + t * K + k);                                \
+        for (int r = 0; r < R; r++) {                                                                \
+            const vf wv = load_f32(w + r * K + k);                                                   \
+            for (int t = 0; t < TB; t++) acc[r][t] += wv * xv[t];                                    \
+        }                                                                                            \
+    }                                                                                                \
+    for (int r = 0; r < R; r++)                                                                      \
+        for (int t = 0; t < TB; t++) {                                                               \
+            float s = hsum(acc[r][t]);                                                               \
+            for (int64_t i = k; i < K; i++) s += w[r * K + i] * x[t * K + i];                        \
+            out[r * FEW_TOKENS + t] = s;                                                             \
+        }                                                                                            \
+}
+
+#ifdef DPBF16
+/* bf16 rows of x as they are, multiplied in pairs (dot_pairs). */
+#define FEW_BF16(NAME_, R, TB)                                                                       \
+static inline void NAME_(const uint16_t *w, const void *xv_, int64_t K, float *out) {                \
+    const uint16_t *x = xv_;                                                                         \
+    vf acc[R][TB];                                                                                   \
+    for (int r = 0; r < R; r++) for (int t = 0; t < TB; t++) acc[r][t] = (vf){0};                    \
+    int64_t k = 0;                                                                                   \
+    for (; k + 2 * VEC <= K; k += 2 * VEC)                                                           \
+        for (int r = 0; r < R; r++)                                                                  \
+            for (int t = 0; t < TB; t++) acc[r][t] = dot_pairs(acc[r][t], w + r * K + k, x + t * K + k); \
+    for (int r = 0; r < R; r++)                                                                      \
+        for (int t = 0; t < TB; t++) {                                                               \
+            float s = hsum(acc[r][t]);                                                               \
+            for (int64_t i = k; i < K; i++) s += bf16_to_f32(w[r * K + i]) * bf16_to_f32(x[t * K + i]); \
+            out[r * FEW_TOKENS + t] = s;                                                             \
+        }                                                                                            \
+}
+#else
+/* rows of x widened and shuffled (shuffle_x), against the weights widened in pairs (load_bf16_pair). */
+#define FEW_BF16(NAME_, R, TB)                                                                       \
+static inline void NAME_(const uint16_t *w, const void *xv_, int64_t K, float *out) {                \
+    const float *xs = xv_;                                                                           \
+    vf acc[R][TB];                                                                                   \
+    for (int r = 0; r < R; r++) for (int t = 0; t < TB; t++) acc[r][t] = (vf){0};                    \
+    int64_t k = 0;                                                                                   \
+    for (; k + 2 * VEC <= K; k += 2 * VEC) {                                                         \
+        vf xlo[TB], xhi[TB];                                                                         \
+        for (int t = 0; t < TB; t++) xlo[t] = load_f32(xs + t * K + k), xhi[t] = load_f32(xs + t * K + k + VEC); \
+        for (int r = 0; r < R; r++) {                                                                \
+            vf lo, hi;                                                                               \
+            load_bf16_pair(w + r * K + k, &lo, &hi);                                                 \
+            for (int t = 0; t < TB; t++) acc[r][t] += lo * xlo[t] + hi * xhi[t];                     \
+        }                                                                                            \
+    }                                                                                                \
+    for (int r = 0; r < R; r++)                                                                      \
+        for (int t = 0; t < TB; t++) {                                                               \
+            float s = hsum(acc[r][t]);                                                               \
+            for (int64_t i = k; i < K; i++) s += bf16_to_f32(w[r * K + i]) * xs[t * K + i];  /* tail: unshuffled */ \
+            out[r * FEW_TOKENS + t] = s;                                                             \
+        }                                                                                            \
+}
+#endif
+
+/* few_<dtype>[i][tb]: 1 << i weight rows by tb rows of x */
+FEW_F32(few_1x1_f32, 1, 1) FEW_F32(few_1x2_f32, 1, 2) FEW_F32(few_1x3_f32, 1, 3) FEW_F32(few_1x4_f32, 1, 4)
+FEW_BF16(few_1x1_bf16, 1, 1) FEW_BF16(few_1x2_bf16, 1, 2) FEW_BF16(few_1x3_bf16, 1, 3) FEW_BF16(few_1x4_bf16, 1, 4)
+#if FEW_ROWS_MAX >= 2
+FEW_F32(few_2x1_f32, 2, 1) FEW_F32(few_2x2_f32, 2, 2) FEW_F32(few_2x3_f32, 2, 3) FEW_F32(few_2x4_f32, 2, 4)
+FEW_BF16(few_2x1_bf16, 2, 1) FEW_BF16(few_2x2_bf16, 2, 2) FEW_BF16(few_2x3_bf16, 2, 3) FEW_BF16(few_2x4_bf16, 2, 4)
+#endif
+#if FEW_ROWS_MAX >= 4
+FEW_F32(few_4x1_f32, 4, 1) FEW_F32(few_4x2_f32, 4, 2) FEW_F32(few_4x3_f32, 4, 3) FEW_F32(few_4x4_f32, 4, 4)
+FEW_BF16(few_4x1_bf16, 4, 1) FEW_BF16(few_4x2_bf16, 4, 2) FEW_BF16(few_4x3_bf16, 4, 3) FEW_BF16(few_4x4_bf16, 4, 4)
+#endif
+
+typedef void (*few_f32_fn)(const float *, const float *, int64_t, float *);
+typedef void (*few_bf16_fn)(const uint16_t *, const void *, int64_t, float *);
+static const few_f32_fn few_f32[3][FEW_TOKENS + 1] = {
+    {NULL, few_1x1_f32, few_1x2_f32, few_1x3_f32, few_1x4_f32},
+#if FEW_ROWS_MAX >= 2
+    {NULL, few_2x1_f32, few_2x2_f32, few_2x3_f32, few_2x4_f32},
+#endif
+#if FEW_ROWS_MAX >= 4
+    {NULL, few_4x1_f32, few_4x2_f32, few_4x3_f32, few_4x4_f32},
+#endif
+};
+static const few_bf16_fn few_bf16[3][FEW_TOKENS + 1] = {
+    {NULL, few_1x1_bf16, few_1x2_bf16, few_1x3_bf16, few_1x4_bf16},
+#if FEW_ROWS_MAX >= 2
+    {NULL, few_2x1_bf16, few_2x2_bf16, few_2x3_bf16, few_2x4_bf16},
+#endif
+#if FEW_ROWS_MAX >= 4
+    {NULL, few_4x1_bf16, few_4x2_bf16, few_4x3_bf16, few_4x4_bf16},
+#endif
+};
+
+struct few_job {
+    const void *W, *bias, *x;  /* x: T rows; for bf16 weights widened and shuffled, or with DPBF16 as given */
+    void *y;                   /* T rows of N */
+    int64_t N, K, T;
+    int bf16, rows_log2;  /* weight rows side by side: 1 << rows_log2 */
+    struct gemv_layout at;
+};
+
+static void few_chunk(const void *job, int64_t c) {
+    const struct few_job *j = job;
+    int64_t n, end;
+    gemv_chunk_rows(&j->at, c, &n, &end);
+    const int64_t K = j->K, N = j->N, T = j->T;
+    float out[FEW_ROWS_MAX * FEW_TOKENS];
+    for (int64_t r = n; r < end;) {
+        const int i_rows = end - r >= (1 << j->rows_log2) ? j->rows_log2 : 0, R = 1 << i_rows;
+        for (int64_t t0 = 0; t0 < T; t0 += FEW_TOKENS) {
+            const int tb = T - t0 < FEW_TOKENS ? (int)(T - t0) : FEW_TOKENS;
+            if (j->bf16) {
+                const uint16_t *bias = j->bias;
+#ifdef DPBF16
+                const void *x = (const uint16_t *)j->x + t0 * K;
+#else
+                const void *x = (const float *)j->x + t0 * K;
+#endif
+                few_bf16[i_rows][tb]((const uint16_t *)j->W + r * K, x, K, out);
+                for (int i = 0; i < R; i++)
+                    for (int t = 0; t < tb; t++)
+                        ((uint16_t *)j->y)[(t0 + t) * N + r + i] =
+                            f32_to_bf16(out[i * FEW_TOKENS + t] + (bias ? bf16_to_f32(bias[r + i]) : 0.0f));
+            } else {
+                const float *bias = j->bias;
+                few_f32[i_rows][tb]((const float *)j->W + r * K, (const float *)j->x + t0 * K, K, out);
+                for (int i = 0; i < R; i++)
+                    for (int t = 0; t < tb; t++)
+                        ((float *)j->y)[(t0 + t) * N + r + i] = out[i * FEW_TOKENS + t] + (bias ? bias[r + i] : 0.0f);
+            }
+        }
+        r += R;
+    }
+}
+
+/* Y (T x N) = X (T x K) W^T + bias, W row-major (N x K), all float32 or (bf16 = 1) all bfloat16, sums in float32,
+ * Y rounded once; 1 <= T <= FEW_MAX; `rows_in_flight` the one-row plan's (1, 2, 4 or 8; walked as at most
+ * FEW_ROWS_MAX). Returns 0, -1 if memory for the float32 copy of a bf16 X ran out, -2 for a bad T or rows. */
+int NAME(qwen_gemm_few, VARIANT)(int bf16, const void *W, const void *bias, void *y, int64_t N, int64_t K,
+                                 const void *x, int64_t T, int threads, int rows_in_flight, int64_t solo_bytes,
+                                 int64_t chunk_bytes, int64_t chunk_max, int64_t tail_split) {
+    if (T < 1 || T > FEW_MAX || !valid(rows_in_flight)) return -2;
+    /* more rows of x than one pass takes: arithmetic more than streaming, so as many rows side by side as fit */
+    int rows_log2 = T > FEW_TOKENS ? 2 : rows_in_flight >= 4 ? 2 : rows_in_flight == 2;
+    while ((1 << rows_log2) > FEW_ROWS_MAX) rows_log2--;
+    struct few_job job = {.W = W, .bias = bias, .y = y, .N = N, .K = K, .T = T, .bf16 = bf16, .x = x,
+                          .rows_log2 = rows_log2};
+    float *xf = NULL;
+#ifndef DPBF16
+    if (bf16) {
+        xf = (float *)malloc((size_t)(T * K) * sizeof(float));
+        if (!xf) return -1;
+        for (int64_t t = 0; t < T; t++) shuffle_x((const uint16_t *)x + t * K, xf + t * K, K);
+        job.x = xf;
+    }
+#endif
+    /* the rows of W in chunks as gemv's, by bytes of W, whole multiples of the rows walked side by side */
+    gemv_layout(&job.at, 1, &N, K * (bf16 ? 2 : 4), 1 << rows_log2, threads, solo_bytes, chunk_bytes, chunk_max,
+                tail_split);
+    qwen_pool_run(few_chunk, &job, job.at.first[1], threads);
+    free(xf);
+    return 0;
+}

@@ -9,6 +9,9 @@
  * shares all of them over the threads (k and v alone would be too small to share). */
 #define GROUP_MAX 3
 
+/* The most rows of x a product of gemv.c's few-rows walk takes (qwen_gemm_few_*: a short prompt; kernels.FEW_MAX). */
+#define FEW_MAX 16
+
 /* Chunks are whole multiples of rows_in_flight rows: about 1/CHUNKS_PER_THREAD of each thread's share
  * of the job, kept between `chunk_bytes` and `chunk_max` (measured on a 544 MB bf16 product, 2 threads:
  * 64 KB chunks read at 82% of `sum`'s speed, 1 MB chunks at 92%: each chunk costs two contended
