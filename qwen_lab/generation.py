@@ -478,6 +478,14 @@ class _Weights:
             self._release(storage)
 
 
+#: A prompt whose new tokens the kernels' few-rows walk takes (``kernels.few_rows_prompt``) runs torch's
+#: operations on one thread while it has at most this many positions, cached ones included; past them,
+#: attention over the cache makes those operations worth torch's threads. Measured on a 2-core AMD Zen 4
+#: (benchmarks/RESULTS.md, 0.5B bf16, 16 new tokens): with nothing cached one thread was 1.2-1.6x faster; after
+#: 1,500 cached positions it lost (0.86x) where torch's threads tied; at 200 both tied. 256 lies between.
+SHORT_PROMPT_POSITIONS = 256
+
+
 class _Eager:
     """Prefill and decode by the model's own forward, on a KV cache sized for this generation.
 
@@ -505,7 +513,14 @@ class _Eager:
             else "no-cache"
 
     def prefill(self, ids: list[int]) -> torch.Tensor:
-        return _forward(self.model, ids[self.start:], self.caches, self.start, self.prefill_threads)
+        new = ids[self.start:]
+        if (self.caches is not None and len(ids) <= SHORT_PROMPT_POSITIONS
+                and kernels.few_rows_prompt(self.model, len(new))):
+            # a short prompt: its products by the kernels' few-rows walk on their pool, torch's operations
+            # between them on one thread, as a token's (see the class's docstring)
+            self.prefill_threads = self.decode_threads
+            return _forward(self.model, new, self.caches, self.start, 1)
+        return _forward(self.model, new, self.caches, self.start, self.prefill_threads)
 
     def done(self, ids: list[int]) -> None:
         """The generation ended (or failed): ``ids``, from position 0, are whole in the caches."""

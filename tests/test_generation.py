@@ -942,3 +942,33 @@ def test_free_gpu_memory_counts_what_torch_keeps_for_reuse(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 5 << 30)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 << 30)
     assert generation._free_memory(model) == 4 << 30
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the C kernels do not build here")
+def test_a_short_prompt_reads_each_weight_once_and_keeps_torch_on_one_thread(chat, monkeypatch):
+    from qwen_lab import generation
+    model, tokenizer = chat.model, chat.tokenizer
+    config = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=[])
+    walked, torch_threads = [], []
+    real_few, real_forward = kernels._run_few, generation._forward
+    monkeypatch.setattr(kernels, "_run_few", lambda *a: walked.append(1) or real_few(*a))
+    monkeypatch.setattr(generation, "_forward", lambda *a: torch_threads.append(a[-1]) or real_forward(*a))
+    short = tokenizer.encode("The cat sat")  # a chat's short message: 2 to FEW_MAX new tokens
+    assert 2 <= len(short) <= kernels.FEW_MAX
+    fast = generate_stream(model, tokenizer, short, config).result
+    assert walked and torch_threads == [1] and fast.prefill_threads == fast.decode_threads == kernels.num_threads()
+    walked.clear(), torch_threads.clear()
+    try:
+        kernels.configure(few_rows=1)  # the same prompt by torch's products, on the prompt's threads
+        slow = generate_stream(model, tokenizer, short, config).result
+    finally:
+        kernels.configure()
+    assert not walked and torch_threads == [slow.prefill_threads]
+    assert fast.token_ids == slow.token_ids  # sums in another order: the same greedy reply on tiny-chat
+    # past SHORT_PROMPT_POSITIONS (attention over a long cache), torch keeps its threads for the same few rows
+    long = tokenizer.encode("the cat " * generation.SHORT_PROMPT_POSITIONS)[:generation.SHORT_PROMPT_POSITIONS + 1]
+    cache = PromptCache()
+    generate_stream(model, tokenizer, long[:-3], config.replace(max_new_tokens=1), cache=cache).result
+    torch_threads.clear(), walked.clear()
+    again = generate_stream(model, tokenizer, long, config.replace(max_new_tokens=1), cache=cache).result
+    assert again.cached_tokens == len(long) - 3 and walked and torch_threads == [again.prefill_threads]
