@@ -105,9 +105,19 @@ CLAIMS = "halves"
 WARM_BYTES = 2 * 1024 * 1024
 #: The attention step is shared over threads from this many multiply-adds (heads x positions x head_dim).
 SOLO_WORK = 1 << 16
-#: The most rows of x (tokens of a short prompt) that a product takes by the kernels' few-rows walk, which
-#: reads each weight once for all of them (csrc/gemv.c, FEW_MAX in csrc/gemv.h); more go to torch's product.
+#: The most rows of x (tokens of a short prompt) the kernels' few-rows walk can take (csrc/gemv.c: each weight
+#: read once for all of them; FEW_MAX in csrc/gemv.h), and how many ``Linear`` gives it (``configure``'s
+#: ``few_rows``); more go to torch's product. Measured on AMD Zen 4 (benchmarks/bench_prompt.py,
+#: benchmarks/RESULTS.md): up to 8 tokens the walk was ahead of torch's products in every run, both dtypes;
+#: at 16, bf16 went from a tie to 1.16x with the memory's speed.
 FEW_MAX = 16
+FEW_ROWS = 8
+#: How the few-rows walk goes through the weight rows: a row longer than this (a down projection's) 4 side by
+#: side, each vector of x loaded then serving four rows; a shorter one as the one-row plan walks it (on AMD Zen 4,
+#: one at a time). Measured there (one core, cold weights, 2 to 8 rows of x): 896-wide bf16 rows (1.8 KB) one at a
+#: time 13-28 GB/s against 8-11 four at a time; 4864-wide (9.7 KB) four at a time 23-33 against 12-34
+#: (benchmarks/RESULTS.md).
+FEW_LONG_ROW_BYTES = 4096
 #: The largest k ``top_k`` takes (Qwen2.5 samples with top-k 20; past a few hundred, torch's topk wins).
 TOP_K_MAX = 256
 
@@ -330,19 +340,19 @@ def variants() -> list[str]:
 
 
 _sharing = {"solo": SOLO_BYTES, "chunk": CHUNK_BYTES, "chunk_max": CHUNK_MAX_BYTES, "solo_work": SOLO_WORK,
-            "tail_split": TAIL_SPLIT, "claims": CLAIMS, "warm": WARM_BYTES, "few": FEW_MAX}
+            "tail_split": TAIL_SPLIT, "claims": CLAIMS, "warm": WARM_BYTES, "few": FEW_ROWS}
 
 
 def configure(solo_bytes: int = SOLO_BYTES, chunk_bytes: int = CHUNK_BYTES, solo_work: int | None = None,
               chunk_max_bytes: int | None = None, tail_split: int = TAIL_SPLIT, claims: str = CLAIMS,
-              warm_bytes: int = WARM_BYTES, few_rows: int = FEW_MAX) -> None:
+              warm_bytes: int = WARM_BYTES, few_rows: int = FEW_ROWS) -> None:
     """Change how calls are shared over threads (for tests and measurements; see SOLO_BYTES).
 
     ``solo_work`` defaults to SOLO_WORK, or 0 (share every attention step) when ``solo_bytes`` is 0.
     ``chunk_max_bytes`` defaults to CHUNK_MAX_BYTES with the default ``chunk_bytes``, else to
     ``chunk_bytes`` (every chunk that size, as a test of chunk edges wants). ``tail_split``: see TAIL_SPLIT;
     ``claims``: see CLAIMS; ``warm_bytes``: see WARM_BYTES; ``few_rows``: the most rows ``Linear`` gives the
-    few-rows walk, at most FEW_MAX (1: none, every product of several rows by torch).
+    few-rows walk (FEW_ROWS), at most FEW_MAX (1: none, every product of several rows by torch).
     """
     if claims not in ("halves", "counter"):
         raise SettingError(f"claims {claims!r} is not 'halves' or 'counter'")
@@ -553,7 +563,7 @@ def _applies(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 class Linear(nn.Linear):
     """``nn.Linear`` for a CPU: a single row by the C kernel, a few rows (a short prompt: up to
-    FEW_MAX) by its few-rows walk unless the plan is torch's, and a longer bf16 prompt in float32 where the
+    FEW_ROWS) by its few-rows walk unless the plan is torch's, and a longer bf16 prompt in float32 where the
     CPU has no bf16 instructions (torch would emulate each product, 3-5x slower).
 
     ``use_kernel = False`` keeps the last and drops the others (``matvec="torch"``).
@@ -568,7 +578,8 @@ class Linear(nn.Linear):
             if _applies(x, w):
                 return _run(_library(), x, w, b, self.plan)
             if self.plan.variant != "torch" and _applies_few(x, w):  # a short prompt: each weight read once
-                return _run_few(_library(), x, w, b, self.plan.rows, _few_variant(w.dtype == torch.bfloat16))
+                rows = 4 if w.shape[1] * w.element_size() > FEW_LONG_ROW_BYTES else self.plan.rows
+                return _run_few(_library(), x, w, b, rows, _few_variant(w.dtype == torch.bfloat16))
         if w.dtype == torch.bfloat16 and x.dtype == w.dtype and not w.is_cuda and not native_bf16():
             # bf16 in, float32 sums, bf16 out: what bf16 hardware computes, at float32's speed. The
             # float32 copy of the weight lives for this one product (55 MB at most for 1.5B).
@@ -1008,7 +1019,7 @@ def few_rows_prompt(model: nn.Module, tokens: int) -> bool:
     workers, spinning after a parallel operation, would take the core the kernels' pool needs."""
     head = getattr(model, "lm_head", None)  # the prompt's last row only: a one-row product
     return (available() and 2 <= tokens <= _sharing["few"] and in_use(model)
-            and all(m.use_kernel and m.plan.variant != "torch" for m in model.modules()
+            and all(isinstance(m, Linear) and m.use_kernel and m.plan.variant != "torch" for m in model.modules()
                     if isinstance(m, nn.Linear) and m is not head))
 
 

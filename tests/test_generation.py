@@ -953,8 +953,8 @@ def test_a_short_prompt_reads_each_weight_once_and_keeps_torch_on_one_thread(cha
     real_few, real_forward = kernels._run_few, generation._forward
     monkeypatch.setattr(kernels, "_run_few", lambda *a: walked.append(1) or real_few(*a))
     monkeypatch.setattr(generation, "_forward", lambda *a: torch_threads.append(a[-1]) or real_forward(*a))
-    short = tokenizer.encode("The cat sat")  # a chat's short message: 2 to FEW_MAX new tokens
-    assert 2 <= len(short) <= kernels.FEW_MAX
+    short = tokenizer.encode("The cat sat")  # a chat's short message: 2 to FEW_ROWS new tokens
+    assert 2 <= len(short) <= kernels.FEW_ROWS
     fast = generate_stream(model, tokenizer, short, config).result
     assert walked and torch_threads == [1] and fast.prefill_threads == fast.decode_threads == kernels.num_threads()
     walked.clear(), torch_threads.clear()

@@ -162,19 +162,24 @@ def test_linear_walks_a_few_rows_once_and_leaves_more_to_torch(dtype, monkeypatc
     real = kernels._run_few
     monkeypatch.setattr(kernels, "_run_few", lambda *a: calls.append(a[-1]) or real(*a))
     with torch.inference_mode():
-        for tokens in (2, kernels.FEW_MAX):
+        for tokens in (2, kernels.FEW_ROWS):
             x = torch.randn(1, tokens, 96).to(dtype)
             widest = kernels._few_variant(dtype == torch.bfloat16)
             assert torch.equal(layer(x), real(kernels._library(), x, layer.weight, layer.bias, layer.plan.rows, widest))
         assert calls == [kernels._few_variant(dtype == torch.bfloat16)] * 2  # the widest instruction set
-        x = torch.randn(1, kernels.FEW_MAX + 1, 96).to(dtype)
+        assert layer.plan.rows == 1 and kernels.FEW_LONG_ROW_BYTES < 4864 * 2  # short rows: the plan's walk
+        x = torch.randn(1, kernels.FEW_ROWS + 1, 96).to(dtype)
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias)) and len(calls) == 2
+        kernels.configure(few_rows=kernels.FEW_MAX)
+        x = torch.randn(1, kernels.FEW_MAX, 96).to(dtype)
+        layer(x)
+        assert len(calls) == 3
         kernels.configure(few_rows=4)
         x = torch.randn(1, 5, 96).to(dtype)
-        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias)) and len(calls) == 2
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias)) and len(calls) == 3
         layer.plan = kernels.Plan("torch")  # measured faster by torch here: torch's for every row count
         x = torch.randn(1, 3, 96).to(dtype)
-        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias)) and len(calls) == 2
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias)) and len(calls) == 3
     with pytest.raises(SettingError, match="few_rows 17 is not between 1 and 16"):
         kernels.configure(few_rows=17)
 

@@ -382,12 +382,12 @@ int NAME(qwen_gemv_bf16, VARIANT)(const uint16_t *W, const uint16_t *x16, const 
  * turns the KV cache kept). torch's matrix products are made for many rows: at a few they stream the
  * weights at a fraction of the memory's speed (benchmarks/RESULTS.md), and such a prompt, like a token, is
  * mostly the time its weights take to arrive. Here each weight row is read from memory once and dotted,
- * while it sits in L1, with every row of X, FEW_TOKENS rows of X at a time, one register of sums each. The
- * weight rows are walked as the one-row plan for the shape walks them (its `rows` side by side, at most
- * FEW_ROWS_MAX): one stream per thread where that streams fastest (AMD Zen); past FEW_TOKENS rows of x,
- * FEW_ROWS_MAX rows side by side, for more sums per vector loaded. Threads share the rows of W in chunks as gemv's do. Each sum is its own
- * chain over the row, so these products differ from torch's and from the one-row walks' in the last bits
- * (tests compare them to float64 sums). */
+ * while it sits in L1, with every row of X, FEW_TOKENS rows of X at a time (FEW_ACC: registers of sums per
+ * pair of rows). The weight rows are walked `rows_in_flight` side by side (at most FEW_ROWS_MAX; kernels.Linear
+ * chooses: one at a time for short rows on AMD Zen, whose prefetchers follow one stream best, four for long
+ * ones, where each vector of x loaded then serves four rows). Threads share the rows of W in chunks as gemv's
+ * do. The sums run in another order than torch's and the one-row walks', so the products differ from theirs
+ * in the last bits (tests compare them to float64 sums). */
 #define FEW_TOKENS 4
 #if defined(__AVX512F__)
 #define FEW_ROWS_MAX 4
@@ -397,23 +397,40 @@ int NAME(qwen_gemv_bf16, VARIANT)(const uint16_t *W, const uint16_t *x16, const 
 #define FEW_ROWS_MAX 1 /* 16-wide vectors on AVX2's 16 registers: two registers each */
 #endif
 
-/* R weight rows (row stride K) dotted with TB rows of x (row stride K): out[r * FEW_TOKENS + t]. */
+/* R weight rows (row stride K) dotted with TB rows of x (row stride K): out[r * FEW_TOKENS + t]. ACC sums per
+ * row of each, over alternate steps of the row, so that at least 8 chains of multiply-adds run side by side
+ * (FEW_ACC): a single chain waits on each add's latency (one row of x through one weight row: half the one-row
+ * walk's speed from L2, AMD Zen 4). */
+#define FEW_ACC(R, TB) ((R) * (TB) >= 8 ? 1 : (R) * (TB) >= 4 ? 2 : (R) * (TB) >= 2 ? 4 : 8)
+
 #define FEW_F32(NAME_, R, TB)                                                                        \
 static inline void NAME_(const float *w, const float *x, int64_t K, float *out) {                    \
-    vf acc[R][TB];                                                                                   \
-    for (int r = 0; r < R; r++) for (int t = 0; t < TB; t++) acc[r][t] = (vf){0};                    \
+    enum { ACC = FEW_ACC(R, TB) };                                                                   \
+    vf acc[R][TB][ACC];                                                                              \
+    for (int r = 0; r < R; r++) for (int t = 0; t < TB; t++) for (int a = 0; a < ACC; a++) acc[r][t][a] = (vf){0}; \
     int64_t k = 0;                                                                                   \
+    for (; k + VEC * ACC <= K; k += VEC * ACC)                                                       \
+        for (int a = 0; a < ACC; a++) {                                                              \
+            vf xv[TB];                                                                               \
+            for (int t = 0; t < TB; t++) xv[t] = load_f32(x + t * K + k + a * VEC);                  \
+            for (int r = 0; r < R; r++) {                                                            \
+                const vf wv = load_f32(w + r * K + k + a * VEC);                                     \
+                for (int t = 0; t < TB; t++) acc[r][t][a] += wv * xv[t];                             \
+            }                                                                                        \
+        }                                                                                            \
     for (; k + VEC <= K; k += VEC) {                                                                 \
         vf xv[TB];                                                                                   \
         for (int t = 0; t < TB; t++) xv[t] = load_f32(x + t * K + k);                                \
         for (int r = 0; r < R; r++) {                                                                \
             const vf wv = load_f32(w + r * K + k);                                                   \
-            for (int t = 0; t < TB; t++) acc[r][t] += wv * xv[t];                                    \
+            for (int t = 0; t < TB; t++) acc[r][t][0] += wv * xv[t];                                 \
         }                                                                                            \
     }                                                                                                \
     for (int r = 0; r < R; r++)                                                                      \
         for (int t = 0; t < TB; t++) {                                                               \
-            float s = hsum(acc[r][t]);                                                               \
+            vf total = acc[r][t][0];                                                                 \
+            for (int a = 1; a < ACC; a++) total += acc[r][t][a];                                     \
+            float s = hsum(total);                                                                   \
             for (int64_t i = k; i < K; i++) s += w[r * K + i] * x[t * K + i];                        \
             out[r * FEW_TOKENS + t] = s;                                                             \
         }                                                                                            \
@@ -423,16 +440,24 @@ static inline void NAME_(const float *w, const float *x, int64_t K, float *out) 
 /* bf16 rows of x as they are, multiplied in pairs (dot_pairs). */
 #define FEW_BF16(NAME_, R, TB)                                                                       \
 static inline void NAME_(const uint16_t *w, const void *xv_, int64_t K, float *out) {                \
+    enum { ACC = FEW_ACC(R, TB) };                                                                   \
     const uint16_t *x = xv_;                                                                         \
-    vf acc[R][TB];                                                                                   \
-    for (int r = 0; r < R; r++) for (int t = 0; t < TB; t++) acc[r][t] = (vf){0};                    \
+    vf acc[R][TB][ACC];                                                                              \
+    for (int r = 0; r < R; r++) for (int t = 0; t < TB; t++) for (int a = 0; a < ACC; a++) acc[r][t][a] = (vf){0}; \
     int64_t k = 0;                                                                                   \
+    for (; k + 2 * VEC * ACC <= K; k += 2 * VEC * ACC)                                               \
+        for (int a = 0; a < ACC; a++)                                                                \
+            for (int r = 0; r < R; r++)                                                              \
+                for (int t = 0; t < TB; t++)                                                         \
+                    acc[r][t][a] = dot_pairs(acc[r][t][a], w + r * K + k + 2 * VEC * a, x + t * K + k + 2 * VEC * a); \
     for (; k + 2 * VEC <= K; k += 2 * VEC)                                                           \
         for (int r = 0; r < R; r++)                                                                  \
-            for (int t = 0; t < TB; t++) acc[r][t] = dot_pairs(acc[r][t], w + r * K + k, x + t * K + k); \
+            for (int t = 0; t < TB; t++) acc[r][t][0] = dot_pairs(acc[r][t][0], w + r * K + k, x + t * K + k); \
     for (int r = 0; r < R; r++)                                                                      \
         for (int t = 0; t < TB; t++) {                                                               \
-            float s = hsum(acc[r][t]);                                                               \
+            vf total = acc[r][t][0];                                                                 \
+            for (int a = 1; a < ACC; a++) total += acc[r][t][a];                                     \
+            float s = hsum(total);                                                                   \
             for (int64_t i = k; i < K; i++) s += bf16_to_f32(w[r * K + i]) * bf16_to_f32(x[t * K + i]); \
             out[r * FEW_TOKENS + t] = s;                                                             \
         }                                                                                            \
@@ -441,22 +466,33 @@ static inline void NAME_(const uint16_t *w, const void *xv_, int64_t K, float *o
 /* rows of x widened and shuffled (shuffle_x), against the weights widened in pairs (load_bf16_pair). */
 #define FEW_BF16(NAME_, R, TB)                                                                       \
 static inline void NAME_(const uint16_t *w, const void *xv_, int64_t K, float *out) {                \
+    enum { ACC = FEW_ACC(R, TB) };                                                                   \
     const float *xs = xv_;                                                                           \
-    vf acc[R][TB];                                                                                   \
-    for (int r = 0; r < R; r++) for (int t = 0; t < TB; t++) acc[r][t] = (vf){0};                    \
+    vf acc[R][TB][ACC];                                                                              \
+    for (int r = 0; r < R; r++) for (int t = 0; t < TB; t++) for (int a = 0; a < ACC; a++) acc[r][t][a] = (vf){0}; \
     int64_t k = 0;                                                                                   \
-    for (; k + 2 * VEC <= K; k += 2 * VEC) {                                                         \
-        vf xlo[TB], xhi[TB];                                                                         \
-        for (int t = 0; t < TB; t++) xlo[t] = load_f32(xs + t * K + k), xhi[t] = load_f32(xs + t * K + k + VEC); \
+    for (; k + 2 * VEC * ACC <= K; k += 2 * VEC * ACC)                                               \
+        for (int a = 0; a < ACC; a++) {                                                              \
+            const int64_t at = k + 2 * VEC * a;                                                      \
+            for (int r = 0; r < R; r++) {                                                            \
+                vf lo, hi;                                                                           \
+                load_bf16_pair(w + r * K + at, &lo, &hi);                                            \
+                for (int t = 0; t < TB; t++)                                                         \
+                    acc[r][t][a] += lo * load_f32(xs + t * K + at) + hi * load_f32(xs + t * K + at + VEC); \
+            }                                                                                        \
+        }                                                                                            \
+    for (; k + 2 * VEC <= K; k += 2 * VEC)                                                           \
         for (int r = 0; r < R; r++) {                                                                \
             vf lo, hi;                                                                               \
             load_bf16_pair(w + r * K + k, &lo, &hi);                                                 \
-            for (int t = 0; t < TB; t++) acc[r][t] += lo * xlo[t] + hi * xhi[t];                     \
+            for (int t = 0; t < TB; t++)                                                             \
+                acc[r][t][0] += lo * load_f32(xs + t * K + k) + hi * load_f32(xs + t * K + k + VEC); \
         }                                                                                            \
-    }                                                                                                \
     for (int r = 0; r < R; r++)                                                                      \
         for (int t = 0; t < TB; t++) {                                                               \
-            float s = hsum(acc[r][t]);                                                               \
+            vf total = acc[r][t][0];                                                                 \
+            for (int a = 1; a < ACC; a++) total += acc[r][t][a];                                     \
+            float s = hsum(total);                                                                   \
             for (int64_t i = k; i < K; i++) s += bf16_to_f32(w[r * K + i]) * xs[t * K + i];  /* tail: unshuffled */ \
             out[r * FEW_TOKENS + t] = s;                                                             \
         }                                                                                            \
@@ -545,8 +581,7 @@ int NAME(qwen_gemm_few, VARIANT)(int bf16, const void *W, const void *bias, void
                                  const void *x, int64_t T, int threads, int rows_in_flight, int64_t solo_bytes,
                                  int64_t chunk_bytes, int64_t chunk_max, int64_t tail_split) {
     if (T < 1 || T > FEW_MAX || !valid(rows_in_flight)) return -2;
-    /* more rows of x than one pass takes: arithmetic more than streaming, so as many rows side by side as fit */
-    int rows_log2 = T > FEW_TOKENS ? 2 : rows_in_flight >= 4 ? 2 : rows_in_flight == 2;
+    int rows_log2 = rows_in_flight >= 4 ? 2 : rows_in_flight == 2;
     while ((1 << rows_log2) > FEW_ROWS_MAX) rows_log2--;
     struct few_job job = {.W = W, .bias = bias, .y = y, .N = N, .K = K, .T = T, .bf16 = bf16, .x = x,
                           .rows_log2 = rows_log2};
