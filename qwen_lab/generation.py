@@ -478,11 +478,11 @@ class _Weights:
             self._release(storage)
 
 
-#: A prompt whose new tokens the kernels' few-rows walk takes (``kernels.few_rows_prompt``) runs torch's
-#: operations on one thread while it has at most this many positions, cached ones included; past them,
-#: attention over the cache makes those operations worth torch's threads. Measured on a 2-core AMD Zen 4
-#: (benchmarks/RESULTS.md, 0.5B bf16, 16 new tokens): with nothing cached one thread was 1.2-1.6x faster; after
-#: 1,500 cached positions it lost (0.86x) where torch's threads tied; at 200 both tied. 256 lies between.
+#: A prompt whose new tokens the kernels' few-rows walk can take (``kernels.few_rows_prompt``) runs so, with
+#: torch's operations between its products on one thread, while it has at most this many positions, cached
+#: ones included; past them, attention over the cache wants torch's threads, whose spinning workers slow the
+#: walk, and torch's products run as before. Measured on a 2-core AMD Zen 4 (benchmarks/bench_prompt.py,
+#: benchmarks/RESULTS.md): after 200 cached positions the walk was ahead, after 1,500 it was not.
 SHORT_PROMPT_POSITIONS = 256
 
 
@@ -514,12 +514,14 @@ class _Eager:
 
     def prefill(self, ids: list[int]) -> torch.Tensor:
         new = ids[self.start:]
-        if (self.caches is not None and len(ids) <= SHORT_PROMPT_POSITIONS
-                and kernels.few_rows_prompt(self.model, len(new))):
-            # a short prompt: its products by the kernels' few-rows walk on their pool, torch's operations
-            # between them on one thread, as a token's (see the class's docstring)
-            self.prefill_threads = self.decode_threads
-            return _forward(self.model, new, self.caches, self.start, 1)
+        if self.caches is not None and kernels.few_rows_prompt(self.model, len(new)):
+            if len(ids) <= SHORT_PROMPT_POSITIONS:
+                # a short prompt: its products by the kernels' few-rows walk on their pool, torch's operations
+                # between them on one thread, as a token's (see the class's docstring)
+                self.prefill_threads = self.decode_threads
+                return _forward(self.model, new, self.caches, self.start, 1)
+            with kernels.few_rows_off():  # after a long cache: torch's products, its threads for the attention
+                return _forward(self.model, new, self.caches, self.start, self.prefill_threads)
         return _forward(self.model, new, self.caches, self.start, self.prefill_threads)
 
     def done(self, ids: list[int]) -> None:

@@ -49,6 +49,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -546,10 +547,26 @@ def _few_variant(bf16: bool) -> str:
     return next(v for v in order if v in variants())
 
 
+_here = threading.local()  # few_rows_off's mark, for the calling thread alone
+
+
+@contextlib.contextmanager
+def few_rows_off():
+    """Within the block, this thread's products of several rows go to torch (``generation``: a prompt after a
+    long cache, whose attention wants torch's threads, and torch's spinning workers would slow the walk)."""
+    before = getattr(_here, "few_off", False)
+    _here.few_off = True
+    try:
+        yield
+    finally:
+        _here.few_off = before
+
+
 def _applies_few(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Can the few-rows walk take ``x`` (2 to ``configure``'s ``few_rows`` rows) with parameter ``w``?"""
     k = w.shape[-1]
-    return (x.dim() > 0 and x.shape[-1] == k and 2 * k <= x.numel() <= _sharing["few"] * k and x.dtype == w.dtype
+    return (x.dim() > 0 and x.shape[-1] == k and 2 * k <= x.numel() <= _sharing["few"] * k
+            and not getattr(_here, "few_off", False) and x.dtype == w.dtype
             and w.dtype in DTYPES and not w.is_cuda and not x.is_cuda and w.is_contiguous()
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and available())
 

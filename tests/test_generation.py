@@ -965,10 +965,20 @@ def test_a_short_prompt_reads_each_weight_once_and_keeps_torch_on_one_thread(cha
         kernels.configure()
     assert not walked and torch_threads == [slow.prefill_threads]
     assert fast.token_ids == slow.token_ids  # sums in another order: the same greedy reply on tiny-chat
-    # past SHORT_PROMPT_POSITIONS (attention over a long cache), torch keeps its threads for the same few rows
+    # past SHORT_PROMPT_POSITIONS (attention over a long cache): torch's products on its threads, as before
     long = tokenizer.encode("the cat " * generation.SHORT_PROMPT_POSITIONS)[:generation.SHORT_PROMPT_POSITIONS + 1]
     cache = PromptCache()
     generate_stream(model, tokenizer, long[:-3], config.replace(max_new_tokens=1), cache=cache).result
     torch_threads.clear(), walked.clear()
     again = generate_stream(model, tokenizer, long, config.replace(max_new_tokens=1), cache=cache).result
-    assert again.cached_tokens == len(long) - 3 and walked and torch_threads == [again.prefill_threads]
+    assert again.cached_tokens == len(long) - 3 and not walked and torch_threads == [again.prefill_threads]
+    x = torch.randn(1, 3, model.config.hidden_size)
+    layer = model.model.layers[0].mlp.gate_proj
+    with kernels.few_rows_off():  # for this thread alone, and only within the block
+        seen = []
+        other = threading.Thread(target=lambda: seen.append(layer(x)))
+        other.start(), other.join()
+        layer(x)
+    assert len(walked) == 1 and seen  # the other thread's product walked
+    layer(x)
+    assert len(walked) == 2
