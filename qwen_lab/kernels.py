@@ -109,16 +109,17 @@ SOLO_WORK = 1 << 16
 #: The most rows of x (tokens of a short prompt) the kernels' few-rows walk can take (csrc/gemv.c: each weight
 #: read once for all of them; FEW_MAX in csrc/gemv.h), and how many ``Linear`` gives it (``configure``'s
 #: ``few_rows``); more go to torch's product. Measured on AMD Zen 4 (benchmarks/bench_prompt.py,
-#: benchmarks/RESULTS.md): up to 8 tokens the walk was ahead of torch's products in every run, both dtypes;
-#: at 16, bf16 went from a tie to 1.16x with the memory's speed.
+#: benchmarks/RESULTS.md): up to 8 tokens the walk was ahead of torch's products by 8% or more in every run
+#: (0.5B and 1.5B shapes, both dtypes); at 12 and 16, by 1-15% in bf16.
 FEW_MAX = 16
 FEW_ROWS = 8
-#: How the few-rows walk goes through the weight rows: a row longer than this (a down projection's) 4 side by
-#: side, each vector of x loaded then serving four rows; a shorter one as the one-row plan walks it (on AMD Zen 4,
-#: one at a time). Measured there (one core, cold weights, 2 to 8 rows of x): 896-wide bf16 rows (1.8 KB) one at a
-#: time 13-28 GB/s against 8-11 four at a time; 4864-wide (9.7 KB) four at a time 23-33 against 12-34
-#: (benchmarks/RESULTS.md).
-FEW_LONG_ROW_BYTES = 4096
+#: How the few-rows walk goes through the weight rows: where the rows of x it dots them with hold more than
+#: this many bytes (rows of x times a weight row's bytes), 4 weight rows side by side, each vector of x loaded
+#: then serving four of them; else as the one-row plan walks them (on AMD Zen 4, one at a time, one stream per
+#: thread). Measured there (C harness, 2 threads, cold bf16 weights, GB/s, one at a time against four side by
+#: side): 896-wide rows, 2 to 8 rows of x (3.6-14 KB) 21-47 against 16-22; 1536-wide, 2 and 4 rows of x (6-12 KB)
+#: 27-34 against 24-27, 8 rows (24 KB) 15 against 18-20; 4864-wide, 4 and 8 rows (39-78 KB) 12-19 against 23-29.
+FEW_X_BYTES = 16 * 1024
 #: The largest k ``top_k`` takes (Qwen2.5 samples with top-k 20; past a few hundred, torch's topk wins).
 TOP_K_MAX = 256
 
@@ -507,8 +508,8 @@ def gemm_few(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     """``F.linear(x, weight, bias)`` for an ``x`` of 1 to FEW_MAX rows (any leading shape), by the C kernel's
     few-rows walk (csrc/gemv.c): each weight row read from memory once, for every row of ``x``. ``plan`` gives
     the instruction set and the weight rows walked side by side (up to 4; its prefetch is the one-row
-    product's alone); the same checks as ``gemv``. ``Linear`` walks as its plan says with the widest
-    instruction set this CPU runs (``_few_variant``).
+    product's alone); the same checks as ``gemv``. ``Linear`` walks 4 weight rows side by side past FEW_X_BYTES
+    of x, else as its plan does, with the widest instruction set this CPU runs (``_few_variant``).
     """
     out_features, in_features = weight.shape
     rows = x.numel() // in_features if x.dim() and x.shape[-1] == in_features else 0
@@ -524,15 +525,15 @@ def gemm_few(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
 
 def _run_few(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int,
              variant: str) -> torch.Tensor:
-    """The few-rows call, inputs already checked; ``rows``: the one-row plan's."""
+    """The few-rows call, inputs already checked; ``rows``: weight rows walked side by side."""
     out_features, in_features = weight.shape
     x = x.contiguous()
     y = x.new_empty(x.shape[:-1] + (out_features,))
     bf16 = weight.dtype == torch.bfloat16
-    failed = lib.few[variant](bf16, weight.data_ptr(),
-                                   None if bias is None else bias.data_ptr(), y.data_ptr(), out_features, in_features,
-                                   x.data_ptr(), x.numel() // in_features, _threads or num_threads(), rows,
-                                   _sharing["solo"], _sharing["chunk"], _sharing["chunk_max"], _sharing["tail_split"])
+    failed = lib.few[variant](bf16, weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+                              out_features, in_features, x.data_ptr(), x.numel() // in_features,
+                              _threads or num_threads(), rows, _sharing["solo"], _sharing["chunk"],
+                              _sharing["chunk_max"], _sharing["tail_split"])
     if failed:
         raise MemoryError(f"gemm_few: no memory for a float32 copy of {x.numel()} inputs") if failed == -1 else \
             ValueError(f"gemm_few refused {x.numel() // in_features} rows")
@@ -595,7 +596,7 @@ class Linear(nn.Linear):
             if _applies(x, w):
                 return _run(_library(), x, w, b, self.plan)
             if self.plan.variant != "torch" and _applies_few(x, w):  # a short prompt: each weight read once
-                rows = 4 if w.shape[1] * w.element_size() > FEW_LONG_ROW_BYTES else self.plan.rows
+                rows = 4 if x.numel() * w.element_size() > FEW_X_BYTES else self.plan.rows
                 return _run_few(_library(), x, w, b, rows, _few_variant(w.dtype == torch.bfloat16))
         if w.dtype == torch.bfloat16 and x.dtype == w.dtype and not w.is_cuda and not native_bf16():
             # bf16 in, float32 sums, bf16 out: what bf16 hardware computes, at float32's speed. The

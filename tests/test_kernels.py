@@ -167,7 +167,7 @@ def test_linear_walks_a_few_rows_once_and_leaves_more_to_torch(dtype, monkeypatc
             widest = kernels._few_variant(dtype == torch.bfloat16)
             assert torch.equal(layer(x), real(kernels._library(), x, layer.weight, layer.bias, layer.plan.rows, widest))
         assert calls == [kernels._few_variant(dtype == torch.bfloat16)] * 2  # the widest instruction set
-        assert layer.plan.rows == 1 and kernels.FEW_LONG_ROW_BYTES < 4864 * 2  # short rows: the plan's walk
+        assert layer.plan.rows == 1 and kernels.FEW_ROWS * 96 * 4 <= kernels.FEW_X_BYTES  # the plan's walk
         x = torch.randn(1, kernels.FEW_ROWS + 1, 96).to(dtype)
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias)) and len(calls) == 2
         kernels.configure(few_rows=kernels.FEW_MAX)

@@ -384,10 +384,10 @@ int NAME(qwen_gemv_bf16, VARIANT)(const uint16_t *W, const uint16_t *x16, const 
  * mostly the time its weights take to arrive. Here each weight row is read from memory once and dotted,
  * while it sits in L1, with every row of X, FEW_TOKENS rows of X at a time (FEW_ACC: registers of sums per
  * pair of rows). The weight rows are walked `rows_in_flight` side by side (at most FEW_ROWS_MAX; kernels.Linear
- * chooses: one at a time for short rows on AMD Zen, whose prefetchers follow one stream best, four for long
- * ones, where each vector of x loaded then serves four rows). Threads share the rows of W in chunks as gemv's
- * do. The sums run in another order than torch's and the one-row walks', so the products differ from theirs
- * in the last bits (tests compare them to float64 sums). */
+ * chooses: four where the rows of x are long or many, each vector of x loaded then serving four weight rows,
+ * else as the one-row plan, one at a time on AMD Zen, whose prefetchers follow one stream best). Threads share
+ * the rows of W in chunks as gemv's do. The sums run in another order than torch's and the one-row walks', so
+ * the products differ from theirs in the last bits (tests compare them to float64 sums). */
 #define FEW_TOKENS 4
 #if defined(__AVX512F__)
 #define FEW_ROWS_MAX 4
