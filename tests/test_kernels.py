@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen_lab import kernels, layers, runtime
+from qwen_lab import kernels, layers, runtime, threads
 from qwen_lab.errors import SettingError
 from qwen_lab.generation import GenerationConfig, generate_stream
 from qwen_lab.hub import resolve
@@ -977,7 +977,8 @@ def test_threads_waiting_in_a_token_step_warm_the_next_product(dtype, pool_setti
             by = {"warmed_by_callers": 0, "warmed_by_helpers": 0}
             for _ in range(50):  # on a busy machine the helper may come after every short job of some steps
                 caches = model.new_caches(1, 64)
-                model(torch.tensor([[5, 17, 300, 42]]), caches, 0)
+                with threads.torch_threads(1):  # as generation runs a short prompt: no torch worker left spinning
+                    model(torch.tensor([[5, 17, 300, 42]]), caches, 0)
                 step = kernels.TokenStep.for_model(model, caches)
                 before = kernels.pool_stats()
                 got = [step((pos * 37) % 2048, pos) for pos in range(4, 24)]

@@ -205,7 +205,10 @@ static void *worker_main(void *arg) {
     is_helper = 1;
     uint32_t seen = atomic_load(&pool.gen);
     for (;;) {
-        uint32_t g = spin_while(&pool.gen, seen, pool.worker_spin_ns);
+        /* a worker the last job did not ask for (started for a call on more threads, once) sleeps at once: on
+         * two cores, a third thread spinning after every job took the core of the caller or of the helper */
+        const int wanted = me < atomic_load_explicit(&pool.helpers, memory_order_relaxed);
+        uint32_t g = wanted ? spin_while(&pool.gen, seen, pool.worker_spin_ns) : atomic_load(&pool.gen);
         if (g == seen) {  /* nothing came: sleep until a job is published */
             atomic_fetch_add(&pool.sleepers, 1);
             futex_wait(&pool.gen, seen);
@@ -294,7 +297,9 @@ void qwen_pool_run(qwen_chunk_fn fn, const void *job, int64_t n, int threads) {
         atomic_store_explicit(&pool.claim, (uint64_t)g << 32 | (uint64_t)n << 16, memory_order_release);
     }
     atomic_store(&pool.gen, g);
-    if (atomic_load(&pool.sleepers)) futex_wake(&pool.gen, threads - 1);
+    /* a futex wakes any of its sleepers: with more workers than this job wants, all of them, so that those it
+     * wants are among them (the others go back to sleep) */
+    if (atomic_load(&pool.sleepers)) futex_wake(&pool.gen, pool.started > threads - 1 ? INT32_MAX : threads - 1);
     if (halves) take_halves(g, 1);
     else take_chunks(g);
     uint32_t d;
