@@ -818,13 +818,27 @@ def check_brief_panel(brief, question: str = "What is the capital of France?"):
     brief.wait(120)
     if brief.error:
         raise NotYet(f"the panel says: {brief.error}", f"面板說：{brief.error}")
-    reply, stats = brief.messages[-1]["content"], brief.replies[-1]
-    if stats["finish_reason"] == "stop" and "." not in reply:
-        return (f"the reply stopped at the first '.': {reply!r} — stop_strings, like eos_token_id, is a setting the "
-                f"controls do not show",
-                f"回覆在第一個 '.' 停下：{reply!r}——stop_strings 和 eos_token_id 一樣，是控制項沒有顯示的設定")
-    raise NotYet(f"the reply went on past the first '.' ({reply[:60]!r}, finish: {stats['finish_reason']}): "
-                 f"GenerationConfig's stop_strings ends a reply at a string; give it to ChatPanel.load like "
-                 f"eos_token_id=[] above",
-                 f"回覆越過了第一個 '.'（{reply[:60]!r}，結束原因：{stats['finish_reason']}）："
-                 f"GenerationConfig 的 stop_strings 遇到字串就結束回覆；像上面的 eos_token_id=[] 一樣傳給 ChatPanel.load")
+    reply, reason = brief.messages[-1]["content"], brief.replies[-1]["finish_reason"]
+    hint = ("GenerationConfig's stop_strings ends a reply at a string; give it to ChatPanel.load like eos_token_id=[] "
+            "above",
+            "GenerationConfig 的 stop_strings 遇到字串就結束回覆；像上面的 eos_token_id=[] 一樣傳給 ChatPanel.load")
+    if "." in reply:
+        raise NotYet(f"the reply went on past the first '.' ({reply[:60]!r}, finish: {reason}): {hint[0]}",
+                     f"回覆越過了第一個 '.'（{reply[:60]!r}，結束原因：{reason}）：{hint[1]}")
+    if reason != "stop":  # an EOS id on the token '.', a token limit...: ended, but not at a string
+        raise NotYet(f"the reply ended before any '.' ({reply[:60]!r}, finish: {reason}), but not at a string: {hint[0]}",
+                     f"回覆在任何 '.' 之前就結束了（{reply[:60]!r}，結束原因：{reason}），但不是停在字串上：{hint[1]}")
+    # It stopped at a string: the first '.', or one met before it ("Paris")? Greedy, with the panel's
+    # settings and without its stop strings, shows where the reply was going.
+    messages = [{"role": "user", "content": question}]
+    settings = {**brief.overrides, "do_sample": False}
+    stopped = brief.chat.generate(messages, **settings).text
+    full = brief.chat.generate(messages, **{**settings, "stop_strings": []}).text
+    if stopped != full.split(".")[0]:
+        rest = full[len(stopped):len(stopped) + 20]
+        raise NotYet(f"the reply stopped at a string before its first '.' ({stopped!r}, where the model goes on with "
+                     f"{rest!r}): stop at '.' itself",
+                     f"回覆在第一個 '.' 之前就停在別的字串上了（{stopped!r}，模型接下來會寫 {rest!r}）：要停在 '.' 本身")
+    return (f"the reply stopped at the first '.': {reply!r} — stop_strings, like eos_token_id, is a setting the "
+            f"controls do not show",
+            f"回覆在第一個 '.' 停下：{reply!r}——stop_strings 和 eos_token_id 一樣，是控制項沒有顯示的設定")

@@ -323,6 +323,22 @@ def test_a_panel_without_a_stop_string(capsys, chat):
     assert "should be a ChatPanel" in verdict(capsys, ex.check_brief_panel, chat)
 
 
+def test_a_panel_that_stops_at_another_string_before_the_first_dot(capsys, chat):
+    """A stop string met before the reply's '.' ends it too, with no '.' in it: not the panel asked for."""
+    from qwen_lab.panel import ChatPanel
+    for early in (["Paris"], ["is"]):
+        line = verdict(capsys, ex.check_brief_panel, ChatPanel(chat, stop_strings=early))
+        assert line.startswith("✗ not yet") and "before its first '.'" in line, line
+
+
+def test_a_panel_that_ends_on_the_dot_token_is_not_said_to_go_past_it(capsys, chat):
+    """An EOS id on the token '.' ends the reply before any '.': the line says so, not that it went past one."""
+    from qwen_lab.panel import ChatPanel
+    line = verdict(capsys, ex.check_brief_panel, ChatPanel(chat, eos_token_id=[chat.tokenizer.token_to_id(".")]))
+    assert line.startswith("✗ not yet") and "went on past" not in line and "finish: eos" in line, line
+    assert "stop_strings" in line
+
+
 # ---------------------------------------------------------------- the learner's code failing, the check failing
 
 def test_an_error_in_the_learners_function_is_one_line_with_its_line(capsys):
