@@ -493,7 +493,9 @@ class _Eager:
     kernels, every torch operation of a decode step, the choice of the token included, runs on one
     torch thread: after a parallel operation torch's OpenMP threads spin for several milliseconds,
     taking the CPU that the kernels' pool needs (measured: a 896 x 896 product at 9 GB/s instead of
-    17 while a spinning torch thread had the other core).
+    17 while a spinning torch thread had the other core). So does a short prompt's (2 to
+    ``kernels.FEW_ROWS`` new tokens after at most SHORT_PROMPT_POSITIONS), whose products the kernels'
+    few-rows walk runs.
     """
 
     def __init__(self, model, length: int, use_cache: bool, history: torch.Tensor, claim: _Claim | None = None) -> None:

@@ -592,7 +592,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
-        if self.use_kernel and (b is None or b.is_contiguous()):
+        if self.use_kernel and (b is None or (b.is_contiguous() and b.dtype == w.dtype)):  # C reads b as w's dtype
             if _applies(x, w):
                 return _run(_library(), x, w, b, self.plan)
             if self.plan.variant != "torch" and _applies_few(x, w):  # a short prompt: each weight read once

@@ -185,6 +185,16 @@ def test_linear_walks_a_few_rows_once_and_leaves_more_to_torch(dtype, monkeypatc
 
 
 @needs_kernel
+def test_a_bias_of_another_dtype_goes_to_torch_which_says_so():
+    layer = runtime.twin(kernels.Linear, nn.Linear(64, 10))
+    layer.bias.data = layer.bias.data.double()  # the kernels would read its bytes as float32
+    with torch.inference_mode():
+        for rows in (1, 3):  # the one-row kernel and the few-rows walk
+            with pytest.raises(RuntimeError, match="dtype"):
+                layer(torch.randn(rows, 64))
+
+
+@needs_kernel
 def test_conversion_swaps_modules_not_parameters():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4).half())
     params = {name: p for name, p in model.named_parameters()}
