@@ -14,7 +14,8 @@ process, on random weights at Qwen2.5's shapes:
   default), torch's operations between them on one thread up to ``generation.SHORT_PROMPT_POSITIONS``.
 
 With ``--cached N`` each way first fills a ``PromptCache`` with N positions (not timed), then times the
-prompt that follows them. Before each round a ``torch.sum`` over a float32 tensor of the weights' bytes
+prompt that follows them; past ``generation.SHORT_PROMPT_POSITIONS`` in all, generation gives both ways torch's
+products (the line says so), as it decided from this script's figures. Before each round a ``torch.sum`` over a float32 tensor of the weights' bytes
 gives the memory's read speed at that moment (it moves on a shared host). Medians over the rounds.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ def main() -> None:
     args = p.parse_args()
     import torch
     from qwen_lab import kernels, pages
-    from qwen_lab.generation import GenerationConfig, PromptCache, generate_stream
+    from qwen_lab.generation import SHORT_PROMPT_POSITIONS, GenerationConfig, PromptCache, generate_stream
     if not kernels.available():
         raise SystemExit(f"the C kernels do not run here ({kernels.status()}): nothing to measure")
     if not all(2 <= n <= kernels.FEW_MAX for n in args.lengths):
@@ -77,7 +78,9 @@ def main() -> None:
                     times[name].append(seconds)
             a, b = statistics.median(times["torch"]), statistics.median(times["walk"])
             print(f"  {n:6d} {a * 1e3:7.1f} ms {b * 1e3:7.1f} ms {a / b:8.2f}x   {statistics.median(probes):5.1f} "
-                  f"({min(probes):.1f}-{max(probes):.1f})        {threads['torch']} / {threads['walk']}", flush=True)
+                  f"({min(probes):.1f}-{max(probes):.1f})        {threads['torch']} / {threads['walk']}"
+                  + ("   (both torch's: past SHORT_PROMPT_POSITIONS)" if args.cached + n > SHORT_PROMPT_POSITIONS else ""),
+                  flush=True)
     finally:
         kernels.configure()
 
