@@ -13,6 +13,7 @@ Also here: bad settings each get one line, and ``workshop/z2jh/`` agrees with th
 import importlib.util
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import files_cut_at
 from qwen_lab.hub import EMBEDDED_MODEL_DIR
 from qwen_lab.hub_server import LocalHub
 
@@ -401,6 +403,26 @@ def run_config(tmp_path, cache, **env) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
+def start_refused(tmp_path, cache, *args, timeout: float = 60, **env) -> subprocess.CompletedProcess:
+    """The hub started on free ports (those ``args`` set aside), expected to refuse; one that runs instead is
+    stopped as its instructor would stop it (SIGTERM: it stops its proxy too) and the test fails."""
+    need(JUPYTERHUB.exists() and room.LOCAL_PROXY.exists(), "JupyterHub or its proxy is not installed")
+    ports = dict(zip(("--JupyterHub.bind_url", "--JupyterHub.hub_bind_url", "--ConfigurableHTTPProxy.api_url"),
+                     (f"http://127.0.0.1:{port}" for port in free_ports(3))))
+    given = {arg.split("=")[0].replace("--port", "--JupyterHub.bind_url") for arg in args}
+    process = subprocess.Popen(
+        [str(JUPYTERHUB), "-f", str(CONFIG), *(f"{k}={v}" for k, v in ports.items() if k not in given), *args],
+        cwd=tmp_path, env=hub_environment(tmp_path, cache, QWEN_LAB_HUB_REAL_MODELS="", **env),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        out, err = process.communicate(timeout=60)
+        pytest.fail(f"the hub started instead of refusing:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
 def last_line(done: subprocess.CompletedProcess) -> str:
     return done.stderr.strip().splitlines()[-1]
 
@@ -435,6 +457,18 @@ def test_the_hub_without_a_real_model_in_the_cache_says_how_to_fill_it(tmp_path,
     assert done.returncode == 1
     assert last_line(done).startswith(f"jupyterhub_config.py: error: QWEN_LAB_HUB_REAL_MODELS: "
                                       f"{room.DEFAULT_REAL_MODELS[0]}: not in the cache {cache}; ")
+
+
+def test_a_hub_folder_it_cannot_write_is_one_line(tmp_path, cache):
+    """A state folder there but unwritable stopped the hub in a traceback (writing its cookie secret); a learners'
+    folder so (the same check, QWEN_LAB_HUB_HOMES) failed every learner's server in two tracebacks, the hub
+    running. Here the disk is "full": every file stops at 64 KiB (the hub's database needs more)."""
+    with files_cut_at(64 << 10):
+        done = start_refused(tmp_path, cache)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert last_line(done) == (f"jupyterhub_config.py: error: cannot write into {tmp_path / 'state'} "
+                               f"(QWEN_LAB_HUB_STATE): File too large; it must be writable by the user the hub runs "
+                               f"as ({pwd.getpwuid(os.geteuid()).pw_name}), on a disk with space left")
 
 
 def test_learners_start_on_tiny_chat_and_the_real_models_are_the_room_s_choice():

@@ -272,12 +272,27 @@ def check(room: Room) -> None:
         except OSError as e:
             raise RoomError(f"cannot create {folder} ({what}): {e.strerror}; create it, writable by the user "
                             f"the hub runs as") from None
+        # there but not writable (another owner, a read-only mount) or its disk full: without this, the hub
+        # stops in a traceback writing its cookie secret, or starts and fails every learner's server in two
+        from qwen_lab.shared_cache import cannot_write
+        reason = cannot_write(folder)
+        if reason is not None:
+            raise RoomError(f"cannot write into {folder} ({what}): {reason}; it must be writable by the user the "
+                            f"hub runs as ({_user()}), on a disk with space left")
     from qwen_lab.doctor import check_model  # the kit's own check: the files are there, and whole
     wanted = [("QWEN_LAB_MODEL", room.model), *(("QWEN_LAB_HUB_REAL_MODELS", m) for m in room.real_models)]
     for setting, model in wanted:  # the notebooks' model, and each the learners switch to for 07
         result = check_model(model, room.cache, required=True)
         if result.status == "FAIL":
             raise RoomError(f"{setting}: {result.detail}")
+
+
+def _user() -> str:
+    try:
+        import pwd
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError):
+        return "this user"
 
 
 def writable_cache_warning(room: Room) -> str | None:
