@@ -471,6 +471,45 @@ def test_a_hub_folder_it_cannot_write_is_one_line(tmp_path, cache):
                                f"as ({pwd.getpwuid(os.geteuid()).pw_name}), on a disk with space left")
 
 
+def test_a_port_taken_by_another_program_is_one_line(tmp_path, cache):
+    """Taken, the learners' port had the hub log that it was running while learners reached the other program;
+    the hub's API port, a traceback; the proxy's API port, a traceback ending in that program's "HTTP 404"."""
+    with socket.socket() as other:  # another program, listening
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        for option, what, move in (
+                ("--port", "the learners' address", "`--port 8002`"),
+                ("--JupyterHub.hub_bind_url", "the hub's API", "`--JupyterHub.hub_bind_url=http://127.0.0.1:8091`"),
+                ("--ConfigurableHTTPProxy.api_url", "the proxy's API",
+                 "`--ConfigurableHTTPProxy.api_url=http://127.0.0.1:8011`")):
+            value = str(port) if option == "--port" else f"http://127.0.0.1:{port}"
+            done = start_refused(tmp_path, cache, f"{option}={value}")
+            assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+            line = last_line(done)  # the address as JupyterHub made it of the option (--port: every interface)
+            assert line.startswith(f"jupyterhub_config.py: error: cannot listen on port {port} ({what}, http://")
+            assert line.endswith(f"): another program holds it (`ss -ltnp 'sport = :{port}'` names it): stop that "
+                                 f"program, or start the hub with {move}")
+
+
+def test_a_proxy_an_earlier_hub_left_running_holds_no_port_against_the_next(tmp_path):
+    """JupyterHub stops the proxy its pid file names before starting its own: that proxy's ports are not refused
+    (a hub restarted after a crash would otherwise refuse for good), the hub's own port still is."""
+    with socket.socket() as proxy:
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen()
+        url = f"http://127.0.0.1:{proxy.getsockname()[1]}"
+        by_proxy = [room.Address(url, "the learners' address", "`--port 8002`", proxy=True)]
+        by_hub = [room.Address(url, "the hub's API", "`--JupyterHub.hub_bind_url=...`", proxy=False)]
+        pid_file = tmp_path / "jupyterhub-proxy.pid"
+        with pytest.raises(room.RoomError, match="another program holds it"):  # no pid file: another program's
+            room.check_ports(by_proxy, pid_file)
+        pid_file.write_text(str(os.getpid()))  # a live process (this one) as the earlier hub's proxy
+        room.check_ports(by_proxy, pid_file)
+        with pytest.raises(room.RoomError, match="another program holds it"):
+            room.check_ports(by_hub, pid_file)
+
+
 def test_learners_start_on_tiny_chat_and_the_real_models_are_the_room_s_choice():
     settings = {"QWEN_LAB_HUB_PASSWORD": PASSWORD}
     default = room.Room.from_environ(settings, cores=8)

@@ -39,6 +39,7 @@ prints it and stops, before JupyterHub starts anything.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -49,6 +50,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -90,6 +92,11 @@ class Room:
     notebooks: Path
     allow_root: bool
     solutions: bool
+
+    @property
+    def proxy_pid_file(self) -> Path:
+        """Where JupyterHub keeps its proxy's pid: a hub started again finds a proxy left running there."""
+        return self.state / "jupyterhub-proxy.pid"
 
     @classmethod
     def from_environ(cls, environ=os.environ, cores: int | None = None) -> "Room":
@@ -293,6 +300,68 @@ def _user() -> str:
         return pwd.getpwuid(os.geteuid()).pw_name
     except (ImportError, KeyError):
         return "this user"
+
+
+#: Where JupyterHub 5 and its proxy listen unless told otherwise (JupyterHub.hub_ip/hub_port, and
+#: ConfigurableHTTPProxy.api_url's default), and the option that moves each.
+DEFAULT_PROXY_API = "http://127.0.0.1:8001"
+
+
+@dataclass
+class Address:
+    url: str
+    what: str        # what listens there, in words
+    move: str        # the option that moves it
+    proxy: bool      # whether the proxy listens there (or the hub itself)
+
+
+def listening(app) -> list[Address]:
+    """Each address the hub and its proxy will listen on, from the JupyterHub ``app`` being configured (its
+    command line already applied: ``--port 8002`` is in ``app.bind_url``)."""
+    hub_api = app.hub_bind_url or f"http://{app.hub_ip}:{app.hub_port}"
+    proxy_api = (app.config.get("ConfigurableHTTPProxy") or {}).get("api_url") or DEFAULT_PROXY_API
+    return [Address(app.bind_url, "the learners' address", "`--port 8002`", proxy=True),
+            Address(hub_api, "the hub's API", "`--JupyterHub.hub_bind_url=http://127.0.0.1:8091`", proxy=False),
+            Address(proxy_api, "the proxy's API", "`--ConfigurableHTTPProxy.api_url=http://127.0.0.1:8011`",
+                    proxy=True)]
+
+
+def check_ports(addresses: list[Address], proxy_pid_file: Path | None = None) -> None:
+    """Refuse, in one line, a port the hub or its proxy could not listen on.
+
+    Without this, JupyterHub reports a taken port three ways, none of them clear: the learners' port taken, the
+    proxy logs EADDRINUSE, the hub logs that it is running, and learners reach the other program; the hub's API
+    port, a traceback ending in "Address already in use"; the proxy's API port, a traceback ending in
+    "HTTP 404" (the other program's answer). The ports of a proxy an earlier hub left running (its pid in
+    ``proxy_pid_file``) are not checked: JupyterHub stops that proxy before starting its own.
+    """
+    old_proxy = _alive_pid(proxy_pid_file)
+    for address in addresses:
+        if old_proxy is not None and address.proxy:
+            continue
+        parsed = urlparse(address.url)
+        host = parsed.hostname or ""  # "": every address
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as node and tornado bind: TIME_WAIT is no owner
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    why = f"another program holds it (`ss -ltnp 'sport = :{port}'` names it): stop that program"
+                else:
+                    why = f"{e.strerror or e}: fix that"
+                raise RoomError(f"cannot listen on port {port} ({address.what}, {address.url}): {why}, or start "
+                                f"the hub with {address.move}") from None
+
+
+def _alive_pid(pid_file: Path | None) -> int | None:
+    try:
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, 0)
+    except (AttributeError, OSError, ValueError):
+        return None
+    return pid
 
 
 def writable_cache_warning(room: Room) -> str | None:
