@@ -688,6 +688,28 @@ def test_learner_start_copies_the_notebooks_without_overwriting_edits(tmp_path):
     assert len(solutions) == len(english) and learner_start.copy_notebooks(source, dest, solutions=True) == solutions
 
 
+def test_learner_start_on_a_full_disk_leaves_no_cut_off_notebook_and_starts_the_server(tmp_path):
+    """A copy cut short stayed as the learner's notebook (never overwritten) after a traceback: once the disk had
+    room again, every start kept the empty 01_download.ipynb. Now: no part left, one line, the server starts."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTER", "QWEN_LAB_"))}
+    env.update(HOME=str(home), QWEN_LAB_NOTEBOOKS=str(ROOT / "notebooks"))
+    code = ("import os, sys; sys.path.insert(0, sys.argv[1]); import learner_start; "
+            "os.execv = lambda path, args: print('server started', args[-1]); learner_start.main(['--hub-args'])")
+    with files_cut_at(4096):  # the notebooks are larger: the first copy stops part-way
+        done = subprocess.run([sys.executable, "-c", code, str(WORKSHOP)], env=env, capture_output=True, text=True,
+                              timeout=120)
+    assert done.returncode == 0 and done.stdout == "server started --hub-args\n", done.stderr
+    assert done.stderr.splitlines()[0] == (
+        f"learner_start: error: cannot copy the notebooks into {home / 'notebooks'}: File too large; fix that (free "
+        f"space on that disk), then restart this learner's server: what is missing is copied then")
+    assert sorted(p.name for p in (home / "notebooks").iterdir()) == []  # nothing cut off, nothing half-written
+    assert learner_start.copy_notebooks(ROOT / "notebooks", home / "notebooks")[0] == "01_download.ipynb"
+    assert (home / "notebooks" / "01_download.ipynb").read_bytes() == (ROOT / "notebooks" / "01_download.ipynb"
+                                                                        ).read_bytes()
+
+
 def test_learner_start_has_closed_tabs_shut_their_kernels_down_unless_the_learner_chose(tmp_path):
     """Each notebook opened starts a kernel, and JupyterLab keeps it when its tab closes: seven per learner by 07."""
     name, values = learner_start.KERNEL_SHUTDOWN_SETTING
