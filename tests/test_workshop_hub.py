@@ -132,7 +132,7 @@ def kernel_cache(cache, tmp_path_factory):
     """The room's kernel cache, filled by `qwen-lab tune` for the room's model and the learners' threads, as the
     instructor fills it, then made read-only."""
     folder = tmp_path_factory.mktemp("room") / "kernel-cache"
-    threads = room.threads_per_learner(len(os.sched_getaffinity(0)), len(LEARNERS))
+    threads = room.threads_per_learner(room.usable_cores(), len(LEARNERS))
     env = {k: v for k, v in os.environ.items() if not k.startswith("QWEN_LAB_")}
     done = subprocess.run([str(Path(sys.executable).with_name("qwen-lab")), "tune", "--kernel-cache", str(folder),
                            "--threads", str(threads), "--cache-dir", str(cache), REPO_ID],
@@ -328,7 +328,7 @@ def test_four_learners_chat_from_one_shared_read_only_cache(hub, cache, kernel_c
     with ThreadPoolExecutor(len(LEARNERS)) as pool:  # the room logs in at once
         reports = dict(zip(LEARNERS, pool.map(lambda name: chat_turn(hub, name, LEARNERS[name][0]), LEARNERS)))
     blob = weights_blob(cache)
-    threads = room.threads_per_learner(len(os.sched_getaffinity(0)), len(LEARNERS))
+    threads = room.threads_per_learner(room.usable_cores(), len(LEARNERS))
     notebooks = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
     chinese = sorted(p.name for p in (ROOT / "notebooks" / "zh-TW").glob("*.ipynb"))
     for name, report in reports.items():
@@ -665,6 +665,19 @@ def test_threads_are_the_cores_shared_by_the_learners():
     assert room.Room.from_environ({**settings, "QWEN_LAB_HUB_LEARNERS": "40"}, cores=16).threads == 1
     assert room.Room.from_environ({**settings, "QWEN_LAB_HUB_THREADS": "3"}, cores=16).threads == 3
     assert room.Room.from_environ(settings, cores=60).threads == 60 // room.DEFAULT_LEARNERS
+
+
+def test_the_cores_shared_are_those_a_cgroup_quota_leaves_the_hub(monkeypatch):
+    """In a container given 4 CPUs of a 64-core host (docker --cpus=4, systemd CPUQuota=400%), learners were given
+    64 / learners threads each: 2 learners, 32 threads each on 4 CPUs' worth of time."""
+    import qwen_lab.threads
+    monkeypatch.setattr(qwen_lab.threads, "affinity_cpus", lambda: 64)
+    monkeypatch.setattr(room.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setattr(qwen_lab.threads, "cgroup_quota", lambda: 4.0)
+    settings = {"QWEN_LAB_HUB_PASSWORD": PASSWORD, "QWEN_LAB_HUB_LEARNERS": "2"}
+    assert room.Room.from_environ(settings).threads == 2
+    monkeypatch.setattr(qwen_lab.threads, "cgroup_quota", lambda: None)  # no quota: the affinity mask
+    assert room.Room.from_environ(settings).threads == 32
 
 
 def test_learner_start_copies_the_notebooks_without_overwriting_edits(tmp_path):

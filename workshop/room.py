@@ -20,7 +20,8 @@ never edited (a systemd unit's ``Environment=`` lines, or ``export`` before ``ma
                                       build or measure what it lacks in their own ``~/.cache/qwen_lab`` (default
                                       ``/srv/qwen-lab/kernel-cache``)
 ``QWEN_LAB_HUB_LEARNERS``             how many learners work at once (default 30): each gets
-                                      cores / learners threads, at least one
+                                      cores / learners threads, at least one (the cores: the CPUs the
+                                      hub may use, its cgroup's CPU quota counted)
 ``QWEN_LAB_HUB_THREADS``              or the threads per learner, directly
 ``QWEN_LAB_HUB_HOMES``                each learner's folder, ``{username}`` replaced
                                       (default ``/srv/qwen-lab/learners/{username}``)
@@ -40,6 +41,7 @@ prints it and stops, before JupyterHub starts anything.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import re
 import shutil
@@ -169,8 +171,17 @@ def _threads(environ, cores: int | None) -> int:
         return direct
     learners = _whole_number(environ, "QWEN_LAB_HUB_LEARNERS", DEFAULT_LEARNERS)
     if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = usable_cores()
     return threads_per_learner(cores, learners)
+
+
+def usable_cores() -> int:
+    """The CPUs the hub and its learners may use: the affinity mask, or fewer where a cgroup quota (a container's
+    ``--cpus``, a systemd unit's ``CPUQuota=``) grants less, as a learner's kernel counts them (``qwen_lab.threads``).
+    """
+    from qwen_lab.threads import affinity_cpus, cgroup_quota
+    cpus, quota = affinity_cpus(), cgroup_quota()
+    return max(1, min(cpus, math.floor(quota))) if quota is not None else cpus
 
 
 class PortBook:
