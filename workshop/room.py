@@ -283,6 +283,7 @@ def check(room: Room) -> None:
     if room.solutions and not any(room.notebooks.glob("solutions/*.ipynb")):
         raise RoomError(f"QWEN_LAB_HUB_SOLUTIONS=1 but {room.notebooks / 'solutions'} holds no notebooks: set "
                         f"QWEN_LAB_NOTEBOOKS to the kit's notebooks/ folder, or QWEN_LAB_HUB_SOLUTIONS=0")
+    from qwen_lab.shared_cache import cannot_write
     homes_root = Path(room.homes.split("{username}")[0])  # the part of the template before the name
     for what, folder in (("QWEN_LAB_HUB_STATE", room.state), ("QWEN_LAB_HUB_HOMES", homes_root)):
         try:
@@ -292,7 +293,6 @@ def check(room: Room) -> None:
                             f"the hub runs as") from None
         # there but not writable (another owner, a read-only mount) or its disk full: without this, the hub
         # stops in a traceback writing its cookie secret, or starts and fails every learner's server in two
-        from qwen_lab.shared_cache import cannot_write
         reason = cannot_write(folder)
         if reason is not None:
             raise RoomError(f"cannot write into {folder} ({what}): {reason}; it must be writable by the user the "
@@ -313,8 +313,7 @@ def _user() -> str:
         return "this user"
 
 
-#: Where JupyterHub 5 and its proxy listen unless told otherwise (JupyterHub.hub_ip/hub_port, and
-#: ConfigurableHTTPProxy.api_url's default), and the option that moves each.
+#: The proxy's API where nothing sets ConfigurableHTTPProxy.api_url (JupyterHub 5's default).
 DEFAULT_PROXY_API = "http://127.0.0.1:8001"
 
 
