@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -134,6 +135,25 @@ def _filling(directory: Path, threads: int):
         kernels._library.cache_clear()
 
 
+#: What ``cannot_write`` writes: more than a room's folders first need (the kernels, 0.3 MB; the hub's database; a
+#: learner's copy of the notebooks, 2 MB), so that a disk all but full is caught too.
+PROBE_BYTES = 4 << 20
+
+
+def cannot_write(folder: Path) -> str | None:
+    """Why this user cannot write ``PROBE_BYTES`` into ``folder`` now, in the system's words ("Read-only file
+    system", "No space left on device", "Permission denied"), or None. The probe is a file without a name:
+    nothing is left behind, even if this process dies."""
+    try:
+        with tempfile.TemporaryFile(dir=folder) as probe:
+            probe.write(bytes(PROBE_BYTES))
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
 def _readable(path: Path) -> None:
     """Readable by everyone (the learners are other users), whatever umask or mkstemp gave it."""
     path.chmod(path.stat().st_mode | (0o555 if path.is_dir() else 0o444))
@@ -157,6 +177,10 @@ def prepare(directory: Path, models: list[str], threads: int, cache_dir: str | o
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise QwenLabError(f"cannot create {directory}: {e.strerror}") from None
+    reason = cannot_write(directory)  # else the build fails, and says the kernels cannot be built here at all
+    if reason is not None:
+        raise QwenLabError(f"cannot write into {directory}: {reason}; give `--kernel-cache` a folder this user can "
+                           f"write, on a disk with space left")
     name = kernels.library_name()
     built_before = name is not None and (directory / name).is_file()
     with _filling(directory, threads):
@@ -200,4 +224,4 @@ def prepare(directory: Path, models: list[str], threads: int, cache_dir: str | o
     return plans_file
 
 
-__all__ = ["missing", "model_config", "prepare", "weight_shapes"]
+__all__ = ["cannot_write", "missing", "model_config", "prepare", "weight_shapes"]

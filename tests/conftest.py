@@ -1,5 +1,8 @@
 """Fixtures: tiny Qwen2 checkpoints made on the fly, and the reference files of the real models."""
+import contextlib
 import os
+import resource
+import signal
 import threading
 from pathlib import Path
 
@@ -187,6 +190,20 @@ def tree(folder):
     """Every entry under ``folder`` with its size, mode and modification time: to see that nothing changed."""
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mode, p.stat().st_mtime_ns)
             for p in sorted(folder.rglob("*"))}
+
+
+@contextlib.contextmanager
+def files_cut_at(size: int):
+    """Every file this process and its children write stops at ``size`` bytes, the next write failing as on a full
+    disk (EFBIG, "File too large", where a full disk says ENOSPC): the limit RLIMIT_FSIZE, which root obeys too."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, limit[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
 
 
 def read_only(folder):

@@ -179,10 +179,21 @@ def test_not_enough_memory_fails_with_the_figures(capsys, monkeypatch):
     code, lines = doctor_lines(capsys, "qwen-lab/tiny-chat")
     assert code == 1
     [line] = lines["memory"]
-    assert line.startswith("FAIL qwen-lab/tiny-chat needs 0.2")
+    assert line.startswith("FAIL qwen-lab/tiny-chat needs 0.51 GiB")
     assert line.endswith("but only 0.10 GiB is available: close other programs, or choose a smaller model "
                          "(QWEN_LAB_MODEL=Qwen/Qwen2.5-0.5B-Instruct)")
-    assert "parameters x 4 bytes + about 0.25 GiB for Python and torch" in line  # what `need` counted
+    assert "parameters x 4 bytes + about 0.50 GiB for the notebook's Jupyter kernel and server" in line  # `need`
+
+
+def test_the_memory_line_counts_a_notebook_not_python_alone(capsys, monkeypatch):
+    """A notebook on tiny-chat holds 0.37-0.39 GiB (its Jupyter kernel 0.26-0.28 GiB, the Jupyter server 0.11;
+    measured through the workshop's hub, benchmarks/RESULTS.md): counting 0.25 GiB "for Python and torch", the
+    line said ok with 0.35 GiB available, and for the real models 0.25 GiB short of what a laptop needs."""
+    import qwen_lab.load
+    monkeypatch.setattr(qwen_lab.load, "available_memory", lambda: int(0.35 * 2**30))
+    code, lines = doctor_lines(capsys, "qwen-lab/tiny-chat")
+    [line] = lines["memory"]
+    assert code == 1 and line.startswith("FAIL qwen-lab/tiny-chat needs 0.51 GiB"), line
 
 
 def test_a_cuda_torch_on_a_machine_without_gpu_points_to_the_cpu_build(monkeypatch):

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import files_cut_at
+
 from qwen_lab import cli, kernels, shared_cache, tuning
 from qwen_lab.hub import resolve
 from qwen_lab.load import load_model
@@ -163,3 +165,18 @@ def test_tune_with_a_model_not_in_the_cache_is_one_line_and_makes_nothing(tmp_pa
     assert code == 1 and err == (f"qwen-lab: error: Qwen/Qwen2.5-1.5B-Instruct is not in the cache {tmp_path / 'hf'}: "
                                  f"`qwen-lab download --cache-dir {tmp_path / 'hf'} Qwen/Qwen2.5-1.5B-Instruct` first\n")
     assert not (tmp_path / "k").exists()
+
+
+def test_tune_into_a_folder_it_cannot_write_says_so_not_that_the_kernels_cannot_run(tmp_path, capsys):
+    """A kernel cache on a read-only mount or a full disk was reported as "the C kernels cannot be built here
+    (...could not link...): learners decode with torch, there is nothing to prepare": the wrong way to look, as
+    learners would each build their own. Here the disk is "full": every file stops at 64 KiB (the kernels are
+    more)."""
+    folder = tmp_path / "kernel-cache"
+    with files_cut_at(64 << 10):
+        code = cli.main(["tune", "--kernel-cache", str(folder), "--threads", "1", "qwen-lab/tiny-chat"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.splitlines()[-1] == (
+        f"qwen-lab: error: cannot write into {folder}: File too large; give `--kernel-cache` a folder this user can "
+        f"write, on a disk with space left"), err
+    assert list(folder.iterdir()) == []  # nothing built, nothing left behind

@@ -13,6 +13,7 @@ Also here: bad settings each get one line, and ``workshop/z2jh/`` agrees with th
 import importlib.util
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import files_cut_at
 from qwen_lab.hub import EMBEDDED_MODEL_DIR
 from qwen_lab.hub_server import LocalHub
 
@@ -130,7 +132,7 @@ def kernel_cache(cache, tmp_path_factory):
     """The room's kernel cache, filled by `qwen-lab tune` for the room's model and the learners' threads, as the
     instructor fills it, then made read-only."""
     folder = tmp_path_factory.mktemp("room") / "kernel-cache"
-    threads = room.threads_per_learner(len(os.sched_getaffinity(0)), len(LEARNERS))
+    threads = room.threads_per_learner(room.usable_cores(), len(LEARNERS))
     env = {k: v for k, v in os.environ.items() if not k.startswith("QWEN_LAB_")}
     done = subprocess.run([str(Path(sys.executable).with_name("qwen-lab")), "tune", "--kernel-cache", str(folder),
                            "--threads", str(threads), "--cache-dir", str(cache), REPO_ID],
@@ -326,7 +328,7 @@ def test_four_learners_chat_from_one_shared_read_only_cache(hub, cache, kernel_c
     with ThreadPoolExecutor(len(LEARNERS)) as pool:  # the room logs in at once
         reports = dict(zip(LEARNERS, pool.map(lambda name: chat_turn(hub, name, LEARNERS[name][0]), LEARNERS)))
     blob = weights_blob(cache)
-    threads = room.threads_per_learner(len(os.sched_getaffinity(0)), len(LEARNERS))
+    threads = room.threads_per_learner(room.usable_cores(), len(LEARNERS))
     notebooks = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
     chinese = sorted(p.name for p in (ROOT / "notebooks" / "zh-TW").glob("*.ipynb"))
     for name, report in reports.items():
@@ -401,6 +403,26 @@ def run_config(tmp_path, cache, **env) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
+def start_refused(tmp_path, cache, *args, timeout: float = 60, **env) -> subprocess.CompletedProcess:
+    """The hub started on free ports (those ``args`` set aside), expected to refuse; one that runs instead is
+    stopped as its instructor would stop it (SIGTERM: it stops its proxy too) and the test fails."""
+    need(JUPYTERHUB.exists() and room.LOCAL_PROXY.exists(), "JupyterHub or its proxy is not installed")
+    ports = dict(zip(("--JupyterHub.bind_url", "--JupyterHub.hub_bind_url", "--ConfigurableHTTPProxy.api_url"),
+                     (f"http://127.0.0.1:{port}" for port in free_ports(3))))
+    given = {arg.split("=")[0].replace("--port", "--JupyterHub.bind_url") for arg in args}
+    process = subprocess.Popen(
+        [str(JUPYTERHUB), "-f", str(CONFIG), *(f"{k}={v}" for k, v in ports.items() if k not in given), *args],
+        cwd=tmp_path, env=hub_environment(tmp_path, cache, QWEN_LAB_HUB_REAL_MODELS="", **env),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        out, err = process.communicate(timeout=60)
+        pytest.fail(f"the hub started instead of refusing:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
 def last_line(done: subprocess.CompletedProcess) -> str:
     return done.stderr.strip().splitlines()[-1]
 
@@ -435,6 +457,57 @@ def test_the_hub_without_a_real_model_in_the_cache_says_how_to_fill_it(tmp_path,
     assert done.returncode == 1
     assert last_line(done).startswith(f"jupyterhub_config.py: error: QWEN_LAB_HUB_REAL_MODELS: "
                                       f"{room.DEFAULT_REAL_MODELS[0]}: not in the cache {cache}; ")
+
+
+def test_a_hub_folder_it_cannot_write_is_one_line(tmp_path, cache):
+    """A state folder there but unwritable stopped the hub in a traceback (writing its cookie secret); a learners'
+    folder so (the same check, QWEN_LAB_HUB_HOMES) failed every learner's server in two tracebacks, the hub
+    running. Here the disk is "full": every file stops at 64 KiB (the hub's database needs more)."""
+    with files_cut_at(64 << 10):
+        done = start_refused(tmp_path, cache)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert last_line(done) == (f"jupyterhub_config.py: error: cannot write into {tmp_path / 'state'} "
+                               f"(QWEN_LAB_HUB_STATE): File too large; it must be writable by the user the hub runs "
+                               f"as ({pwd.getpwuid(os.geteuid()).pw_name}), on a disk with space left")
+
+
+def test_a_port_taken_by_another_program_is_one_line(tmp_path, cache):
+    """Taken, the learners' port had the hub log that it was running while learners reached the other program;
+    the hub's API port, a traceback; the proxy's API port, a traceback ending in that program's "HTTP 404"."""
+    with socket.socket() as other:  # another program, listening
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        for option, what, move in (
+                ("--port", "the learners' address", "`--port 8002`"),
+                ("--JupyterHub.hub_bind_url", "the hub's API", "`--JupyterHub.hub_bind_url=http://127.0.0.1:8091`"),
+                ("--ConfigurableHTTPProxy.api_url", "the proxy's API",
+                 "`--ConfigurableHTTPProxy.api_url=http://127.0.0.1:8011`")):
+            value = str(port) if option == "--port" else f"http://127.0.0.1:{port}"
+            done = start_refused(tmp_path, cache, f"{option}={value}")
+            assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+            line = last_line(done)  # the address as JupyterHub made it of the option (--port: every interface)
+            assert line.startswith(f"jupyterhub_config.py: error: cannot listen on port {port} ({what}, http://")
+            assert line.endswith(f"): another program holds it (`ss -ltnp 'sport = :{port}'` names it): stop that "
+                                 f"program, or start the hub with {move}")
+
+
+def test_a_proxy_an_earlier_hub_left_running_holds_no_port_against_the_next(tmp_path):
+    """JupyterHub stops the proxy its pid file names before starting its own: that proxy's ports are not refused
+    (a hub restarted after a crash would otherwise refuse for good), the hub's own port still is."""
+    with socket.socket() as proxy:
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen()
+        url = f"http://127.0.0.1:{proxy.getsockname()[1]}"
+        by_proxy = [room.Address(url, "the learners' address", "`--port 8002`", proxy=True)]
+        by_hub = [room.Address(url, "the hub's API", "`--JupyterHub.hub_bind_url=...`", proxy=False)]
+        pid_file = tmp_path / "jupyterhub-proxy.pid"
+        with pytest.raises(room.RoomError, match="another program holds it"):  # no pid file: another program's
+            room.check_ports(by_proxy, pid_file)
+        pid_file.write_text(str(os.getpid()))  # a live process (this one) as the earlier hub's proxy
+        room.check_ports(by_proxy, pid_file)
+        with pytest.raises(room.RoomError, match="another program holds it"):
+            room.check_ports(by_hub, pid_file)
 
 
 def test_learners_start_on_tiny_chat_and_the_real_models_are_the_room_s_choice():
@@ -594,6 +667,19 @@ def test_threads_are_the_cores_shared_by_the_learners():
     assert room.Room.from_environ(settings, cores=60).threads == 60 // room.DEFAULT_LEARNERS
 
 
+def test_the_cores_shared_are_those_a_cgroup_quota_leaves_the_hub(monkeypatch):
+    """In a container given 4 CPUs of a 64-core host (docker --cpus=4, systemd CPUQuota=400%), learners were given
+    64 / learners threads each: 2 learners, 32 threads each on 4 CPUs' worth of time."""
+    import qwen_lab.threads
+    monkeypatch.setattr(qwen_lab.threads, "affinity_cpus", lambda: 64)
+    monkeypatch.setattr(room.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setattr(qwen_lab.threads, "cgroup_quota", lambda: 4.0)
+    settings = {"QWEN_LAB_HUB_PASSWORD": PASSWORD, "QWEN_LAB_HUB_LEARNERS": "2"}
+    assert room.Room.from_environ(settings).threads == 2
+    monkeypatch.setattr(qwen_lab.threads, "cgroup_quota", lambda: None)  # no quota: the affinity mask
+    assert room.Room.from_environ(settings).threads == 32
+
+
 def test_learner_start_copies_the_notebooks_without_overwriting_edits(tmp_path):
     dest = tmp_path / "notebooks"
     (dest / "zh-TW").mkdir(parents=True)
@@ -613,6 +699,28 @@ def test_learner_start_copies_the_notebooks_without_overwriting_edits(tmp_path):
     # the instructor hands out the solutions: the next start adds them, and only them
     solutions = sorted(f"solutions/{p.name}" for p in (source / "solutions").glob("*.ipynb"))
     assert len(solutions) == len(english) and learner_start.copy_notebooks(source, dest, solutions=True) == solutions
+
+
+def test_learner_start_on_a_full_disk_leaves_no_cut_off_notebook_and_starts_the_server(tmp_path):
+    """A copy cut short stayed as the learner's notebook (never overwritten) after a traceback: once the disk had
+    room again, every start kept the empty 01_download.ipynb. Now: no part left, one line, the server starts."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTER", "QWEN_LAB_"))}
+    env.update(HOME=str(home), QWEN_LAB_NOTEBOOKS=str(ROOT / "notebooks"))
+    code = ("import os, sys; sys.path.insert(0, sys.argv[1]); import learner_start; "
+            "os.execv = lambda path, args: print('server started', args[-1]); learner_start.main(['--hub-args'])")
+    with files_cut_at(4096):  # the notebooks are larger: the first copy stops part-way
+        done = subprocess.run([sys.executable, "-c", code, str(WORKSHOP)], env=env, capture_output=True, text=True,
+                              timeout=120)
+    assert done.returncode == 0 and done.stdout == "server started --hub-args\n", done.stderr
+    assert done.stderr.splitlines()[0] == (
+        f"learner_start: error: cannot copy the notebooks into {home / 'notebooks'}: File too large; fix that (free "
+        f"space on that disk), then restart this learner's server: what is missing is copied then")
+    assert sorted(p.name for p in (home / "notebooks").iterdir()) == []  # nothing cut off, nothing half-written
+    assert learner_start.copy_notebooks(ROOT / "notebooks", home / "notebooks")[0] == "01_download.ipynb"
+    assert (home / "notebooks" / "01_download.ipynb").read_bytes() == (ROOT / "notebooks" / "01_download.ipynb"
+                                                                        ).read_bytes()
 
 
 def test_learner_start_has_closed_tabs_shut_their_kernels_down_unless_the_learner_chose(tmp_path):

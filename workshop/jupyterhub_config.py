@@ -41,6 +41,9 @@ try:
     settings = room.Room.from_environ(os.environ)
     proxy = room.find_proxy(os.environ)
     room.check(settings)
+    from jupyterhub.app import JupyterHub
+    if JupyterHub.initialized():  # the hub being started, its command line (--port ...) applied
+        room.check_ports(room.listening(JupyterHub.instance()), settings.proxy_pid_file)
 except room.RoomError as error:  # one line, before JupyterHub starts anything
     sys.exit(f"jupyterhub_config.py: error: {error}")
 
@@ -78,7 +81,7 @@ c.Spawner.pre_spawn_hook = _own_port
 c.JupyterHub.db_url = f"sqlite:///{settings.state / 'jupyterhub.sqlite'}"
 c.JupyterHub.cookie_secret_file = str(settings.state / "jupyterhub_cookie_secret")
 c.ConfigurableHTTPProxy.command = [proxy]
-c.ConfigurableHTTPProxy.pid_file = str(settings.state / "jupyterhub-proxy.pid")
+c.ConfigurableHTTPProxy.pid_file = str(settings.proxy_pid_file)
 # Stopping the hub stops every learner's server and the proxy (JupyterHub's defaults, stated).
 c.JupyterHub.cleanup_servers = True
 c.JupyterHub.cleanup_proxy = True

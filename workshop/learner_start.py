@@ -59,9 +59,21 @@ def copy_notebooks(source: Path, dest: Path, solutions: bool = False) -> list[st
             target = dest / file.relative_to(source)
             if not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(file, target)  # contents only: the copy is the learner's, with their permissions
+                _copy_whole(file, target)
                 copied.append(file.relative_to(source).as_posix())
     return copied
+
+
+def _copy_whole(file: Path, target: Path) -> None:
+    """Copy ``file`` to ``target`` whole or not at all. A copy cut short (a full disk) left in place would never be
+    replaced, since a file already there is the learner's: they would open an empty notebook at every start."""
+    part = target.with_name(f".{target.name}.part")
+    try:
+        shutil.copyfile(file, part)  # contents only: the copy is the learner's, with their permissions
+        os.replace(part, target)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
 
 
 def link_sources(source: Path, home: Path) -> list[str]:
@@ -102,8 +114,14 @@ def main(argv: list[str]) -> None:
     source = os.environ.get("QWEN_LAB_NOTEBOOKS")
     if source and Path(source).is_dir():
         solutions = os.environ.get("QWEN_LAB_SOLUTIONS") == "1"
-        copied = copy_notebooks(Path(source), Path.home() / FOLDER, solutions)
-        print(f"learner_start: copied {len(copied)} file(s) into ~/{FOLDER}", file=sys.stderr, flush=True)
+        try:
+            copied = copy_notebooks(Path(source), Path.home() / FOLDER, solutions)
+        except OSError as e:  # the server still starts: the learner sees what is there, and can be helped
+            print(f"learner_start: error: cannot copy the notebooks into {Path.home() / FOLDER}: "
+                  f"{e.strerror or e}; fix that (free space on that disk), then restart this learner's server: "
+                  f"what is missing is copied then", file=sys.stderr, flush=True)
+        else:
+            print(f"learner_start: copied {len(copied)} file(s) into ~/{FOLDER}", file=sys.stderr, flush=True)
         kit = Path(os.environ.get("QWEN_LAB_SOURCE") or Path(source).parent)
         try:
             linked = link_sources(kit, Path.home())

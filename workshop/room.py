@@ -20,7 +20,8 @@ never edited (a systemd unit's ``Environment=`` lines, or ``export`` before ``ma
                                       build or measure what it lacks in their own ``~/.cache/qwen_lab`` (default
                                       ``/srv/qwen-lab/kernel-cache``)
 ``QWEN_LAB_HUB_LEARNERS``             how many learners work at once (default 30): each gets
-                                      cores / learners threads, at least one
+                                      cores / learners threads, at least one (the cores: the CPUs the
+                                      hub may use, its cgroup's CPU quota counted)
 ``QWEN_LAB_HUB_THREADS``              or the threads per learner, directly
 ``QWEN_LAB_HUB_HOMES``                each learner's folder, ``{username}`` replaced
                                       (default ``/srv/qwen-lab/learners/{username}``)
@@ -39,6 +40,8 @@ prints it and stops, before JupyterHub starts anything.
 """
 from __future__ import annotations
 
+import errno
+import math
 import os
 import re
 import shutil
@@ -49,6 +52,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -90,6 +94,11 @@ class Room:
     notebooks: Path
     allow_root: bool
     solutions: bool
+
+    @property
+    def proxy_pid_file(self) -> Path:
+        """Where JupyterHub keeps its proxy's pid: a hub started again finds a proxy left running there."""
+        return self.state / "jupyterhub-proxy.pid"
 
     @classmethod
     def from_environ(cls, environ=os.environ, cores: int | None = None) -> "Room":
@@ -162,8 +171,17 @@ def _threads(environ, cores: int | None) -> int:
         return direct
     learners = _whole_number(environ, "QWEN_LAB_HUB_LEARNERS", DEFAULT_LEARNERS)
     if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = usable_cores()
     return threads_per_learner(cores, learners)
+
+
+def usable_cores() -> int:
+    """The CPUs the hub and its learners may use: the affinity mask, or fewer where a cgroup quota (a container's
+    ``--cpus``, a systemd unit's ``CPUQuota=``) grants less, as a learner's kernel counts them (``qwen_lab.threads``).
+    """
+    from qwen_lab.threads import affinity_cpus, cgroup_quota
+    cpus, quota = affinity_cpus(), cgroup_quota()
+    return max(1, min(cpus, math.floor(quota))) if quota is not None else cpus
 
 
 class PortBook:
@@ -265,6 +283,7 @@ def check(room: Room) -> None:
     if room.solutions and not any(room.notebooks.glob("solutions/*.ipynb")):
         raise RoomError(f"QWEN_LAB_HUB_SOLUTIONS=1 but {room.notebooks / 'solutions'} holds no notebooks: set "
                         f"QWEN_LAB_NOTEBOOKS to the kit's notebooks/ folder, or QWEN_LAB_HUB_SOLUTIONS=0")
+    from qwen_lab.shared_cache import cannot_write
     homes_root = Path(room.homes.split("{username}")[0])  # the part of the template before the name
     for what, folder in (("QWEN_LAB_HUB_STATE", room.state), ("QWEN_LAB_HUB_HOMES", homes_root)):
         try:
@@ -272,12 +291,87 @@ def check(room: Room) -> None:
         except OSError as e:
             raise RoomError(f"cannot create {folder} ({what}): {e.strerror}; create it, writable by the user "
                             f"the hub runs as") from None
+        # there but not writable (another owner, a read-only mount) or its disk full: without this, the hub
+        # stops in a traceback writing its cookie secret, or starts and fails every learner's server in two
+        reason = cannot_write(folder)
+        if reason is not None:
+            raise RoomError(f"cannot write into {folder} ({what}): {reason}; it must be writable by the user the "
+                            f"hub runs as ({_user()}), on a disk with space left")
     from qwen_lab.doctor import check_model  # the kit's own check: the files are there, and whole
     wanted = [("QWEN_LAB_MODEL", room.model), *(("QWEN_LAB_HUB_REAL_MODELS", m) for m in room.real_models)]
     for setting, model in wanted:  # the notebooks' model, and each the learners switch to for 07
         result = check_model(model, room.cache, required=True)
         if result.status == "FAIL":
             raise RoomError(f"{setting}: {result.detail}")
+
+
+def _user() -> str:
+    try:
+        import pwd
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError):
+        return "this user"
+
+
+#: The proxy's API where nothing sets ConfigurableHTTPProxy.api_url (JupyterHub 5's default).
+DEFAULT_PROXY_API = "http://127.0.0.1:8001"
+
+
+@dataclass
+class Address:
+    url: str
+    what: str        # what listens there, in words
+    move: str        # the option that moves it
+    proxy: bool      # whether the proxy listens there (or the hub itself)
+
+
+def listening(app) -> list[Address]:
+    """Each address the hub and its proxy will listen on, from the JupyterHub ``app`` being configured (its
+    command line already applied: ``--port 8002`` is in ``app.bind_url``)."""
+    hub_api = app.hub_bind_url or f"http://{app.hub_ip}:{app.hub_port}"
+    proxy_api = (app.config.get("ConfigurableHTTPProxy") or {}).get("api_url") or DEFAULT_PROXY_API
+    return [Address(app.bind_url, "the learners' address", "`--port 8002`", proxy=True),
+            Address(hub_api, "the hub's API", "`--JupyterHub.hub_bind_url=http://127.0.0.1:8091`", proxy=False),
+            Address(proxy_api, "the proxy's API", "`--ConfigurableHTTPProxy.api_url=http://127.0.0.1:8011`",
+                    proxy=True)]
+
+
+def check_ports(addresses: list[Address], proxy_pid_file: Path | None = None) -> None:
+    """Refuse, in one line, a port the hub or its proxy could not listen on.
+
+    Without this, JupyterHub reports a taken port three ways, none of them clear: the learners' port taken, the
+    proxy logs EADDRINUSE, the hub logs that it is running, and learners reach the other program; the hub's API
+    port, a traceback ending in "Address already in use"; the proxy's API port, a traceback ending in
+    "HTTP 404" (the other program's answer). The ports of a proxy an earlier hub left running (its pid in
+    ``proxy_pid_file``) are not checked: JupyterHub stops that proxy before starting its own.
+    """
+    old_proxy = _alive_pid(proxy_pid_file)
+    for address in addresses:
+        if old_proxy is not None and address.proxy:
+            continue
+        parsed = urlparse(address.url)
+        host = parsed.hostname or ""  # "": every address
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as node and tornado bind: TIME_WAIT is no owner
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    why = f"another program holds it (`ss -ltnp 'sport = :{port}'` names it): stop that program"
+                else:
+                    why = f"{e.strerror or e}: fix that"
+                raise RoomError(f"cannot listen on port {port} ({address.what}, {address.url}): {why}, or start "
+                                f"the hub with {address.move}") from None
+
+
+def _alive_pid(pid_file: Path | None) -> int | None:
+    try:
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, 0)
+    except (AttributeError, OSError, ValueError):
+        return None
+    return pid
 
 
 def writable_cache_warning(room: Room) -> str | None:
