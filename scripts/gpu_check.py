@@ -21,11 +21,12 @@
    said so, where nbval is not installed; then the same notebooks on a model loaded in bfloat16 and
    in float16, as a real model's learner runs them there (``tests/test_notebooks_in_low_precision.py``:
    an A100's or H100's bf16, a T4's float16; about 1.5 minutes);
-6. (with ``--cpu-bench``, about 4 more minutes) the CPU's decode benchmarks on 2 of its cores, as on
+6. (with ``--cpu-bench``, about 5 more minutes) the CPU's decode benchmarks on 2 of its cores, as on
    the 2-core machine class (GPU machines' server CPUs are the other CPU family the kernels must
    serve): ``bench_step.py`` (a generation's token step and the whole-stack call against a read probe,
    and the whole-stack call without the 8-row walks where tuning chose them, 0.5B shapes, both dtypes)
-   and ``bench_overhead.py`` (time outside the C calls per token).
+   ``bench_overhead.py`` (time outside the C calls per token) and ``bench_prompt.py`` (a short prompt's
+   first token, torch's products against the kernels' few-rows walk, whose rules were chosen on AMD Zen 4).
 
 Results are printed and, with ``--out``, written to ``DIR/gpu_check.json`` and ``.md`` after
 every step, so a run cut short keeps what it measured.
@@ -277,7 +278,9 @@ def main() -> None:
         pin = ["taskset", "-c", "0,1"] if shutil.which("taskset") else []
         for name, script, extra in [("token step vs whole stack", "bench_step.py",
                                      ["--ways", "token step;whole stack in one call;4 rows at most", "--rounds", "8"]),
-                                    ("time outside the C calls", "bench_overhead.py", ["--rounds", "3"])]:
+                                    ("time outside the C calls", "bench_overhead.py", ["--rounds", "3"]),
+                                    ("a short prompt, torch against the few-rows walk", "bench_prompt.py",
+                                     ["--rounds", "3", "--lengths", "2", "4", "8", "16"])]:
             step = run_step(f"CPU benchmark on 2 cores: {name}", [*pin, py, f"benchmarks/{script}", *extra], 300,
                             QWEN_LAB_THREADS="2", OMP_NUM_THREADS="2")
             step["figures"] = step["tail"]
