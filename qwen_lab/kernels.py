@@ -480,6 +480,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"gemv takes one row of {in_features} {weight.dtype} values, got {tuple(x.shape)} {x.dtype}")
     if not weight.is_contiguous() or weight.device.type != "cpu":
         raise ValueError("gemv needs a contiguous CPU weight matrix")
+    if not weight.numel():
+        raise ValueError(f"gemv takes no empty weight ({out_features} x {in_features}): use F.linear")
     if plan.variant != "torch" and plan.variant not in variants():
         raise ValueError(f"gemv variant {plan.variant!r} does not run here; this CPU runs {', '.join(variants())}")
     return _run(_library(), x, weight, None if bias is None else bias.contiguous(), plan)
@@ -512,6 +514,8 @@ def gemm_few(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     of x, else as its plan does, with the widest instruction set this CPU runs (``_few_variant``).
     """
     out_features, in_features = weight.shape
+    if not weight.numel():
+        raise ValueError(f"gemm_few takes no empty weight ({out_features} x {in_features}): use F.linear")
     rows = x.numel() // in_features if x.dim() and x.shape[-1] == in_features else 0
     if not 1 <= rows <= FEW_MAX or x.dtype != weight.dtype or weight.dtype not in DTYPES:
         raise ValueError(f"gemm_few takes 1 to {FEW_MAX} rows of {in_features} {weight.dtype} values, got "
@@ -569,14 +573,15 @@ def _applies_few(x: torch.Tensor, w: torch.Tensor) -> bool:
     return (x.dim() > 0 and x.shape[-1] == k and 2 * k <= x.numel() <= _sharing["few"] * k
             and not getattr(_here, "few_off", False) and x.dtype == w.dtype
             and w.dtype in DTYPES and not w.is_cuda and not x.is_cuda and w.is_contiguous()
+            and w.numel() > 0  # not (0 x K): the C side cuts the N rows into chunks of rows (0: divides by 0)
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and available())
 
 
 def _applies(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Can a kernel take ``x`` (one row) with parameter ``w``? Else the torch code runs."""
     return (x.numel() == x.shape[-1] == w.shape[-1] and x.dtype == w.dtype and w.dtype in DTYPES and not w.is_cuda
-            and w.is_contiguous() and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-            and available())
+            and w.is_contiguous() and w.numel() > 0  # (N x 0): any x of 0 values is "one row"; (0 x K): _applies_few
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and available())
 
 
 class Linear(nn.Linear):

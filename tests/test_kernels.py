@@ -1,6 +1,7 @@
 """The C matrix-vector kernel: same results as F.linear, used only where it applies, clear when it can't be."""
 
 import ctypes
+import warnings
 
 import pytest
 import torch
@@ -192,6 +193,23 @@ def test_a_bias_of_another_dtype_goes_to_torch_which_says_so():
         for rows in (1, 3):  # the one-row kernel and the few-rows walk
             with pytest.raises(RuntimeError, match="dtype"):
                 layer(torch.randn(rows, 64))
+
+
+@needs_kernel
+@pytest.mark.parametrize("in_features, out_features", [(8, 0), (0, 4)])
+def test_an_empty_weight_goes_to_torch_and_the_kernels_refuse_it(in_features, out_features):
+    """nn.Linear(8, 0) and nn.Linear(0, 4) are legal, and torch's products of them are empty or the bias; the
+    kernels divided by a chunk of zero rows (the process killed) or wrote the first row of several alone."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: "Initializing zero-element tensors is a no-op"
+        layer = runtime.twin(kernels.Linear, nn.Linear(in_features, out_features))
+    with torch.inference_mode():
+        for rows in (1, 3):  # the one-row kernel and the few-rows walk
+            x = torch.randn(rows, in_features)
+            assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+        for product, rows in ((kernels.gemv, 1), (kernels.gemm_few, 3)):
+            with pytest.raises(ValueError, match="empty weight"):
+                product(torch.randn(rows, in_features), layer.weight)
 
 
 @needs_kernel
