@@ -478,8 +478,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     out_features, in_features = weight.shape
     if x.numel() != in_features or x.dtype != weight.dtype or weight.dtype not in DTYPES:
         raise ValueError(f"gemv takes one row of {in_features} {weight.dtype} values, got {tuple(x.shape)} {x.dtype}")
-    if not weight.is_contiguous() or weight.device.type != "cpu":
-        raise ValueError("gemv needs a contiguous CPU weight matrix")
+    if not weight.is_contiguous() or not weight.is_cpu or not x.is_cpu:
+        raise ValueError("gemv needs a contiguous CPU weight matrix and a CPU x")
     if not weight.numel():
         raise ValueError(f"gemv takes no empty weight ({out_features} x {in_features}): use F.linear")
     if plan.variant != "torch" and plan.variant not in variants():
@@ -520,8 +520,8 @@ def gemm_few(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     if not 1 <= rows <= FEW_MAX or x.dtype != weight.dtype or weight.dtype not in DTYPES:
         raise ValueError(f"gemm_few takes 1 to {FEW_MAX} rows of {in_features} {weight.dtype} values, got "
                          f"{tuple(x.shape)} {x.dtype}")
-    if not weight.is_contiguous() or weight.device.type != "cpu":
-        raise ValueError("gemm_few needs a contiguous CPU weight matrix")
+    if not weight.is_contiguous() or not weight.is_cpu or not x.is_cpu:
+        raise ValueError("gemm_few needs a contiguous CPU weight matrix and a CPU x")
     if plan.variant == "torch" or plan.variant not in variants():
         raise ValueError(f"gemm_few variant {plan.variant!r} does not run here; this CPU runs {', '.join(variants())}")
     return _run_few(_library(), x, weight, None if bias is None else bias.contiguous(), plan.rows, plan.variant)
@@ -572,15 +572,15 @@ def _applies_few(x: torch.Tensor, w: torch.Tensor) -> bool:
     k = w.shape[-1]
     return (x.dim() > 0 and x.shape[-1] == k and 2 * k <= x.numel() <= _sharing["few"] * k
             and not getattr(_here, "few_off", False) and x.dtype == w.dtype
-            and w.dtype in DTYPES and not w.is_cuda and not x.is_cuda and w.is_contiguous()
+            and w.dtype in DTYPES and w.is_cpu and x.is_cpu and w.is_contiguous()
             and w.numel() > 0  # not (0 x K): the C side cuts the N rows into chunks of rows (0: divides by 0)
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and available())
 
 
 def _applies(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Can a kernel take ``x`` (one row) with parameter ``w``? Else the torch code runs."""
-    return (x.numel() == x.shape[-1] == w.shape[-1] and x.dtype == w.dtype and w.dtype in DTYPES and not w.is_cuda
-            and w.is_contiguous() and w.numel() > 0  # (N x 0): any x of 0 values is "one row"; (0 x K): _applies_few
+    return (x.numel() == x.shape[-1] == w.shape[-1] and x.dtype == w.dtype and w.dtype in DTYPES and w.is_cpu
+            and x.is_cpu and w.is_contiguous() and w.numel() > 0  # (N x 0): any x of 0 values is "one row"; (0 x K): _applies_few
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and available())
 
 

@@ -213,6 +213,20 @@ def test_an_empty_weight_goes_to_torch_and_the_kernels_refuse_it(in_features, ou
 
 
 @needs_kernel
+def test_tensors_off_the_cpu_go_to_torch_and_the_kernels_refuse_them():
+    """Only CUDA was turned away: a model on the meta device (shapes without memory), or on another accelerator,
+    had the kernels read its data pointers (0 on meta) as CPU memory, and the process was killed."""
+    layer = runtime.twin(kernels.Linear, nn.Linear(8, 4)).to("meta")
+    with torch.inference_mode():
+        for rows in (1, 3):  # the one-row kernel and the few-rows walk
+            y = layer(torch.empty(rows, 8, device="meta"))
+            assert y.shape == (rows, 4) and y.device.type == "meta"
+        for product, rows in ((kernels.gemv, 1), (kernels.gemm_few, 3)):
+            with pytest.raises(ValueError, match="CPU"):
+                product(torch.empty(rows, 8, device="meta"), torch.randn(4, 8))
+
+
+@needs_kernel
 def test_conversion_swaps_modules_not_parameters():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4).half())
     params = {name: p for name, p in model.named_parameters()}
