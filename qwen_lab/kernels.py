@@ -480,6 +480,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"gemv takes one row of {in_features} {weight.dtype} values, got {tuple(x.shape)} {x.dtype}")
     if not weight.is_contiguous() or not weight.is_cpu or not x.is_cpu:
         raise ValueError("gemv needs a contiguous CPU weight matrix and a CPU x")
+    if bias is not None and not _bias_fits(bias.contiguous(), weight):
+        raise ValueError(f"gemv takes a CPU bias of {out_features} {weight.dtype} values, got "
+                         f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
     if not weight.numel():
         raise ValueError(f"gemv takes no empty weight ({out_features} x {in_features}): use F.linear")
     if plan.variant != "torch" and plan.variant not in variants():
@@ -505,6 +508,11 @@ def _run(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return y
 
 
+def _bias_fits(b: torch.Tensor | None, w: torch.Tensor) -> bool:
+    """Can the C kernels take ``b`` as ``w``'s bias? They read N values of ``w``'s dtype from its first byte."""
+    return b is None or (b.shape == w.shape[:1] and b.dtype == w.dtype and b.is_cpu and b.is_contiguous())
+
+
 def gemm_few(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, plan: Plan = DEFAULT_PLAN
              ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for an ``x`` of 1 to FEW_MAX rows (any leading shape), by the C kernel's
@@ -522,6 +530,9 @@ def gemm_few(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
                          f"{tuple(x.shape)} {x.dtype}")
     if not weight.is_contiguous() or not weight.is_cpu or not x.is_cpu:
         raise ValueError("gemm_few needs a contiguous CPU weight matrix and a CPU x")
+    if bias is not None and not _bias_fits(bias.contiguous(), weight):
+        raise ValueError(f"gemm_few takes a CPU bias of {out_features} {weight.dtype} values, got "
+                         f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
     if plan.variant == "torch" or plan.variant not in variants():
         raise ValueError(f"gemm_few variant {plan.variant!r} does not run here; this CPU runs {', '.join(variants())}")
     return _run_few(_library(), x, weight, None if bias is None else bias.contiguous(), plan.rows, plan.variant)
@@ -597,7 +608,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
-        if self.use_kernel and (b is None or (b.is_contiguous() and b.dtype == w.dtype)):  # C reads b as w's dtype
+        if self.use_kernel and _bias_fits(b, w):  # else torch's product, which refuses a bias that does not fit
             if _applies(x, w):
                 return _run(_library(), x, w, b, self.plan)
             if self.plan.variant != "torch" and _applies_few(x, w):  # a short prompt: each weight read once

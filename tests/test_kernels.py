@@ -227,6 +227,23 @@ def test_tensors_off_the_cpu_go_to_torch_and_the_kernels_refuse_them():
 
 
 @needs_kernel
+def test_a_bias_that_does_not_fit_the_weight_is_refused():
+    """The kernels read N values of the weight's dtype from the bias: one of 3 values for 4,000 outputs was
+    read past its end (no error, sums with whatever lay there); torch refuses it."""
+    w = torch.randn(4000, 8)
+    for product, rows in ((kernels.gemv, 1), (kernels.gemm_few, 3)):
+        for bias in (torch.randn(3), torch.randn(4000).double(), torch.randn(2, 4000)):
+            with pytest.raises(ValueError, match="bias"):
+                product(torch.randn(rows, 8), w, bias)
+    layer = runtime.twin(kernels.Linear, nn.Linear(8, 4000))
+    layer.bias.data = torch.randn(3)
+    with torch.inference_mode():
+        for rows in (1, 3):  # the one-row kernel and the few-rows walk: torch's product, which says why
+            with pytest.raises(RuntimeError):
+                layer(torch.randn(rows, 8))
+
+
+@needs_kernel
 def test_conversion_swaps_modules_not_parameters():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4).half())
     params = {name: p for name, p in model.named_parameters()}
