@@ -608,7 +608,8 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
-        if self.use_kernel and _bias_fits(b, w):  # else torch's product, which refuses a bias that does not fit
+        grad_b = b is not None and b.requires_grad and torch.is_grad_enabled()  # autograd cannot go through C
+        if self.use_kernel and _bias_fits(b, w) and not grad_b:  # else torch's, which refuses a bias that does not fit
             if _applies(x, w):
                 return _run(_library(), x, w, b, self.plan)
             if self.plan.variant != "torch" and _applies_few(x, w):  # a short prompt: each weight read once

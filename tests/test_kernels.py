@@ -244,6 +244,18 @@ def test_a_bias_that_does_not_fit_the_weight_is_refused():
 
 
 @needs_kernel
+def test_a_bias_that_wants_gradients_keeps_them():
+    """Only x and the weight were asked whether autograd wants them: a bias trained alone (the weight frozen)
+    got a product from the kernels that autograd could not go back through."""
+    layer = runtime.twin(kernels.Linear, nn.Linear(24, 10))
+    layer.weight.requires_grad_(False)
+    for rows in (1, 3):  # the one-row kernel and the few-rows walk
+        layer.bias.grad = None
+        layer(torch.randn(rows, 24)).sum().backward()
+        torch.testing.assert_close(layer.bias.grad, torch.full((10,), float(rows)))
+
+
+@needs_kernel
 def test_conversion_swaps_modules_not_parameters():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4).half())
     params = {name: p for name, p in model.named_parameters()}
