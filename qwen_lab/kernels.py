@@ -467,6 +467,12 @@ class Plan:
 DEFAULT_PLAN = Plan()
 
 
+def _matrix_shape(name: str, weight: torch.Tensor) -> tuple[int, int]:
+    if weight.dim() != 2:
+        raise ValueError(f"{name} takes an (out x in) weight matrix, got {tuple(weight.shape)}")
+    return weight.shape
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, plan: Plan = DEFAULT_PLAN
          ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for an ``x`` holding one row, by the C kernel (or as ``plan`` says).
@@ -475,7 +481,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     ``x`` and ``bias`` of the same dtype. Raises ``KernelUnavailable`` where the
     kernel cannot be built.
     """
-    out_features, in_features = weight.shape
+    out_features, in_features = _matrix_shape("gemv", weight)
     if x.numel() != in_features or x.dtype != weight.dtype or weight.dtype not in DTYPES:
         raise ValueError(f"gemv takes one row of {in_features} {weight.dtype} values, got {tuple(x.shape)} {x.dtype}")
     if not weight.is_contiguous() or not weight.is_cpu or not x.is_cpu:
@@ -521,7 +527,7 @@ def gemm_few(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     product's alone); the same checks as ``gemv``. ``Linear`` walks 4 weight rows side by side past FEW_X_BYTES
     of x, else as its plan does, with the widest instruction set this CPU runs (``_few_variant``).
     """
-    out_features, in_features = weight.shape
+    out_features, in_features = _matrix_shape("gemm_few", weight)
     if not weight.numel():
         raise ValueError(f"gemm_few takes no empty weight ({out_features} x {in_features}): use F.linear")
     rows = x.numel() // in_features if x.dim() and x.shape[-1] == in_features else 0
@@ -535,6 +541,8 @@ def gemm_few(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
                          f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
     if plan.variant == "torch" or plan.variant not in variants():
         raise ValueError(f"gemm_few variant {plan.variant!r} does not run here; this CPU runs {', '.join(variants())}")
+    if plan.rows not in (1, 2, 4, 8):
+        raise ValueError(f"gemm_few walks 1, 2, 4 or 8 weight rows side by side, not {plan.rows}")
     return _run_few(_library(), x, weight, None if bias is None else bias.contiguous(), plan.rows, plan.variant)
 
 

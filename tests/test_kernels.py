@@ -149,6 +149,11 @@ def test_the_few_rows_walk_takes_1_to_few_max_rows_and_says_why_not():
             kernels.gemm_few(x, w)
     with pytest.raises(ValueError, match="does not run here"):
         kernels.gemm_few(torch.randn(2, 8), w, plan=kernels.Plan("torch"))
+    with pytest.raises(ValueError, match="1, 2, 4 or 8 weight rows side by side, not 3"):  # not "refused 2 rows"
+        kernels.gemm_few(torch.randn(2, 8), w, plan=kernels.Plan("avx2", 3))
+    for product in (kernels.gemv, kernels.gemm_few):  # not "not enough values to unpack"
+        with pytest.raises(ValueError, match=r"an \(out x in\) weight matrix, got \(8,\)"):
+            product(torch.randn(2, 8), torch.randn(8))
     lib, x, y = kernels._library(), torch.randn(kernels.FEW_MAX + 1, 8), torch.empty(kernels.FEW_MAX + 1, 4)
     for tokens, rows in ((kernels.FEW_MAX + 1, 1), (0, 1), (2, 3)):  # the C side refuses what it cannot take
         assert lib.few["avx2"](0, w.data_ptr(), None, y.data_ptr(), 4, 8, x.data_ptr(), tokens, 1, rows,
