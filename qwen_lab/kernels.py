@@ -599,7 +599,8 @@ def _applies_few(x: torch.Tensor, w: torch.Tensor) -> bool:
 def _applies(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Can a kernel take ``x`` (one row) with parameter ``w``? Else the torch code runs."""
     return (x.numel() == x.shape[-1] == w.shape[-1] and x.dtype == w.dtype and w.dtype in DTYPES and w.is_cpu
-            and x.is_cpu and w.is_contiguous() and w.numel() > 0  # (N x 0): any x of 0 values is "one row"; (0 x K): _applies_few
+            and x.is_cpu and w.is_contiguous()
+            and w.numel() > 0  # (N x 0): any x of 0 values passed as "one row"; (0 x K): see _applies_few
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and available())
 
 
