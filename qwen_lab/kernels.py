@@ -467,6 +467,12 @@ class Plan:
 DEFAULT_PLAN = Plan()
 
 
+def _matrix_shape(name: str, weight: torch.Tensor) -> tuple[int, int]:
+    if weight.dim() != 2:
+        raise ValueError(f"{name} takes an (out x in) weight matrix, got {tuple(weight.shape)}")
+    return weight.shape
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, plan: Plan = DEFAULT_PLAN
          ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for an ``x`` holding one row, by the C kernel (or as ``plan`` says).
@@ -475,11 +481,16 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     ``x`` and ``bias`` of the same dtype. Raises ``KernelUnavailable`` where the
     kernel cannot be built.
     """
-    out_features, in_features = weight.shape
+    out_features, in_features = _matrix_shape("gemv", weight)
     if x.numel() != in_features or x.dtype != weight.dtype or weight.dtype not in DTYPES:
         raise ValueError(f"gemv takes one row of {in_features} {weight.dtype} values, got {tuple(x.shape)} {x.dtype}")
-    if not weight.is_contiguous() or weight.device.type != "cpu":
-        raise ValueError("gemv needs a contiguous CPU weight matrix")
+    if not weight.is_contiguous() or not weight.is_cpu or not x.is_cpu:
+        raise ValueError("gemv needs a contiguous CPU weight matrix and a CPU x")
+    if bias is not None and not _bias_fits(bias.contiguous(), weight):
+        raise ValueError(f"gemv takes a CPU bias of {out_features} {weight.dtype} values, got "
+                         f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
+    if not weight.numel():
+        raise ValueError(f"gemv takes no empty weight ({out_features} x {in_features}): use F.linear")
     if plan.variant != "torch" and plan.variant not in variants():
         raise ValueError(f"gemv variant {plan.variant!r} does not run here; this CPU runs {', '.join(variants())}")
     return _run(_library(), x, weight, None if bias is None else bias.contiguous(), plan)
@@ -503,6 +514,11 @@ def _run(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return y
 
 
+def _bias_fits(b: torch.Tensor | None, w: torch.Tensor) -> bool:
+    """Can the C kernels take ``b`` as ``w``'s bias? They read N values of ``w``'s dtype from its first byte."""
+    return b is None or (b.shape == w.shape[:1] and b.dtype == w.dtype and b.is_cpu and b.is_contiguous())
+
+
 def gemm_few(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, plan: Plan = DEFAULT_PLAN
              ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for an ``x`` of 1 to FEW_MAX rows (any leading shape), by the C kernel's
@@ -511,15 +527,22 @@ def gemm_few(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     product's alone); the same checks as ``gemv``. ``Linear`` walks 4 weight rows side by side past FEW_X_BYTES
     of x, else as its plan does, with the widest instruction set this CPU runs (``_few_variant``).
     """
-    out_features, in_features = weight.shape
+    out_features, in_features = _matrix_shape("gemm_few", weight)
+    if not weight.numel():
+        raise ValueError(f"gemm_few takes no empty weight ({out_features} x {in_features}): use F.linear")
     rows = x.numel() // in_features if x.dim() and x.shape[-1] == in_features else 0
     if not 1 <= rows <= FEW_MAX or x.dtype != weight.dtype or weight.dtype not in DTYPES:
         raise ValueError(f"gemm_few takes 1 to {FEW_MAX} rows of {in_features} {weight.dtype} values, got "
                          f"{tuple(x.shape)} {x.dtype}")
-    if not weight.is_contiguous() or weight.device.type != "cpu":
-        raise ValueError("gemm_few needs a contiguous CPU weight matrix")
+    if not weight.is_contiguous() or not weight.is_cpu or not x.is_cpu:
+        raise ValueError("gemm_few needs a contiguous CPU weight matrix and a CPU x")
+    if bias is not None and not _bias_fits(bias.contiguous(), weight):
+        raise ValueError(f"gemm_few takes a CPU bias of {out_features} {weight.dtype} values, got "
+                         f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
     if plan.variant == "torch" or plan.variant not in variants():
         raise ValueError(f"gemm_few variant {plan.variant!r} does not run here; this CPU runs {', '.join(variants())}")
+    if plan.rows not in (1, 2, 4, 8):
+        raise ValueError(f"gemm_few walks 1, 2, 4 or 8 weight rows side by side, not {plan.rows}")
     return _run_few(_library(), x, weight, None if bias is None else bias.contiguous(), plan.rows, plan.variant)
 
 
@@ -568,15 +591,17 @@ def _applies_few(x: torch.Tensor, w: torch.Tensor) -> bool:
     k = w.shape[-1]
     return (x.dim() > 0 and x.shape[-1] == k and 2 * k <= x.numel() <= _sharing["few"] * k
             and not getattr(_here, "few_off", False) and x.dtype == w.dtype
-            and w.dtype in DTYPES and not w.is_cuda and not x.is_cuda and w.is_contiguous()
+            and w.dtype in DTYPES and w.is_cpu and x.is_cpu and w.is_contiguous()
+            and w.numel() > 0  # not (0 x K): the C side cuts the N rows into chunks of rows (0: divides by 0)
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and available())
 
 
 def _applies(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Can a kernel take ``x`` (one row) with parameter ``w``? Else the torch code runs."""
-    return (x.numel() == x.shape[-1] == w.shape[-1] and x.dtype == w.dtype and w.dtype in DTYPES and not w.is_cuda
-            and w.is_contiguous() and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-            and available())
+    return (x.numel() == x.shape[-1] == w.shape[-1] and x.dtype == w.dtype and w.dtype in DTYPES and w.is_cpu
+            and x.is_cpu and w.is_contiguous()
+            and w.numel() > 0  # (N x 0): any x of 0 values passed as "one row"; (0 x K): see _applies_few
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and available())
 
 
 class Linear(nn.Linear):
@@ -592,7 +617,8 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
-        if self.use_kernel and (b is None or (b.is_contiguous() and b.dtype == w.dtype)):  # C reads b as w's dtype
+        grad_b = b is not None and b.requires_grad and torch.is_grad_enabled()  # autograd cannot go through C
+        if self.use_kernel and _bias_fits(b, w) and not grad_b:  # else torch's, which refuses a bias that does not fit
             if _applies(x, w):
                 return _run(_library(), x, w, b, self.plan)
             if self.plan.variant != "torch" and _applies_few(x, w):  # a short prompt: each weight read once

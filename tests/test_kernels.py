@@ -1,6 +1,7 @@
 """The C matrix-vector kernel: same results as F.linear, used only where it applies, clear when it can't be."""
 
 import ctypes
+import warnings
 
 import pytest
 import torch
@@ -148,6 +149,11 @@ def test_the_few_rows_walk_takes_1_to_few_max_rows_and_says_why_not():
             kernels.gemm_few(x, w)
     with pytest.raises(ValueError, match="does not run here"):
         kernels.gemm_few(torch.randn(2, 8), w, plan=kernels.Plan("torch"))
+    with pytest.raises(ValueError, match="1, 2, 4 or 8 weight rows side by side, not 3"):  # not "refused 2 rows"
+        kernels.gemm_few(torch.randn(2, 8), w, plan=kernels.Plan("avx2", 3))
+    for product in (kernels.gemv, kernels.gemm_few):  # not "not enough values to unpack"
+        with pytest.raises(ValueError, match=r"an \(out x in\) weight matrix, got \(8,\)"):
+            product(torch.randn(2, 8), torch.randn(8))
     lib, x, y = kernels._library(), torch.randn(kernels.FEW_MAX + 1, 8), torch.empty(kernels.FEW_MAX + 1, 4)
     for tokens, rows in ((kernels.FEW_MAX + 1, 1), (0, 1), (2, 3)):  # the C side refuses what it cannot take
         assert lib.few["avx2"](0, w.data_ptr(), None, y.data_ptr(), 4, 8, x.data_ptr(), tokens, 1, rows,
@@ -192,6 +198,66 @@ def test_a_bias_of_another_dtype_goes_to_torch_which_says_so():
         for rows in (1, 3):  # the one-row kernel and the few-rows walk
             with pytest.raises(RuntimeError, match="dtype"):
                 layer(torch.randn(rows, 64))
+
+
+@needs_kernel
+@pytest.mark.parametrize("in_features, out_features", [(8, 0), (0, 4)])
+def test_an_empty_weight_goes_to_torch_and_the_kernels_refuse_it(in_features, out_features):
+    """nn.Linear(8, 0) and nn.Linear(0, 4) are legal, and torch's products of them are empty or the bias; the
+    kernels divided by a chunk of zero rows (the process killed) or wrote the first row of several alone."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: "Initializing zero-element tensors is a no-op"
+        layer = runtime.twin(kernels.Linear, nn.Linear(in_features, out_features))
+    with torch.inference_mode():
+        for rows in (1, 3):  # the one-row kernel and the few-rows walk
+            x = torch.randn(rows, in_features)
+            assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+        for product, rows in ((kernels.gemv, 1), (kernels.gemm_few, 3)):
+            with pytest.raises(ValueError, match="empty weight"):
+                product(torch.randn(rows, in_features), layer.weight)
+
+
+@needs_kernel
+def test_tensors_off_the_cpu_go_to_torch_and_the_kernels_refuse_them():
+    """Only CUDA was turned away: a model on the meta device (shapes without memory), or on another accelerator,
+    had the kernels read its data pointers (0 on meta) as CPU memory, and the process was killed."""
+    layer = runtime.twin(kernels.Linear, nn.Linear(8, 4)).to("meta")
+    with torch.inference_mode():
+        for rows in (1, 3):  # the one-row kernel and the few-rows walk
+            y = layer(torch.empty(rows, 8, device="meta"))
+            assert y.shape == (rows, 4) and y.device.type == "meta"
+        for product, rows in ((kernels.gemv, 1), (kernels.gemm_few, 3)):
+            with pytest.raises(ValueError, match="CPU"):
+                product(torch.empty(rows, 8, device="meta"), torch.randn(4, 8))
+
+
+@needs_kernel
+def test_a_bias_that_does_not_fit_the_weight_is_refused():
+    """The kernels read N values of the weight's dtype from the bias: one of 3 values for 4,000 outputs was
+    read past its end (no error, sums with whatever lay there); torch refuses it."""
+    w = torch.randn(4000, 8)
+    for product, rows in ((kernels.gemv, 1), (kernels.gemm_few, 3)):
+        for bias in (torch.randn(3), torch.randn(4000).double(), torch.randn(2, 4000)):
+            with pytest.raises(ValueError, match="bias"):
+                product(torch.randn(rows, 8), w, bias)
+    layer = runtime.twin(kernels.Linear, nn.Linear(8, 4000))
+    layer.bias.data = torch.randn(3)
+    with torch.inference_mode():
+        for rows in (1, 3):  # the one-row kernel and the few-rows walk: torch's product, which says why
+            with pytest.raises(RuntimeError):
+                layer(torch.randn(rows, 8))
+
+
+@needs_kernel
+def test_a_bias_that_wants_gradients_keeps_them():
+    """Only x and the weight were asked whether autograd wants them: a bias trained alone (the weight frozen)
+    got a product from the kernels that autograd could not go back through."""
+    layer = runtime.twin(kernels.Linear, nn.Linear(24, 10))
+    layer.weight.requires_grad_(False)
+    for rows in (1, 3):  # the one-row kernel and the few-rows walk
+        layer.bias.grad = None
+        layer(torch.randn(rows, 24)).sum().backward()
+        torch.testing.assert_close(layer.bias.grad, torch.full((10,), float(rows)))
 
 
 @needs_kernel
