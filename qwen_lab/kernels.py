@@ -473,6 +473,19 @@ def _matrix_shape(name: str, weight: torch.Tensor) -> tuple[int, int]:
     return weight.shape
 
 
+def _check_operands(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """What ``gemv`` and ``gemm_few`` both refuse, in one line: a weight that is not a contiguous CPU matrix, an x
+    off the CPU, a bias that does not fit (``_bias_fits``), an empty weight."""
+    out_features, in_features = weight.shape
+    if not weight.is_contiguous() or not weight.is_cpu or not x.is_cpu:
+        raise ValueError(f"{name} needs a contiguous CPU weight matrix and a CPU x")
+    if bias is not None and not _bias_fits(bias.contiguous(), weight):
+        raise ValueError(f"{name} takes a CPU bias of {out_features} {weight.dtype} values, got "
+                         f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
+    if not weight.numel():
+        raise ValueError(f"{name} takes no empty weight ({out_features} x {in_features}): use F.linear")
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, plan: Plan = DEFAULT_PLAN
          ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for an ``x`` holding one row, by the C kernel (or as ``plan`` says).
@@ -484,13 +497,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     out_features, in_features = _matrix_shape("gemv", weight)
     if x.numel() != in_features or x.dtype != weight.dtype or weight.dtype not in DTYPES:
         raise ValueError(f"gemv takes one row of {in_features} {weight.dtype} values, got {tuple(x.shape)} {x.dtype}")
-    if not weight.is_contiguous() or not weight.is_cpu or not x.is_cpu:
-        raise ValueError("gemv needs a contiguous CPU weight matrix and a CPU x")
-    if bias is not None and not _bias_fits(bias.contiguous(), weight):
-        raise ValueError(f"gemv takes a CPU bias of {out_features} {weight.dtype} values, got "
-                         f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
-    if not weight.numel():
-        raise ValueError(f"gemv takes no empty weight ({out_features} x {in_features}): use F.linear")
+    _check_operands("gemv", x, weight, bias)
     if plan.variant != "torch" and plan.variant not in variants():
         raise ValueError(f"gemv variant {plan.variant!r} does not run here; this CPU runs {', '.join(variants())}")
     return _run(_library(), x, weight, None if bias is None else bias.contiguous(), plan)
@@ -528,17 +535,11 @@ def gemm_few(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     of x, else as its plan does, with the widest instruction set this CPU runs (``_few_variant``).
     """
     out_features, in_features = _matrix_shape("gemm_few", weight)
-    if not weight.numel():
-        raise ValueError(f"gemm_few takes no empty weight ({out_features} x {in_features}): use F.linear")
+    _check_operands("gemm_few", x, weight, bias)  # an empty weight first: its rows of x are not counted
     rows = x.numel() // in_features if x.dim() and x.shape[-1] == in_features else 0
     if not 1 <= rows <= FEW_MAX or x.dtype != weight.dtype or weight.dtype not in DTYPES:
         raise ValueError(f"gemm_few takes 1 to {FEW_MAX} rows of {in_features} {weight.dtype} values, got "
                          f"{tuple(x.shape)} {x.dtype}")
-    if not weight.is_contiguous() or not weight.is_cpu or not x.is_cpu:
-        raise ValueError("gemm_few needs a contiguous CPU weight matrix and a CPU x")
-    if bias is not None and not _bias_fits(bias.contiguous(), weight):
-        raise ValueError(f"gemm_few takes a CPU bias of {out_features} {weight.dtype} values, got "
-                         f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
     if plan.variant == "torch" or plan.variant not in variants():
         raise ValueError(f"gemm_few variant {plan.variant!r} does not run here; this CPU runs {', '.join(variants())}")
     if plan.rows not in (1, 2, 4, 8):
